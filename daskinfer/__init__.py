@@ -1,0 +1,53 @@
+"""daskinfer: high-throughput streaming model inference on Dask.
+
+Models are held by worker plugins (:class:`OnnxModel`, :class:`PythonModel`),
+deployed with :func:`deploy`, and run by streamz operators (``smart_batch``,
+``infer``) or by the partitioned inbox -> outbox pipeline.
+"""
+
+from daskinfer import config  # noqa: F401  (loads the defaults into dask.config)
+from daskinfer import operators  # noqa: F401  (registers the streamz operators)
+from daskinfer.batching import BatchPolicy
+from daskinfer.deploy import deploy, deployed_models, undeploy
+from daskinfer.exceptions import (
+    CodecError,
+    ConfigError,
+    DaskInferError,
+    InputValidationError,
+    ModelError,
+    ModelLoadError,
+    ModelNotFoundError,
+    OutputCountError,
+    RequestError,
+    ResultError,
+)
+from daskinfer.messages import Request, Result
+from daskinfer.models import LoadedModel, Model, OnnxModel, PythonModel, TensorSpec
+from daskinfer.testing import bundled_model_path
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchPolicy",
+    "CodecError",
+    "ConfigError",
+    "DaskInferError",
+    "InputValidationError",
+    "LoadedModel",
+    "Model",
+    "ModelError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "OnnxModel",
+    "OutputCountError",
+    "PythonModel",
+    "Request",
+    "RequestError",
+    "Result",
+    "ResultError",
+    "TensorSpec",
+    "bundled_model_path",
+    "deploy",
+    "deployed_models",
+    "undeploy",
+]

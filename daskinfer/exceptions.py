@@ -1,0 +1,152 @@
+"""Exceptions raised by daskinfer.
+
+The tree::
+
+    DaskInferError
+    ├── ConfigError                 bad configuration or arguments at deploy time
+    ├── ModelLoadError              a model file/directory/class cannot be loaded (names the file)
+    ├── ModelNotFoundError          no model of that name is deployed where the batch runs
+    ├── RequestError                one request (or batch) is wrong; becomes an error result
+    │   ├── CodecError              bytes that are not a valid daskinfer message
+    │   ├── InputValidationError    inputs do not match the model's signature
+    │   └── RequestTooLargeError    message bigger than ``codec.max-message-size``
+    ├── ModelError                  the model failed on a batch
+    │   └── OutputCountError        the model returned a different number of results than rows
+    ├── BrokerError                 broker problems
+    │   ├── TopicNotFoundError
+    │   └── TopicFullError          producer pushed back longer than its timeout
+    ├── RemoteModelError            a remote model service failed (names service and call)
+    └── ResultError                 raised by ``Result.value()`` / futures for an error result
+
+Every exception carries the fields that locate the problem (``model``, ``request_id``,
+``path``...) as attributes, and a message that says what was expected and what came instead.
+"""
+
+from __future__ import annotations
+
+
+class DaskInferError(Exception):
+    """Base class of all daskinfer errors."""
+
+
+class ConfigError(DaskInferError, ValueError):
+    """A configuration value or argument is invalid."""
+
+
+class ModelLoadError(DaskInferError):
+    """A model cannot be loaded; ``path`` names the file or directory."""
+
+    def __init__(self, message: str, *, model: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.model = model
+        self.path = path
+
+
+class ModelNotFoundError(DaskInferError, KeyError):
+    """No model with this name is deployed in this process."""
+
+    def __init__(self, model: str, available: list[str]):
+        self.model = model
+        self.available = available
+        super().__init__(
+            f"model {model!r} is not deployed here; deployed models: {sorted(available) or 'none'}"
+        )
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class RequestError(DaskInferError, ValueError):
+    """One request is invalid; it becomes an error result for that request alone."""
+
+    def __init__(self, message: str, *, request_id: str | None = None, model: str | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+        self.model = model
+
+
+class CodecError(RequestError):
+    """Bytes that cannot be decoded as a daskinfer message."""
+
+
+class RequestTooLargeError(RequestError):
+    """A message larger than the configured limit."""
+
+
+class InputValidationError(RequestError):
+    """Inputs that do not match the model's declared inputs."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        input_name: str | None = None,
+        request_id: str | None = None,
+    ):
+        super().__init__(message, request_id=request_id, model=model)
+        self.input_name = input_name
+
+
+class ModelError(DaskInferError):
+    """The model raised or misbehaved on a batch."""
+
+    def __init__(self, message: str, *, model: str | None = None, version: str | None = None):
+        super().__init__(message)
+        self.model = model
+        self.version = version
+
+
+class OutputCountError(ModelError):
+    """The model returned a number of results different from the number of rows."""
+
+    def __init__(self, model: str, n_in: int, n_out: int, output: str | None = None):
+        where = f" (output {output!r})" if output else ""
+        super().__init__(
+            f"model {model!r} returned {n_out} results for a batch of {n_in} rows{where}",
+            model=model,
+        )
+        self.n_in = n_in
+        self.n_out = n_out
+
+
+class BrokerError(DaskInferError):
+    """A broker operation failed."""
+
+
+class TopicNotFoundError(BrokerError, KeyError):
+    """The topic does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class TopicFullError(BrokerError):
+    """The topic stayed full for longer than the producer's timeout."""
+
+
+class RemoteModelError(ModelError):
+    """A call to a remote model service failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str | None = None,
+        call: str | None = None,
+        model: str | None = None,
+        retryable: bool = False,
+    ):
+        super().__init__(message, model=model)
+        self.service = service
+        self.call = call
+        self.retryable = retryable
+
+
+class ResultError(DaskInferError):
+    """An error result, raised on the client side when the value is asked for."""
+
+    def __init__(self, message: str, *, error_type: str, request_id: str | None = None):
+        super().__init__(message)
+        self.error_type = error_type
+        self.request_id = request_id

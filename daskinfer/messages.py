@@ -1,0 +1,224 @@
+"""Requests and results, and their wire form (see :mod:`daskinfer.codec`).
+
+A request is one row (``batched=False``: arrays without the row dimension) or a
+block of rows (``batched=True``: arrays with the row dimension first).  Its result
+has the same form.  Keys are short on the wire because there may be millions.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from daskinfer import codec
+from daskinfer.exceptions import CodecError, RequestError, ResultError
+
+
+def new_id() -> str:
+    """A unique request id."""
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Request:
+    """One inference request.
+
+    Attributes
+    ----------
+    id : str
+        Unique id; the result carries it.
+    inputs : dict of str to ndarray
+        Named input tensors.
+    batched : bool
+        True when the arrays hold many rows (first dimension), False for one row.
+    key : str, optional
+        Partitioning key: requests with the same key are answered in order.
+    model : str, optional
+        Model to run, when the pipeline serves several.
+    deadline : float, optional
+        Unix time after which the request is answered with a deadline error instead.
+    reply_to : str, optional
+        Topic for the result (the pipeline's outbox when None).
+    sent_at : float, optional
+        Unix time the client sent it (for latency figures).
+    """
+
+    id: str
+    inputs: dict[str, np.ndarray]
+    batched: bool = False
+    key: str | None = None
+    model: str | None = None
+    deadline: float | None = None
+    reply_to: str | None = None
+    sent_at: float | None = None
+
+    @property
+    def rows(self) -> int:
+        if not self.batched:
+            return 1
+        for v in self.inputs.values():
+            return len(v) if np.ndim(v) else 0
+        return 0
+
+    def to_wire(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"id": self.id, "in": self.inputs}
+        if self.batched:
+            msg["b"] = True
+        for k, v in (("k", self.key), ("m", self.model), ("d", self.deadline), ("r", self.reply_to), ("t", self.sent_at)):
+            if v is not None:
+                msg[k] = v
+        return msg
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_wire())
+
+
+def request_from_wire(msg: Any) -> Request:
+    """Build a :class:`Request` from a decoded message; raise :class:`RequestError` if malformed."""
+    if not isinstance(msg, Mapping):
+        raise CodecError(f"a request must be a map, got {type(msg).__name__}")
+    rid = msg.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise RequestError(f"request id must be a non-empty string, got {rid!r}")
+    inputs = msg.get("in")
+    if not isinstance(inputs, Mapping):
+        raise RequestError(f"request {rid}: 'in' must be a map of input name to array, got {type(inputs).__name__}", request_id=rid)
+    for name, arr in inputs.items():
+        if not isinstance(name, str) or not isinstance(arr, np.ndarray):
+            raise RequestError(
+                f"request {rid}: input {name!r} must be a numpy array, got {type(arr).__name__}", request_id=rid
+            )
+    fields = {"k": str, "m": str, "r": str, "d": (int, float), "t": (int, float)}
+    for k, typ in fields.items():
+        v = msg.get(k)
+        if v is not None and not isinstance(v, typ):
+            raise RequestError(f"request {rid}: field {k!r} has wrong type {type(v).__name__}", request_id=rid)
+    batched = msg.get("b", False)
+    if not isinstance(batched, bool):
+        raise RequestError(f"request {rid}: field 'b' must be a bool", request_id=rid)
+    return Request(
+        id=rid,
+        inputs=dict(inputs),
+        batched=batched,
+        key=msg.get("k"),
+        model=msg.get("m"),
+        deadline=msg.get("d"),
+        reply_to=msg.get("r"),
+        sent_at=msg.get("t"),
+    )
+
+
+def decode_request(data: bytes, *, max_size: int | None = None) -> Request:
+    """Decode a request's bytes; raise :class:`CodecError`/:class:`RequestError` if malformed."""
+    return request_from_wire(codec.decode(data, max_size=max_size))
+
+
+def peek_request_fields(data: bytes) -> dict[str, Any]:
+    """Best effort: the id, key and reply_to of a request that failed to decode (for its error result)."""
+    try:
+        msg = codec.decode(data)
+    except Exception:
+        return {}
+    if not isinstance(msg, Mapping):
+        return {}
+    return {k: msg.get(k) for k in ("id", "r", "k", "t") if isinstance(msg.get(k), (str, int, float))}
+
+
+@dataclass
+class Result:
+    """The answer to one request: outputs, or an error.
+
+    Attributes
+    ----------
+    id : str
+        The request's id.
+    outputs : dict of str to ndarray, optional
+        Named outputs (one row, or a block of rows for a batched request).
+    error_type, error : str, optional
+        The exception's type name and message when the request failed.
+    model, version : str
+        Which model answered.
+    batched : bool
+        Same as the request.
+    timings : dict
+        ``queue`` (s waiting for a batch), ``infer`` (s in the model), ``batch`` (rows in the model call),
+        ``latency`` (s from ``sent_at`` to the result, when the request had it).
+    key : str, optional
+        The request's key.
+    """
+
+    id: str
+    outputs: dict[str, np.ndarray] | None = None
+    error_type: str | None = None
+    error: str | None = None
+    model: str | None = None
+    version: str | None = None
+    batched: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    key: str | None = None
+    sent_at: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+    def value(self) -> Any:
+        """The outputs (a single array when the model has one output); raise :class:`ResultError` if failed."""
+        if not self.ok:
+            raise ResultError(f"request {self.id} failed: {self.error_type}: {self.error}", error_type=self.error_type or "", request_id=self.id)
+        assert self.outputs is not None
+        if len(self.outputs) == 1:
+            return next(iter(self.outputs.values()))
+        return self.outputs
+
+    def to_wire(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"id": self.id}
+        if self.outputs is not None:
+            msg["out"] = self.outputs
+        if self.error_type is not None:
+            msg["err"] = [self.error_type, self.error]
+        for k, v in (("m", self.model), ("v", self.version), ("k", self.key), ("t", self.sent_at)):
+            if v is not None:
+                msg[k] = v
+        if self.batched:
+            msg["b"] = True
+        if self.timings:
+            msg["tm"] = self.timings
+        return msg
+
+    def encode(self) -> bytes:
+        return codec.encode(self.to_wire())
+
+
+def decode_result(data: bytes) -> Result:
+    """Decode a result's bytes."""
+    msg = codec.decode(data)
+    if not isinstance(msg, Mapping) or not isinstance(msg.get("id"), str):
+        raise CodecError("a result must be a map with a string 'id'")
+    err = msg.get("err")
+    return Result(
+        id=msg["id"],
+        outputs=msg.get("out"),
+        error_type=err[0] if err else None,
+        error=err[1] if err else None,
+        model=msg.get("m"),
+        version=msg.get("v"),
+        batched=bool(msg.get("b", False)),
+        timings=msg.get("tm") or {},
+        key=msg.get("k"),
+        sent_at=msg.get("t"),
+    )
+
+
+def error_result(request_id: str, exc: BaseException, **kw: Any) -> Result:
+    """A :class:`Result` for a failed request."""
+    return Result(id=request_id, error_type=type(exc).__name__, error=str(exc), **kw)
+
+
+def now() -> float:
+    return time.time()

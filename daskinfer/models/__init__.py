@@ -1,0 +1,7 @@
+"""Model kinds: one module per kind, all sharing :mod:`daskinfer.models.base`."""
+
+from daskinfer.models.base import LoadedModel, Model, TensorSpec
+from daskinfer.models.onnx import OnnxModel
+from daskinfer.models.python import PythonModel
+
+__all__ = ["LoadedModel", "Model", "OnnxModel", "PythonModel", "TensorSpec"]

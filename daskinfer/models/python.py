@@ -1,0 +1,338 @@
+"""Python models: any callable, a class with ``load()``/``predict()``, or a handler
+module in a code directory (with its requirements) shipped to every worker.
+
+A directory model is zipped when the :class:`PythonModel` is made; each worker
+unpacks it under its local directory, installs the requirements there with pip
+(``--target``, so the worker's own environment is left alone), and imports the
+handler.  Workers that join later do the same when the plugin reaches them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import io
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from daskinfer import config
+from daskinfer.exceptions import ConfigError, ModelLoadError
+from daskinfer.models.base import LoadedModel, Model, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+BATCH_FORMATS = ("numpy", "dict", "pandas", "list")
+_install_lock = threading.Lock()
+
+
+def _zip_directory(path: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for root, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if d not in ("__pycache__", ".git")]
+            for f in files:
+                if f.endswith(".pyc"):
+                    continue
+                full = os.path.join(root, f)
+                zf.write(full, os.path.relpath(full, path))
+    return buf.getvalue()
+
+
+def _specs(value: Any) -> list[TensorSpec] | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        out = []
+        for name, v in value.items():
+            dtype, shape = (v if isinstance(v, tuple) and len(v) == 2 else (v, None))
+            out.append(TensorSpec(name, None if dtype is None else np.dtype(dtype), None if shape is None else tuple(shape)))
+        return out
+    return [v if isinstance(v, TensorSpec) else TensorSpec(str(v)) for v in value]
+
+
+class LoadedPython(LoadedModel):
+    """A loaded Python model: a callable and the batch format it wants."""
+
+    def __init__(self, name, version, fn: Callable[[Any], Any], batch_format: str, inputs, outputs):
+        super().__init__(name, version, inputs=inputs, outputs=outputs)
+        self.fn = fn
+        self.batch_format = batch_format
+        self._closer = None
+
+    def _run(self, block: dict[str, np.ndarray]) -> Any:
+        fmt = self.batch_format
+        if fmt == "dict":
+            return self.fn(block)
+        if fmt == "numpy":
+            return self.fn(next(iter(block.values())) if len(block) == 1 else block)
+        if fmt == "pandas":
+            import pandas as pd
+
+            if len(block) == 1:
+                (arr,) = block.values()
+                frame = pd.DataFrame(arr if arr.ndim == 2 else {next(iter(block)): arr})
+            else:
+                frame = pd.DataFrame({k: list(v) if v.ndim > 1 else v for k, v in block.items()})
+            return self.fn(frame)
+        # "list": one item per row, as Jet's handle(list) -> list
+        if len(block) == 1:
+            rows = list(next(iter(block.values())))
+        else:
+            n = len(next(iter(block.values())))
+            rows = [{k: v[i] for k, v in block.items()} for i in range(n)]
+        result = self.fn(rows)
+        if isinstance(result, (list, tuple)) and result and isinstance(result[0], Mapping):
+            return {k: np.asarray([r[k] for r in result]) for k in result[0]}
+        if isinstance(result, (list, tuple)):
+            return np.asarray(result)
+        return result
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+
+
+class PythonModel(Model):
+    """A Python model held by every worker.
+
+    Give exactly one of ``predict`` (a callable ``f(batch) -> outputs``, a class
+    with ``predict`` and optional ``load``/``close``, or such an instance) or
+    ``directory`` (a code directory with a handler ``module`` and ``function``).
+
+    Parameters
+    ----------
+    name : str
+        Model name.
+    predict : callable, class or object, optional
+        What runs a batch.
+    directory : str, optional
+        Code directory shipped to every worker (added to ``sys.path`` there).
+    module : str, optional
+        Dotted name of the handler module inside ``directory``.
+    function : str
+        Name of the handler in ``module``: a function ``f(batch) -> outputs``, or a
+        class with ``predict`` (and optional ``load``), instantiated once per instance.
+    requirements : list of str, optional
+        pip requirements installed on each worker (into the model's own directory).
+    pip_options : list of str, optional
+        Extra pip arguments, e.g. ``["--index-url", URL]``.
+    wheels : str, optional
+        A local folder of wheels shipped with the model and used as ``--find-links``
+        (with ``--no-index``), for clusters without package index access.
+    inputs : dict or list, optional
+        Declared inputs: ``{"x": ("float32", (None, 16))}`` or a list of names.
+        Batches are checked against it; ``None`` checks only row counts.
+    outputs : list of str, optional
+        Output names when the model returns an array or a tuple (default ``["output"]``).
+    batch_format : {"numpy", "dict", "pandas", "list"}
+        What the model receives: an array (single input) or dict, always a dict,
+        a ``pandas.DataFrame``, or a list of rows (Jet's ``handle(list) -> list``).
+    version, instances, warmup
+        See :class:`~daskinfer.models.base.Model`.
+
+    Examples
+    --------
+    >>> model = PythonModel("double", lambda x: x * 2)
+    >>> model = PythonModel("clf", directory="models/clf", module="handler",
+    ...                     function="predict", requirements=["scikit-learn"])
+    """
+
+    kind = "python"
+
+    def __init__(
+        self,
+        name: str,
+        predict: Callable[[Any], Any] | type | object | None = None,
+        *,
+        directory: str | os.PathLike | None = None,
+        module: str | None = None,
+        function: str = "predict",
+        requirements: Sequence[str] | None = None,
+        pip_options: Sequence[str] | None = None,
+        wheels: str | os.PathLike | None = None,
+        inputs: Mapping[str, Any] | Sequence[Any] | None = None,
+        outputs: Sequence[str] | None = None,
+        batch_format: str = "numpy",
+        version: str | int = "1",
+        instances: int | None = None,
+        warmup: bool | None = None,
+    ):
+        super().__init__(name, version=version, instances=instances, warmup=warmup)
+        if (predict is None) == (directory is None):
+            raise ConfigError(f"model {name!r}: give exactly one of predict= or directory=")
+        if batch_format not in BATCH_FORMATS:
+            raise ConfigError(f"model {name!r}: batch_format must be one of {BATCH_FORMATS}, got {batch_format!r}")
+        self.predict_obj = predict
+        self.function = function
+        self.module = module
+        self.path: str | None = None
+        self.code_zip: bytes | None = None
+        if directory is not None:
+            self.path = os.fspath(directory)
+            if not os.path.isdir(self.path):
+                raise ModelLoadError(f"model {name!r}: code directory {self.path!r} does not exist", model=name, path=self.path)
+            if not module:
+                raise ConfigError(f"model {name!r}: directory= needs module= (the handler module's name)")
+            rel = module.replace(".", os.sep)
+            if not (os.path.isfile(os.path.join(self.path, rel + ".py")) or os.path.isfile(os.path.join(self.path, rel, "__init__.py"))):
+                raise ModelLoadError(
+                    f"model {name!r}: handler module {module!r} not found in {self.path!r} "
+                    f"(looked for {rel}.py and {rel}/__init__.py)",
+                    model=name,
+                    path=self.path,
+                )
+            self.code_zip = _zip_directory(self.path)
+        elif not callable(predict) and not hasattr(predict, "predict"):
+            raise ConfigError(f"model {name!r}: predict= must be callable or have a predict() method, got {type(predict).__name__}")
+        self.requirements = list(requirements or [])
+        self.pip_options = list(pip_options or [])
+        self.wheels_zip: bytes | None = None
+        if wheels is not None:
+            wheels = os.fspath(wheels)
+            if not os.path.isdir(wheels):
+                raise ModelLoadError(f"model {name!r}: wheel folder {wheels!r} does not exist", model=name, path=wheels)
+            self.wheels_zip = _zip_directory(wheels)
+        self.inputs = _specs(inputs)
+        self.outputs = _specs(outputs)
+        self.batch_format = batch_format
+        self._workdir: str | None = None
+
+    # -- where code lives on the worker ---------------------------------------------------
+    def _digest(self) -> str:
+        h = hashlib.sha256()
+        for part in (self.code_zip, self.wheels_zip, "\n".join(self.requirements + self.pip_options).encode()):
+            h.update(part or b"")
+        return h.hexdigest()[:12]
+
+    def _prepare_directory(self, base: str) -> str:
+        """Unpack code and wheels and install requirements under ``base``; return the code dir."""
+        root = os.path.join(base, f"{self.name}-{self.version}-{self._digest()}")
+        done = os.path.join(root, ".ready")
+        with _install_lock:
+            if os.path.exists(done):
+                return root
+            os.makedirs(root, exist_ok=True)
+            code = os.path.join(root, "code")
+            if self.code_zip:
+                zipfile.ZipFile(io.BytesIO(self.code_zip)).extractall(code)
+            if self.requirements:
+                self._pip_install(root)
+            open(done, "w").close()
+        return root
+
+    def _pip_install(self, root: str) -> None:
+        site = os.path.join(root, "site")
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+               "--no-warn-script-location", "--target", site]
+        if self.wheels_zip:
+            wheels = os.path.join(root, "wheels")
+            zipfile.ZipFile(io.BytesIO(self.wheels_zip)).extractall(wheels)
+            cmd += ["--no-index", "--find-links", wheels]
+        cmd += self.pip_options + self.requirements
+        timeout = config.get_seconds("models.pip-timeout")
+        logger.info("installing requirements of model %s: %s", self.name, self.requirements)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise ModelLoadError(
+                f"model {self.name!r}: installing requirements {self.requirements} took over {timeout:g}s",
+                model=self.name,
+            ) from e
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            raise ModelLoadError(
+                f"model {self.name!r}: pip could not install requirements {self.requirements}: " + " | ".join(tail),
+                model=self.name,
+            )
+
+    def _activate(self, root: str) -> str:
+        for sub in ("site", "code"):
+            p = os.path.join(root, sub)
+            if os.path.isdir(p) and p not in sys.path:
+                sys.path.insert(0, p)
+        return os.path.join(root, "code")
+
+    def _import_handler(self, code_dir: str) -> Any:
+        assert self.module
+        rel = self.module.replace(".", os.sep)
+        file = os.path.join(code_dir, rel + ".py")
+        if not os.path.isfile(file):
+            file = os.path.join(code_dir, rel, "__init__.py")
+        unique = f"_daskinfer_handler_{self.name}_{self.version}_{self._digest()}".replace("-", "_").replace(".", "_")
+        try:
+            if unique in sys.modules:
+                mod = sys.modules[unique]
+            else:
+                spec = importlib.util.spec_from_file_location(unique, file)
+                assert spec and spec.loader
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[unique] = mod
+                spec.loader.exec_module(mod)
+        except Exception as e:
+            sys.modules.pop(unique, None)
+            raise ModelLoadError(
+                f"model {self.name!r}: importing handler {file!r} failed: {type(e).__name__}: {e}",
+                model=self.name,
+                path=file,
+            ) from e
+        try:
+            return getattr(mod, self.function)
+        except AttributeError:
+            raise ModelLoadError(
+                f"model {self.name!r}: handler module {file!r} has no {self.function!r}",
+                model=self.name,
+                path=file,
+            ) from None
+
+    def _base_dir(self) -> str:
+        try:
+            from distributed import get_worker
+
+            return os.path.join(get_worker().local_directory, "daskinfer-models")
+        except ValueError:
+            if self._workdir is None:
+                self._workdir = tempfile.mkdtemp(prefix="daskinfer-models-")
+            return self._workdir
+
+    def load(self, base_dir: str | None = None) -> LoadedPython:
+        target: Any = self.predict_obj
+        if self.code_zip is not None or self.requirements:
+            root = self._prepare_directory(base_dir or self._base_dir())
+            code_dir = self._activate(root)
+            if self.code_zip is not None:
+                target = self._import_handler(code_dir)
+        fn, closer = self._bind(target)
+        loaded = LoadedPython(self.name, self.version, fn, self.batch_format, self.inputs, self.outputs)
+        loaded._closer = closer
+        return loaded
+
+    def _bind(self, target: Any) -> tuple[Callable[[Any], Any], Callable[[], None] | None]:
+        """Turn a function, class or instance into a bound predict callable (and close)."""
+        obj = target
+        if isinstance(target, type):
+            try:
+                obj = target()
+            except Exception as e:
+                raise ModelLoadError(f"model {self.name!r}: creating {target.__name__}() failed: {type(e).__name__}: {e}", model=self.name) from e
+        elif hasattr(target, "predict"):
+            obj = copy.deepcopy(target) if self.instances > 1 else target
+        if hasattr(obj, "predict"):
+            if hasattr(obj, "load"):
+                try:
+                    obj.load()
+                except Exception as e:
+                    raise ModelLoadError(f"model {self.name!r}: load() failed: {type(e).__name__}: {e}", model=self.name) from e
+            return obj.predict, getattr(obj, "close", None)
+        if callable(obj):
+            return obj, None
+        raise ModelLoadError(f"model {self.name!r}: {obj!r} is neither callable nor has predict()", model=self.name)

@@ -1,0 +1,182 @@
+"""streamz operators: ``smart_batch`` and ``infer`` (local and Dask streams).
+
+>>> from streamz import Stream
+>>> import daskinfer
+>>> source = Stream()
+>>> source.smart_batch(max_batch_size=1024).infer("mlp").flatten().sink(print)  # doctest: +SKIP
+
+On a Dask stream the model runs on the workers that hold it::
+
+    source.smart_batch().scatter().infer("mlp").buffer(8).gather().flatten().sink(...)
+
+Blocks flow through, never one Python object per row: an item is an array with
+rows first, or a dict of such arrays.  ``smart_batch`` emits a list of items;
+``infer`` runs the list as one model call and emits the list of their outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+
+from distributed.client import default_client
+from streamz import Stream
+from streamz.dask import DaskStream
+
+from daskinfer.batching import BatchPolicy
+from daskinfer.blocks import concat, rows_of, split
+from daskinfer.models.base import Model
+from daskinfer.registry import local_registry, registry_for
+
+
+@Stream.register_api()
+class smart_batch(Stream):
+    """Group items into batches that grow with the load.
+
+    When fewer than ``max_inflight`` emitted batches are still being taken by the
+    downstream, everything queued (up to ``max_batch_size`` rows) is emitted at once
+    as a list; while the downstream is busy, items queue up and form the next batch.
+
+    Parameters
+    ----------
+    max_batch_size : int, optional
+        Most rows per batch; config ``daskinfer.batching.max-batch-size``.
+    max_delay : float or str, optional
+        Longest wait for a batch to fill; config ``daskinfer.batching.max-delay`` (0).
+    max_inflight : int, optional
+        Batches the downstream may hold at once; config ``daskinfer.batching.max-inflight``.
+
+    Examples
+    --------
+    >>> source = Stream()
+    >>> source.smart_batch(max_batch_size=256).sink(print)  # doctest: +SKIP
+    """
+
+    def __init__(self, upstream, max_batch_size=None, max_delay=None, max_inflight=None, **kwargs):
+        self.policy = BatchPolicy.from_config(max_batch_size, max_delay, max_inflight)
+        self._queue: deque[tuple[Any, int, Any, float]] = deque()
+        self._queued_rows = 0
+        self._inflight = 0
+        self._timer = None
+        self._room: list[asyncio.Future] = []
+        kwargs["ensure_io_loop"] = True
+        Stream.__init__(self, upstream, **kwargs)
+
+    def update(self, x, who=None, metadata=None):
+        self._retain_refs(metadata)
+        rows = rows_of(x)
+        self._queue.append((x, rows, metadata, self.loop.time()))
+        self._queued_rows += rows
+        result = self._flush()
+        if self._queued_rows >= self.policy.max_batch_size * self.policy.max_inflight:
+            fut = asyncio.get_event_loop().create_future()
+            self._room.append(fut)
+            return fut
+        return result
+
+    def _flush(self):
+        results = []
+        while True:
+            oldest_wait = self.loop.time() - self._queue[0][3] if self._queue else 0.0
+            decision = self.policy.decide([q[1] for q in self._queue], self._inflight, oldest_wait)
+            if decision.take == 0:
+                if decision.wait is not None and self._timer is None:
+                    self._timer = self.loop.call_later(decision.wait, self._on_timer)
+                break
+            taken = [self._queue.popleft() for _ in range(decision.take)]
+            self._queued_rows -= sum(t[1] for t in taken)
+            metadata = [m for t in taken for m in (t[2] or [])]
+            out = self._emit([t[0] for t in taken], metadata=metadata)
+            for t in taken:
+                self._release_refs(t[2] or [])
+            pending = [r for r in out if asyncio.isfuture(r) or asyncio.iscoroutine(r)]
+            if pending:
+                self._inflight += 1
+                asyncio.ensure_future(self._wait_downstream(pending))
+            results.extend(out)
+        self._wake_producers()
+        return results
+
+    async def _wait_downstream(self, pending):
+        try:
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            self._inflight -= 1
+            self._flush()
+
+    def _on_timer(self):
+        self._timer = None
+        self._flush()
+
+    def _wake_producers(self):
+        if self._queued_rows < self.policy.max_batch_size * self.policy.max_inflight:
+            for fut in self._room:
+                if not fut.done():
+                    fut.set_result(None)
+            self._room.clear()
+
+
+def _run_local(model: str | Model, x: Any, output: str | None) -> Any:
+    """Run ``model`` on an item or a list of items in this process (or worker)."""
+    if isinstance(model, Model):
+        reg = local_registry()
+        try:
+            dep = reg.get(model.name)
+            if dep.version != model.version:
+                raise KeyError
+        except KeyError:
+            dep = reg.install_sync(model)
+    else:
+        dep = registry_for().get(model)
+    if isinstance(x, list):
+        sizes = [rows_of(i) for i in x]
+        outs = split(dep.predict(concat(x)), sizes)
+        return [o[output] for o in outs] if output else outs
+    out = dep.predict(x)
+    return out[output] if output else out
+
+
+@Stream.register_api()
+class infer(Stream):
+    """Run a model on each item (a block, or a list of blocks from ``smart_batch``).
+
+    Emits the outputs as a dict of arrays (or the ``output`` array), or a list of
+    them for a list input.  On a local stream the model is a :class:`Model` (loaded
+    in this process on first use) or the name of one loaded here; on a Dask stream
+    (after ``scatter()``) it is the name of a model deployed with :func:`daskinfer.deploy`.
+
+    Parameters
+    ----------
+    model : str or Model
+        The model.
+    output : str, optional
+        Emit only this output's array.
+    """
+
+    def __init__(self, upstream, model, output=None, **kwargs):
+        self.model = model
+        self.output = output
+        Stream.__init__(self, upstream, **kwargs)
+
+    def update(self, x, who=None, metadata=None):
+        return self._emit(_run_local(self.model, x, self.output), metadata=metadata)
+
+
+def _run_on_worker(model: str, x: Any, output: str | None) -> Any:
+    return _run_local(model, x, output)
+
+
+@DaskStream.register_api()
+class infer(DaskStream):  # noqa: F811 - the Dask stream's own ``infer``
+    """``infer`` on a Dask stream: the model runs on the worker that holds it."""
+
+    def __init__(self, upstream, model, output=None, **kwargs):
+        self.model = model.name if isinstance(model, Model) else model
+        self.output = output
+        DaskStream.__init__(self, upstream, **kwargs)
+
+    def update(self, x, who=None, metadata=None):
+        client = default_client()
+        result = client.submit(_run_on_worker, self.model, x, self.output, pure=False)
+        return self._emit(result, metadata=metadata)

@@ -1,0 +1,72 @@
+"""Helpers for testing pipelines: a tiny ONNX model and direct reference runs.
+
+``make_mlp_onnx`` needs the ``onnx`` package (``pip install daskinfer[onnx]``);
+the rest needs only daskinfer's own dependencies.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+
+def make_mlp_onnx(n_in: int = 16, hidden: int = 64, n_out: int = 2, seed: int = 0, opset: int = 17) -> bytes:
+    """Bytes of an ONNX MLP ``n_in -> hidden -> hidden -> n_out`` with ReLU and softmax.
+
+    Input ``x`` (float32, ``[N, n_in]``), output ``probabilities`` (float32, ``[N, n_out]``).
+    The same arguments always give the same bytes (the bundled model is ``make_mlp_onnx()``).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    sizes = [n_in, hidden, hidden, n_out]
+    inits, nodes = [], []
+    cur = "x"
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
+        bias = (rng.standard_normal(b) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"W{i}"), numpy_helper.from_array(bias, f"B{i}")]
+        nodes.append(helper.make_node("Gemm", [cur, f"W{i}", f"B{i}"], [f"h{i}"]))
+        cur = f"h{i}"
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [cur], [f"r{i}"]))
+            cur = f"r{i}"
+    nodes.append(helper.make_node("Softmax", [cur], ["probabilities"], axis=1))
+    graph = helper.make_graph(
+        nodes,
+        "daskinfer_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", n_out])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="daskinfer")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def bundled_model_path() -> str:
+    """Path of the small MLP shipped with daskinfer (16 float32 inputs -> 2 probabilities)."""
+    return os.path.join(os.path.dirname(__file__), "data", "mlp.onnx")
+
+
+def run_onnx_directly(model: str | bytes, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an ONNX model with a plain onnxruntime session: the reference for tests."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, inputs)))
+
+
+def random_rows(n: int, n_in: int = 16, seed: int = 0) -> np.ndarray:
+    """``n`` rows of float32 inputs for the bundled model."""
+    return np.random.default_rng(seed).standard_normal((n, n_in)).astype(np.float32)
+
+
+__all__: list[Any] = ["bundled_model_path", "make_mlp_onnx", "random_rows", "run_onnx_directly"]
