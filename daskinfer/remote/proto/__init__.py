@@ -1,0 +1,1 @@
+"""Generated KServe v2 protobuf and gRPC modules (see regenerate.py)."""
