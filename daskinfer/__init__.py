@@ -7,7 +7,9 @@ deployed with :func:`deploy`, and run by streamz operators (``smart_batch``,
 
 from daskinfer import config  # noqa: F401  (loads the defaults into dask.config)
 from daskinfer import operators  # noqa: F401  (registers the streamz operators)
+from daskinfer import stages  # noqa: F401  (registers from_inbox / to_outbox)
 from daskinfer.batching import BatchPolicy
+from daskinfer.client import InferenceClient
 from daskinfer.deploy import deploy, deployed_models, undeploy
 from daskinfer.exceptions import (
     CodecError,
@@ -22,6 +24,7 @@ from daskinfer.exceptions import (
     ResultError,
 )
 from daskinfer.messages import Request, Result
+from daskinfer.pipeline import Pipeline, PipelineHandle, deploy_pipeline
 from daskinfer.models import LoadedModel, Model, OnnxModel, PythonModel, TensorSpec
 from daskinfer.testing import bundled_model_path
 
@@ -32,6 +35,7 @@ __all__ = [
     "CodecError",
     "ConfigError",
     "DaskInferError",
+    "InferenceClient",
     "InputValidationError",
     "LoadedModel",
     "Model",
@@ -40,6 +44,8 @@ __all__ = [
     "ModelNotFoundError",
     "OnnxModel",
     "OutputCountError",
+    "Pipeline",
+    "PipelineHandle",
     "PythonModel",
     "Request",
     "RequestError",
@@ -48,6 +54,7 @@ __all__ = [
     "TensorSpec",
     "bundled_model_path",
     "deploy",
+    "deploy_pipeline",
     "deployed_models",
     "undeploy",
 ]

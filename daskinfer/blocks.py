@@ -10,6 +10,10 @@ import numpy as np
 Item = Any  # an ndarray with rows first, or a mapping of such arrays
 
 
+class Items(list):
+    """A chunk of items emitted at once; ``smart_batch`` queues them one by one."""
+
+
 def rows_of(item: Item) -> int:
     """Rows in a block (an array or a mapping of arrays with rows first)."""
     if isinstance(item, Mapping):

@@ -9,6 +9,7 @@ The tree::
     ├── RequestError                one request (or batch) is wrong; becomes an error result
     │   ├── CodecError              bytes that are not a valid daskinfer message
     │   ├── InputValidationError    inputs do not match the model's signature
+    │   ├── DeadlineExceededError   the request's deadline passed before it ran
     │   └── RequestTooLargeError    message bigger than ``codec.max-message-size``
     ├── ModelError                  the model failed on a batch
     │   └── OutputCountError        the model returned a different number of results than rows
@@ -86,6 +87,10 @@ class InputValidationError(RequestError):
     ):
         super().__init__(message, request_id=request_id, model=model)
         self.input_name = input_name
+
+
+class DeadlineExceededError(RequestError):
+    """The request's deadline passed before it could be answered."""
 
 
 class ModelError(DaskInferError):

@@ -25,9 +25,10 @@ from streamz import Stream
 from streamz.dask import DaskStream
 
 from daskinfer.batching import BatchPolicy
-from daskinfer.blocks import concat, rows_of, split
+from daskinfer.blocks import Items, concat, rows_of, split
 from daskinfer.models.base import Model
 from daskinfer.registry import local_registry, registry_for
+from daskinfer.requests import BatchRunner, Pending
 
 
 @Stream.register_api()
@@ -64,10 +65,12 @@ class smart_batch(Stream):
         Stream.__init__(self, upstream, **kwargs)
 
     def update(self, x, who=None, metadata=None):
-        self._retain_refs(metadata)
-        rows = rows_of(x)
-        self._queue.append((x, rows, metadata, self.loop.time()))
-        self._queued_rows += rows
+        now = self.loop.time()
+        for item in (x if isinstance(x, Items) else (x,)):
+            self._retain_refs(metadata)
+            rows = item.n_rows if isinstance(item, Pending) else rows_of(item)
+            self._queue.append((item, rows, metadata, now))
+            self._queued_rows += rows
         result = self._flush()
         if self._queued_rows >= self.policy.max_batch_size * self.policy.max_inflight:
             fut = asyncio.get_event_loop().create_future()
@@ -152,15 +155,36 @@ class infer(Stream):
         The model.
     output : str, optional
         Emit only this output's array.
+    registry : ModelRegistry, optional
+        Where to find models by name (default: this worker's, else this process's).
     """
 
-    def __init__(self, upstream, model, output=None, **kwargs):
+    def __init__(self, upstream, model, output=None, registry=None, **kwargs):
         self.model = model
         self.output = output
+        self.registry = registry
+        self._runner = None
         Stream.__init__(self, upstream, **kwargs)
 
     def update(self, x, who=None, metadata=None):
+        if isinstance(x, list) and x and isinstance(x[0], Pending):
+            return asyncio.ensure_future(self._run_requests(x, metadata))
         return self._emit(_run_local(self.model, x, self.output), metadata=metadata)
+
+    async def _run_requests(self, batch, metadata):
+        """Request mode (inside a pipeline): one result per request, errors per request."""
+        if self._runner is None:
+            outputs = [self.output] if isinstance(self.output, str) else self.output
+            name = self.model.name if isinstance(self.model, Model) else self.model
+            self._runner = BatchRunner(self.registry or registry_for(), name, outputs)
+        self._retain_refs(metadata)
+        try:
+            await self._runner.run(batch)
+            pending = self._emit(batch, metadata=metadata)
+            if pending:
+                await asyncio.gather(*pending)
+        finally:
+            self._release_refs(metadata)
 
 
 def _run_on_worker(model: str, x: Any, output: str | None) -> Any:

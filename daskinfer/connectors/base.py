@@ -1,0 +1,50 @@
+"""What a partition runner needs from a broker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class Envelope:
+    """One raw message read from an inbox partition."""
+
+    partition: int
+    offset: Any  # an int for the embedded broker, an entry id for Redis
+    data: bytes
+
+
+class PartitionRevoked(Exception):
+    """The partition was assigned elsewhere; the runner must stop."""
+
+
+class Connector:
+    """Broker access of one partition runner (inbox partition ``partition``).
+
+    Implementations: :class:`daskinfer.connectors.embedded.EmbeddedConnector`.
+    """
+
+    async def start(self) -> None:
+        """Connect; find the position to resume from."""
+
+    async def read(self, max_messages: int, timeout: float) -> list[Envelope]:
+        """Up to ``max_messages`` new messages, waiting up to ``timeout`` s for the first.
+
+        Raises :class:`PartitionRevoked` when this runner no longer owns the partition.
+        """
+        raise NotImplementedError
+
+    async def write(self, items: list[tuple[str, str | None, bytes]]) -> None:
+        """Append ``(topic, key, data)`` messages (results, dead letters)."""
+        raise NotImplementedError
+
+    async def commit(self, envelopes: list[Envelope]) -> None:
+        """Mark these messages as done (called once their results are written)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    def describe(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,195 @@
+"""Scheduler side of deployed pipelines: the control path.
+
+The controller assigns each inbox partition to a worker, starts a partition
+runner there, and re-assigns partitions when workers join or leave (with a new
+epoch, so a runner that lost its partition can no longer read or commit it).
+Requests never pass through here one by one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from distributed.core import Status
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from daskinfer import config
+
+if TYPE_CHECKING:
+    from distributed import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class PipelineState:
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.name: str = spec["name"]
+        self.partitions: int = spec["partitions"]
+        self.assigned: dict[int, str] = {}
+        self.epoch = 0
+        self.lock = asyncio.Lock()
+        self.moves = 0
+        self.failures: dict[int, str] = {}
+
+    def next_epoch(self) -> int:
+        self.epoch += 1
+        return self.epoch
+
+
+class ControllerEvents(SchedulerPlugin):
+    """Worker join/leave hooks that trigger a reconcile."""
+
+    def __init__(self, controller: ControllerExtension):
+        self.controller = controller
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self.controller.soon()
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self.controller.soon()
+
+    async def close(self) -> None:
+        self.controller.close()
+
+
+class ControllerExtension:
+    """Pipelines deployed on this scheduler and the placement of their partitions."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.pipelines: dict[str, PipelineState] = {}
+        self.events = ControllerEvents(self)
+        self._wake = asyncio.Event()
+        self._task = asyncio.ensure_future(self._loop())
+        scheduler.handlers.update(
+            {
+                "daskinfer_pipeline_start": self.start_pipeline,
+                "daskinfer_pipeline_stop": self.stop_pipeline,
+                "daskinfer_pipeline_status": self.pipeline_status,
+                "daskinfer_pipeline_list": self.list_pipelines,
+            }
+        )
+
+    def soon(self) -> None:
+        self._wake.set()
+
+    def close(self) -> None:
+        self._task.cancel()
+
+    async def _loop(self) -> None:
+        interval = config.get_seconds("pipeline.rebalance-interval")
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            for name in list(self.pipelines):
+                try:
+                    await self.reconcile(name)
+                except Exception:  # pragma: no cover - keep the control loop alive
+                    logger.exception("reconciling pipeline %r failed", name)
+
+    def _live_workers(self) -> list[str]:
+        return sorted(a for a, ws in self.scheduler.workers.items() if ws.status == Status.running)
+
+    async def start_pipeline(self, spec: dict[str, Any]) -> dict[str, Any]:
+        name = spec["name"]
+        if name in self.pipelines:
+            raise ValueError(f"pipeline {name!r} is already running; stop it first")
+        self.pipelines[name] = PipelineState(spec)
+        await self.reconcile(name)
+        return self.pipeline_assignments(name)
+
+    async def stop_pipeline(self, name: str, drain: bool = True) -> None:
+        state = self.pipelines.pop(name, None)
+        if state is None:
+            raise KeyError(f"pipeline {name!r} is not running")
+        async with state.lock:
+            workers = set(state.assigned.values()) & set(self.scheduler.workers)
+            await asyncio.gather(
+                *(self.scheduler.rpc(addr=w).daskinfer_runner_stop(pipeline=name, drain=drain) for w in workers),
+                return_exceptions=True,
+            )
+
+    def pipeline_assignments(self, name: str) -> dict[str, Any]:
+        state = self.pipelines[name]
+        return {"assigned": dict(state.assigned), "partitions": state.partitions, "moves": state.moves,
+                "failures": dict(state.failures)}
+
+    async def pipeline_status(self, name: str) -> dict[str, Any]:
+        if name not in self.pipelines:
+            raise KeyError(f"pipeline {name!r} is not running")
+        state = self.pipelines[name]
+        out = self.pipeline_assignments(name)
+        runners: list[dict[str, Any]] = []
+        for w in set(state.assigned.values()):
+            try:
+                runners += await self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=name)
+            except Exception as e:
+                runners.append({"worker": w, "error": repr(e)})
+        out["runners"] = sorted(runners, key=lambda r: r.get("partition", -1))
+        return out
+
+    def list_pipelines(self) -> list[str]:
+        return list(self.pipelines)
+
+    async def _start_on(self, state: PipelineState, partition: int, worker: str) -> bool:
+        epoch = state.next_epoch()
+        state.assigned[partition] = worker
+        try:
+            await self.scheduler.rpc(addr=worker).daskinfer_runner_start(spec=state.spec, partition=partition, epoch=epoch)
+            state.failures.pop(partition, None)
+            return True
+        except Exception as e:
+            logger.warning("starting partition %d of %r on %s failed: %s", partition, state.name, worker, e)
+            state.failures[partition] = repr(e)
+            state.assigned.pop(partition, None)
+            return False
+
+    async def reconcile(self, name: str) -> None:
+        """Give every partition a live worker, then even out the partitions per worker."""
+        state = self.pipelines.get(name)
+        if state is None:
+            return
+        async with state.lock:
+            live = self._live_workers()
+            if not live:
+                state.assigned.clear()
+                return
+            for p, w in list(state.assigned.items()):
+                if w not in live:
+                    del state.assigned[p]
+            load = Counter({w: 0 for w in live})
+            load.update(state.assigned.values())
+            missing = [p for p in range(state.partitions) if p not in state.assigned]
+            starts = []
+            for p in missing:
+                w = min(live, key=lambda a: (load[a], a))
+                load[w] += 1
+                starts.append(self._start_on(state, p, w))
+            if starts:
+                if not all(await asyncio.gather(*starts)):
+                    self.soon_later()
+            # one move per round towards balance (each move drains a runner)
+            load = Counter({w: 0 for w in live})
+            load.update(state.assigned.values())
+            busiest = max(live, key=lambda a: (load[a], a))
+            idlest = min(live, key=lambda a: (load[a], a))
+            if load[busiest] - load[idlest] > 1:
+                p = max(q for q, w in state.assigned.items() if w == busiest)
+                try:
+                    await self.scheduler.rpc(addr=busiest).daskinfer_runner_stop(pipeline=name, partition=p, drain=True)
+                except Exception as e:  # the worker may be leaving; the new epoch fences it anyway
+                    logger.info("stopping partition %d on %s failed: %s", p, busiest, e)
+                del state.assigned[p]
+                state.moves += 1
+                if await self._start_on(state, p, idlest):
+                    self.soon()
+
+    def soon_later(self, delay: float = 0.5) -> None:
+        asyncio.get_running_loop().call_later(delay, self._wake.set)
