@@ -25,7 +25,8 @@ from daskinfer.exceptions import (
 )
 from daskinfer.messages import Request, Result
 from daskinfer.pipeline import Pipeline, PipelineHandle, deploy_pipeline
-from daskinfer.models import LoadedModel, Model, OnnxModel, PythonModel, TensorSpec
+from daskinfer.models import LoadedModel, Model, OnnxModel, PythonModel, RemoteModel, TensorSpec
+from daskinfer.server import ModelServer
 from daskinfer.testing import bundled_model_path
 
 __version__ = "0.1.0"
@@ -42,11 +43,13 @@ __all__ = [
     "ModelError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelServer",
     "OnnxModel",
     "OutputCountError",
     "Pipeline",
     "PipelineHandle",
     "PythonModel",
+    "RemoteModel",
     "Request",
     "RequestError",
     "Result",

@@ -10,6 +10,9 @@ and grpcio releases daskinfer supports:
 - the protobuf runtime-version check (``_runtime_version.ValidateProtobufRuntimeVersion``)
   is removed: it refuses any runtime older than the protoc that generated the file,
   while the code itself (``AddSerializedFile`` + ``builder``) works with protobuf >= 4.21;
+- the messages are built in a private descriptor pool, not protobuf's default one, so that
+  daskinfer can be imported next to other copies of the same protocol (tritonclient,
+  kserve and mlserver each register ``inference.ModelInferRequest`` in the default pool);
 - in ``*_pb2_grpc.py`` the import of the message module becomes package-relative, and
   the grpcio version floor becomes 1.62 (the first release with ``_registered_method``).
 """
@@ -39,6 +42,10 @@ def main() -> int:
         r"_runtime_version\.ValidateProtobufRuntimeVersion\([^)]*\)\n",
         "# (protobuf runtime-version check removed by daskinfer/remote/proto/regenerate.py)\n",
         text,
+    )
+    text = text.replace(
+        "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(",
+        "DESCRIPTOR = _descriptor_pool.DescriptorPool().AddSerializedFile(",
     )
     with open(pb2, "w") as f:
         f.write(text)
