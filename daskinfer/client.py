@@ -85,6 +85,7 @@ class InferenceClient:
         self.reply_topic = f"daskinfer-replies-{new_id()[:12]}"
         self.dedupe_window = int(config.get("client.dedupe-window", dedupe_window))
         self.max_pending = max_pending
+        self._max_size = config.get_bytes("codec.max-message-size")
         self.broker = BrokerRPC(client.scheduler)
         self.duplicates = 0
         self.received = 0
@@ -95,6 +96,8 @@ class InferenceClient:
         self._room = threading.Condition(self._lock)
         self._flushing = False
         self._rr = itertools.count()
+        self._ids = itertools.count()
+        self._id_prefix = new_id()[:16] + "-"  # unique per client; a counter makes ids cheap
         self._n_partitions = 0
         self._unclaimed: queue.Queue[Result] = queue.Queue()
         self._aunclaimed: asyncio.Queue[Result] | None = None
@@ -112,6 +115,7 @@ class InferenceClient:
         await self.broker.create_topic(self.reply_topic, partitions=1)
         await self.broker.assign(self.reply_topic, 0, "client", 1)
         self._aloop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._aunclaimed = asyncio.Queue()
         self._tasks.append(asyncio.ensure_future(self._receive()))
         self._started = True
@@ -163,7 +167,7 @@ class InferenceClient:
                  deadline: float | None, request_id: str | None) -> Request:
         now = time.time()
         return Request(
-            id=request_id or new_id(),
+            id=request_id or f"{self._id_prefix}{next(self._ids)}",
             inputs=_as_inputs(inputs),
             batched=batched,
             key=key,
@@ -201,10 +205,7 @@ class InferenceClient:
                 self._aloop.call_soon_threadsafe(lambda: self._tasks.append(asyncio.ensure_future(self._flush())))
 
     def _in_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._aloop
-        except RuntimeError:
-            return False
+        return threading.get_ident() == self._loop_thread
 
     async def _flush(self) -> None:
         try:
@@ -332,7 +333,7 @@ class InferenceClient:
             now = time.time()
             for data in msgs:
                 try:
-                    r = decode_result(data)
+                    r = decode_result(data, max_size=self._max_size)
                 except Exception as e:  # pragma: no cover - only pipelines write here
                     logger.error("undecodable result on %r: %s", self.reply_topic, e)
                     continue
@@ -358,8 +359,11 @@ class InferenceClient:
                 self._aunclaimed.put_nowait(r)
             else:
                 self._unclaimed.put(r)
-        elif not fut.done():
-            fut.set_result(r)
+        else:
+            try:
+                fut.set_result(r)
+            except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+                pass  # cancelled by the caller
 
     @property
     def pending(self) -> int:

@@ -9,7 +9,9 @@ raises :class:`~daskinfer.exceptions.CodecError`, never anything worse.
 
 from __future__ import annotations
 
+import math
 import struct
+import threading
 from typing import Any
 
 import msgpack
@@ -21,6 +23,10 @@ from daskinfer.exceptions import CodecError, RequestTooLargeError
 ARRAY_EXT = 1
 _ALLOWED_KINDS = set("biufcUSMm")  # bool, ints, floats, complex, str, bytes, datetimes
 _HEADER_LEN = struct.Struct("<H")
+# Headers repeat (same dtype and shape for every request of a model): parse each once.
+_CACHE_SIZE = 4096
+_ENCODED_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_DECODED_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
 
 def _default(obj: Any) -> Any:
@@ -36,9 +42,27 @@ def _default(obj: Any) -> Any:
 def _encode_array(arr: np.ndarray) -> msgpack.ExtType:
     if arr.dtype.kind not in _ALLOWED_KINDS or arr.dtype.fields is not None:
         raise TypeError(f"cannot encode arrays of dtype {arr.dtype} (object/structured dtypes are not allowed)")
-    header = msgpack.packb([arr.dtype.str, list(arr.shape)])
-    data = np.ascontiguousarray(arr).tobytes()
-    return msgpack.ExtType(ARRAY_EXT, _HEADER_LEN.pack(len(header)) + header + data)
+    key = (arr.dtype.str, arr.shape)
+    prefix = _ENCODED_HEADERS.get(key)
+    if prefix is None:
+        header = msgpack.packb([arr.dtype.str, list(arr.shape)])
+        prefix = _HEADER_LEN.pack(len(header)) + header
+        if len(_ENCODED_HEADERS) < _CACHE_SIZE:
+            _ENCODED_HEADERS[key] = prefix
+    return msgpack.ExtType(ARRAY_EXT, prefix + np.ascontiguousarray(arr).tobytes())
+
+
+def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    try:
+        dtype_str, shape = msgpack.unpackb(header)
+        dtype = np.dtype(dtype_str) if isinstance(dtype_str, str) else None
+    except Exception as e:
+        raise CodecError(f"malformed array header: {e}") from None
+    if dtype is None or dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None or dtype.itemsize == 0:
+        raise CodecError(f"array dtype {dtype_str!r} is not allowed")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 32:
+        raise CodecError(f"malformed array shape {shape!r}")
+    return dtype, tuple(shape), dtype.itemsize * math.prod(shape)
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
@@ -47,26 +71,41 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if len(data) < _HEADER_LEN.size:
         raise CodecError("truncated array header")
     (hlen,) = _HEADER_LEN.unpack_from(data)
-    try:
-        dtype_str, shape = msgpack.unpackb(data[2 : 2 + hlen])
-        dtype = np.dtype(dtype_str) if isinstance(dtype_str, str) else None
-    except Exception as e:
-        raise CodecError(f"malformed array header: {e}") from None
-    if dtype is None or dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None or dtype.itemsize == 0:
-        raise CodecError(f"array dtype {dtype_str!r} is not allowed")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 32:
-        raise CodecError(f"malformed array shape {shape!r}")
+    header = data[2 : 2 + hlen]
+    parsed = _DECODED_HEADERS.get(header)
+    if parsed is None:
+        parsed = _parse_header(header)
+        if len(_DECODED_HEADERS) < _CACHE_SIZE:
+            _DECODED_HEADERS[header] = parsed
+    dtype, shape, expected = parsed
     nbytes = len(data) - 2 - hlen
-    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
     if nbytes != expected:
-        raise CodecError(f"array of dtype {dtype} and shape {shape} needs {expected} bytes, got {nbytes}")
+        raise CodecError(f"array of dtype {dtype} and shape {list(shape)} needs {expected} bytes, got {nbytes}")
     return np.frombuffer(data, dtype=dtype, offset=2 + hlen).reshape(shape)
+
+
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    packer = getattr(_local, "packer", None)
+    if packer is None:  # a Packer is not thread-safe: one per thread
+        packer = _local.packer = msgpack.Packer(default=_default, use_bin_type=True)
+    return packer
+
+
+def encode_array(arr: np.ndarray) -> msgpack.ExtType:
+    """The wire form of an array, for message builders that skip the ``default`` hook."""
+    try:
+        return _encode_array(arr)
+    except TypeError as e:
+        raise CodecError(f"cannot encode message: {e}") from e
 
 
 def encode(obj: Any) -> bytes:
     """Encode a message (dicts, lists, str, bytes, numbers, None and numpy arrays)."""
     try:
-        return msgpack.packb(obj, default=_default, use_bin_type=True)
+        return _packer().pack(obj)
     except (TypeError, ValueError, OverflowError) as e:
         raise CodecError(f"cannot encode message: {e}") from e
 
@@ -90,11 +129,11 @@ def decode(data: bytes | bytearray | memoryview, *, max_size: int | None = None)
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"expected bytes, got {type(data).__name__}")
-    limit = config.get_bytes("codec.max-message-size", max_size)
+    limit = max_size if max_size is not None else config.get_bytes("codec.max-message-size")
     if len(data) > limit:
         raise RequestTooLargeError(f"message of {len(data)} bytes is over the limit of {limit} bytes")
     try:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False, max_buffer_size=limit or 0)
+        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
     except CodecError:
         raise
     except Exception as e:  # msgpack raises several types for garbage

@@ -66,7 +66,7 @@ class Request:
         return 0
 
     def to_wire(self) -> dict[str, Any]:
-        msg: dict[str, Any] = {"id": self.id, "in": self.inputs}
+        msg: dict[str, Any] = {"id": self.id, "in": {k: codec.encode_array(v) for k, v in self.inputs.items()}}
         if self.batched:
             msg["b"] = True
         for k, v in (("k", self.key), ("m", self.model), ("d", self.deadline), ("r", self.reply_to), ("t", self.sent_at)):
@@ -179,7 +179,7 @@ class Result:
     def to_wire(self) -> dict[str, Any]:
         msg: dict[str, Any] = {"id": self.id}
         if self.outputs is not None:
-            msg["out"] = self.outputs
+            msg["out"] = {k: codec.encode_array(v) for k, v in self.outputs.items()}
         if self.error_type is not None:
             msg["err"] = [self.error_type, self.error]
         for k, v in (("m", self.model), ("v", self.version), ("k", self.key), ("t", self.sent_at)):
@@ -195,9 +195,9 @@ class Result:
         return codec.encode(self.to_wire())
 
 
-def decode_result(data: bytes) -> Result:
+def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
     """Decode a result's bytes."""
-    msg = codec.decode(data)
+    msg = codec.decode(data, max_size=max_size)
     if not isinstance(msg, Mapping) or not isinstance(msg.get("id"), str):
         raise CodecError("a result must be a map with a string 'id'")
     err = msg.get("err")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from daskinfer import config
 from daskinfer.connectors.base import Envelope
 from daskinfer.exceptions import DeadlineExceededError, RequestError
 from daskinfer.messages import Request, Result, decode_request, error_result, peek_request_fields
@@ -49,6 +50,7 @@ class Pending:
 def decode_envelopes(envs: list[Envelope], max_size: int | None = None) -> list[Pending]:
     """Decode raw messages; a malformed one becomes a :class:`Pending` with its error."""
     now = time.time()
+    max_size = config.get_bytes("codec.max-message-size", max_size)
     out = []
     for env in envs:
         try:
