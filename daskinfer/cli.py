@@ -1,0 +1,151 @@
+"""The ``daskinfer`` command line (also ``dask infer ...`` through Dask's CLI).
+
+Subcommands live in :data:`SUBCOMMANDS`: each is a pair of functions, one that adds
+its arguments to an :class:`argparse.ArgumentParser` and one that runs it with the
+parsed arguments and returns an exit status.  Add a subcommand by adding an entry.
+
+>>> main(["serve", "--onnx", "mlp=model.onnx", "--grpc-port", "8001"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _name_value(text: str, what: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME={what}, got {text!r}")
+    return name, value
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx", action="append", default=[], metavar="NAME=PATH", help="serve an ONNX model file (repeatable)")
+    p.add_argument(
+        "--python",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE:FUNCTION",
+        help="serve a Python callable f(batch) -> outputs, or a class with predict() (repeatable); "
+        "the current directory is importable",
+    )
+    p.add_argument("--host", default=None, help="interface to bind (default: daskinfer.remote.server.host, 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=None, help="KServe v2 gRPC port (default 8001; 0: any free port)")
+    p.add_argument("--http-port", type=int, default=None, help="KServe v2 REST port (default 8000; 0: any free port)")
+    p.add_argument("--no-grpc", action="store_true", help="do not serve gRPC")
+    p.add_argument("--no-http", action="store_true", help="do not serve REST")
+    p.add_argument("--max-batch-size", type=int, default=None, help="most rows per model call (batching across callers)")
+    p.add_argument("--max-delay", default=None, help="longest wait for a batch to fill, e.g. 2ms (default 0)")
+    p.add_argument("--max-inflight", type=int, default=None, help="model calls running at once per model")
+    p.add_argument("--instances", type=int, default=None, help="model instances (parallel model calls)")
+    p.add_argument("--tls-cert", default=None, help="PEM server certificate: serve gRPC over TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM roots for client certificates (mutual TLS)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def build_models(onnx: Sequence[str], python: Sequence[str], instances: int | None = None) -> list[Any]:
+    """Models from ``NAME=PATH`` and ``NAME=MODULE:FUNCTION`` specs."""
+    from daskinfer.models import OnnxModel, PythonModel
+
+    models: list[Any] = []
+    for spec in onnx:
+        name, path = _name_value(spec, "PATH")
+        models.append(OnnxModel(name, path, instances=instances))
+    for spec in python:
+        name, target = _name_value(spec, "MODULE:FUNCTION")
+        module, sep, attr = target.partition(":")
+        if not sep or not module or not attr:
+            raise argparse.ArgumentTypeError(f"expected NAME=MODULE:FUNCTION, got {spec!r}")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        models.append(PythonModel(name, obj, instances=instances))
+    return models
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from daskinfer.server import ModelServer
+
+    try:
+        models = build_models(args.onnx, args.python, args.instances)
+    except (argparse.ArgumentTypeError, ImportError, AttributeError) as e:
+        print(f"daskinfer serve: {e}", file=sys.stderr)
+        return 2
+    if not models:
+        print("daskinfer serve: give at least one --onnx NAME=PATH or --python NAME=MODULE:FUNCTION", file=sys.stderr)
+        return 2
+    server = ModelServer(
+        models,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        serve_grpc=not args.no_grpc,
+        serve_http=not args.no_http,
+        max_batch_size=args.max_batch_size,
+        max_delay=args.max_delay,
+        max_inflight=args.max_inflight,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+    )
+    server.serve_forever()
+    return 0
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "serve": ("serve models over the KServe v2 protocol (gRPC and REST)", _serve_arguments, _serve),
+}
+"""name -> (help, add_arguments(parser), run(args) -> exit status)."""
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``daskinfer`` argument parser with every subcommand of :data:`SUBCOMMANDS`."""
+    p = argparse.ArgumentParser(prog="daskinfer", description="High-throughput streaming model inference on Dask.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``daskinfer`` command; returns the exit status."""
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.command:
+        p.print_help()
+        return 2
+    level = getattr(args, "log_level", "INFO")
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return SUBCOMMANDS[args.command][2](args)
+
+
+try:
+    import click
+except ImportError:  # pragma: no cover - click ships with dask
+    dask_cli = None
+else:
+
+    @click.command(
+        name="infer",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+        add_help_option=False,
+    )
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def dask_cli(args: tuple[str, ...]) -> None:
+        """daskinfer: streaming model inference (``dask infer serve ...``; ``dask infer --help``)."""
+        sys.exit(main(list(args)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
