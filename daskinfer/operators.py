@@ -164,6 +164,7 @@ class infer(Stream):
         self.output = output
         self.registry = registry
         self._runner = None
+        self._last_turn = None
         Stream.__init__(self, upstream, **kwargs)
 
     def update(self, x, who=None, metadata=None):
@@ -178,12 +179,21 @@ class infer(Stream):
             name = self.model.name if isinstance(self.model, Model) else self.model
             self._runner = BatchRunner(self.registry or registry_for(), name, outputs)
         self._retain_refs(metadata)
+        # batches may finish out of order (several in flight); they are emitted in order,
+        # so that results of one key keep request order
+        prev, turn = self._last_turn, asyncio.get_running_loop().create_future()
+        self._last_turn = turn
         try:
             await self._runner.run(batch)
+            if prev is not None and not prev.done():
+                await asyncio.wait([prev])
             pending = self._emit(batch, metadata=metadata)
+            turn.set_result(None)
             if pending:
                 await asyncio.gather(*pending)
         finally:
+            if not turn.done():
+                turn.set_result(None)
             self._release_refs(metadata)
 
 

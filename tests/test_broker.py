@@ -1,0 +1,106 @@
+"""The embedded broker on a real scheduler: batched put/get, commits, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from daskinfer.connectors.embedded import BrokerRPC, _ensure_broker, partition_for
+from daskinfer.exceptions import TopicFullError, TopicNotFoundError
+
+
+def _topic() -> str:
+    return f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def broker(client):
+    client.sync(_ensure_broker, client)
+    return BrokerRPC(client.scheduler)
+
+
+def test_put_get_commit_round_trip(client, broker):
+    async def run():
+        name = _topic()
+        assert await broker.create_topic(name, partitions=3) == 3
+        assert await broker.create_topic(name, partitions=5) == 3, "create is idempotent"
+        msgs = [(i % 3, b"m%d" % i) for i in range(3000)]
+        assert await broker.put(name, msgs) == 3000
+        got = {}
+        for p in range(3):
+            await broker.assign(name, p, "g", epoch=1)
+            reply = await broker.get(name, p, 0, 10_000, group="g", epoch=1)
+            got[p] = list(reply["messages"])
+            assert reply["offset"] == 0 and reply["end"] == 1000
+        for p in range(3):
+            assert got[p] == [b"m%d" % i for i in range(p, 3000, 3)], "per-partition order is kept"
+        await broker.commit(name, 0, "g", 1000, epoch=1)
+        info = await broker.info(name)
+        assert list(info["start"]) == [1000, 0, 0] and list(info["end"]) == [1000, 1000, 1000]
+        await broker.delete_topic(name)
+        with pytest.raises(TopicNotFoundError, match=name):
+            await broker.info(name)
+
+    client.sync(run)
+
+
+def test_long_poll_returns_as_soon_as_data_arrives(client, broker):
+    async def run():
+        name = _topic()
+        await broker.create_topic(name, partitions=1)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        getter = asyncio.ensure_future(broker.get(name, 0, 0, 10, timeout=5.0))
+        await asyncio.sleep(0.05)
+        await broker.put(name, [(0, b"hello")])
+        reply = await asyncio.wait_for(getter, 5)
+        assert list(reply["messages"]) == [b"hello"]
+        assert loop.time() - t0 < 2.0, "the long poll must not wait for its timeout"
+        empty = await broker.get(name, 0, 1, 10, timeout=0.05)
+        assert list(empty["messages"]) == []
+
+    client.sync(run)
+
+
+def test_full_topic_pushes_back_then_times_out_without_losing_anything(client, broker):
+    async def run():
+        name = _topic()
+        await broker.create_topic(name, partitions=1, max_messages=100)
+        await broker.assign(name, 0, "g", epoch=1)
+        await broker.put(name, [(0, b"%d" % i) for i in range(100)])
+        with pytest.raises(TopicFullError, match=f"{name}.*partition 0.*100 messages"):
+            await broker.put(name, [(0, b"late")], timeout=0.1)
+        # a blocked producer proceeds once the consumer commits
+        producer = asyncio.ensure_future(broker.put(name, [(0, b"%d" % i) for i in range(100, 150)], timeout=10))
+        await asyncio.sleep(0.05)
+        assert not producer.done(), "the producer must wait for room"
+        await broker.commit(name, 0, "g", 60, epoch=1)
+        await asyncio.wait_for(producer, 10)
+        info = await broker.info(name)
+        assert list(info["end"]) == [150] and info["end"][0] - info["start"][0] <= 100
+        reply = await broker.get(name, 0, 60, 1000)
+        assert list(reply["messages"]) == [b"%d" % i for i in range(60, 150)], "nothing was dropped"
+
+    client.sync(run)
+
+
+def test_stale_epoch_is_revoked(client, broker):
+    async def run():
+        name = _topic()
+        await broker.create_topic(name, partitions=1)
+        await broker.assign(name, 0, "g", epoch=1)
+        await broker.put(name, [(0, b"a")])
+        await broker.assign(name, 0, "g", epoch=2)
+        assert (await broker.get(name, 0, 0, 10, group="g", epoch=1)).get("revoked")
+        assert (await broker.commit(name, 0, "g", 1, epoch=1)).get("revoked")
+        assert list((await broker.get(name, 0, 0, 10, group="g", epoch=2))["messages"]) == [b"a"]
+
+    client.sync(run)
+
+
+def test_partition_for_is_stable_and_spreads():
+    assert partition_for("user-1", 8) == partition_for("user-1", 8)
+    assert len({partition_for(f"k{i}", 8) for i in range(200)}) == 8
+    assert partition_for(None, 4, fallback=6) == 2

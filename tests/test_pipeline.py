@@ -1,0 +1,192 @@
+"""The data path end to end on a real LocalCluster: inbox -> partitions -> outbox."""
+
+from __future__ import annotations
+
+import collections
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+import daskinfer
+from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
+from daskinfer import codec
+from daskinfer.connectors.embedded import BrokerRPC
+from daskinfer.testing import random_rows, run_onnx_directly
+
+
+@pytest.fixture(scope="module")
+def mlp(client, mlp_path):
+    deploy(client, OnnxModel("mlp-pipe", mlp_path))
+    yield "mlp-pipe"
+    undeploy(client, "mlp-pipe")
+
+
+def _inbox() -> str:
+    return f"in-{uuid.uuid4().hex[:8]}"
+
+
+def _collect(ic: InferenceClient, n: int, timeout: float = 60.0) -> list[daskinfer.Result]:
+    out = []
+    deadline = time.monotonic() + timeout
+    for r in ic.results(timeout=timeout):
+        out.append(r)
+        if len(out) >= n or time.monotonic() > deadline:
+            break
+    return out
+
+
+def _dead_letters(client, topic: str) -> list[dict]:
+    async def read():
+        b = BrokerRPC(client.scheduler)
+        n = await b.partitions(topic)
+        msgs = []
+        for p in range(n):
+            msgs += (await b.get(topic, p, 0, 100_000))["messages"]
+        return [codec.decode(m) for m in msgs]
+
+    return client.sync(read)
+
+
+def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_path):
+    inbox = _inbox()
+    dead = f"dead-{inbox}"
+    handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=inbox, partitions=3, dead_letter=dead, max_batch_size=512))
+    rng = np.random.default_rng(0)
+    try:
+        with InferenceClient(client, inbox=inbox) as ic:
+            sent: dict[str, tuple[np.ndarray, bool]] = {}
+            order: dict[str, list[str]] = collections.defaultdict(list)
+            bad: dict[str, str] = {}
+            n_requests = 20_000
+            for i in range(n_requests):
+                key = f"k{i % 7}"
+                if i % 500 == 250:  # malformed but decodable: the client is answered with an error
+                    kind = ("dtype", "shape", "missing")[(i // 500) % 3]
+                    inputs = {
+                        "dtype": {"x": np.zeros(16, np.float64)},
+                        "shape": {"x": np.zeros(15, np.float32)},
+                        "missing": {"y": np.zeros(16, np.float32)},
+                    }[kind]
+                    rid = ic.send(inputs, key=key)
+                    bad[rid] = kind
+                elif i % 10 == 0:  # a block of 1..16 rows in one message
+                    block = random_rows(int(rng.integers(1, 17)), seed=i)
+                    rid = ic.send(block, batched=True, key=key)
+                    sent[rid] = (block, True)
+                else:
+                    row = random_rows(1, seed=i)[0]
+                    rid = ic.send(row, key=key)
+                    sent[rid] = (row, False)
+                order[key].append(rid)
+            # undecodable bytes straight into the inbox: they can only go to the dead-letter topic
+            client.sync(BrokerRPC(client.scheduler).put, inbox, [(p, b"\xc1garbage") for p in range(3)])
+
+            results = _collect(ic, n_requests)
+            assert ic.duplicates == 0
+            ids = [r.id for r in results]
+            assert len(ids) == len(set(ids)) == n_requests, "every request answered exactly once"
+            assert set(ids) == set(sent) | set(bad)
+
+            by_id = {r.id: r for r in results}
+            # outputs equal onnxruntime run directly on the same rows
+            rows = np.concatenate([x if batched else x[None] for x, batched in sent.values()])
+            expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
+            got = np.concatenate([
+                by_id[rid].value() if batched else by_id[rid].value()[None] for rid, (_, batched) in sent.items()
+            ])
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            assert all(by_id[rid].model == mlp and by_id[rid].version == "1" for rid in sent)
+
+            words = {"dtype": "float32", "shape": "shape", "missing": "missing input 'x'"}
+            for rid, kind in bad.items():
+                r = by_id[rid]
+                assert not r.ok and r.error_type == "InputValidationError"
+                assert mlp in r.error and words[kind] in r.error, r.error
+
+            # results of each key arrive in request order
+            arrival = collections.defaultdict(list)
+            for r in results:
+                arrival[r.key].append(r.id)
+            for key, ids_in_order in order.items():
+                assert arrival[key] == ids_in_order, f"key {key} answered out of order"
+
+        letters = _dead_letters(client, dead)
+        kinds = collections.Counter(d["error_type"] for d in letters)
+        assert kinds["CodecError"] == 3 and kinds["InputValidationError"] == len(bad)
+        assert all(isinstance(d["data"], bytes) for d in letters)
+        st = handle.status()
+        assert sum(r["answered"] for r in st["runners"]) == n_requests + 3
+    finally:
+        handle.stop()
+
+
+def test_model_error_fails_only_the_requests_at_fault(client):
+    def no_nans(x):
+        if np.isnan(x).any():
+            raise ValueError("NaN in input")
+        return x.sum(axis=1)
+
+    deploy(client, PythonModel("nan-hater", no_nans, inputs={"x": ("float32", (None, 4))}))
+    inbox = _inbox()
+    handle = deploy_pipeline(client, Pipeline(model="nan-hater", inbox=inbox, partitions=1))
+    try:
+        with InferenceClient(client, inbox=inbox) as ic:
+            rows = np.arange(400, dtype=np.float32).reshape(100, 4)
+            rows[37, 2] = np.nan
+            futures = [ic.submit(r) for r in rows]
+            results = [f.result(30) for f in futures]
+        failed = [i for i, r in enumerate(results) if not r.ok]
+        assert failed == [37]
+        assert results[37].error_type == "ValueError" and "NaN in input" in results[37].error
+        np.testing.assert_allclose([r.value() for i, r in enumerate(results) if i != 37], np.delete(rows, 37, axis=0).sum(axis=1))
+    finally:
+        handle.stop()
+        undeploy(client, "nan-hater")
+
+
+def test_unknown_model_and_deadline_become_error_results(client, mlp):
+    inbox = _inbox()
+    handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=inbox, partitions=1))
+    try:
+        with InferenceClient(client, inbox=inbox) as ic:
+            r = ic.submit(random_rows(1)[0], model="no-such-model").result(30)
+            assert r.error_type == "ModelNotFoundError" and "no-such-model" in r.error and mlp in r.error
+            r = ic.submit(random_rows(1)[0], deadline=-1.0).result(30)
+            assert r.error_type == "DeadlineExceededError"
+            assert ic.submit(random_rows(1)[0]).result(30).ok, "the pipeline goes on"
+    finally:
+        handle.stop()
+
+
+def test_fast_producer_is_pushed_back_and_memory_stays_bounded(client):
+    def slow(x):
+        time.sleep(0.002)
+        return x * 2
+
+    deploy(client, PythonModel("slow", slow))
+    inbox = _inbox()
+    cap = 300
+    client.sync(BrokerRPC(client.scheduler).create_topic, inbox, 1, cap)
+    handle = deploy_pipeline(client, Pipeline(model="slow", inbox=inbox, partitions=1, max_batch_size=20))
+    try:
+        with InferenceClient(client, inbox=inbox, max_pending=500) as ic:
+            n = 4000
+            lengths, pending = [], []
+            rows = np.arange(n, dtype=np.float32)[:, None]
+            for i in range(n):
+                ic.send(rows[i], key="one")
+                if i % 200 == 0:
+                    info = client.sync(BrokerRPC(client.scheduler).info, inbox)
+                    lengths.append(info["end"][0] - info["start"][0])
+                    pending.append(len(ic._outq))
+            results = _collect(ic, n)
+        assert len({r.id for r in results}) == n
+        assert max(lengths) <= cap, "the inbox never holds more than its bound"
+        assert max(pending) <= 500, "the client buffers at most max_pending requests"
+        assert max(lengths) >= cap // 2, "the producer really was faster than the model"
+        np.testing.assert_allclose(np.stack([r.value() for r in results]), rows * 2)
+    finally:
+        handle.stop()
+        undeploy(client, "slow")
