@@ -18,7 +18,6 @@ from daskinfer.models.base import TensorSpec
 from daskinfer.remote import v2
 from daskinfer.remote.base import ModelSignature, RemoteClient
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
-from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
 RETRYABLE_CODES = frozenset(
     {
@@ -28,6 +27,21 @@ RETRYABLE_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+
+
+SERVICE = "inference.GRPCInferenceService"
+RESPONSES = {
+    "ServerLive": pb.ServerLiveResponse,
+    "ServerReady": pb.ServerReadyResponse,
+    "ModelReady": pb.ModelReadyResponse,
+    "ServerMetadata": pb.ServerMetadataResponse,
+    "ModelMetadata": pb.ModelMetadataResponse,
+    "ModelInfer": pb.ModelInferResponse,
+}
+
+
+def _serialize(msg: Any) -> bytes:
+    return msg.SerializeToString()
 
 
 def split_target(url: str) -> tuple[str, bool]:
@@ -116,7 +130,7 @@ class KServeGrpcClient(RemoteClient):
         self.target, tls = split_target(url)
         self.tls = bool(options.get("tls")) or tls
         self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.GRPCInferenceServiceStub | None = None
+        self._methods: dict[str, Any] = {}
         headers = options.get("headers") or {}
         self._metadata = tuple((str(k).lower(), str(v)) for k, v in headers.items()) or None
 
@@ -137,10 +151,17 @@ class KServeGrpcClient(RemoteClient):
             self._channel = grpc.aio.secure_channel(self.target, creds, options=opts)
         else:
             self._channel = grpc.aio.insecure_channel(self.target, options=opts)
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        # responses come back as bytes and are parsed here, so that garbage is a clear error
+        # (grpc would log the parse failure and hand back None)
+        self._methods = {
+            name: self._channel.unary_unary(
+                f"/{SERVICE}/{name}", request_serializer=_serialize, response_deserializer=None
+            )
+            for name in RESPONSES
+        }
 
     async def aclose(self) -> None:
-        ch, self._channel, self._stub = self._channel, None, None
+        ch, self._channel, self._methods = self._channel, None, {}
         if ch is not None:
             await ch.close()
 
@@ -151,14 +172,20 @@ class KServeGrpcClient(RemoteClient):
         return self.error(call, f"{name}: {details}", retryable=code in RETRYABLE_CODES)
 
     async def _unary(self, call: str, request: Any, timeout: float) -> Any:
-        if self._stub is None:
+        if self._channel is None:
             await self.open()
-        assert self._stub is not None
-        method = getattr(self._stub, call)
         try:
-            return await method(request, timeout=timeout, metadata=self._metadata)
+            raw = await self._methods[call](request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as e:
             raise self._rpc_error(call, e) from None
+        try:
+            return RESPONSES[call].FromString(raw)
+        except Exception as e:  # DecodeError, or bytes of the wrong message type
+            raise self.error(
+                call,
+                f"malformed response: {len(raw)} bytes that are not a {RESPONSES[call].DESCRIPTOR.full_name} "
+                f"({type(e).__name__}: {e}); starts with {bytes(raw[:16])!r}",
+            ) from None
 
     async def ready(self, timeout: float) -> bool:
         resp = await self._unary("ModelReady", pb.ModelReadyRequest(name=self.model_name, version=self.model_version), timeout)
