@@ -26,8 +26,20 @@ Every exception carries the fields that locate the problem (``model``, ``request
 from __future__ import annotations
 
 
+def _rebuild(cls: type, args: tuple, state: dict) -> BaseException:
+    """Unpickle an error without calling its ``__init__`` (whose signature differs from ``args``)."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class DaskInferError(Exception):
     """Base class of all daskinfer errors."""
+
+    def __reduce__(self):
+        # errors travel from workers to clients by pickle; keep the type and the fields
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class ConfigError(DaskInferError, ValueError):

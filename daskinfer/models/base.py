@@ -95,7 +95,12 @@ def validate_block(block: Mapping[str, np.ndarray], specs: list[TensorSpec] | No
             )
     assert rows is not None
     if rows == 0:
-        raise InputValidationError(f"model {model!r} got an empty batch (0 rows)", model=model)
+        first = next(iter(block))
+        raise InputValidationError(
+            f"model {model!r} got an empty batch: input {first!r} has 0 rows; expected at least 1",
+            model=model,
+            input_name=first,
+        )
     if specs is None:
         return rows
     expected = {s.name: s for s in specs}

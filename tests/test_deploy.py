@@ -1,0 +1,173 @@
+"""Deploying models on a real Dask cluster: every worker serves them, workers that join
+later too, broken models fail at deploy, and a new version replaces the old one with no
+lost or mixed batches."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import daskinfer
+from daskinfer import OnnxModel, PythonModel
+from daskinfer.exceptions import ModelLoadError, ModelNotFoundError
+from daskinfer.testing import random_rows, run_onnx_directly
+
+
+def predict_on_worker(name, x):
+    from daskinfer.registry import registry_for
+
+    return registry_for().get(name).predict(x)
+
+
+def worker_models(dask_worker):
+    from daskinfer.registry import registry_for
+
+    return registry_for(dask_worker).names()
+
+
+def test_deployed_onnx_model_runs_in_a_dask_task(client, mlp_deployed, mlp_path):
+    assert daskinfer.deployed_models(client) == {"mlp": ["1"]}
+    assert client.run(worker_models) == {w: {"mlp": "1"} for w in client.scheduler_info()["workers"]}
+    xs = [random_rows(n, seed=n) for n in (1, 10, 500)]
+    workers = list(client.scheduler_info()["workers"])
+    for i, x in enumerate(xs):
+        out = client.submit(predict_on_worker, "mlp", x, workers=[workers[i % 2]], pure=False).result()
+        np.testing.assert_allclose(
+            out["probabilities"], run_onnx_directly(mlp_path, {"x": x})["probabilities"], rtol=1e-6, atol=1e-7
+        )
+
+
+def test_worker_that_joins_later_serves_the_model(client, cluster, mlp_deployed, mlp_path, poll):
+    before = set(client.scheduler_info()["workers"])
+    cluster.scale(3)
+    try:
+        client.wait_for_workers(3, timeout=60)
+        (new,) = set(client.scheduler_info(n_workers=-1)["workers"]) - before
+        x = random_rows(33, seed=5)
+        out = client.submit(predict_on_worker, "mlp", x, workers=[new], allow_other_workers=False, pure=False).result()
+        np.testing.assert_allclose(
+            out["probabilities"], run_onnx_directly(mlp_path, {"x": x})["probabilities"], rtol=1e-6, atol=1e-7
+        )
+        assert client.run(worker_models, workers=[new]) == {new: {"mlp": "1"}}
+    finally:
+        cluster.scale(2)
+        poll(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, timeout=60, what="scale down to 2 workers")
+
+
+def test_broken_model_fails_at_deploy_naming_the_file_and_leaves_nothing(client, tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"\x08\x07garbage, not a protobuf" * 20)
+    model = OnnxModel("broken", path)
+    with pytest.raises(ModelLoadError, match="cannot be loaded by onnxruntime") as info:
+        daskinfer.deploy(client, model)
+    assert str(path) in str(info.value)
+    assert "broken" not in daskinfer.deployed_models(client)
+    assert all("broken" not in names for names in client.run(worker_models).values())
+
+
+def test_broken_model_without_client_validation_fails_on_the_workers_and_leaves_nothing(client, tmp_path):
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(b"not onnx at all" * 20)
+    with pytest.raises(ModelLoadError, match="cannot be loaded by onnxruntime") as info:
+        daskinfer.deploy(client, OnnxModel("broken", path), validate=False)
+    assert str(path) in str(info.value)
+    assert info.value.path == str(path)
+    assert "broken" not in daskinfer.deployed_models(client)
+    assert all("broken" not in names for names in client.run(worker_models).values())
+    plugins = client.run(lambda dask_worker: [n for n in dask_worker.plugins if "broken" in n])
+    assert all(p == [] for p in plugins.values())
+
+
+class Constant:
+    """A model that answers every row with ``value``: which version ran is visible in the output."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def predict(self, x):
+        return np.full(len(x), self.value, dtype=np.float64)
+
+
+def run_batch(name, x):
+    from distributed import get_worker
+
+    from daskinfer.registry import registry_for
+
+    started = time.time()
+    out = registry_for().get(name).predict(x)["output"]
+    return get_worker().address, started, out
+
+
+def test_new_version_replaces_old_with_no_lost_or_mixed_batches(client, poll):
+    daskinfer.deploy(client, PythonModel("swap", Constant(1.0), version=1))
+    try:
+        results = []  # (submitted at, (worker, started at, outputs))
+        errors = []
+        submitted = 0
+        stop = threading.Event()
+
+        def producer():
+            nonlocal submitted
+            i = 0
+            try:
+                while not stop.is_set():
+                    xs = [np.ones((8 + (i + k) % 5, 3)) for k in range(4)]
+                    t = time.time()
+                    futures = client.map(run_batch, ["swap"] * len(xs), xs, pure=False)
+                    submitted += len(xs)
+                    for x, r in zip(xs, client.gather(futures)):
+                        results.append((t, len(x), r))
+                    i += len(xs)
+            except BaseException as e:  # noqa: BLE001 - reported by the test below
+                errors.append(e)
+
+        thread = threading.Thread(target=producer, daemon=True)
+        thread.start()
+        poll(lambda: len(results) >= 20 or errors, what="batches on version 1")
+        daskinfer.deploy(client, PythonModel("swap", Constant(2.0), version=2))
+        swapped_at = time.time()
+        poll(lambda: sum(t > swapped_at for t, _, _ in results) >= 20 or errors, what="batches after the swap")
+        stop.set()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        assert not errors, errors
+
+        assert len(results) == submitted  # no batch lost
+        for _, rows, (_, _, out) in results:
+            assert len(out) == rows
+            assert np.all(out == 1.0) or np.all(out == 2.0), out  # never mixed
+        values = [out[0] for _, _, (_, _, out) in results]
+        assert 1.0 in values and 2.0 in values
+        # after the swap completed, every new batch runs on version 2
+        assert all(out[0] == 2.0 for t, _, (_, _, out) in results if t > swapped_at)
+        # and no worker goes back to version 1 once it switched
+        by_worker = {}
+        for _, _, (worker, started, out) in results:
+            by_worker.setdefault(worker, []).append((started, out[0]))
+        for runs in by_worker.values():
+            versions = [v for _, v in sorted(runs)]
+            assert versions == sorted(versions)
+        assert daskinfer.deployed_models(client) == {"swap": ["2"]}
+        assert set(map(str, client.run(worker_models).values())) == {str({"swap": "2"})}
+    finally:
+        if "swap" in daskinfer.deployed_models(client):
+            daskinfer.undeploy(client, "swap")
+
+
+def test_undeploy_removes_the_model_everywhere(client, mlp_deployed):
+    daskinfer.deploy(client, PythonModel("temp", Constant(5.0)))
+    assert client.submit(predict_on_worker, "temp", np.ones((2, 1)), pure=False).result()["output"].tolist() == [5.0, 5.0]
+    assert daskinfer.undeploy(client, "temp") == ["1"]
+    assert "temp" not in daskinfer.deployed_models(client)
+    assert all(names == {"mlp": "1"} for names in client.run(worker_models).values())
+    with pytest.raises(ModelNotFoundError, match=r"model 'temp' is not deployed here; deployed models: \['mlp'\]") as info:
+        client.submit(predict_on_worker, "temp", np.ones((2, 1)), pure=False).result()
+    assert info.value.model == "temp" and info.value.available == ["mlp"]
+
+
+def test_undeploy_unknown_model_raises_key_error(client):
+    with pytest.raises(KeyError, match="model 'never-deployed' is not deployed"):
+        daskinfer.undeploy(client, "never-deployed")

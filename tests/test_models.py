@@ -1,0 +1,530 @@
+"""Models in this process (no cluster): ONNX and Python models give the right outputs,
+and every way to get them wrong gives an error that names the model, input or file."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import os
+import pickle
+import sys
+import textwrap
+import zipfile
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+
+from daskinfer import OnnxModel, PythonModel, TensorSpec
+from daskinfer.exceptions import (
+    ConfigError,
+    InputValidationError,
+    ModelError,
+    ModelLoadError,
+    ModelNotFoundError,
+    OutputCountError,
+    ResultError,
+)
+from daskinfer.registry import ModelRegistry, load_deployment
+from daskinfer.testing import random_rows, run_onnx_directly
+
+
+@pytest.fixture(scope="module")
+def mlp(mlp_path):
+    return OnnxModel("mlp", mlp_path).load()
+
+
+# -- ONNX --------------------------------------------------------------------------------------
+
+
+def test_onnx_from_path_equals_onnxruntime(mlp, mlp_path):
+    x = random_rows(64, seed=1)
+    out = mlp.predict(x)
+    want = run_onnx_directly(mlp_path, {"x": x})
+    assert set(out) == {"probabilities"}
+    np.testing.assert_allclose(out["probabilities"], want["probabilities"], rtol=1e-6, atol=1e-7)
+    # a dict keyed by input name works the same
+    np.testing.assert_allclose(mlp.predict({"x": x})["probabilities"], want["probabilities"], rtol=1e-6, atol=1e-7)
+
+
+def test_onnx_from_bytes_equals_onnxruntime(mlp_path):
+    with open(mlp_path, "rb") as f:
+        data = f.read()
+    model = OnnxModel("mlp-bytes", data)
+    assert model.path is None
+    x = random_rows(7, seed=2)
+    np.testing.assert_allclose(
+        model.load().predict(x)["probabilities"],
+        run_onnx_directly(data, {"x": x})["probabilities"],
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_onnx_one_row_and_large_batch(mlp, mlp_path):
+    for n in (1, 4096):
+        x = random_rows(n, seed=n)
+        np.testing.assert_allclose(
+            mlp.predict(x)["probabilities"], run_onnx_directly(mlp_path, {"x": x})["probabilities"], rtol=1e-6, atol=1e-7
+        )
+
+
+def test_onnx_tensor_specs_are_read_from_the_model(mlp):
+    assert mlp.inputs == [TensorSpec("x", np.dtype("float32"), (None, 16))]
+    assert mlp.outputs == [TensorSpec("probabilities", np.dtype("float32"), (None, 2))]
+    assert mlp.inputs[0].describe() == "x: float32[N, 16]"
+    assert mlp.input_names == ["x"] and mlp.output_names == ["probabilities"]
+
+
+@pytest.mark.parametrize(
+    "batch, input_name, match",
+    [
+        pytest.param(random_rows(4).astype(np.float64), "x", r"model 'mlp': input 'x' expects dtype float32, got float64", id="dtype"),
+        pytest.param(random_rows(4)[:, :15], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[4, 15\]", id="shape"),
+        pytest.param(random_rows(1)[0], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[16\]", id="no row dim"),
+        pytest.param({"y": random_rows(4)}, "x", r"model 'mlp': missing input 'x'; expected inputs \['x: float32\[N, 16\]'\], got \['y'\]", id="missing"),
+        pytest.param({"x": random_rows(4), "y": random_rows(4)}, "y", r"model 'mlp': unexpected input 'y'; expected inputs \['x'\]", id="extra"),
+        pytest.param(np.float32(1.0), "x", r"model 'mlp': input 'x' is a scalar; expected an array with a row dimension", id="scalar"),
+        pytest.param(np.zeros((0, 16), np.float32), "x", r"model 'mlp' got an empty batch: input 'x' has 0 rows", id="empty"),
+    ],
+)
+def test_onnx_bad_inputs_raise_input_validation_error(mlp, batch, input_name, match):
+    with pytest.raises(InputValidationError, match=match) as info:
+        mlp.predict(batch)
+    assert info.value.model == "mlp"
+    assert info.value.input_name == input_name
+
+
+def test_corrupt_onnx_file_raises_model_load_error_naming_the_file(tmp_path):
+    path = tmp_path / "corrupt.onnx"
+    path.write_bytes(b"this is not an onnx model" * 10)
+    model = OnnxModel("broken", path)
+    for call in (model.load, model.validate):
+        with pytest.raises(ModelLoadError, match="cannot be loaded by onnxruntime") as info:
+            call()
+        assert str(path) in str(info.value)
+        assert "'broken'" in str(info.value)
+        assert info.value.path == str(path) and info.value.model == "broken"
+
+
+def test_missing_onnx_file_raises_model_load_error_naming_the_path(tmp_path):
+    path = str(tmp_path / "nowhere" / "missing.onnx")
+    with pytest.raises(ModelLoadError, match="cannot read ONNX model file") as info:
+        OnnxModel("missing", path)
+    assert path in str(info.value) and "'missing'" in str(info.value)
+    assert info.value.path == path
+
+
+def test_unknown_execution_provider_raises_config_error(mlp_path):
+    with pytest.raises(ConfigError, match=r"model 'mlp': execution providers \['NoSuchExecutionProvider'\] are not available"):
+        OnnxModel("mlp", mlp_path, providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_bad_graph_optimization_level_raises_config_error(mlp_path):
+    with pytest.raises(ConfigError, match=r"model 'mlp': graph_optimization_level must be one of .* got 'turbo'"):
+        OnnxModel("mlp", mlp_path, graph_optimization_level="turbo")
+
+
+@pytest.mark.parametrize("name", ["", "a:b", None])
+def test_bad_model_name_raises_config_error(mlp_path, name):
+    with pytest.raises(ConfigError, match="model name must be a non-empty string"):
+        OnnxModel(name, mlp_path)
+
+
+# -- Python models -----------------------------------------------------------------------------
+
+
+def test_python_callable():
+    model = PythonModel("double", lambda x: x * 2).load()
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    out = model.predict(x)
+    assert set(out) == {"output"}
+    np.testing.assert_array_equal(out["output"], x * 2)
+
+
+def test_python_declared_inputs_are_checked():
+    model = PythonModel("sum", lambda x: x.sum(axis=1), inputs={"x": ("float32", (None, 3))}).load()
+    np.testing.assert_array_equal(model.predict(np.ones((2, 3), np.float32))["output"], [3.0, 3.0])
+    with pytest.raises(InputValidationError, match=r"model 'sum': input 'x' expects dtype float32, got int64"):
+        model.predict(np.ones((2, 3), np.int64))
+    with pytest.raises(InputValidationError, match=r"model 'sum': input 'x' expects shape \[N, 3\], got \[2, 4\]"):
+        model.predict(np.ones((2, 4), np.float32))
+
+
+def test_python_inputs_with_different_row_counts_are_rejected():
+    model = PythonModel("two", lambda b: b["a"] + b["b"], batch_format="dict").load()
+    with pytest.raises(InputValidationError, match=r"model 'two': inputs have different numbers of rows") as info:
+        model.predict({"a": np.ones(3), "b": np.ones(4)})
+    assert info.value.input_name == "b"
+
+
+def test_multi_input_model_needs_a_dict():
+    model = PythonModel("two", lambda b: b["a"], inputs=["a", "b"], batch_format="dict").load()
+    with pytest.raises(InputValidationError, match=r"model 'two' has 2 inputs \['a', 'b'\]; pass a dict"):
+        model.predict(np.ones(3))
+
+
+class CountingModel:
+    """A class with load()/predict(): load must run once per instance, before predict."""
+
+    created: list[CountingModel] = []
+
+    def __init__(self):
+        self.loads = 0
+        self.weights = None
+        CountingModel.created.append(self)
+
+    def load(self):
+        self.loads += 1
+        self.weights = np.array([1.0, 2.0, 3.0])
+
+    def predict(self, x):
+        return x @ self.weights
+
+
+def test_python_class_with_load_and_predict_loads_once_per_instance():
+    CountingModel.created.clear()
+    model = PythonModel("counting", CountingModel, instances=2)
+    dep = load_deployment(model)
+    try:
+        assert len(CountingModel.created) == 2
+        x = np.arange(9, dtype=np.float64).reshape(3, 3)
+        for _ in range(5):
+            np.testing.assert_allclose(dep.predict(x)["output"], x @ [1.0, 2.0, 3.0])
+        assert [m.loads for m in CountingModel.created] == [1, 1]
+        assert {id(i.fn.__self__) for i in dep.instances} == {id(m) for m in CountingModel.created}
+    finally:
+        dep.retire()
+
+
+class Scaler:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def predict(self, x):
+        return x * self.factor
+
+
+def test_python_instance_with_predict():
+    model = PythonModel("scaler", Scaler(3.0)).load()
+    np.testing.assert_allclose(model.predict(np.ones((2, 2)))["output"], np.full((2, 2), 3.0))
+
+
+def test_python_scikit_learn_estimator_instance():
+    sklearn_linear = pytest.importorskip("sklearn.linear_model", reason="scikit-learn is not installed")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 4))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    clf = sklearn_linear.LogisticRegression().fit(X, y)
+    model = PythonModel("logreg", clf).load()
+    np.testing.assert_array_equal(model.predict(X)["output"], clf.predict(X))
+
+
+def test_python_batch_format_list_gets_one_item_per_row():
+    seen = []
+
+    def handle(rows):
+        seen.append(rows)
+        return [float(r.sum()) for r in rows]
+
+    model = PythonModel("listy", handle, batch_format="list").load()
+    x = np.arange(6, dtype=np.float64).reshape(3, 2)
+    np.testing.assert_array_equal(model.predict(x)["output"], [1.0, 5.0, 9.0])
+    assert isinstance(seen[0], list) and len(seen[0]) == 3
+
+
+def test_python_batch_format_list_with_dict_rows_and_dict_results():
+    def handle(rows):
+        return [{"total": r["a"] + r["b"], "diff": r["a"] - r["b"]} for r in rows]
+
+    model = PythonModel("listdict", handle, batch_format="list").load()
+    out = model.predict({"a": np.array([5, 7]), "b": np.array([1, 2])})
+    np.testing.assert_array_equal(out["total"], [6, 9])
+    np.testing.assert_array_equal(out["diff"], [4, 5])
+
+
+def test_python_batch_format_pandas():
+    def handle(frame):
+        assert isinstance(frame, pd.DataFrame)
+        return frame.sum(axis=1)
+
+    model = PythonModel("frame", handle, batch_format="pandas").load()
+    x = np.arange(8, dtype=np.float64).reshape(4, 2)
+    np.testing.assert_allclose(model.predict(x)["output"], x.sum(axis=1))
+    # several inputs become columns
+    out = model.predict({"a": np.array([1.0, 2.0]), "b": np.array([10.0, 20.0])})
+    np.testing.assert_allclose(out["output"], [11.0, 22.0])
+
+
+def test_python_batch_format_dict_and_named_outputs():
+    def handle(block):
+        assert isinstance(block, dict) and set(block) == {"x"}
+        return block["x"].min(axis=1), block["x"].max(axis=1)
+
+    model = PythonModel("minmax", handle, batch_format="dict", outputs=["lo", "hi"]).load()
+    x = np.array([[3, 1, 2], [9, 8, 7]])
+    out = model.predict({"x": x})
+    np.testing.assert_array_equal(out["lo"], [1, 7])
+    np.testing.assert_array_equal(out["hi"], [3, 9])
+
+
+def test_wrong_output_count_raises_output_count_error_naming_both_numbers():
+    model = PythonModel("short", lambda x: x[:-1]).load()
+    with pytest.raises(OutputCountError, match=r"model 'short' returned 3 results for a batch of 4 rows") as info:
+        model.predict(np.ones((4, 2)))
+    assert (info.value.model, info.value.n_in, info.value.n_out) == ("short", 4, 3)
+
+
+def test_object_output_raises_model_error():
+    model = PythonModel("objects", lambda x: np.array([object()] * len(x))).load()
+    with pytest.raises(ModelError, match=r"model 'objects': output 'output' has dtype object"):
+        model.predict(np.ones((2, 2)))
+
+
+def test_bad_python_model_arguments_raise_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model 'x': give exactly one of predict= or directory="):
+        PythonModel("x")
+    with pytest.raises(ConfigError, match="model 'x': give exactly one of predict= or directory="):
+        PythonModel("x", lambda b: b, directory=tmp_path, module="h")
+    with pytest.raises(ConfigError, match=r"model 'x': batch_format must be one of .* got 'arrow'"):
+        PythonModel("x", lambda b: b, batch_format="arrow")
+    with pytest.raises(ConfigError, match="model 'x': predict= must be callable or have a predict"):
+        PythonModel("x", 42)
+    with pytest.raises(ConfigError, match="model 'x': directory= needs module="):
+        PythonModel("x", directory=tmp_path)
+
+
+def test_class_whose_load_fails_raises_model_load_error():
+    class Broken:
+        def load(self):
+            raise RuntimeError("weights.bin is missing")
+
+        def predict(self, x):
+            return x
+
+    with pytest.raises(ModelLoadError, match=r"model 'broken': load\(\) failed: RuntimeError: weights.bin is missing"):
+        PythonModel("broken", Broken).load()
+
+
+# -- handler directories -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_imports(monkeypatch):
+    """Undo what loading a directory model does to ``sys.path`` and ``sys.modules``."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith(("_daskinfer_handler_", "daskinfer_tinydep", "helpers")):
+            del sys.modules[name]
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+
+
+def test_handler_module_in_a_directory(tmp_path, clean_imports):
+    code = tmp_path / "code"
+    _write(code / "helpers.py", "OFFSET = 100\n")
+    _write(
+        code / "handler.py",
+        """
+        import numpy as np
+        from helpers import OFFSET
+
+        def predict(x):
+            return x.sum(axis=1) + OFFSET
+        """,
+    )
+    model = PythonModel("handled", directory=code, module="handler", function="predict")
+    x = np.arange(6, dtype=np.float64).reshape(2, 3)
+    np.testing.assert_allclose(model.load(base_dir=str(tmp_path / "work")).predict(x)["output"], [103.0, 112.0])
+
+
+def test_handler_class_in_a_package_module(tmp_path, clean_imports):
+    code = tmp_path / "code"
+    _write(code / "pkg" / "__init__.py", "")
+    _write(
+        code / "pkg" / "serve.py",
+        """
+        class Model:
+            def load(self):
+                self.scale = 10
+
+            def predict(self, x):
+                return x * self.scale
+        """,
+    )
+    model = PythonModel("pkgmodel", directory=code, module="pkg.serve", function="Model")
+    np.testing.assert_allclose(model.load(base_dir=str(tmp_path / "work")).predict(np.ones(3))["output"], [10.0] * 3)
+
+
+def test_handler_directory_missing_raises_model_load_error(tmp_path):
+    path = str(tmp_path / "no-such-dir")
+    with pytest.raises(ModelLoadError, match="code directory .* does not exist") as info:
+        PythonModel("h", directory=path, module="handler")
+    assert path in str(info.value) and info.value.path == path
+
+
+def test_handler_module_missing_raises_model_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match=r"model 'h': handler module 'handler' not found in") as info:
+        PythonModel("h", directory=tmp_path, module="handler")
+    assert str(tmp_path) in str(info.value) and info.value.path == str(tmp_path)
+
+
+def test_handler_function_missing_raises_model_load_error(tmp_path, clean_imports):
+    code = tmp_path / "code"
+    _write(code / "handler.py", "def other(x):\n    return x\n")
+    model = PythonModel("h", directory=code, module="handler", function="predict")
+    with pytest.raises(ModelLoadError, match=r"model 'h': handler module .* has no 'predict'") as info:
+        model.load(base_dir=str(tmp_path / "work"))
+    assert info.value.path.endswith(os.path.join("code", "handler.py"))
+    assert info.value.path in str(info.value)
+
+
+def test_handler_import_error_raises_model_load_error(tmp_path, clean_imports):
+    code = tmp_path / "code"
+    _write(code / "handler.py", "import daskinfer_module_that_does_not_exist\n\ndef predict(x):\n    return x\n")
+    model = PythonModel("h", directory=code, module="handler")
+    with pytest.raises(ModelLoadError, match=r"importing handler .* failed: ModuleNotFoundError") as info:
+        model.load(base_dir=str(tmp_path / "work"))
+    assert info.value.path.endswith("handler.py") and info.value.path in str(info.value)
+
+
+# -- requirements ------------------------------------------------------------------------------
+
+
+def _record_line(name: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}"
+
+
+def build_tiny_wheel(folder) -> str:
+    """A pure-Python wheel of ``daskinfer_tinydep`` 0.1, made by hand."""
+    files = {
+        "daskinfer_tinydep/__init__.py": b"def triple(x):\n    return x * 3\n",
+        "daskinfer_tinydep-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: daskinfer_tinydep\nVersion: 0.1\n",
+        "daskinfer_tinydep-0.1.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: daskinfer-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = "\n".join([_record_line(n, d) for n, d in files.items()] + ["daskinfer_tinydep-0.1.dist-info/RECORD,,"]) + "\n"
+    files["daskinfer_tinydep-0.1.dist-info/RECORD"] = record.encode()
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "daskinfer_tinydep-0.1-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_requirements_from_a_local_wheel_folder(tmp_path, clean_imports):
+    assert importlib.util.find_spec("daskinfer_tinydep") is None  # only the model's own dir will have it
+    wheels = tmp_path / "wheels"
+    build_tiny_wheel(wheels)
+    code = tmp_path / "code"
+    _write(
+        code / "handler.py",
+        """
+        import daskinfer_tinydep
+
+        def predict(x):
+            return daskinfer_tinydep.triple(x)
+        """,
+    )
+    model = PythonModel("needsdep", directory=code, module="handler", requirements=["daskinfer_tinydep"], wheels=wheels)
+    work = tmp_path / "work"
+    loaded = model.load(base_dir=str(work))
+    np.testing.assert_allclose(loaded.predict(np.arange(4.0))["output"], [0.0, 3.0, 6.0, 9.0])
+    # installed into the model's own directory, not into the environment
+    installed = list(work.glob("*/site/daskinfer_tinydep/__init__.py"))
+    assert len(installed) == 1
+    assert sys.modules["daskinfer_tinydep"].__file__ == str(installed[0])
+
+
+def test_missing_requirement_raises_model_load_error_mentioning_pip(tmp_path, clean_imports):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    model = PythonModel(
+        "needsmissing",
+        lambda x: x,
+        requirements=["daskinfer-no-such-distribution-xyz"],
+        wheels=wheels,
+    )
+    with pytest.raises(ModelLoadError, match=r"model 'needsmissing': pip could not install requirements") as info:
+        model.load(base_dir=str(tmp_path / "work"))
+    assert "daskinfer-no-such-distribution-xyz" in str(info.value)
+
+
+def test_missing_wheel_folder_raises_model_load_error(tmp_path):
+    path = str(tmp_path / "no-wheels")
+    with pytest.raises(ModelLoadError, match="wheel folder .* does not exist") as info:
+        PythonModel("x", lambda b: b, requirements=["anything"], wheels=path)
+    assert info.value.path == path
+
+
+# -- registry in this process ------------------------------------------------------------------
+
+
+def test_failed_warmup_raises_model_load_error():
+    def predict(x):
+        if not x.any():
+            raise ZeroDivisionError("all-zero batch")
+        return x
+
+    model = PythonModel("fragile", predict, inputs={"x": ("float32", (None, 2))}, warmup=True)
+    with pytest.raises(ModelLoadError, match=r"model 'fragile' version '1' failed its warm-up batch: ZeroDivisionError"):
+        load_deployment(model)
+
+
+def test_registry_get_unknown_model_lists_deployed_models(mlp_path):
+    reg = ModelRegistry()
+    reg.install_sync(OnnxModel("mlp", mlp_path))
+    try:
+        with pytest.raises(ModelNotFoundError, match=r"model 'nope' is not deployed here; deployed models: \['mlp'\]"):
+            reg.get("nope")
+    finally:
+        reg.close()
+    with pytest.raises(ModelNotFoundError, match="deployed models: none"):
+        reg.get("mlp")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ModelNotFoundError("mlp", ["other"]),
+        OutputCountError("mlp", 4, 3, output="probabilities"),
+        InputValidationError("bad input", model="mlp", input_name="x", request_id="r1"),
+        ModelLoadError("cannot load", model="mlp", path="/models/mlp.onnx"),
+        ModelError("failed", model="mlp", version="2"),
+        ResultError("request r1 failed", error_type="ModelError", request_id="r1"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_errors_survive_pickling(exc):
+    # errors raised on workers reach the client by pickle: type, message and fields must survive
+    out = pickle.loads(pickle.dumps(exc))
+    assert type(out) is type(exc)
+    assert str(out) == str(exc)
+    assert vars(out) == vars(exc)
+
+
+# -- config at call time -----------------------------------------------------------------------
+
+
+def test_onnx_threads_and_providers_follow_dask_config(mlp_path):
+    with dask.config.set({"daskinfer.onnx.intra-op-num-threads": 2, "daskinfer.onnx.inter-op-num-threads": 3}):
+        model = OnnxModel("mlp", mlp_path)
+    assert (model.intra_op_num_threads, model.inter_op_num_threads) == (2, 3)
+    so = model.session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 3)
+    # an explicit argument wins over the config; the default applies again outside the block
+    assert OnnxModel("mlp", mlp_path, intra_op_num_threads=4).intra_op_num_threads == 4
+    assert OnnxModel("mlp", mlp_path).intra_op_num_threads == 1
+    with dask.config.set({"daskinfer.onnx.providers": ["NoSuchExecutionProvider"]}):
+        with pytest.raises(ConfigError, match="NoSuchExecutionProvider"):
+            OnnxModel("mlp", mlp_path)

@@ -1,0 +1,205 @@
+"""streamz operators: ``smart_batch`` and ``infer`` on local and Dask streams give the same
+outputs as the model run directly; batches keep item order and respect their size limit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from streamz import Stream
+
+import daskinfer  # noqa: F401  (registers the operators)
+from daskinfer import OnnxModel, PythonModel
+from daskinfer.exceptions import InputValidationError
+from daskinfer.registry import local_registry
+from daskinfer.testing import random_rows, run_onnx_directly
+
+
+def _direct(mlp_path, x):
+    return run_onnx_directly(mlp_path, {"x": x})["probabilities"]
+
+
+@pytest.fixture
+def local_model(mlp_path):
+    """An OnnxModel that ``infer`` loads into this process; removed again afterwards."""
+    model = OnnxModel("mlp-local", mlp_path)
+    yield model
+    local_registry().retire(model.name, model.version)
+
+
+def test_local_smart_batch_infer_flatten_equals_direct_inference(local_model, mlp_path):
+    out = []
+    source = Stream()
+    source.smart_batch(max_batch_size=64).infer(local_model).flatten().sink(out.append)
+    blocks = [random_rows(n, seed=i) for i, n in enumerate([1, 5, 64, 100, 3])]
+    for b in blocks:
+        source.emit(b)
+    assert len(out) == len(blocks)
+    for b, o in zip(blocks, out):
+        assert set(o) == {"probabilities"}
+        np.testing.assert_allclose(o["probabilities"], _direct(mlp_path, b), rtol=1e-6, atol=1e-7)
+
+
+def test_local_infer_on_single_blocks_and_output_selection(local_model, mlp_path):
+    out = []
+    source = Stream()
+    source.infer(local_model, output="probabilities").sink(out.append)
+    x = random_rows(9, seed=3)
+    source.emit(x)
+    (got,) = out
+    assert isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, _direct(mlp_path, x), rtol=1e-6, atol=1e-7)
+
+
+def test_local_infer_by_name_of_a_model_loaded_here(local_model, mlp_path):
+    local_registry().install_sync(local_model)
+    out = []
+    source = Stream()
+    source.infer("mlp-local").sink(out.append)
+    x = random_rows(4, seed=4)
+    source.emit({"x": x})
+    np.testing.assert_allclose(out[0]["probabilities"], _direct(mlp_path, x), rtol=1e-6, atol=1e-7)
+
+
+def test_local_infer_bad_input_raises_input_validation_error(local_model):
+    source = Stream()
+    source.infer(local_model).sink(lambda x: None)
+    with pytest.raises(InputValidationError, match=r"model 'mlp-local': input 'x' expects dtype float32, got float64"):
+        source.emit(np.ones((2, 16)))
+
+
+def test_smart_batch_groups_what_queues_while_downstream_is_busy():
+    """An async downstream that holds each batch until released: a lone item goes at once;
+    items that arrive meanwhile form the next batches, in order, up to max_batch_size rows."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        batches, releases = [], []
+
+        def downstream(batch):
+            batches.append(batch)
+            fut = loop.create_future()
+            releases.append(fut)
+            return fut
+
+        async def wait_for_batches(n):
+            deadline = time.monotonic() + 10
+            while len(batches) < n:
+                assert time.monotonic() < deadline, f"only {len(batches)} of {n} batches came"
+                await asyncio.sleep(0.001)
+
+        source = Stream(asynchronous=True)
+        source.smart_batch(max_batch_size=10, max_inflight=1).sink(downstream)
+        sizes = [1, 3, 4, 5, 2, 12, 1, 6, 6]
+        items = [np.full((s, 2), i) for i, s in enumerate(sizes)]
+        for it in items:
+            source.emit(it)
+        # the first item went alone and at once; the rest wait for the one batch slot
+        assert [[len(i) for i in b] for b in batches] == [[1]]
+        k = 0
+        while sum(len(b) for b in batches) < len(items):
+            releases[k].set_result(None)
+            k += 1
+            await wait_for_batches(k + 1)
+        for fut in releases[k:]:
+            fut.set_result(None)
+        return batches, items
+
+    batches, items = asyncio.run(main())
+    assert [[len(i) for i in b] for b in batches] == [[1], [3, 4], [5, 2], [12], [1, 6], [6]]
+    flat = [it for b in batches for it in b]
+    assert [int(it[0, 0]) for it in flat] == list(range(len(items)))  # order kept
+    assert all(a is b for a, b in zip(flat, items))  # blocks pass through, not copies
+
+
+# -- Dask streams --------------------------------------------------------------------------------
+
+
+def test_dask_scatter_infer_gather_equals_direct_inference(client, mlp_deployed, mlp_path, poll):
+    out = []
+    source = Stream(asynchronous=False)  # built after the Client exists
+    source.scatter().infer("mlp").buffer(8).gather().sink(out.append)
+    blocks = [random_rows(n, seed=i) for i, n in enumerate([1, 7, 128, 2, 50] * 4)]
+    for b in blocks:
+        source.emit(b)
+    poll(lambda: len(out) == len(blocks), what="all blocks answered")
+    for b, o in zip(blocks, out):
+        np.testing.assert_allclose(o["probabilities"], _direct(mlp_path, b), rtol=1e-6, atol=1e-7)
+
+
+def test_dask_infer_output_emits_the_array(client, mlp_deployed, mlp_path, poll):
+    out = []
+    source = Stream(asynchronous=False)
+    source.scatter().infer(OnnxModel("mlp", mlp_path), output="probabilities").gather().sink(out.append)
+    x = random_rows(11, seed=8)
+    source.emit(x)
+    poll(lambda: len(out) == 1, what="the answer")
+    assert isinstance(out[0], np.ndarray) and out[0].shape == (11, 2)
+    np.testing.assert_allclose(out[0], _direct(mlp_path, x), rtol=1e-6, atol=1e-7)
+
+
+def test_dask_infer_of_a_model_not_deployed_names_it(client, mlp_deployed, poll):
+    from daskinfer.exceptions import ModelNotFoundError
+
+    futures = []
+    source = Stream(asynchronous=False)
+    source.scatter().infer("not-deployed").sink(futures.append)
+    source.emit(random_rows(2))
+    poll(lambda: len(futures) == 1, what="the task")
+    with pytest.raises(ModelNotFoundError, match=r"model 'not-deployed' is not deployed here; deployed models: \['mlp'\]"):
+        futures[0].result()
+
+
+def test_dask_smart_batch_keeps_order_and_size_limit_under_load(client, mlp_deployed, mlp_path):
+    """Many items emitted at once on the client's loop: batches form while scatters are in
+    flight, never exceed max_batch_size rows, keep item order, and outputs match."""
+    rng = np.random.default_rng(7)
+    blocks = [random_rows(int(n), seed=i) for i, n in enumerate(rng.integers(1, 20, 300))]
+    max_rows = 64
+
+    async def run():
+        batches, out = [], []
+        source = Stream(asynchronous=True, loop=client.loop)
+        batched = source.smart_batch(max_batch_size=max_rows, max_inflight=2)
+        batched.sink(batches.append)
+        batched.scatter().infer("mlp", output="probabilities").buffer(8).gather().flatten().sink(out.append)
+        for b in blocks:
+            source.emit(b)
+        deadline = time.monotonic() + 60
+        while len(out) < len(blocks):
+            assert time.monotonic() < deadline, f"{len(out)} of {len(blocks)} answers"
+            await asyncio.sleep(0.005)
+        return batches, out
+
+    batches, out = client.sync(run)
+    assert all(sum(len(i) for i in b) <= max_rows for b in batches)
+    flat = [it for b in batches for it in b]
+    assert len(flat) == len(blocks) and all(a is b for a, b in zip(flat, blocks))  # each item once, in order
+    assert max(len(b) for b in batches) > 1  # batching happened
+    # streamz's scatter() may finish two batches' uploads out of order, so answers are
+    # matched to blocks by value: every block gets exactly one right answer
+    assert len(out) == len(blocks)
+    unmatched = {i: _direct(mlp_path, b) for i, b in enumerate(blocks)}
+    for o in out:
+        match = next(
+            (i for i, want in unmatched.items() if want.shape == o.shape and np.allclose(o, want, rtol=1e-6, atol=1e-7)),
+            None,
+        )
+        assert match is not None, f"an answer of shape {o.shape} matches no block"
+        del unmatched[match]
+    assert not unmatched
+
+
+def test_dask_infer_python_model(client, poll):
+    daskinfer.deploy(client, PythonModel("neg", lambda x: -x))
+    try:
+        out = []
+        source = Stream(asynchronous=False)
+        source.scatter().infer("neg").gather().sink(out.append)
+        source.emit(np.arange(5.0))
+        poll(lambda: len(out) == 1, what="the answer")
+        np.testing.assert_array_equal(out[0]["output"], -np.arange(5.0))
+    finally:
+        daskinfer.undeploy(client, "neg")
