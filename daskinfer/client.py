@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daskinfer import config
-from daskinfer.connectors.embedded import BrokerRPC, _ensure_broker, partition_for
+from daskinfer.connectors.base import ClientTransport
+from daskinfer.connectors.embedded import EmbeddedTransport, partition_for
 from daskinfer.messages import Request, Result, decode_result, new_id
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class InferenceClient:
         Request ids remembered to drop duplicate answers; config ``daskinfer.client.dedupe-window``.
     max_pending : int
         Requests buffered before a sync ``submit`` waits (back-pressure).
+    transport : ClientTransport, optional
+        The broker to talk to (default: the embedded broker of ``client``'s scheduler);
+        e.g. :class:`daskinfer.connectors.redis.RedisTransport`.
 
     Notes
     -----
@@ -73,6 +77,7 @@ class InferenceClient:
         model: str | None = None,
         dedupe_window: int | None = None,
         max_pending: int = 200_000,
+        transport: ClientTransport | None = None,
     ):
         if client is None:
             from distributed import default_client
@@ -86,7 +91,7 @@ class InferenceClient:
         self.dedupe_window = int(config.get("client.dedupe-window", dedupe_window))
         self.max_pending = max_pending
         self._max_size = config.get_bytes("codec.max-message-size")
-        self.broker = BrokerRPC(client.scheduler)
+        self.transport: ClientTransport = transport or EmbeddedTransport(client, _READ_BATCH)
         self.duplicates = 0
         self.received = 0
         self._waiters: dict[str, Any] = {}
@@ -110,10 +115,7 @@ class InferenceClient:
     async def _start(self) -> InferenceClient:
         if self._started:
             return self
-        await _ensure_broker(self.client)
-        self._n_partitions = await self.broker.create_topic(self.inbox)
-        await self.broker.create_topic(self.reply_topic, partitions=1)
-        await self.broker.assign(self.reply_topic, 0, "client", 1)
+        self._n_partitions = await self.transport.start(self.inbox, self.reply_topic)
         self._aloop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._aunclaimed = asyncio.Queue()
@@ -136,7 +138,7 @@ class InferenceClient:
             t.cancel()
         if self._started:
             try:
-                await self.broker.delete_topic(self.reply_topic)
+                await self.transport.close()
             except Exception:  # pragma: no cover - scheduler gone
                 pass
         err = ConnectionError("InferenceClient closed")
@@ -218,7 +220,7 @@ class InferenceClient:
                     batch = [self._outq.popleft() for _ in range(n)]
                     self._room.notify_all()
                 try:
-                    await self.broker.put(self.inbox, batch)
+                    await self.transport.send(self.inbox, batch)
                 except Exception as e:
                     logger.error("sending %d requests to %r failed: %s", len(batch), self.inbox, e)
                     self._fail_batch(batch, e)
@@ -316,18 +318,16 @@ class InferenceClient:
             fut.set_result(value)
 
     async def _receive(self) -> None:
-        offset = 0
         while not self._closed:
             try:
-                reply = await self.broker.get(self.reply_topic, 0, offset, _READ_BATCH, timeout=0.25)
+                msgs = await self.transport.receive(timeout=0.25)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # scheduler gone or topic deleted
+            except Exception as e:  # scheduler or broker gone
                 if not self._closed:
                     logger.error("receiving results failed: %s", e)
                     self._error = e
                 return
-            msgs = reply["messages"]
             if not msgs:
                 continue
             now = time.time()
@@ -338,8 +338,7 @@ class InferenceClient:
                     logger.error("undecodable result on %r: %s", self.reply_topic, e)
                     continue
                 self._deliver(r, now)
-            offset = reply["offset"] + len(msgs)
-            await self.broker.commit(self.reply_topic, 0, "client", offset, epoch=1)
+            await self.transport.ack()
 
     def _deliver(self, r: Result, now: float) -> None:
         rid = r.id

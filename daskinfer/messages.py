@@ -201,6 +201,11 @@ def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
     if not isinstance(msg, Mapping) or not isinstance(msg.get("id"), str):
         raise CodecError("a result must be a map with a string 'id'")
     err = msg.get("err")
+    if err is not None and not (isinstance(err, (list, tuple)) and len(err) == 2 and all(isinstance(e, str) for e in err)):
+        raise CodecError(f"result {msg['id']}: 'err' must be [type, message], got {err!r}")
+    outputs = msg.get("out")
+    if outputs is not None and not (isinstance(outputs, Mapping) and all(isinstance(v, np.ndarray) for v in outputs.values())):
+        raise CodecError(f"result {msg['id']}: 'out' must be a map of arrays")
     return Result(
         id=msg["id"],
         outputs=msg.get("out"),

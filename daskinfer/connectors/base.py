@@ -48,3 +48,28 @@ class Connector:
 
     def describe(self) -> dict[str, Any]:
         return {}
+
+
+class ClientTransport:
+    """What :class:`~daskinfer.InferenceClient` needs from a broker.
+
+    Implementations: :class:`daskinfer.connectors.embedded.EmbeddedTransport`.
+    """
+
+    async def start(self, inbox: str, reply_topic: str) -> int:
+        """Connect, make sure ``inbox`` exists, open ``reply_topic``; return the inbox's partitions."""
+        raise NotImplementedError
+
+    async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
+        """Append ``(partition, data)`` requests to the inbox (waits while it is full)."""
+        raise NotImplementedError
+
+    async def receive(self, timeout: float) -> list[bytes]:
+        """Next results on the reply topic, waiting up to ``timeout`` s for the first."""
+        raise NotImplementedError
+
+    async def ack(self) -> None:
+        """Everything :meth:`receive` returned so far is delivered."""
+
+    async def close(self) -> None:
+        """Delete the reply topic and release connections."""

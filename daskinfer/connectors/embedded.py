@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from daskinfer import config
-from daskinfer.connectors.base import Connector, Envelope, PartitionRevoked
+from daskinfer.connectors.base import ClientTransport, Connector, Envelope, PartitionRevoked
 from daskinfer.connectors.log import PartitionLog
 from daskinfer.exceptions import ConfigError, TopicFullError, TopicNotFoundError
 
@@ -324,3 +324,39 @@ class EmbeddedConnector(Connector):
 
     def describe(self) -> dict[str, Any]:
         return {"position": self.position, "committed": self._committed}
+
+
+class EmbeddedTransport(ClientTransport):
+    """The client side of the embedded broker: put into the inbox, read a reply topic."""
+
+    def __init__(self, client: Client, read_batch: int = 8192):
+        self.client = client
+        self.broker = BrokerRPC(client.scheduler)
+        self.read_batch = read_batch
+        self.reply_topic: str | None = None
+        self._offset = 0
+
+    async def start(self, inbox: str, reply_topic: str) -> int:
+        await _ensure_broker(self.client)
+        n = await self.broker.create_topic(inbox)
+        await self.broker.create_topic(reply_topic, partitions=1)
+        await self.broker.assign(reply_topic, 0, "client", 1)
+        self.reply_topic = reply_topic
+        return n
+
+    async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
+        await self.broker.put(inbox, items)
+
+    async def receive(self, timeout: float) -> list[bytes]:
+        assert self.reply_topic is not None
+        reply = await self.broker.get(self.reply_topic, 0, self._offset, self.read_batch, timeout=timeout)
+        msgs = reply["messages"]
+        self._offset = reply["offset"] + len(msgs)
+        return msgs
+
+    async def ack(self) -> None:
+        await self.broker.commit(self.reply_topic, 0, "client", self._offset, epoch=1)
+
+    async def close(self) -> None:
+        if self.reply_topic is not None:
+            await self.broker.delete_topic(self.reply_topic)
