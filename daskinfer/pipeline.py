@@ -48,6 +48,11 @@ class Pipeline:
         Model outputs to return (default: all).
     dead_letter : str, optional
         Topic that keeps failed requests' raw bytes; config ``daskinfer.pipeline.dead-letter``.
+    read_batch : int, optional
+        Most messages one read takes from the inbox; config ``daskinfer.broker.get-batch``.
+    max_request_size : int or str, optional
+        Largest request accepted (e.g. ``"1MiB"``); larger ones get an error result.
+        Config ``daskinfer.codec.max-message-size``.
     connector : {"embedded", "redis"}
         Where the inbox and outbox live.
     connector_options : dict
@@ -65,6 +70,7 @@ class Pipeline:
     outputs: list[str] | None = None
     dead_letter: str | None = None
     read_batch: int | None = None
+    max_request_size: int | str | None = None
     connector: str = "embedded"
     connector_options: dict[str, Any] = field(default_factory=dict)
 

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from daskinfer.testing import bundled_model_path, random_rows, run_onnx_directly
 
     t_start = time.perf_counter()
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         print(f"cluster: {len(client.scheduler_info()['workers'])} workers at {cluster.scheduler_address}")
         deploy(client, OnnxModel("mlp", bundled_model_path()))
         handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="requests", partitions=args.workers))

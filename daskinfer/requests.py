@@ -17,7 +17,7 @@ import numpy as np
 
 from daskinfer import config
 from daskinfer.connectors.base import Envelope
-from daskinfer.exceptions import DeadlineExceededError, RequestError
+from daskinfer.exceptions import DeadlineExceededError, InputValidationError, RequestError
 from daskinfer.messages import Request, Result, decode_request, error_result, peek_request_fields
 from daskinfer.registry import ModelRegistry
 
@@ -66,6 +66,22 @@ def _signature(req: Request) -> tuple:
     )
 
 
+def _shape_problem(req: Request) -> str | None:
+    """What makes a request's arrays unusable as rows, if anything."""
+    if not req.inputs:
+        return "empty request (no inputs)"
+    if not req.batched:
+        return None
+    counts = {k: (len(v) if v.ndim else None) for k, v in req.inputs.items()}
+    if None in counts.values():
+        return f"a batched request needs arrays with a row dimension, got shapes { {k: v.shape for k, v in req.inputs.items()} }"
+    if len(set(counts.values())) > 1:
+        return f"inputs have different numbers of rows {counts}"
+    if not next(iter(counts.values())):
+        return "empty batch (0 rows)"
+    return None
+
+
 def _block(group: list[Pending]) -> dict[str, np.ndarray]:
     reqs = [p.req for p in group]
     names = list(reqs[0].inputs)
@@ -104,6 +120,10 @@ class BatchRunner:
             if req.deadline is not None and now > req.deadline:
                 _fail(p, DeadlineExceededError(f"request {req.id}: deadline passed {now - req.deadline:.3f}s before it ran", request_id=req.id))
                 continue
+            problem = _shape_problem(req)
+            if problem:
+                _fail(p, InputValidationError(f"request {req.id}: {problem}", request_id=req.id))
+                continue
             model = req.model or self.default_model
             groups.setdefault((model, _signature(req)), []).append(p)
         return groups
@@ -127,9 +147,10 @@ class BatchRunner:
         try:
             out = await dep.apredict(_block(group))
         except Exception as e:
-            if len(group) > 1:  # isolate the request(s) at fault
-                for p in group:
-                    await self._run_group(model, [p])
+            if len(group) > 1:  # isolate the request(s) at fault: bisect, O(k log n) calls for k bad ones
+                half = len(group) // 2
+                await self._run_group(model, group[:half])
+                await self._run_group(model, group[half:])
                 return
             _fail(group[0], e, model=dep.name, version=dep.version)
             return

@@ -75,7 +75,9 @@ class PartitionRunner:
         self.connector = make_connector(self.spec, self.worker, self.partition, self.epoch)
         await self.connector.start()
         spec = self.spec
-        self.source = Stream.from_inbox(self.connector, max_messages=spec.get("read_batch"))
+        self.source = Stream.from_inbox(
+            self.connector, max_messages=spec.get("read_batch"), max_request_size=spec.get("max_request_size")
+        )
         self.batcher = self.source.smart_batch(spec.get("max_batch_size"), spec.get("max_delay"), spec.get("max_inflight"))
         self.sink = self.batcher.infer(model, output=spec.get("outputs"), registry=registry_for(self.worker)).to_outbox(
             self.connector, spec["outbox"], spec.get("dead_letter")

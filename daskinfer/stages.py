@@ -32,11 +32,15 @@ class from_inbox(Stream):
     """Source: read the inbox partition of ``connector`` and emit decoded requests.
 
     It waits on its downstream (back-pressure): no more is read while
-    ``smart_batch`` holds a full queue.
+    ``smart_batch`` holds a full queue.  A message over ``max_request_size`` bytes
+    (config ``daskinfer.codec.max-message-size``) or one that does not decode becomes
+    an error result for that request alone.
     """
 
-    def __init__(self, connector: Connector, max_messages: int | None = None, poll_timeout: float = 0.5, **kwargs):
+    def __init__(self, connector: Connector, max_messages: int | None = None, poll_timeout: float = 0.5,
+                 max_request_size: int | str | None = None, **kwargs):
         self.connector = connector
+        self.max_request_size = config.get_bytes("codec.max-message-size", max_request_size)
         self.max_messages = int(config.get("broker.get-batch", max_messages))
         self.poll_timeout = poll_timeout
         self.stopped = True
@@ -58,7 +62,7 @@ class from_inbox(Stream):
                 if not envs:
                     continue
                 self.read_count += len(envs)
-                pending = self._emit(Items(decode_envelopes(envs)))
+                pending = self._emit(Items(decode_envelopes(envs, self.max_request_size)))
                 if pending:
                     await asyncio.gather(*pending)
         except PartitionRevoked as e:

@@ -161,6 +161,19 @@ def as_output_block(result: Any, output_names: list[str], rows: int, model: str)
     return out
 
 
+def check_finite(block: Mapping[str, np.ndarray], model: str) -> None:
+    """Raise :class:`InputValidationError` if a float input holds NaN or infinity."""
+    for name, arr in block.items():
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).reshape(len(arr), -1).any(axis=1).sum())
+            raise InputValidationError(
+                f"model {model!r}: input {name!r} holds NaN or infinite values in {bad} row(s); "
+                "this model does not accept them (allow_nan=False)",
+                model=model,
+                input_name=name,
+            )
+
+
 class LoadedModel:
     """A model ready to run in this process: what a :class:`Model` builds in ``setup``.
 
@@ -169,6 +182,7 @@ class LoadedModel:
     """
 
     is_async: ClassVar[bool] = False
+    allow_nan: bool = True  # set from the Model when it is loaded
 
     def __init__(
         self,
@@ -193,7 +207,10 @@ class LoadedModel:
     def prepare(self, batch: Any) -> tuple[dict[str, np.ndarray], int]:
         """Normalise and validate a batch; return the block and its row count."""
         block = as_block(batch, self.input_names, self.name)
-        return block, validate_block(block, self.inputs, self.name)
+        rows = validate_block(block, self.inputs, self.name)
+        if not self.allow_nan:
+            check_finite(block, self.name)
+        return block, rows
 
     def predict(self, batch: Any) -> dict[str, np.ndarray]:
         """Run one batch (array or dict of arrays); return a dict of output arrays."""
@@ -245,6 +262,9 @@ class Model(WorkerPlugin):
     warmup : bool, optional
         Run a small batch through a new instance before it takes traffic.
         Config ``daskinfer.models.warmup``.
+    allow_nan : bool, optional
+        False rejects float inputs holding NaN or infinity (an error result for those
+        requests). Config ``daskinfer.models.allow-nan``.
     """
 
     kind: ClassVar[str] = "model"
@@ -256,6 +276,7 @@ class Model(WorkerPlugin):
         version: str | int = "1",
         instances: int | None = None,
         warmup: bool | None = None,
+        allow_nan: bool | None = None,
     ):
         if not isinstance(name, str) or not name or ":" in name:
             raise ConfigError(f"model name must be a non-empty string without ':', got {name!r}")
@@ -265,6 +286,7 @@ class Model(WorkerPlugin):
         if self.instances < 1:
             raise ConfigError(f"model {name!r}: instances must be >= 1, got {self.instances}")
         self.warmup = bool(config.get("models.warmup", warmup))
+        self.allow_nan = bool(config.get("models.allow-nan", allow_nan))
         self.deploy_seq = 0  # set by deploy(); newer deployments win on every worker
 
     @property

@@ -76,7 +76,7 @@ class OnnxModel(Model):
         Model name.
     model : str, os.PathLike or bytes
         Path to an ``.onnx`` file, or its bytes.
-    version, instances, warmup
+    version, instances, warmup, allow_nan
         See :class:`~daskinfer.models.base.Model`.
     intra_op_num_threads, inter_op_num_threads : int, optional
         onnxruntime threads; config ``daskinfer.onnx.*`` (1 suits one-thread Dask workers).
@@ -101,12 +101,13 @@ class OnnxModel(Model):
         version: str | int = "1",
         instances: int | None = None,
         warmup: bool | None = None,
+        allow_nan: bool | None = None,
         intra_op_num_threads: int | None = None,
         inter_op_num_threads: int | None = None,
         providers: list[str] | None = None,
         graph_optimization_level: str | None = None,
     ):
-        super().__init__(name, version=version, instances=instances, warmup=warmup)
+        super().__init__(name, version=version, instances=instances, warmup=warmup, allow_nan=allow_nan)
         if isinstance(model, (bytes, bytearray, memoryview)):
             self.path = None
             self.model_bytes = bytes(model)

@@ -137,7 +137,7 @@ class PythonModel(Model):
     batch_format : {"numpy", "dict", "pandas", "list"}
         What the model receives: an array (single input) or dict, always a dict,
         a ``pandas.DataFrame``, or a list of rows (Jet's ``handle(list) -> list``).
-    version, instances, warmup
+    version, instances, warmup, allow_nan
         See :class:`~daskinfer.models.base.Model`.
 
     Examples
@@ -166,8 +166,9 @@ class PythonModel(Model):
         version: str | int = "1",
         instances: int | None = None,
         warmup: bool | None = None,
+        allow_nan: bool | None = None,
     ):
-        super().__init__(name, version=version, instances=instances, warmup=warmup)
+        super().__init__(name, version=version, instances=instances, warmup=warmup, allow_nan=allow_nan)
         if (predict is None) == (directory is None):
             raise ConfigError(f"model {name!r}: give exactly one of predict= or directory=")
         if batch_format not in BATCH_FORMATS:

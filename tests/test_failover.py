@@ -1,0 +1,92 @@
+"""Nothing lost when workers die, join or leave (embedded broker).
+
+These tests own their cluster, since they kill and add workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline
+from daskinfer.testing import random_rows, run_onnx_directly
+
+
+@pytest.fixture
+def own_cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2)
+            yield cluster, client
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_sigkill_a_worker_mid_stream_loses_and_duplicates_nothing(own_cluster, mlp_path):
+    cluster, client = own_cluster
+    deploy(client, OnnxModel("mlp", mlp_path))
+    handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="chaos", partitions=4, max_batch_size=256))
+    n = 50_000
+    rows = random_rows(n, seed=3)
+    expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
+    with InferenceClient(client, inbox="chaos") as ic:
+        ids = [ic.send(rows[i], key=f"k{i % 13}", request_id=f"r{i}") for i in range(n // 2)]
+        _wait(lambda: ic.received > n // 8, 60, "some answers before the kill")
+        pids = client.run(os.getpid)
+        victim, pid = sorted(pids.items())[0]
+        os.kill(pid, signal.SIGKILL)  # the nanny starts another worker
+        ids += [ic.send(rows[i], key=f"k{i % 13}", request_id=f"r{i}") for i in range(n // 2, n)]
+        results = {}
+        deadline = time.monotonic() + 120
+        for r in ic.results(timeout=30):
+            assert r.id not in results, "the client delivered an answer twice"
+            results[r.id] = r
+            if len(results) == n or time.monotonic() > deadline:
+                break
+        lost = set(ids) - set(results)
+        print(f"\nchaos (embedded): sent {n}, answered {len(results)}, lost {len(lost)}, "
+              f"duplicates dropped by the client {ic.duplicates}")
+        assert not lost, f"{len(lost)} requests lost, e.g. {sorted(lost)[:5]}"
+        assert all(r.ok for r in results.values()), [r.error for r in results.values() if not r.ok][:3]
+        got = np.stack([results[f"r{i}"].value() for i in range(n)])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    _wait(lambda: len(client.scheduler_info()["workers"]) == 2, 60, "the replacement worker")
+    status = handle.status()
+    assert victim not in status["assigned"].values()
+    assert len(status["assigned"]) == 4
+    handle.stop()
+
+
+def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path):
+    cluster, client = own_cluster
+    deploy(client, OnnxModel("mlp", mlp_path))
+    handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="elastic", partitions=4))
+    rows = random_rows(20_000, seed=4)
+    expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
+    with InferenceClient(client, inbox="elastic") as ic:
+        futures = [ic.submit(rows[i], key=f"k{i % 5}") for i in range(5000)]
+        cluster.scale(3)
+        _wait(lambda: len(set(handle.status()["assigned"].values())) == 3, 60, "a partition on the new worker")
+        futures += [ic.submit(rows[i], key=f"k{i % 5}") for i in range(5000, 12_000)]
+        cluster.scale(1)
+        _wait(lambda: len(client.scheduler_info()["workers"]) == 1, 60, "scale down to one worker")
+        futures += [ic.submit(rows[i], key=f"k{i % 5}") for i in range(12_000, 20_000)]
+        results = [f.result(60) for f in futures]
+    assert all(r.ok for r in results)
+    np.testing.assert_allclose(np.stack([r.value() for r in results]), expected, rtol=1e-5, atol=1e-6)
+    status = handle.status()
+    (only,) = client.scheduler_info()["workers"]
+    assert set(status["assigned"].values()) == {only} and len(status["assigned"]) == 4
+    assert status["moves"] >= 1
+    handle.stop()
