@@ -1,0 +1,344 @@
+"""Redis Streams connector end to end: a real ``redis-server`` on loopback and the session LocalCluster."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import re
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+redis = pytest.importorskip("redis", reason="the redis extra is not installed (pip install daskinfer[redis])")
+
+import daskinfer  # noqa: E402
+from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, codec, deploy, deploy_pipeline, undeploy  # noqa: E402
+from daskinfer.connectors.base import PartitionRevoked  # noqa: E402
+from daskinfer.connectors.redis import (  # noqa: E402
+    RedisConnector,
+    RedisTransport,
+    inbox_stream,
+    prepare_streams,
+)
+from daskinfer.exceptions import TopicFullError  # noqa: E402
+from daskinfer.messages import peek_request_fields  # noqa: E402
+from daskinfer.testing import random_rows, run_onnx_directly  # noqa: E402
+from redis_server import redis_server, redis_url  # noqa: E402,F401  (fixtures)
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def mlp(client, mlp_path):
+    deploy(client, OnnxModel("mlp-redis", mlp_path))
+    yield "mlp-redis"
+    undeploy(client, "mlp-redis")
+
+
+@pytest.fixture
+def r(redis_url):
+    """A plain synchronous Redis client to look inside the streams."""
+    conn = redis.Redis.from_url(redis_url)
+    yield conn
+    conn.close()
+
+
+def _inbox() -> str:
+    return f"in-{uuid.uuid4().hex[:8]}"
+
+
+def _pipeline(url: str, inbox: str, model: str, **kw) -> Pipeline:
+    kw.setdefault("dead_letter", f"dead-{inbox}")
+    return Pipeline(model=model, inbox=inbox, outbox=f"out-{inbox}", connector="redis",
+                    connector_options={"url": url}, **kw)
+
+
+def _collect(ic: InferenceClient, n: int, timeout: float = 60.0) -> list[daskinfer.Result]:
+    out = []
+    deadline = time.monotonic() + timeout
+    for res in ic.results(timeout=timeout):
+        out.append(res)
+        if len(out) >= n or time.monotonic() > deadline:
+            break
+    return out
+
+
+def _spec(url: str, inbox: str, partitions: int = 1) -> dict:
+    return _pipeline(url, inbox, "m", partitions=partitions).to_spec()
+
+
+# -- no cluster needed ------------------------------------------------------------------------------
+
+def test_no_pickle_loads_anywhere_in_the_package():
+    """Nothing in daskinfer unpickles: bytes from a broker or a network client are never trusted code."""
+    root = os.path.dirname(daskinfer.__file__)
+    pattern = re.compile(
+        r"\b(c?pickle|cloudpickle|dill)\s*\.\s*loads?\b"
+        r"|from\s+(c?pickle|cloudpickle|dill)\s+import\s+[^\n]*\bloads?\b"
+        r"|\b(pickle|cloudpickle)\.Unpickler\b"
+    )
+    hits = []
+    for dirpath, _, files in os.walk(root):
+        for fn in files:
+            if fn.endswith(".py"):
+                path = os.path.join(dirpath, fn)
+                with open(path, encoding="utf-8") as f:
+                    for i, line in enumerate(f, 1):
+                        if pattern.search(line):
+                            hits.append(f"{os.path.relpath(path, root)}:{i}: {line.strip()}")
+    assert hits == [], "pickle/cloudpickle loads in daskinfer:\n" + "\n".join(hits)
+
+
+def test_fencing_a_newer_runner_revokes_the_older_and_takes_its_pending_entries(redis_url, r):
+    inbox = _inbox()
+
+    async def run():
+        spec = _spec(redis_url, inbox)
+        await prepare_streams(spec)
+        old = RedisConnector(spec, 0, epoch=1)
+        await old.start()
+        for i in range(5):
+            r.xadd(inbox_stream(inbox, 0), {"d": f"m{i}".encode()})
+        got = await old.read(3, 1.0)
+        assert [e.data for e in got] == [b"m0", b"m1", b"m2"]
+        await old.commit(got[:1])  # m0 done; m1, m2 read but not acknowledged
+
+        new = RedisConnector(spec, 0, epoch=2)
+        await new.start()
+        assert new.claimed == 2
+        with pytest.raises(PartitionRevoked, match="moved to a newer runner"):
+            await old.read(10, 0.1)
+        with pytest.raises(PartitionRevoked):
+            await old.commit(got[1:])
+        first = await new.read(10, 1.0)  # the taken-over entries come first
+        assert [e.data for e in first] == [b"m1", b"m2"]
+        rest = await new.read(10, 1.0)
+        assert [e.data for e in rest] == [b"m3", b"m4"]
+        await new.commit(first + rest)
+        assert await new.read(10, 0.05) == []
+        assert r.xlen(inbox_stream(inbox, 0)) == 0, "acknowledged entries are deleted"
+        assert r.xpending(inbox_stream(inbox, 0), spec["name"])["pending"] == 0
+        # a runner of an older deployment cannot take the partition back
+        stale = RedisConnector(dict(spec, redis_generation=spec["redis_generation"] - 1), 0, epoch=99)
+        with pytest.raises(PartitionRevoked):
+            await stale.start()
+        for c in (old, new, stale):
+            await c.close()
+
+    asyncio.run(run())
+
+
+def test_send_waits_at_the_bound_and_fails_clearly_when_nobody_consumes(redis_url, r):
+    inbox = _inbox()
+
+    async def run():
+        t = RedisTransport(redis_url, partitions=2, max_stream_length=10, put_timeout=0.3)
+        assert await t.start(inbox, f"reply-{inbox}") == 2
+        await t.send(inbox, [(0, b"x")] * 10)
+        t0 = time.monotonic()
+        with pytest.raises(TopicFullError, match=r"stayed at their bound of 10 entries.*0 of 3 requests"):
+            await t.send(inbox, [(0, b"y")] * 3)
+        assert time.monotonic() - t0 >= 0.29
+        assert r.xlen(inbox_stream(inbox, 0)) == 10, "nothing trimmed, nothing beyond the bound"
+        await t.close()
+        assert not r.exists(f"reply-{inbox}")
+
+    asyncio.run(run())
+
+
+# -- end to end on the session cluster --------------------------------------------------------------
+
+def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(client, mlp, mlp_path, redis_url, r):
+    inbox = _inbox()
+    handle = deploy_pipeline(client, _pipeline(redis_url, inbox, mlp, partitions=3, max_batch_size=256))
+    rng = np.random.default_rng(0)
+    try:
+        with InferenceClient(client, inbox=inbox, transport=RedisTransport(redis_url)) as ic:
+            sent: dict[str, tuple[np.ndarray, bool]] = {}
+            order: dict[str, list[str]] = collections.defaultdict(list)
+            n = 3000
+            for i in range(n):
+                key = f"k{i % 7}"
+                if i % 10 == 0:
+                    block = random_rows(int(rng.integers(1, 17)), seed=i)
+                    rid = ic.send(block, batched=True, key=key)
+                    sent[rid] = (block, True)
+                else:
+                    row = random_rows(1, seed=i)[0]
+                    rid = ic.send(row, key=key)
+                    sent[rid] = (row, False)
+                order[key].append(rid)
+            f1 = ic.submit(random_rows(1, seed=99)[0])  # futures work too
+            f2 = ic.submit_many(random_rows(5, seed=98))
+            results = _collect(ic, n)
+            assert f1.result(30).ok and f2.result(30).value().shape == (5, 2)
+
+            ids = [res.id for res in results]
+            assert len(ids) == len(set(ids)) == n and set(ids) == set(sent), "every request answered exactly once"
+            assert ic.duplicates == 0
+            by_id = {res.id: res for res in results}
+            rows = np.concatenate([x if batched else x[None] for x, batched in sent.values()])
+            expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
+            got = np.concatenate([by_id[i].value() if b else by_id[i].value()[None] for i, (_, b) in sent.items()])
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            arrival = collections.defaultdict(list)
+            for res in results:
+                arrival[res.key].append(res.id)
+            for key, ids_in_order in order.items():
+                assert arrival[key] == ids_in_order, f"key {key} answered out of order"
+            assert r.xlen(ic.reply_topic) == 0, "the client deletes what it received"
+        assert not r.exists(ic.reply_topic), "closing the client deletes its reply stream"
+        st = handle.status()
+        assert sum(x["answered"] for x in st["runners"]) == n + 2
+        assert sum(r.xlen(inbox_stream(inbox, p)) for p in range(3)) == 0, "processed entries are deleted"
+    finally:
+        handle.stop()
+
+
+def test_garbage_in_an_inbox_stream_goes_to_dead_letters_and_the_rest_are_answered(client, mlp, mlp_path, redis_url, r):
+    inbox = _inbox()
+    handle = deploy_pipeline(client, _pipeline(redis_url, inbox, mlp, partitions=2))
+    try:
+        with InferenceClient(client, inbox=inbox, transport=RedisTransport(redis_url)) as ic:
+            rows = random_rows(200, seed=3)
+            futures = [ic.submit(row, key=f"k{i % 5}") for i, row in enumerate(rows[:100])]
+            r.xadd(inbox_stream(inbox, 0), {"d": b"\xc1garbage"})
+            r.xadd(inbox_stream(inbox, 1), {"other": b"no d field"})
+            futures += [ic.submit(row, key=f"k{i % 5}") for i, row in enumerate(rows[100:])]
+            got = np.stack([f.result(30).value() for f in futures])
+        np.testing.assert_allclose(got, run_onnx_directly(mlp_path, {"x": rows})["probabilities"], rtol=1e-5, atol=1e-6)
+        dead = f"dead-{inbox}"
+        letters = []
+
+        def two_letters():
+            letters[:] = [codec.decode(f[b"d"]) for _, f in r.xrange(dead) if f.get(b"d")]
+            return len(letters) >= 2
+
+        deadline = time.monotonic() + 10
+        while not two_letters():
+            assert time.monotonic() < deadline, f"dead letters: {letters}"
+            time.sleep(0.01)
+        assert sorted(d["data"] for d in letters) == [b"", b"\xc1garbage"]
+        assert {d["error_type"] for d in letters} == {"CodecError"}
+        assert all(isinstance(d["offset"], str) and "-" in d["offset"] for d in letters), "offset = entry id"
+    finally:
+        handle.stop()
+
+
+def _slow_model(name: str, client, delay: float = 0.002):
+    def slow(x):
+        time.sleep(delay)
+        return x * 2
+
+    deploy(client, PythonModel(name, slow))
+    return name
+
+
+def test_entries_are_acked_only_after_their_results_and_redone_after_a_hard_stop(client, redis_url, r, poll):
+    model = _slow_model("slow-redis-ack", client, delay=0.01)
+    inbox = _inbox()
+    spec = _pipeline(redis_url, inbox, model, partitions=1, max_batch_size=10, max_inflight=1)
+    handle = deploy_pipeline(client, spec)
+    stream = inbox_stream(inbox, 0)
+    try:
+        with InferenceClient(client, inbox=inbox, transport=RedisTransport(redis_url)) as ic:
+            n = 600
+            rows = np.arange(n, dtype=np.float32)[:, None]
+            ids = [ic.send(rows[i], key="one") for i in range(n)]
+            answered: dict[str, daskinfer.Result] = {}
+
+            def drain() -> None:
+                for res in ic.results(timeout=0.01):
+                    assert res.id not in answered, "delivered twice"
+                    answered[res.id] = res
+
+            poll(lambda: drain() or len(answered) >= 100, timeout=30, what="the first answers")
+            handle.stop(drain=False)  # mid-stream: entries are read and pending, some in the model
+            pending = r.xpending(stream, handle.name)["pending"]
+            assert pending > 0, "the runner had read entries that it had not acknowledged"
+            in_stream = {peek_request_fields(f[b"d"])["id"] for _, f in r.xrange(stream)}
+            # nothing was acknowledged without its answer written: every request is answered or still there
+            poll(lambda: drain() or set(ids) <= set(answered) | in_stream, timeout=10,
+                 what="answers of all acknowledged entries")
+            assert len(answered) < n
+            first_round = len(answered)
+
+            handle = deploy_pipeline(client, spec)  # same group: the new runner claims the pending entries
+            poll(lambda: drain() or len(answered) >= n, timeout=60, what="all answers after the restart")
+            st = handle.status()
+            assert sum(x["claimed"] for x in st["runners"]) == pending
+            assert sorted(answered) == sorted(ids), "each request answered exactly once"
+            np.testing.assert_allclose(np.stack([answered[i].value() for i in ids]), rows * 2)
+            assert ic.received == n and first_round < n
+            assert r.xlen(stream) == 0 and r.xpending(stream, handle.name)["pending"] == 0
+    finally:
+        handle.stop()
+        undeploy(client, model)
+
+
+def test_redis_restart_mid_stream_loses_and_repeats_no_answer(client, mlp, mlp_path, redis_server, redis_url, r, poll):
+    inbox = _inbox()
+    handle = deploy_pipeline(client, _pipeline(redis_url, inbox, mlp, partitions=2, max_batch_size=64))
+    try:
+        with InferenceClient(client, inbox=inbox, transport=RedisTransport(redis_url)) as ic:
+            rows = random_rows(4000, seed=5)
+            answered: dict[str, daskinfer.Result] = {}
+
+            def drain() -> None:
+                for res in ic.results(timeout=0.01):
+                    assert res.id not in answered, "delivered twice"
+                    answered[res.id] = res
+
+            ids = [ic.send(rows[i], key=f"k{i % 3}") for i in range(2000)]
+            poll(lambda: drain() or len(answered) >= 200, timeout=30, what="answers before the restart")
+            redis_server.restart(kill=True)  # a crash; the append-only file keeps every acknowledged write
+            ids += [ic.send(rows[i], key=f"k{i % 3}") for i in range(2000, 4000)]
+            poll(lambda: drain() or len(answered) >= len(ids), timeout=60, what="all answers after the restart")
+            assert sorted(answered) == sorted(ids)
+            np.testing.assert_allclose(np.stack([answered[i].value() for i in ids]),
+                                       run_onnx_directly(mlp_path, {"x": rows})["probabilities"], rtol=1e-5, atol=1e-6)
+            st = handle.status()
+            assert all(x["running"] for x in st["runners"]), st
+            assert sum(x["reconnects"] for x in st["runners"]) >= 1, "the runners saw the restart"
+    finally:
+        handle.stop()
+
+
+def test_fast_producer_never_grows_the_inbox_past_its_bound(client, redis_url, r):
+    model = _slow_model("slow-redis-bp", client, delay=0.002)
+    inbox = _inbox()
+    cap = 300
+    handle = deploy_pipeline(client, _pipeline(redis_url, inbox, model, partitions=1, max_batch_size=20))
+    lengths: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        with redis.Redis.from_url(redis_url) as w:
+            while not stop.is_set():
+                lengths.append(w.xlen(inbox_stream(inbox, 0)))
+                time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        transport = RedisTransport(redis_url, max_stream_length=cap)
+        with InferenceClient(client, inbox=inbox, transport=transport, max_pending=500) as ic:
+            n = 3000
+            rows = np.arange(n, dtype=np.float32)[:, None]
+            for i in range(n):
+                ic.send(rows[i], key="one")
+            results = _collect(ic, n)
+        stop.set()
+        watcher.join(5)
+        assert len({res.id for res in results}) == n
+        np.testing.assert_allclose(np.stack([res.value() for res in results]), rows * 2)
+        assert max(lengths) <= cap, "the inbox stream never holds more than its bound"
+        assert max(lengths) >= cap // 2 and transport.full_waits > 0, "the producer really was faster than the model"
+    finally:
+        stop.set()
+        handle.stop()
+        undeploy(client, model)
