@@ -293,14 +293,34 @@ def test_redis_restart_mid_stream_loses_and_repeats_no_answer(client, mlp, mlp_p
                     assert res.id not in answered, "delivered twice"
                     answered[res.id] = res
 
-            ids = [ic.send(rows[i], key=f"k{i % 3}") for i in range(2000)]
-            poll(lambda: drain() or len(answered) >= 200, timeout=30, what="answers before the restart")
+            sent: dict[str, int] = {}  # request id -> row
+            restarted = threading.Event()
+            around: list[int] = []
+
+            def produce() -> None:  # a steady, paced stream of requests that goes on across the restart
+                i = 0
+                while i < 20_000:
+                    sent[ic.send(rows[i % len(rows)], key=f"k{i % 3}")] = i % len(rows)
+                    i += 1
+                    if restarted.is_set() and not around:
+                        around.append(i)
+                    if around and i - around[0] >= 1500:
+                        break
+                    if i % 50 == 0:
+                        time.sleep(0.002)
+
+            producer = threading.Thread(target=produce, daemon=True)
+            producer.start()
+            poll(lambda: drain() or len(answered) >= 300, timeout=30, what="answers before the restart")
             redis_server.restart(kill=True)  # a crash; the append-only file keeps every acknowledged write
-            ids += [ic.send(rows[i], key=f"k{i % 3}") for i in range(2000, 4000)]
-            poll(lambda: drain() or len(answered) >= len(ids), timeout=60, what="all answers after the restart")
-            assert sorted(answered) == sorted(ids)
-            np.testing.assert_allclose(np.stack([answered[i].value() for i in ids]),
-                                       run_onnx_directly(mlp_path, {"x": rows})["probabilities"], rtol=1e-5, atol=1e-6)
+            restarted.set()
+            producer.join(60)
+            assert around and around[0] >= 300, "the restart came mid-stream"
+            poll(lambda: drain() or len(answered) >= len(sent), timeout=60, what="all answers after the restart")
+            assert sorted(answered) == sorted(sent)
+            expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
+            np.testing.assert_allclose(np.stack([answered[i].value() for i in sent]), expected[list(sent.values())],
+                                       rtol=1e-5, atol=1e-6)
             st = handle.status()
             assert all(x["running"] for x in st["runners"]), st
             assert sum(x["reconnects"] for x in st["runners"]) >= 1, "the runners saw the restart"
