@@ -33,6 +33,7 @@ class PipelineState:
         self.epoch = 0
         self.lock = asyncio.Lock()
         self.moves = 0
+        self.restarts = 0
         self.failures: dict[int, str] = {}
 
     def next_epoch(self) -> int:
@@ -63,6 +64,7 @@ class ControllerExtension:
         self.scheduler = scheduler
         self.pipelines: dict[str, PipelineState] = {}
         self.events = ControllerEvents(self)
+        self.rpc_timeout = config.get_seconds("pipeline.control-timeout")
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._loop())
         scheduler.handlers.update(
@@ -112,13 +114,14 @@ class ControllerExtension:
         async with state.lock:
             workers = set(state.assigned.values()) & set(self.scheduler.workers)
             await asyncio.gather(
-                *(self.scheduler.rpc(addr=w).daskinfer_runner_stop(pipeline=name, drain=drain) for w in workers),
+                *(asyncio.wait_for(self.scheduler.rpc(addr=w).daskinfer_runner_stop(pipeline=name, drain=drain),
+                                   self.rpc_timeout + 30) for w in workers),
                 return_exceptions=True,
             )
 
     def pipeline_assignments(self, name: str) -> dict[str, Any]:
         state = self.pipelines[name]
-        return {"assigned": dict(state.assigned), "partitions": state.partitions, "moves": state.moves,
+        return {"assigned": dict(state.assigned), "partitions": state.partitions, "moves": state.moves, "restarts": state.restarts,
                 "failures": dict(state.failures)}
 
     async def pipeline_status(self, name: str) -> dict[str, Any]:
@@ -129,7 +132,9 @@ class ControllerExtension:
         runners: list[dict[str, Any]] = []
         for w in set(state.assigned.values()):
             try:
-                runners += await self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=name)
+                runners += await asyncio.wait_for(
+                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=name), self.rpc_timeout
+                )
             except Exception as e:
                 runners.append({"worker": w, "error": repr(e)})
         out["runners"] = sorted(runners, key=lambda r: r.get("partition", -1))
@@ -142,7 +147,10 @@ class ControllerExtension:
         epoch = state.next_epoch()
         state.assigned[partition] = worker
         try:
-            await self.scheduler.rpc(addr=worker).daskinfer_runner_start(spec=state.spec, partition=partition, epoch=epoch)
+            await asyncio.wait_for(
+                self.scheduler.rpc(addr=worker).daskinfer_runner_start(spec=state.spec, partition=partition, epoch=epoch),
+                self.rpc_timeout,
+            )
             state.failures.pop(partition, None)
             return True
         except Exception as e:
@@ -150,6 +158,22 @@ class ControllerExtension:
             state.failures[partition] = repr(e)
             state.assigned.pop(partition, None)
             return False
+
+    async def _forget_stopped_runners(self, state: PipelineState) -> None:
+        """Unassign partitions whose runner stopped by itself (broker error, lost partition)."""
+        for w in set(state.assigned.values()):
+            try:
+                runners = await asyncio.wait_for(
+                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), self.rpc_timeout
+                )
+            except Exception:
+                continue  # the worker is leaving; the next round sees it gone
+            running = {r["partition"] for r in runners if r["state"] in ("starting", "running")}
+            for p, addr in list(state.assigned.items()):
+                if addr == w and p not in running:
+                    logger.warning("partition %d of %r on %s stopped; restarting it", p, state.name, w)
+                    del state.assigned[p]
+                    state.restarts += 1
 
     async def reconcile(self, name: str) -> None:
         """Give every partition a live worker, then even out the partitions per worker."""
@@ -164,6 +188,7 @@ class ControllerExtension:
             for p, w in list(state.assigned.items()):
                 if w not in live:
                     del state.assigned[p]
+            await self._forget_stopped_runners(state)
             load = Counter({w: 0 for w in live})
             load.update(state.assigned.values())
             missing = [p for p in range(state.partitions) if p not in state.assigned]
@@ -183,7 +208,10 @@ class ControllerExtension:
             if load[busiest] - load[idlest] > 1:
                 p = max(q for q, w in state.assigned.items() if w == busiest)
                 try:
-                    await self.scheduler.rpc(addr=busiest).daskinfer_runner_stop(pipeline=name, partition=p, drain=True)
+                    await asyncio.wait_for(
+                        self.scheduler.rpc(addr=busiest).daskinfer_runner_stop(pipeline=name, partition=p, drain=True),
+                        self.rpc_timeout,
+                    )
                 except Exception as e:  # the worker may be leaving; the new epoch fences it anyway
                     logger.info("stopping partition %d on %s failed: %s", p, busiest, e)
                 del state.assigned[p]

@@ -105,7 +105,7 @@ class PipelineHandle:
         end = time.monotonic() + timeout
         while True:
             st = await self.client.scheduler.daskinfer_pipeline_status(name=self.name)
-            running = [r for r in st["runners"] if r.get("running")]
+            running = [r for r in st["runners"] if r.get("state") == "running"]
             if len(running) == st["partitions"]:
                 return st
             if time.monotonic() > end:

@@ -60,8 +60,21 @@ class PartitionRunner:
         self.batcher: Any = None
         self.sink: Any = None
         self.started_at = time.time()
+        self.starting = True
+        self.start_error: BaseException | None = None
+        self.start_task: asyncio.Future | None = None
 
     async def start(self, model_timeout: float = 60.0) -> None:
+        """Wait for the model, connect, build the graph and start reading."""
+        try:
+            await self._start(model_timeout)
+        except Exception as e:
+            logger.error("partition %d of pipeline %r failed to start: %s", self.partition, self.spec["name"], e)
+            self.start_error = e
+        finally:
+            self.starting = False
+
+    async def _start(self, model_timeout: float) -> None:
         model = self.spec.get("model")
         deadline = time.monotonic() + model_timeout
         while model is not None:
@@ -80,16 +93,31 @@ class PartitionRunner:
         )
         self.batcher = self.source.smart_batch(spec.get("max_batch_size"), spec.get("max_delay"), spec.get("max_inflight"))
         self.sink = self.batcher.infer(model, output=spec.get("outputs"), registry=registry_for(self.worker)).to_outbox(
-            self.connector, spec["outbox"], spec.get("dead_letter")
+            self.connector, spec["outbox"], spec.get("dead_letter"), on_error=self._failed
         )
         self.source.start()
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.source is not None:
+            self.source.error = exc
+            self.source.stop()
 
     @property
     def running(self) -> bool:
         return self.source is not None and not self.source.stopped
 
+    @property
+    def state(self) -> str:
+        if self.starting:
+            return "starting"
+        if self.running:
+            return "running"
+        return "failed" if (self.start_error or (self.source and self.source.error)) else "stopped"
+
     async def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop reading; with ``drain``, finish and commit what was read."""
+        if self.start_task is not None and not self.start_task.done():
+            self.start_task.cancel()
         if self.source is None:
             return
         self.source.stop()
@@ -120,12 +148,14 @@ class PartitionRunner:
             "epoch": self.epoch,
             "worker": self.worker.address,
             "running": self.running,
+            "state": self.state,
             "read": src.read_count if src else 0,
             "answered": sink.written if sink else 0,
             "errors": sink.errors if sink else 0,
             "queued_rows": b._queued_rows if b else 0,
             "inflight": b._inflight if b else 0,
-            "error": repr(src.error) if src is not None and src.error is not None else None,
+            "error": repr(self.start_error or (src.error if src is not None else None))
+            if (self.start_error or (src is not None and src.error is not None)) else None,
             **(self.connector.describe() if self.connector else {}),
         }
 
@@ -150,8 +180,10 @@ class RunnerExtension:
         if old is not None:
             await old.stop(drain=False)
         runner = PartitionRunner(self.worker, spec, partition, epoch)
-        await runner.start()
         self.runners[key] = runner
+        # start in the background (it may wait for the model to load): the controller
+        # sees "starting", then "running" or "failed"
+        runner.start_task = asyncio.ensure_future(runner.start())
         logger.info("started partition %d of pipeline %r (epoch %d)", partition, spec["name"], epoch)
         return runner.status()
 

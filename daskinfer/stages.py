@@ -86,10 +86,15 @@ class to_outbox(Stream):
     raw failed requests to ``dead_letter``, then commit their inbox positions.
 
     Writes keep the order of batches, so results with the same key keep request order.
+    If a write fails, nothing later is committed and ``on_error(exc)`` is called (the
+    runner then stops, and the controller restarts the partition).
     """
 
-    def __init__(self, upstream, connector: Connector, outbox: str, dead_letter: str | None = None, **kwargs):
+    def __init__(self, upstream, connector: Connector, outbox: str, dead_letter: str | None = None,
+                 on_error: Any = None, **kwargs):
         self.connector = connector
+        self.on_error = on_error
+        self.error: BaseException | None = None
         self.outbox = outbox
         self.dead_letter = dead_letter
         self._last: asyncio.Future | None = None
@@ -120,6 +125,17 @@ class to_outbox(Stream):
             items.append((reply_to if isinstance(reply_to, str) else self.outbox, r.key, r.encode()))
         if prev is not None and not prev.done():
             await asyncio.wait([prev])
-        await self.connector.write(items)
-        await self.connector.commit([p.env for p in batch])
+        if self.error is not None:
+            return  # an earlier write failed: nothing after it may be committed
+        try:
+            await self.connector.write_and_commit(items, [p.env for p in batch])
+        except Exception as e:
+            # the inbox position stays at the last committed batch: whoever serves the
+            # partition next redoes the rest (at-least-once)
+            self.error = e
+            if not isinstance(e, PartitionRevoked):
+                logger.error("writing results failed, stopping this partition: %s", e)
+            if self.on_error is not None:
+                self.on_error(e)
+            return
         self.written += len(batch)

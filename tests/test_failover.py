@@ -90,3 +90,25 @@ def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path):
     assert set(status["assigned"].values()) == {only} and len(status["assigned"]) == 4
     assert status["moves"] >= 1
     handle.stop()
+
+
+def test_a_runner_that_stops_by_itself_is_restarted(own_cluster, mlp_path):
+    cluster, client = own_cluster
+    deploy(client, OnnxModel("mlp", mlp_path))
+    handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="phoenix", partitions=2))
+    rows = random_rows(2000, seed=6)
+    with InferenceClient(client, inbox="phoenix") as ic:
+        assert all(f.result(30).ok for f in [ic.submit(r, key="a") for r in rows[:1000]])
+        worker = handle.status()["assigned"][0]
+
+        async def kill_runner():  # what a runner does when its broker calls fail
+            await client.rpc(worker).daskinfer_runner_stop(pipeline="phoenix", partition=0, drain=False)
+
+        client.sync(kill_runner)
+        _wait(lambda: handle.status()["restarts"] >= 1, 30, "the controller to restart the partition")
+        results = [f.result(30) for f in [ic.submit(r, key=f"k{i}") for i, r in enumerate(rows[1000:])]]
+    assert all(r.ok for r in results)
+    expected = run_onnx_directly(mlp_path, {"x": rows[1000:]})["probabilities"]
+    np.testing.assert_allclose(np.stack([r.value() for r in results]), expected, rtol=1e-5, atol=1e-6)
+    assert all(r["running"] for r in handle.status()["runners"])
+    handle.stop()

@@ -43,6 +43,11 @@ class Connector:
         """Mark these messages as done (called once their results are written)."""
         raise NotImplementedError
 
+    async def write_and_commit(self, items: list[tuple[str, str | None, bytes]], envelopes: list[Envelope]) -> None:
+        """:meth:`write` then :meth:`commit`; connectors may do both in one round trip."""
+        await self.write(items)
+        await self.commit(envelopes)
+
     async def close(self) -> None:
         """Release connections."""
 

@@ -82,6 +82,7 @@ class BrokerExtension:
                 "daskinfer_topic_delete": self.delete_topic,
                 "daskinfer_topic_info": self.topic_info,
                 "daskinfer_put": self.put,
+                "daskinfer_write": self.write,
                 "daskinfer_get": self.get,
                 "daskinfer_commit": self.commit,
                 "daskinfer_assign": self.assign,
@@ -151,6 +152,26 @@ class BrokerExtension:
                 if topic not in self.topics:
                     raise TopicNotFoundError(f"topic {topic!r} was deleted")
         return len(messages)
+
+    async def write(self, puts: list, fallback: int = 0, commit: dict | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
+        """A runner's output in one call: append ``[[topic, [[key, data], ...]], ...]`` (keys pick
+        partitions), then commit ``commit`` (topic, partition, group, offset, epoch).
+
+        Topics that no longer exist (a client that left) are skipped and named in ``missing``.
+        """
+        missing = []
+        for topic, rows in puts:
+            t = self.topics.get(topic)
+            if t is None:
+                missing.append(topic)
+                continue
+            n = len(t.logs)
+            await self.put(topic, [(partition_for(k, n, fallback), d) for k, d in rows], timeout=timeout)
+        reply: dict[str, Any] = {"missing": missing}
+        if commit is not None:
+            reply.update(self.commit(**commit))
+        return reply
 
     def _check_epoch(self, t: Topic, group: str | None, partition: int, epoch: int | None) -> bool:
         if group is None or epoch is None:
@@ -278,6 +299,7 @@ class EmbeddedConnector(Connector):
         self.position = 0
         self._done: set[int] = set()
         self._committed = 0
+        self.dropped = 0
 
     async def start(self) -> None:
         self.position = await self.broker.assign(self.inbox, self.partition, self.group, self.epoch)
@@ -298,32 +320,42 @@ class EmbeddedConnector(Connector):
         self.position = first + len(msgs)
         return out
 
-    async def write(self, items: list[tuple[str, str | None, bytes]]) -> None:
-        by_topic: dict[str, list[tuple[int, bytes]]] = {}
-        for topic, key, data in items:
-            by_topic.setdefault(topic, []).append((key, data))
-        for topic, rows in by_topic.items():
-            try:
-                n = await self.broker.partitions(topic)
-            except Exception:
-                n = await self.broker.create_topic(topic)
-            await self.broker.put(topic, [(partition_for(k, n, self.partition), d) for k, d in rows])
-
-    async def commit(self, envelopes: list[Envelope]) -> None:
+    def _advance(self, envelopes: list[Envelope]) -> int | None:
+        """Mark envelopes done; return the new commit position if it moved."""
         done = self._done
         done.update(e.offset for e in envelopes)
         c = self._committed
         while c in done:
             done.discard(c)
             c += 1
-        if c != self._committed:
-            self._committed = c
-            reply = await self.broker.commit(self.inbox, self.partition, self.group, c, epoch=self.epoch)
-            if reply.get("revoked"):
-                raise PartitionRevoked(f"partition {self.partition} of {self.inbox!r} moved to another runner")
+        if c == self._committed:
+            return None
+        self._committed = c
+        return c
+
+    async def write_and_commit(self, items: list[tuple[str, str | None, bytes]], envelopes: list[Envelope]) -> None:
+        by_topic: dict[str, list[tuple[str | None, bytes]]] = {}
+        for topic, key, data in items:
+            by_topic.setdefault(topic, []).append((key, data))
+        pos = self._advance(envelopes)
+        commit = None if pos is None else {
+            "topic": self.inbox, "partition": self.partition, "group": self.group, "offset": pos, "epoch": self.epoch,
+        }
+        reply = await self.broker.rpc.daskinfer_write(puts=list(by_topic.items()), fallback=self.partition, commit=commit)
+        if reply["missing"]:
+            self.dropped += sum(len(by_topic[t]) for t in reply["missing"])
+            logger.warning("results for topics %s dropped: the topics are gone (clients that left)", reply["missing"])
+        if reply.get("revoked"):
+            raise PartitionRevoked(f"partition {self.partition} of {self.inbox!r} moved to another runner")
+
+    async def write(self, items: list[tuple[str, str | None, bytes]]) -> None:
+        await self.write_and_commit(items, [])
+
+    async def commit(self, envelopes: list[Envelope]) -> None:
+        await self.write_and_commit([], envelopes)
 
     def describe(self) -> dict[str, Any]:
-        return {"position": self.position, "committed": self._committed}
+        return {"position": self.position, "committed": self._committed, "dropped": self.dropped}
 
 
 class EmbeddedTransport(ClientTransport):
