@@ -78,23 +78,25 @@ class Request:
         return codec.encode(self.to_wire())
 
 
+_REQUEST_FIELDS = (("k", str), ("m", str), ("r", str), ("d", (int, float)), ("t", (int, float)))
+
+
 def request_from_wire(msg: Any) -> Request:
     """Build a :class:`Request` from a decoded message; raise :class:`RequestError` if malformed."""
-    if not isinstance(msg, Mapping):
+    if type(msg) is not dict:  # the codec makes plain dicts; no ABC checks in this hot path
         raise CodecError(f"a request must be a map, got {type(msg).__name__}")
     rid = msg.get("id")
-    if not isinstance(rid, str) or not rid:
+    if type(rid) is not str or not rid:
         raise RequestError(f"request id must be a non-empty string, got {rid!r}")
     inputs = msg.get("in")
-    if not isinstance(inputs, Mapping):
+    if type(inputs) is not dict:
         raise RequestError(f"request {rid}: 'in' must be a map of input name to array, got {type(inputs).__name__}", request_id=rid)
     for name, arr in inputs.items():
-        if not isinstance(name, str) or not isinstance(arr, np.ndarray):
+        if type(name) is not str or type(arr) is not np.ndarray:
             raise RequestError(
                 f"request {rid}: input {name!r} must be a numpy array, got {type(arr).__name__}", request_id=rid
             )
-    fields = {"k": str, "m": str, "r": str, "d": (int, float), "t": (int, float)}
-    for k, typ in fields.items():
+    for k, typ in _REQUEST_FIELDS:
         v = msg.get(k)
         if v is not None and not isinstance(v, typ):
             raise RequestError(f"request {rid}: field {k!r} has wrong type {type(v).__name__}", request_id=rid)
@@ -198,13 +200,13 @@ class Result:
 def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
     """Decode a result's bytes."""
     msg = codec.decode(data, max_size=max_size)
-    if not isinstance(msg, Mapping) or not isinstance(msg.get("id"), str):
+    if type(msg) is not dict or type(msg.get("id")) is not str:
         raise CodecError("a result must be a map with a string 'id'")
     err = msg.get("err")
-    if err is not None and not (isinstance(err, (list, tuple)) and len(err) == 2 and all(isinstance(e, str) for e in err)):
+    if err is not None and not (type(err) is list and len(err) == 2 and all(type(e) is str for e in err)):
         raise CodecError(f"result {msg['id']}: 'err' must be [type, message], got {err!r}")
     outputs = msg.get("out")
-    if outputs is not None and not (isinstance(outputs, Mapping) and all(isinstance(v, np.ndarray) for v in outputs.values())):
+    if outputs is not None and not (type(outputs) is dict and all(type(v) is np.ndarray for v in outputs.values())):
         raise CodecError(f"result {msg['id']}: 'out' must be a map of arrays")
     return Result(
         id=msg["id"],

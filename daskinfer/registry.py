@@ -29,6 +29,14 @@ logger = logging.getLogger(__name__)
 EXTENSION_NAME = "daskinfer-models"
 
 
+def _rows(batch: Any) -> int:
+    if isinstance(batch, dict):
+        for v in batch.values():
+            return len(v) if np.ndim(v) else 1
+        return 0
+    return len(batch) if np.ndim(batch) else 1
+
+
 class Deployment:
     """One version of a model loaded in this process: its instances and usage count."""
 
@@ -94,8 +102,14 @@ class Deployment:
                 return out
             finally:
                 self._exit()
+        if self.first.inline_rows and _rows(batch) <= self.first.inline_rows and self._pool_free():
+            # a few rows through a microsecond model: a thread hop would cost more than the call
+            return self.predict(batch)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.predict, batch)
+
+    def _pool_free(self) -> bool:
+        return not self._pool.empty()
 
     def retire(self) -> None:
         """Stop taking new batches; close once the running ones return."""

@@ -187,11 +187,18 @@ class BrokerExtension:
         timeout: float = 0.0,
         group: str | None = None,
         epoch: int | None = None,
+        commit: bool = False,
     ) -> dict[str, Any]:
-        """Messages of one partition from ``offset``, waiting up to ``timeout`` for the first."""
+        """Messages of one partition from ``offset``, waiting up to ``timeout`` for the first.
+
+        With ``commit``, ``group``'s position first moves to ``offset`` (a consumer that
+        asks for what follows is done with what precedes: one round trip for both).
+        """
         t = self._topic(topic)
         if not self._check_epoch(t, group, partition, epoch):
             return {"revoked": True}
+        if commit and group is not None:
+            self.commit(topic, partition, group, offset, epoch)
         log = t.logs[partition]
         if log.end <= offset and timeout > 0:
             await _wait(t.data_waiters[partition], timeout)
@@ -276,9 +283,10 @@ class BrokerRPC:
         return await self.rpc.daskinfer_put(topic=topic, messages=messages, timeout=timeout)
 
     async def get(self, topic: str, partition: int, offset: int, max_messages: int, timeout: float = 0.0,
-                  group: str | None = None, epoch: int | None = None) -> dict[str, Any]:
+                  group: str | None = None, epoch: int | None = None, commit: bool = False) -> dict[str, Any]:
         return await self.rpc.daskinfer_get(topic=topic, partition=partition, offset=offset,
-                                            max_messages=max_messages, timeout=timeout, group=group, epoch=epoch)
+                                            max_messages=max_messages, timeout=timeout, group=group, epoch=epoch,
+                                            commit=commit)
 
     async def commit(self, topic: str, partition: int, group: str, offset: int, epoch: int | None = None) -> dict:
         return await self.rpc.daskinfer_commit(topic=topic, partition=partition, group=group, offset=offset, epoch=epoch)
@@ -381,13 +389,12 @@ class EmbeddedTransport(ClientTransport):
 
     async def receive(self, timeout: float) -> list[bytes]:
         assert self.reply_topic is not None
-        reply = await self.broker.get(self.reply_topic, 0, self._offset, self.read_batch, timeout=timeout)
+        # the read commits what the previous one returned (delivered by then)
+        reply = await self.broker.get(self.reply_topic, 0, self._offset, self.read_batch, timeout=timeout,
+                                      group="client", epoch=1, commit=True)
         msgs = reply["messages"]
         self._offset = reply["offset"] + len(msgs)
         return msgs
-
-    async def ack(self) -> None:
-        await self.broker.commit(self.reply_topic, 0, "client", self._offset, epoch=1)
 
     async def close(self) -> None:
         if self.reply_topic is not None:

@@ -183,6 +183,7 @@ class LoadedModel:
 
     is_async: ClassVar[bool] = False
     allow_nan: bool = True  # set from the Model when it is loaded
+    inline_rows: int = 0  # batches up to this many rows may run on the event loop (fast models only)
 
     def __init__(
         self,

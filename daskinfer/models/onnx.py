@@ -61,6 +61,7 @@ class LoadedOnnx(LoadedModel):
         )
         self.session = session
         self._output_names = [o.name for o in session.get_outputs()]
+        self.inline_rows = int(config.get("onnx.inline-rows"))
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
         values = self.session.run(self._output_names, block)
