@@ -152,7 +152,7 @@ def test_send_waits_at_the_bound_and_fails_clearly_when_nobody_consumes(redis_ur
 
 # -- end to end on the session cluster --------------------------------------------------------------
 
-def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(client, mlp, mlp_path, redis_url, r):
+def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(client, mlp, mlp_path, redis_url, r, poll):
     inbox = _inbox()
     handle = deploy_pipeline(client, _pipeline(redis_url, inbox, mlp, partitions=3, max_batch_size=256))
     rng = np.random.default_rng(0)
@@ -190,7 +190,7 @@ def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
                 arrival[res.key].append(res.id)
             for key, ids_in_order in order.items():
                 assert arrival[key] == ids_in_order, f"key {key} answered out of order"
-            assert r.xlen(ic.reply_topic) == 0, "the client deletes what it received"
+            poll(lambda: r.xlen(ic.reply_topic) == 0, timeout=5, what="the client deleting what it received")
         assert not r.exists(ic.reply_topic), "closing the client deletes its reply stream"
         st = handle.status()
         assert sum(x["answered"] for x in st["runners"]) == n + 2

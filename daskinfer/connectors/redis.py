@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -81,49 +82,6 @@ redis.call('SET', KEYS[2], ARGV[2])
 return 1
 """
 
-# KEYS: stream, fence; ARGV: group, consumer, token, count, id ('>' for new entries, else
-# the id after which to re-read this consumer's pending entries).  Returns -1 when another
-# runner owns the partition, else a flat list id1, data1, id2, data2, ... where data is nil
-# for an entry deleted meanwhile and '' for an entry without a 'd' field.
-_READ = """
-local f = redis.call('GET', KEYS[2])
-if not f then
-  redis.call('SET', KEYS[2], ARGV[3])
-  pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
-elseif f ~= ARGV[3] then
-  return -1
-end
-local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[4], 'STREAMS', KEYS[1], ARGV[5])
-if not r then return {} end
-local out = {}
-for _, e in ipairs(r[1][2]) do
-  out[#out + 1] = e[1]
-  local fv = e[2]
-  local d = false
-  if fv then
-    d = ''
-    for i = 1, #fv, 2 do
-      if fv[i] == 'd' then d = fv[i + 1] break end
-    end
-  end
-  out[#out + 1] = d
-end
-return out
-"""
-
-# KEYS: stream, fence; ARGV: group, token, ids...  Acknowledge and delete processed entries.
-_COMMIT = """
-local f = redis.call('GET', KEYS[2])
-if f and f ~= ARGV[2] then return -1 end
-local n = 0
-for i = 3, #ARGV, 1000 do
-  local j = math.min(i + 999, #ARGV)
-  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, i, j))
-  redis.call('XDEL', KEYS[1], unpack(ARGV, i, j))
-end
-return n
-"""
-
 # KEYS: stream, fence; ARGV: group, consumer, token, cursor, count.  Take over up to count
 # pending entries of other consumers (min-idle 0: the controller already decided that their
 # runners are gone); return -1 when revoked, else {next cursor, number taken}.
@@ -133,29 +91,111 @@ local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'COUNT
 return {r[1], #r[2]}
 """
 
-# KEYS: stream; ARGV: bound, data...  Append as many entries as fit under the bound (in
-# order); return how many.  Entries are never trimmed: the bound pushes back instead.
-_PUT = """
-local n = math.min(tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1]), #ARGV - 1)
-for i = 2, n + 1 do
-  redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+# KEYS: stream, fence; ARGV: group, consumer, token, count, id ('>' for new entries, else
+# the id after which to re-read this consumer's pending entries).  Returns -1 when another
+# runner owns the partition, else one string (see :func:`_unpack_entries`): per entry, the
+# lengths of id and data (0xFFFFFFFF for an entry deleted meanwhile) as two big-endian
+# uint32, then id and data; an entry without a 'd' field has empty data.  One bulk string
+# instead of nested arrays: a pure-Python RESP parser reads it at once.
+_READ = """
+local f = redis.call('GET', KEYS[2])
+if not f then
+  redis.call('SET', KEYS[2], ARGV[3])
+  pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+elseif f ~= ARGV[3] then
+  return -1
 end
-if n < 0 then return 0 end
-return n
-"""
-
-# KEYS: stream; ARGV: approximate maxlen (0: none), create ('1') or only append to an
-# existing stream ('0': a reply stream whose client is gone gets nothing), data...
-_APPEND = """
-if ARGV[2] == '0' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 3, #ARGV do
-  if ARGV[1] == '0' then
-    redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[4], 'STREAMS', KEYS[1], ARGV[5])
+if not r then return '' end
+local parts = {}
+for i, e in ipairs(r[1][2]) do
+  local fv = e[2]
+  if fv then
+    local d = ''
+    for j = 1, #fv, 2 do
+      if fv[j] == 'd' then d = fv[j + 1] break end
+    end
+    parts[i] = struct.pack('>I4I4', #e[1], #d) .. e[1] .. d
   else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'd', ARGV[i])
+    parts[i] = struct.pack('>I4I4', #e[1], 4294967295) .. e[1]
   end
 end
-return #ARGV - 2
+return table.concat(parts)
+"""
+
+# KEYS: stream; ARGV: id (exclusive) to read after, count, id below which to delete ('': none).
+# Delete what the client has delivered, then return {last id, data packed as in _READ but
+# without ids}, or {} when there is nothing new.
+_FETCH = """
+if ARGV[3] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[3]) end
+local r = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local n = #r
+if n == 0 then return {} end
+local parts = {}
+for i, e in ipairs(r) do
+  local fv = e[2]
+  local d = ''
+  for j = 1, #fv, 2 do
+    if fv[j] == 'd' then d = fv[j + 1] break end
+  end
+  parts[i] = struct.pack('>I4', #d) .. d
+end
+return {r[n][1], table.concat(parts)}
+"""
+
+# KEYS: stream, fence, topic streams...; ARGV: group, token, ids to acknowledge (separated by
+# spaces), then per topic: approximate maxlen (0: none), create the stream ('1') or only
+# append to an existing one ('0': a reply stream whose client left gets nothing), messages
+# packed as in _pack.  Writes the results and then acknowledges and deletes the processed
+# inbox entries, atomically: both happen or neither.  Returns -1 when another runner owns the
+# partition (nothing written), else the (1-based) numbers of the topics that were not there.
+_DELIVER = """
+local f = redis.call('GET', KEYS[2])
+if f and f ~= ARGV[2] then return -1 end
+local missing = {}
+for k = 1, #KEYS - 2 do
+  local key, maxlen, buf = KEYS[k + 2], ARGV[1 + 3 * k], ARGV[3 + 3 * k]
+  if ARGV[2 + 3 * k] == '0' and redis.call('EXISTS', key) == 0 then
+    missing[#missing + 1] = k
+  else
+    local pos, n = 1, #buf
+    while pos <= n do
+      local len = struct.unpack('>I4', buf, pos)
+      local d = string.sub(buf, pos + 4, pos + 3 + len)
+      pos = pos + 4 + len
+      if maxlen == '0' then
+        redis.call('XADD', key, '*', 'd', d)
+      else
+        redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'd', d)
+      end
+    end
+  end
+end
+if ARGV[3] ~= '' then
+  local ids = {}
+  for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
+  for i = 1, #ids, 1000 do
+    local j = math.min(i + 999, #ids)
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, j))
+    redis.call('XDEL', KEYS[1], unpack(ids, i, j))
+  end
+end
+return missing
+"""
+
+# KEYS: stream; ARGV: bound, messages packed as in _pack.  Append as many as fit under the
+# bound (in order); return how many.  Entries are never trimmed: the bound pushes back instead.
+_PUT = """
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
+local buf = ARGV[2]
+local pos, n, added = 1, #buf, 0
+while pos <= n and added < room do
+  local len = struct.unpack('>I4', buf, pos)
+  redis.call('XADD', KEYS[1], '*', 'd', string.sub(buf, pos + 4, pos + 3 + len))
+  pos = pos + 4 + len
+  added = added + 1
+end
+return added
 """
 
 # KEYS: stream.  Create an empty stream unless it exists.
@@ -166,7 +206,8 @@ end
 return redis.call('XLEN', KEYS[1])
 """
 
-_SCRIPTS = {"start": _START, "claim": _CLAIM, "read": _READ, "commit": _COMMIT, "put": _PUT, "append": _APPEND, "ensure": _ENSURE}
+_SCRIPTS = {"start": _START, "claim": _CLAIM, "read": _READ, "fetch": _FETCH, "deliver": _DELIVER, "put": _PUT,
+            "ensure": _ENSURE}
 _SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
 
 
@@ -183,6 +224,48 @@ def meta_key(inbox: str) -> str:
 def fence_key(inbox: str, partition: int, group: str) -> str:
     """Name of the key that holds the fencing token of ``group``'s runner of ``partition``."""
     return f"{inbox}:{partition}:fence:{group}"
+
+
+_HEADER = struct.Struct(">II")
+_LENGTH = struct.Struct(">I")
+_GONE = 0xFFFFFFFF
+
+
+def _unpack_entries(buf: bytes) -> list[tuple[str, bytes | None]]:
+    """``(id, data)`` pairs packed by the read script (data None: the entry was deleted)."""
+    out = []
+    i, n = 0, len(buf)
+    unpack = _HEADER.unpack_from
+    while i < n:
+        lid, ld = unpack(buf, i)
+        i += 8
+        eid = buf[i : i + lid].decode()
+        i += lid
+        if ld == _GONE:
+            out.append((eid, None))
+        else:
+            out.append((eid, buf[i : i + ld]))
+            i += ld
+    return out
+
+
+def _pack(messages: Sequence[bytes]) -> bytes:
+    """Messages as one string: each a big-endian uint32 length, then its bytes (scripts unpack it)."""
+    pack = _LENGTH.pack
+    return b"".join([b for m in messages for b in (pack(len(m)), m)])
+
+
+def _unpack_data(buf: bytes) -> list[bytes]:
+    """Messages packed by the fetch script (each: big-endian uint32 length, then the bytes)."""
+    out = []
+    i, n = 0, len(buf)
+    unpack = _LENGTH.unpack_from
+    while i < n:
+        (ld,) = unpack(buf, i)
+        i += 4
+        out.append(buf[i : i + ld])
+        i += ld
+    return out
 
 
 def _next_id(entry_id: str) -> str:
@@ -363,6 +446,7 @@ class RedisConnector(Connector):
         self._history: str | None = None  # re-reading own pending entries after this id
         self._cursor = "0-0"  # last id delivered to this group (for the blocking wait)
         self.claimed = 0
+        self.dropped = 0
         self.read_count = 0
         self.committed = 0
 
@@ -430,10 +514,8 @@ class RedisConnector(Connector):
             gone: list[str] = []
             inflight = self._inflight
             last = None
-            for i in range(0, len(reply), 2):
-                eid = reply[i].decode()
+            for eid, data in _unpack_entries(reply):
                 last = eid
-                data = reply[i + 1]
                 if history is not None and eid in inflight:
                     continue  # read before the reconnect and still being processed
                 if data is None:
@@ -448,7 +530,7 @@ class RedisConnector(Connector):
             if gone:
                 logger.warning("%s: %d pending entries of %r were deleted before they were processed: %s",
                                self.consumer, len(gone), self.stream, gone[:5])
-                await self._commit_ids(gone)
+                await self.write_and_commit([], [Envelope(p, g, b"") for g in gone])
             if envs:
                 self.read_count += len(envs)
                 return envs
@@ -465,42 +547,52 @@ class RedisConnector(Connector):
                 return []
             self._cursor = _str(woke[0][1][-1][0])  # (a '>' read always starts after it anyway)
 
-    async def write(self, items: list[tuple[str, str | None, bytes]]) -> None:
-        """Append results and dead letters, all topics in one round trip."""
-        if not items:
+    async def write_and_commit(self, items: list[tuple[str, str | None, bytes]], envelopes: list[Envelope]) -> None:
+        """Append results and dead letters, then acknowledge and delete ``envelopes``' entries.
+
+        One script, so one round trip, and atomic: the entries are acknowledged exactly when
+        their results are written.  Results for a reply stream that is gone are dropped.
+        """
+        if not items and not envelopes:
             return
+        if self.link.closed:
+            raise PartitionRevoked(f"{self.consumer}: connector closed")
         by_topic: dict[str, list[bytes]] = {}
         for topic, _key, data in items:
             by_topic.setdefault(topic, []).append(data)
-        calls = []
+        ids = [e.offset for e in envelopes]
+        keys: list[str] = [self.stream, self.fence]
+        args: list[Any] = [self.group, self.token, " ".join(ids)]
         for topic, datas in by_topic.items():
             if topic == self.outbox:
-                args: tuple = (self.outbox_max_length, 1)
+                maxlen, create = self.outbox_max_length, 1
             elif topic == self.dead_letter:
-                args = (self.dead_letter_max_length, 1)
+                maxlen, create = self.dead_letter_max_length, 1
             else:  # a client's reply stream: only while it exists
-                args = (self.outbox_max_length, 0)
-            calls.append(("append", (topic,), (*args, *datas)))
-        if self.link.closed:
-            raise PartitionRevoked(f"{self.consumer}: connector closed")
-        await self.link.retry("write", lambda: self.link.scripts(calls))
-
-    async def _commit_ids(self, ids: list[str]) -> None:
+                maxlen, create = self.outbox_max_length, 0
+            keys.append(topic)
+            args += [maxlen, create, _pack(datas)]
         link = self.link
-        n = await link.retry("commit", lambda: link.script("commit", self._keys, (self.group, self.token, *ids)))
-        if n == -1:
+        reply = await link.retry("write", lambda: link.script("deliver", keys, args))
+        if reply == -1:
             raise self._revoked()
+        if reply:
+            topics = list(by_topic)
+            gone = [topics[k - 1] for k in reply]
+            self.dropped += sum(len(by_topic[t]) for t in gone)
+            logger.warning("%s: results for reply streams %s dropped: the streams are gone (clients that left)",
+                           self.consumer, gone)
+        if ids:
+            self._inflight.difference_update(ids)
+            self.committed += len(ids)
+
+    async def write(self, items: list[tuple[str, str | None, bytes]]) -> None:
+        """Append results and dead letters, all topics in one round trip."""
+        await self.write_and_commit(items, [])
 
     async def commit(self, envelopes: list[Envelope]) -> None:
         """Acknowledge and delete these entries (their results are written)."""
-        if not envelopes:
-            return
-        if self.link.closed:
-            raise PartitionRevoked(f"{self.consumer}: connector closed")
-        ids = [e.offset for e in envelopes]
-        await self._commit_ids(ids)
-        self._inflight.difference_update(ids)
-        self.committed += len(ids)
+        await self.write_and_commit([], envelopes)
 
     async def close(self) -> None:
         await self.link.aclose()
@@ -514,6 +606,7 @@ class RedisConnector(Connector):
             "position": self.read_count,
             "committed": self.committed,
             "inflight_entries": len(self._inflight),
+            "dropped": self.dropped,
             "reconnects": self.link.reconnects,
         }
 
@@ -611,6 +704,7 @@ class RedisTransport(ClientTransport):
         self.reply_topic: str | None = None
         self._last = "0-0"
         self._acked = "0-0"
+        self._trim = ""
         self.full_waits = 0
 
     async def start(self, inbox: str, reply_topic: str) -> int:
@@ -645,7 +739,7 @@ class RedisTransport(ClientTransport):
             parts = [p for p in by_part if done[p] < len(by_part[p])]
             if not parts:
                 return
-            calls = [("put", (inbox_stream(inbox, p),), (bound, *by_part[p][done[p]:])) for p in parts]
+            calls = [("put", (inbox_stream(inbox, p),), (bound, _pack(by_part[p][done[p]:]))) for p in parts]
             added = await link.retry("send", lambda: link.scripts(calls))
             progress = False
             for p, n in zip(parts, added):
@@ -670,28 +764,35 @@ class RedisTransport(ClientTransport):
             delay = min(delay * 2, self.full_poll_max)
 
     async def receive(self, timeout: float) -> list[bytes]:
+        """Results after the last one returned; waits with ``XREAD BLOCK`` when there are none.
+
+        Entries delivered before (see :meth:`ack`) are deleted in the same round trip.
+        """
         link = self.link
         assert link is not None and self.reply_topic is not None, "RedisTransport.start was not called"
         topic = self.reply_topic
-        last = self._last
-        reply = await link.retry("receive", lambda: link.redis.xread({topic: last}, count=self.read_batch,
-                                                                     block=link.block_ms(timeout)))
-        if not reply:
-            return []
-        entries = reply[0][1]
-        if not entries:
-            return []
-        self._last = _str(entries[-1][0])
-        return [fields.get(FIELD, b"") for _, fields in entries]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            last, trim = self._last, self._trim
+            reply = await link.retry("receive", lambda: link.script("fetch", (topic,), (last, self.read_batch, trim)))
+            self._trim = ""
+            if reply:
+                self._last = _str(reply[0])
+                return _unpack_data(reply[1])
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
+            woke = await link.retry("receive", lambda: link.redis.xread({topic: last}, count=1,
+                                                                        block=link.block_ms(left)))
+            if not woke:
+                return []
 
     async def ack(self) -> None:
-        """Delete the reply entries returned so far (exact ``XTRIM MINID``)."""
-        link = self.link
-        if link is None or self._acked == self._last:
-            return
-        last = self._last
-        await link.retry("ack", lambda: link.redis.xtrim(self.reply_topic, minid=_next_id(last), approximate=False))
-        self._acked = last
+        """The results returned so far are delivered: the next read deletes them (exact ``XTRIM MINID``)."""
+        if self._last != self._acked:
+            self._acked = self._last
+            self._trim = _next_id(self._last)
 
     async def close(self) -> None:
         link = self.link
