@@ -103,8 +103,71 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="deployment file (YAML: scheduler, cluster, config, models, pipelines; see conf/)")
+    p.add_argument("--scheduler", default=None, help="scheduler address (overrides the file's; none: a LocalCluster)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import contextlib
+    import signal
+    import threading
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    from daskinfer.app import deploy_app, flat_config, load_app
+    from daskinfer.exceptions import DaskInferError
+
+    try:
+        spec = load_app(args.file)
+    except DaskInferError as e:
+        print(f"daskinfer run: {e}", file=sys.stderr)
+        return 2
+    address = args.scheduler or spec.get("scheduler")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with dask.config.set(flat_config(spec.get("config") or {})), contextlib.ExitStack() as stack:
+        if address:
+            client = stack.enter_context(Client(address))
+        else:
+            kw = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0", **(spec.get("cluster") or {})}
+            cluster = stack.enter_context(LocalCluster(**kw))
+            client = stack.enter_context(Client(cluster))
+        try:
+            handles = deploy_app(client, spec)
+        except DaskInferError as e:
+            print(f"daskinfer run: {e}", file=sys.stderr)
+            return 1
+        print(f"daskinfer: {len(handles)} pipeline(s) running on {client.scheduler.address}: "
+              + ", ".join(f"{h.name} (inbox {h.spec['inbox']!r})" for h in handles), flush=True)
+        try:
+            stop.wait(args.duration)
+        except KeyboardInterrupt:
+            pass
+        for h in handles:
+            h.stop()
+    return 0
+
+
+def _quickstart_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=2, help="Dask worker processes (default 2)")
+    p.add_argument("--requests", type=int, default=20_000, help="single-row requests to send")
+    p.add_argument("--blocks", type=int, default=100, help="4096-row blocks to send")
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from daskinfer.quickstart import main as quickstart
+
+    return quickstart(["--workers", str(args.workers), "--requests", str(args.requests), "--blocks", str(args.blocks)])
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "serve": ("serve models over the KServe v2 protocol (gRPC and REST)", _serve_arguments, _serve),
+    "run": ("deploy the models and pipelines of a YAML file and run them", _run_arguments, _run),
+    "quickstart": ("run the bundled model through a local pipeline and print throughput", _quickstart_arguments, _quickstart),
 }
 """name -> (help, add_arguments(parser), run(args) -> exit status)."""
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from daskinfer import config
+from daskinfer.batching import BatchPolicy
 from daskinfer.connectors.embedded import BrokerRPC, _ensure_broker
 from daskinfer.exceptions import ConfigError
 from daskinfer.runner import RUNTIME_PLUGIN, RuntimePlugin
@@ -80,6 +81,13 @@ class Pipeline:
         spec["name"] = self.name or self.inbox
         spec["partitions"] = int(config.get("pipeline.partitions", self.partitions))
         spec["dead_letter"] = config.get("pipeline.dead-letter", self.dead_letter)
+        # settle batching and limits here, so the deployer's config governs every worker
+        spec["max_batch_size"] = int(config.get("batching.max-batch-size", self.max_batch_size))
+        spec["max_delay"] = config.get_seconds("batching.max-delay", self.max_delay)
+        spec["max_inflight"] = int(config.get("batching.max-inflight", self.max_inflight))
+        spec["read_batch"] = int(config.get("broker.get-batch", self.read_batch))
+        spec["max_request_size"] = config.get_bytes("codec.max-message-size", self.max_request_size)
+        BatchPolicy(spec["max_batch_size"], spec["max_delay"], spec["max_inflight"])  # checks the values
         if spec["partitions"] < 1:
             raise ConfigError(f"pipeline {spec['name']!r}: partitions must be >= 1, got {spec['partitions']}")
         if self.connector not in ("embedded", "redis"):
