@@ -19,9 +19,13 @@ from daskinfer.remote import v2
 from daskinfer.remote.base import ModelSignature, RemoteClient
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 
+# CANCELLED is in: our own cancellations surface as asyncio.CancelledError, so a CANCELLED
+# status comes from the server (a server shutting down cancels its running calls), and
+# inference is idempotent.
 RETRYABLE_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,

@@ -1,0 +1,62 @@
+"""A RemoteModel deployed on a real distributed cluster (2 worker processes, 1 thread each).
+
+The daskinfer model server runs in the test process on 127.0.0.1; the workers each open
+their own channel to it (in the plugin's worker, lazily on first use) and answer
+``source.scatter().infer(name).gather()`` exactly as local inference does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from streamz import Stream
+
+import daskinfer
+from daskinfer import ModelServer, OnnxModel, RemoteModel
+from daskinfer.testing import random_rows, run_onnx_directly
+
+
+@pytest.fixture(scope="module")
+def model_server(mlp_path):
+    with ModelServer(OnnxModel("mlp", mlp_path), grpc_port=0, http_port=0) as s:
+        yield s
+
+
+@pytest.mark.parametrize("protocol", ["kserve-grpc", "kserve-rest"])
+def test_dask_stream_through_a_remote_model(client, model_server, mlp_path, poll, protocol):
+    url = model_server.grpc_address if protocol == "kserve-grpc" else model_server.http_url
+    daskinfer.deploy(client, RemoteModel("mlp-remote", url, protocol=protocol, remote_name="mlp", max_batch_size=64))
+    try:
+        out = []
+        source = Stream(asynchronous=False)  # built after the Client exists
+        source.scatter().infer("mlp-remote").buffer(8).gather().sink(out.append)
+        blocks = [random_rows(n, seed=i) for i, n in enumerate([1, 7, 130, 2, 50] * 4)]
+        for b in blocks:
+            source.emit(b)
+        poll(lambda: len(out) == len(blocks), what="all blocks answered")
+        for b, o in zip(blocks, out):
+            np.testing.assert_array_equal(o["probabilities"], run_onnx_directly(mlp_path, {"x": b})["probabilities"])
+    finally:
+        daskinfer.undeploy(client, "mlp-remote")
+
+
+async def _apredict_on_worker(name, x, dask_worker=None):
+    from daskinfer.registry import registry_for
+
+    dep = registry_for(dask_worker).get(name)
+    out = await dep.apredict(x)  # the worker's own event loop: the pipeline's path
+    return out["probabilities"], dep.first.stats.calls
+
+
+def test_worker_event_loop_path(client, model_server, mlp_path):
+    daskinfer.deploy(client, RemoteModel("mlp-remote", model_server.grpc_address, remote_name="mlp", max_batch_size=100))
+    try:
+        x = random_rows(250, seed=5)
+        results = client.run(_apredict_on_worker, "mlp-remote", x)
+        assert len(results) == 2
+        want = run_onnx_directly(mlp_path, {"x": x})["probabilities"]
+        for got, calls in results.values():
+            np.testing.assert_array_equal(got, want)
+            assert calls == 3  # 250 rows in calls of at most 100
+    finally:
+        daskinfer.undeploy(client, "mlp-remote")
