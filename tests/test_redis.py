@@ -150,6 +150,51 @@ def test_send_waits_at_the_bound_and_fails_clearly_when_nobody_consumes(redis_ur
     asyncio.run(run())
 
 
+def test_password_in_the_url_and_a_clear_error_without_it(tmp_path):
+    from redis_server import RedisServer
+
+    from daskinfer.exceptions import BrokerError
+
+    server = RedisServer(str(tmp_path), appendonly=False, password="s3cret")
+    server.start()
+    try:
+        inbox = _inbox()
+
+        async def run():
+            spec = _spec(server.url, inbox, partitions=2)
+            await prepare_streams(spec)
+            t = RedisTransport(server.url)
+            assert await t.start(inbox, f"reply-{inbox}") == 2
+            await t.send(inbox, [(1, b"hello")])
+            await t.close()
+            bad = RedisTransport(server.url.replace("s3cret", "wrong"))  # fails at once, without reconnecting
+            with pytest.raises(BrokerError, match="refused the credentials") as info:
+                await bad.start(inbox, f"reply2-{inbox}")
+            assert "wrong" not in str(info.value) and "s3cret" not in str(info.value)
+            await bad.close()
+
+        asyncio.run(run())
+        with redis.Redis.from_url(server.url) as conn:
+            assert conn.xrange(inbox_stream(inbox, 1))[0][1] == {b"d": b"hello"}
+    finally:
+        server.stop()
+
+
+def test_rediss_urls_use_tls_and_urls_in_errors_hide_the_password():
+    from redis.asyncio.connection import SSLConnection
+
+    from daskinfer.connectors.redis import _Link, _redact
+
+    async def run():
+        link = _Link("rediss://:pw@example.invalid:6380/1", {"ssl_ca_certs": "/nonexistent/ca.pem"}, "test")
+        assert issubclass(link.redis.connection_pool.connection_class, SSLConnection)
+        assert link.redis.connection_pool.connection_kwargs["ssl_ca_certs"] == "/nonexistent/ca.pem"
+        await link.aclose()
+
+    asyncio.run(run())
+    assert _redact("rediss://user:pw@host:6380/1") == "rediss://***@host:6380/1"
+
+
 # -- end to end on the session cluster --------------------------------------------------------------
 
 def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(client, mlp, mlp_path, redis_url, r, poll):

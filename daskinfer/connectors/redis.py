@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -326,6 +327,8 @@ class _Link:
                 raise BrokerError(f"{self.what}: connection to Redis closed (during {what})")
             try:
                 out = await fn()
+            except AuthenticationError as e:  # retrying cannot help
+                raise BrokerError(f"{self.what}: Redis at {_redact(self.url)} refused the credentials: {e}") from e
             except _CONNECTION_ERRORS as e:
                 now = time.monotonic()
                 if t0 is None:
