@@ -65,6 +65,7 @@ class ControllerExtension:
         self.pipelines: dict[str, PipelineState] = {}
         self.events = ControllerEvents(self)
         self.rpc_timeout = config.get_seconds("pipeline.control-timeout")
+        self.busy: dict[tuple, float] = {}  # (pipeline, worker, partition, epoch) -> model seconds
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._loop())
         scheduler.handlers.update(
@@ -73,6 +74,7 @@ class ControllerExtension:
                 "daskinfer_pipeline_stop": self.stop_pipeline,
                 "daskinfer_pipeline_status": self.pipeline_status,
                 "daskinfer_pipeline_list": self.list_pipelines,
+                "daskinfer_pipeline_load": self.load_figures,
             }
         )
 
@@ -140,6 +142,22 @@ class ControllerExtension:
         out["runners"] = sorted(runners, key=lambda r: r.get("partition", -1))
         return out
 
+    def load_figures(self) -> dict[str, Any]:
+        """Totals over all pipelines for :class:`~daskinfer.scaling.InferenceAdaptive`:
+        inbox backlog (embedded broker), requests answered, model busy seconds."""
+        broker = self.scheduler.extensions.get("daskinfer-broker")
+        backlog = done = 0
+        for state in self.pipelines.values():
+            topic = broker.topics.get(state.spec["inbox"]) if broker is not None else None
+            if topic is None:
+                continue
+            for log in topic.logs:
+                pos = log.committed.get(state.name, log.start)
+                backlog += log.end - pos
+                done += pos
+        busy = sum(self.busy.values())
+        return {"backlog": backlog, "done": done, "busy": busy}
+
     def list_pipelines(self) -> list[str]:
         return list(self.pipelines)
 
@@ -169,6 +187,8 @@ class ControllerExtension:
             except Exception:
                 continue  # the worker is leaving; the next round sees it gone
             running = {r["partition"] for r in runners if r["state"] in ("starting", "running")}
+            for r in runners:
+                self.busy[(state.name, w, r["partition"], r["epoch"])] = r.get("busy", 0.0)
             for p, addr in list(state.assigned.items()):
                 if addr == w and p not in running:
                     logger.warning("partition %d of %r on %s stopped; restarting it", p, state.name, w)

@@ -108,6 +108,7 @@ class BatchRunner:
         self.registry = registry
         self.default_model = default_model
         self.outputs = outputs
+        self.busy = 0.0  # seconds spent in model calls
 
     def group(self, batch: list[Pending]) -> dict[tuple, list[Pending]]:
         now = time.time()
@@ -155,6 +156,7 @@ class BatchRunner:
             _fail(group[0], e, model=dep.name, version=dep.version)
             return
         t1 = time.time()
+        self.busy += t1 - t0
         if self.outputs:
             out = {k: out[k] for k in self.outputs if k in out}
         rows = sum(p.n_rows for p in group)

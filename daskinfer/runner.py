@@ -59,6 +59,7 @@ class PartitionRunner:
         self.source: Any = None
         self.batcher: Any = None
         self.sink: Any = None
+        self._infer: Any = None
         self.started_at = time.time()
         self.starting = True
         self.start_error: BaseException | None = None
@@ -92,7 +93,8 @@ class PartitionRunner:
             self.connector, max_messages=spec.get("read_batch"), max_request_size=spec.get("max_request_size")
         )
         self.batcher = self.source.smart_batch(spec.get("max_batch_size"), spec.get("max_delay"), spec.get("max_inflight"))
-        self.sink = self.batcher.infer(model, output=spec.get("outputs"), registry=registry_for(self.worker)).to_outbox(
+        self._infer = self.batcher.infer(model, output=spec.get("outputs"), registry=registry_for(self.worker))
+        self.sink = self._infer.to_outbox(
             self.connector, spec["outbox"], spec.get("dead_letter"), on_error=self._failed
         )
         self.source.start()
@@ -153,6 +155,7 @@ class PartitionRunner:
             "answered": sink.written if sink else 0,
             "errors": sink.errors if sink else 0,
             "queued_rows": b._queued_rows if b else 0,
+            "busy": self._infer._runner.busy if self._infer is not None and self._infer._runner else 0.0,
             "inflight": b._inflight if b else 0,
             "error": repr(self.start_error or (src.error if src is not None else None))
             if (self.start_error or (src is not None and src.error is not None)) else None,
