@@ -147,6 +147,14 @@ class RemoteClient(ABC):
         return outputs
 
 
+async def _cancel_all() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=2)
+
+
 class LoopThread:
     """An event loop running on a daemon thread: how synchronous callers use async clients and servers."""
 
@@ -168,8 +176,14 @@ class LoopThread:
             raise
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop, stop it and join the thread."""
         if self.loop.is_closed():
             return
+        if threading.current_thread() is not self.thread and self.loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_all(), self.loop).result(5)
+            except Exception:  # pragma: no cover - best effort
+                logger.debug("cancelling the tasks of a private loop failed", exc_info=True)
         self.loop.call_soon_threadsafe(self.loop.stop)
         if threading.current_thread() is not self.thread:
             self.thread.join(5)

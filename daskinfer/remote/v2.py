@@ -243,7 +243,3 @@ def json_data_to_array(data: Any, datatype: str, shape: Sequence[int], tensor: s
     if dtype is None:
         return _bytes_array([v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in parsed.ravel().tolist()], shape)
     return parsed.astype(dtype, copy=False).reshape(shape)
-
-
-def parse_bool(value: str | None) -> bool:
-    return str(value).lower() in ("1", "true", "yes")
