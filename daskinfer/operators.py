@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from distributed.client import default_client
@@ -197,13 +198,36 @@ class infer(Stream):
             self._release_refs(metadata)
 
 
+@dataclass(frozen=True)
+class InferenceFailure:
+    """What a Dask stream's ``infer`` emits for an item whose model call failed.
+
+    A failed task would stall ``gather()`` (streamz waits on it forever), so the
+    failure travels as a value instead: filter it out, or route it to a dead-letter sink.
+    """
+
+    model: str
+    error_type: str
+    error: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
 def _run_on_worker(model: str, x: Any, output: str | None) -> Any:
-    return _run_local(model, x, output)
+    try:
+        return _run_local(model, x, output)
+    except Exception as e:
+        return InferenceFailure(model, type(e).__name__, str(e))
 
 
 @DaskStream.register_api()
 class infer(DaskStream):  # noqa: F811 - the Dask stream's own ``infer``
-    """``infer`` on a Dask stream: the model runs on the worker that holds it."""
+    """``infer`` on a Dask stream: the model runs on the worker that holds it.
+
+    An item whose model call fails comes out as an :class:`InferenceFailure` (falsy),
+    so one bad item never stalls the stream.
+    """
 
     def __init__(self, upstream, model, output=None, **kwargs):
         self.model = model.name if isinstance(model, Model) else model

@@ -141,15 +141,16 @@ def test_dask_infer_output_emits_the_array(client, mlp_deployed, mlp_path, poll)
 
 
 def test_dask_infer_of_a_model_not_deployed_names_it(client, mlp_deployed, poll):
-    from daskinfer.exceptions import ModelNotFoundError
+    from daskinfer.operators import InferenceFailure
 
     futures = []
     source = Stream(asynchronous=False)
     source.scatter().infer("not-deployed").sink(futures.append)
     source.emit(random_rows(2))
     poll(lambda: len(futures) == 1, what="the task")
-    with pytest.raises(ModelNotFoundError, match=r"model 'not-deployed' is not deployed here; deployed models: \['mlp'\]"):
-        futures[0].result()
+    failure = futures[0].result()
+    assert isinstance(failure, InferenceFailure) and failure.error_type == "ModelNotFoundError"
+    assert "model 'not-deployed' is not deployed here; deployed models: ['mlp']" in failure.error
 
 
 def test_dask_smart_batch_keeps_order_and_size_limit_under_load(client, mlp_deployed, mlp_path):
@@ -203,3 +204,24 @@ def test_dask_infer_python_model(client, poll):
         np.testing.assert_array_equal(out[0]["output"], -np.arange(5.0))
     finally:
         daskinfer.undeploy(client, "neg")
+
+
+def test_dask_stream_failure_travels_as_a_value_and_the_stream_goes_on(client, mlp_deployed):
+    import numpy as np
+    from streamz import Stream
+
+    from daskinfer.operators import InferenceFailure
+    from daskinfer.testing import random_rows, run_onnx_directly, bundled_model_path
+
+    source = Stream(asynchronous=False)
+    out = source.scatter().infer(mlp_deployed, output="probabilities").buffer(4).gather().sink_to_list()
+    good = random_rows(5, seed=11)
+    source.emit(good)
+    source.emit(np.zeros((3, 15), np.float32))  # wrong shape
+    source.emit(good)
+    assert len(out) == 3
+    bad = out[1]
+    assert isinstance(bad, InferenceFailure) and not bad
+    assert bad.error_type == "InputValidationError" and "expects shape" in bad.error and bad.model == mlp_deployed
+    expected = run_onnx_directly(bundled_model_path(), {"x": good})["probabilities"]
+    np.testing.assert_allclose(out[2], expected, rtol=1e-5, atol=1e-6)
