@@ -92,12 +92,16 @@ local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'COUNT
 return {r[1], #r[2]}
 """
 
+# Messages travel packed (see :func:`_pack`): one string holds, per message, a big-endian
+# uint32 length and the bytes; a message over _BIG bytes is a separate argument or reply
+# element instead (length 0xFFFFFFFE: "the next one"), so that Lua never copies large
+# payloads while a pure-Python RESP parser reads thousands of small ones as one string.
+
 # KEYS: stream, fence; ARGV: group, consumer, token, count, id ('>' for new entries, else
 # the id after which to re-read this consumer's pending entries).  Returns -1 when another
-# runner owns the partition, else one string (see :func:`_unpack_entries`): per entry, the
-# lengths of id and data (0xFFFFFFFF for an entry deleted meanwhile) as two big-endian
-# uint32, then id and data; an entry without a 'd' field has empty data.  One bulk string
-# instead of nested arrays: a pure-Python RESP parser reads it at once.
+# runner owns the partition, else {packed, big...} where packed holds per entry the lengths
+# of id and data (0xFFFFFFFF: the entry was deleted meanwhile) as two uint32, the id, and
+# the data unless it is big; an entry without a 'd' field has empty data.
 _READ = """
 local f = redis.call('GET', KEYS[2])
 if not f then
@@ -107,8 +111,8 @@ elseif f ~= ARGV[3] then
   return -1
 end
 local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[4], 'STREAMS', KEYS[1], ARGV[5])
-if not r then return '' end
-local parts = {}
+if not r then return {} end
+local parts, out = {}, {''}
 for i, e in ipairs(r[1][2]) do
   local fv = e[2]
   if fv then
@@ -116,60 +120,99 @@ for i, e in ipairs(r[1][2]) do
     for j = 1, #fv, 2 do
       if fv[j] == 'd' then d = fv[j + 1] break end
     end
-    parts[i] = struct.pack('>I4I4', #e[1], #d) .. e[1] .. d
+    if #d > BIG then
+      parts[i] = struct.pack('>I4I4', #e[1], 4294967294) .. e[1]
+      out[#out + 1] = d
+    else
+      parts[i] = struct.pack('>I4I4', #e[1], #d) .. e[1] .. d
+    end
   else
     parts[i] = struct.pack('>I4I4', #e[1], 4294967295) .. e[1]
   end
 end
-return table.concat(parts)
+out[1] = table.concat(parts)
+return out
 """
 
 # KEYS: stream; ARGV: id (exclusive) to read after, count, id below which to delete ('': none).
-# Delete what the client has delivered, then return {last id, data packed as in _READ but
-# without ids}, or {} when there is nothing new.
+# Delete what the client has delivered, then return {last id, packed, big...} (packed holds
+# per entry a uint32 length and the data unless it is big), or {} when there is nothing new.
 _FETCH = """
 if ARGV[3] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[3]) end
 local r = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
 local n = #r
 if n == 0 then return {} end
-local parts = {}
+local parts, out = {}, {r[n][1], ''}
 for i, e in ipairs(r) do
   local fv = e[2]
   local d = ''
   for j = 1, #fv, 2 do
     if fv[j] == 'd' then d = fv[j + 1] break end
   end
-  parts[i] = struct.pack('>I4', #d) .. d
+  if #d > BIG then
+    parts[i] = struct.pack('>I4', 4294967294)
+    out[#out + 1] = d
+  else
+    parts[i] = struct.pack('>I4', #d) .. d
+  end
 end
-return {r[n][1], table.concat(parts)}
+out[2] = table.concat(parts)
+return out
+"""
+
+# KEYS: stream, fence; ARGV: group, consumer, token, cursor, count.  Take over up to count
+# pending entries of other consumers (min-idle 0: the controller already decided that their
+# runners are gone); return -1 when revoked, else {next cursor, number taken}.
+_CLAIM = """
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
+return {r[1], #r[2]}
+"""
+
+# Lua: call fn(message) for the messages packed in ARGV[a] (big ones follow it); return the
+# index of the argument after them.  fn returns false to stop early.
+_UNPACK_LUA = """
+local function each(a, nbig, fn)
+  local buf, b = ARGV[a], a + 1
+  local pos, n = 1, #buf
+  while pos <= n do
+    local len = struct.unpack('>I4', buf, pos)
+    pos = pos + 4
+    local d
+    if len == 4294967294 then
+      d = ARGV[b]
+      b = b + 1
+    else
+      d = string.sub(buf, pos, pos + len - 1)
+      pos = pos + len
+    end
+    if fn(d) == false then break end
+  end
+  return a + 1 + nbig
+end
 """
 
 # KEYS: stream, fence, topic streams...; ARGV: group, token, ids to acknowledge (separated by
 # spaces), then per topic: approximate maxlen (0: none), create the stream ('1') or only
-# append to an existing one ('0': a reply stream whose client left gets nothing), messages
-# packed as in _pack.  Writes the results and then acknowledges and deletes the processed
-# inbox entries, atomically: both happen or neither.  Returns -1 when another runner owns the
-# partition (nothing written), else the (1-based) numbers of the topics that were not there.
-_DELIVER = """
+# append to an existing one ('0': a reply stream whose client left gets nothing), number of
+# big messages, packed messages, the big ones.  Writes the results and then acknowledges and
+# deletes the processed inbox entries, atomically: both happen or neither.  Returns -1 when
+# another runner owns the partition (nothing written), else the (1-based) numbers of the
+# topics that were not there.
+_DELIVER = _UNPACK_LUA + """
 local f = redis.call('GET', KEYS[2])
 if f and f ~= ARGV[2] then return -1 end
 local missing = {}
+local a = 4
 for k = 1, #KEYS - 2 do
-  local key, maxlen, buf = KEYS[k + 2], ARGV[1 + 3 * k], ARGV[3 + 3 * k]
-  if ARGV[2 + 3 * k] == '0' and redis.call('EXISTS', key) == 0 then
+  local key, maxlen, create, nbig = KEYS[k + 2], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  if create == '0' and redis.call('EXISTS', key) == 0 then
     missing[#missing + 1] = k
+    a = a + 4 + nbig
+  elseif maxlen == '0' then
+    a = each(a + 3, nbig, function(d) redis.call('XADD', key, '*', 'd', d) end)
   else
-    local pos, n = 1, #buf
-    while pos <= n do
-      local len = struct.unpack('>I4', buf, pos)
-      local d = string.sub(buf, pos + 4, pos + 3 + len)
-      pos = pos + 4 + len
-      if maxlen == '0' then
-        redis.call('XADD', key, '*', 'd', d)
-      else
-        redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'd', d)
-      end
-    end
+    a = each(a + 3, nbig, function(d) redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'd', d) end)
   end
 end
 if ARGV[3] ~= '' then
@@ -184,17 +227,18 @@ end
 return missing
 """
 
-# KEYS: stream; ARGV: bound, messages packed as in _pack.  Append as many as fit under the
-# bound (in order); return how many.  Entries are never trimmed: the bound pushes back instead.
-_PUT = """
+# KEYS: stream; ARGV: bound, number of big messages, packed messages, the big ones.  Append
+# as many as fit under the bound (in order); return how many.  Entries are never trimmed:
+# the bound pushes back instead.
+_PUT = _UNPACK_LUA + """
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
-local buf = ARGV[2]
-local pos, n, added = 1, #buf, 0
-while pos <= n and added < room do
-  local len = struct.unpack('>I4', buf, pos)
-  redis.call('XADD', KEYS[1], '*', 'd', string.sub(buf, pos + 4, pos + 3 + len))
-  pos = pos + 4 + len
-  added = added + 1
+local added = 0
+if room > 0 then
+  each(3, tonumber(ARGV[2]), function(d)
+    redis.call('XADD', KEYS[1], '*', 'd', d)
+    added = added + 1
+    return added < room
+  end)
 end
 return added
 """
@@ -207,8 +251,10 @@ end
 return redis.call('XLEN', KEYS[1])
 """
 
+_BIG = 8192  # bytes: larger messages are not packed (Lua would copy them)
 _SCRIPTS = {"start": _START, "claim": _CLAIM, "read": _READ, "fetch": _FETCH, "deliver": _DELIVER, "put": _PUT,
             "ensure": _ENSURE}
+_SCRIPTS = {name: src.replace("BIG", str(_BIG)) for name, src in _SCRIPTS.items()}
 _SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in _SCRIPTS.items()}
 
 
@@ -230,10 +276,29 @@ def fence_key(inbox: str, partition: int, group: str) -> str:
 _HEADER = struct.Struct(">II")
 _LENGTH = struct.Struct(">I")
 _GONE = 0xFFFFFFFF
+_NEXT = 0xFFFFFFFE
+_NEXT_HEADER = _LENGTH.pack(_NEXT)
 
 
-def _unpack_entries(buf: bytes) -> list[tuple[str, bytes | None]]:
-    """``(id, data)`` pairs packed by the read script (data None: the entry was deleted)."""
+def _pack(messages: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
+    """Messages as ``(packed, big)``: small ones in one string (uint32 length, bytes), big ones apart."""
+    pack = _LENGTH.pack
+    parts: list[bytes] = []
+    big: list[bytes] = []
+    for m in messages:
+        if len(m) > _BIG:
+            parts.append(_NEXT_HEADER)
+            big.append(m)
+        else:
+            parts += (pack(len(m)), m)
+    return b"".join(parts), big
+
+
+def _unpack_entries(reply: list[bytes]) -> list[tuple[str, bytes | None]]:
+    """``(id, data)`` pairs of a read script's reply (data None: the entry was deleted)."""
+    if not reply:
+        return []
+    buf, big = reply[0], iter(reply[1:])
     out = []
     i, n = 0, len(buf)
     unpack = _HEADER.unpack_from
@@ -244,28 +309,28 @@ def _unpack_entries(buf: bytes) -> list[tuple[str, bytes | None]]:
         i += lid
         if ld == _GONE:
             out.append((eid, None))
+        elif ld == _NEXT:
+            out.append((eid, next(big)))
         else:
             out.append((eid, buf[i : i + ld]))
             i += ld
     return out
 
 
-def _pack(messages: Sequence[bytes]) -> bytes:
-    """Messages as one string: each a big-endian uint32 length, then its bytes (scripts unpack it)."""
-    pack = _LENGTH.pack
-    return b"".join([b for m in messages for b in (pack(len(m)), m)])
-
-
-def _unpack_data(buf: bytes) -> list[bytes]:
-    """Messages packed by the fetch script (each: big-endian uint32 length, then the bytes)."""
+def _unpack_data(buf: bytes, big: list[bytes]) -> list[bytes]:
+    """Messages of a fetch script's reply (see :func:`_pack`)."""
     out = []
     i, n = 0, len(buf)
     unpack = _LENGTH.unpack_from
+    it = iter(big)
     while i < n:
         (ld,) = unpack(buf, i)
         i += 4
-        out.append(buf[i : i + ld])
-        i += ld
+        if ld == _NEXT:
+            out.append(next(it))
+        else:
+            out.append(buf[i : i + ld])
+            i += ld
     return out
 
 
@@ -330,6 +395,8 @@ class _Link:
             except AuthenticationError as e:  # retrying cannot help
                 raise BrokerError(f"{self.what}: Redis at {_redact(self.url)} refused the credentials: {e}") from e
             except _CONNECTION_ERRORS as e:
+                if self.closed:  # closed meanwhile (the connection was cut under this call)
+                    raise BrokerError(f"{self.what}: connection to Redis closed (during {what})") from e
                 now = time.monotonic()
                 if t0 is None:
                     t0 = now
@@ -573,8 +640,9 @@ class RedisConnector(Connector):
                 maxlen, create = self.dead_letter_max_length, 1
             else:  # a client's reply stream: only while it exists
                 maxlen, create = self.outbox_max_length, 0
+            packed, big = _pack(datas)
             keys.append(topic)
-            args += [maxlen, create, _pack(datas)]
+            args += [maxlen, create, len(big), packed, *big]
         link = self.link
         reply = await link.retry("write", lambda: link.script("deliver", keys, args))
         if reply == -1:
@@ -742,7 +810,10 @@ class RedisTransport(ClientTransport):
             parts = [p for p in by_part if done[p] < len(by_part[p])]
             if not parts:
                 return
-            calls = [("put", (inbox_stream(inbox, p),), (bound, _pack(by_part[p][done[p]:]))) for p in parts]
+            calls = []
+            for p in parts:
+                packed, big = _pack(by_part[p][done[p]:])
+                calls.append(("put", (inbox_stream(inbox, p),), (bound, len(big), packed, *big)))
             added = await link.retry("send", lambda: link.scripts(calls))
             progress = False
             for p, n in zip(parts, added):
@@ -782,7 +853,7 @@ class RedisTransport(ClientTransport):
             self._trim = ""
             if reply:
                 self._last = _str(reply[0])
-                return _unpack_data(reply[1])
+                return _unpack_data(reply[1], reply[2:])
             left = deadline - loop.time()
             if left <= 0:
                 return []
