@@ -206,7 +206,7 @@ def test_dask_infer_python_model(client, poll):
         daskinfer.undeploy(client, "neg")
 
 
-def test_dask_stream_failure_travels_as_a_value_and_the_stream_goes_on(client, mlp_deployed):
+def test_dask_stream_failure_travels_as_a_value_and_the_stream_goes_on(client, mlp_deployed, poll):
     import numpy as np
     from streamz import Stream
 
@@ -219,7 +219,7 @@ def test_dask_stream_failure_travels_as_a_value_and_the_stream_goes_on(client, m
     source.emit(good)
     source.emit(np.zeros((3, 15), np.float32))  # wrong shape
     source.emit(good)
-    assert len(out) == 3
+    poll(lambda: len(out) == 3, what="three items through the stream")
     bad = out[1]
     assert isinstance(bad, InferenceFailure) and not bad
     assert bad.error_type == "InputValidationError" and "expects shape" in bad.error and bad.model == mlp_deployed
