@@ -67,7 +67,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FIELD = b"d"
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 _CLAIM_COUNT = 1000
 
@@ -337,6 +336,14 @@ def _unpack_data(buf: bytes, big: list[bytes]) -> list[bytes]:
 def _next_id(entry_id: str) -> str:
     ms, _, seq = entry_id.partition("-")
     return f"{ms}-{int(seq or 0) + 1}"
+
+
+def _last_xread_id(reply: Any, default: str) -> str:
+    """Id of the last entry in an ``XREAD`` reply of one stream (list or, with RESP3 responses, dict)."""
+    entries = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    if len(entries) == 1 and isinstance(entries[0], list) and entries[0] and isinstance(entries[0][0], (list, tuple)):
+        entries = entries[0]  # RESP3 responses: {stream: [[entry, ...]]}
+    return _str(entries[-1][0]) if entries else default
 
 
 def _str(x: Any) -> str:
@@ -615,7 +622,7 @@ class RedisConnector(Connector):
                                                                       block=link.block_ms(left)))
             if not woke:
                 return []
-            self._cursor = _str(woke[0][1][-1][0])  # (a '>' read always starts after it anyway)
+            self._cursor = _last_xread_id(woke, self._cursor)  # (a '>' read always starts after it anyway)
 
     async def write_and_commit(self, items: list[tuple[str, str | None, bytes]], envelopes: list[Envelope]) -> None:
         """Append results and dead letters, then acknowledge and delete ``envelopes``' entries.
