@@ -135,6 +135,31 @@ def test_fencing_a_newer_runner_revokes_the_older_and_takes_its_pending_entries(
     asyncio.run(run())
 
 
+def test_results_for_a_closed_client_are_dropped_and_results_and_acks_go_together(redis_url, r):
+    inbox = _inbox()
+
+    async def run():
+        spec = _spec(redis_url, inbox)
+        await prepare_streams(spec)
+        c = RedisConnector(spec, 0, epoch=1)
+        await c.start()
+        stream = inbox_stream(inbox, 0)
+        for i in range(3):
+            r.xadd(stream, {"d": f"m{i}".encode()})
+        envs = await c.read(10, 1.0)
+        big = b"x" * 100_000  # over 8 KiB: passed apart from the small ones
+        await c.write_and_commit([(spec["outbox"], None, b"r0"), (f"gone-{inbox}", None, b"r1"),
+                                  (spec["outbox"], "k", big)], envs[:2])
+        assert [f[b"d"] for _, f in r.xrange(spec["outbox"])] == [b"r0", big]
+        assert not r.exists(f"gone-{inbox}"), "a reply stream is never created by a result"
+        assert c.describe()["dropped"] == 1
+        assert [f[b"d"] for _, f in r.xrange(stream)] == [b"m2"], "exactly the written ones are deleted"
+        assert r.xpending(stream, spec["name"])["pending"] == 1
+        await c.close()
+
+    asyncio.run(run())
+
+
 def test_send_waits_at_the_bound_and_fails_clearly_when_nobody_consumes(redis_url, r):
     inbox = _inbox()
 
@@ -410,3 +435,45 @@ def test_fast_producer_never_grows_the_inbox_past_its_bound(client, redis_url, r
         stop.set()
         handle.stop()
         undeploy(client, model)
+
+
+def test_sigkill_a_worker_mid_stream_its_pending_entries_are_taken_over(redis_url, r, poll):
+    """A runner killed with its worker: the partition's new runner claims what it had read and not acked."""
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(2)
+        model = _slow_model("slow-kill", client, delay=0.003)  # slower than the producer: work is pending
+        inbox = _inbox()
+        handle = deploy_pipeline(client, _pipeline(redis_url, inbox, model, partitions=2, max_batch_size=20))
+        rows = np.arange(6000, dtype=np.float32)[:, None]
+        with InferenceClient(client, inbox=inbox, transport=RedisTransport(redis_url)) as ic:
+            answered: dict[str, daskinfer.Result] = {}
+
+            def drain() -> None:
+                for res in ic.results(timeout=0.01):
+                    assert res.id not in answered, "delivered twice"
+                    answered[res.id] = res
+
+            ids = [ic.send(rows[i], key=f"k{i % 5}", request_id=f"r{i}") for i in range(3000)]
+            poll(lambda: drain() or len(answered) >= 300, timeout=30, what="answers before the kill")
+            busy = r.xpending(inbox_stream(inbox, 1), handle.name)["pending"]
+            assert busy > 0, "the runner of partition 1 has read entries that it has not acknowledged"
+            victim = handle.status()["assigned"][1]
+            os.kill(client.run(os.getpid)[victim], signal.SIGKILL)  # the runner dies with them; the nanny restarts it
+            ids += [ic.send(rows[i], key=f"k{i % 5}", request_id=f"r{i}") for i in range(3000, 6000)]
+            poll(lambda: drain() or len(answered) >= len(ids), timeout=60, what="all answers after the kill")
+            assert sorted(answered) == sorted(ids), "nothing lost, nothing delivered twice"
+            np.testing.assert_allclose(np.stack([answered[f"r{i}"].value() for i in range(6000)]), rows * 2)
+        st = handle.status()
+        print("\nsigkill (redis): claimed", [x.get("claimed") for x in st["runners"]], "epochs",
+              [x.get("epoch") for x in st["runners"]], "duplicates dropped", ic.duplicates)
+        assert len(st["assigned"]) == 2 and max(x["epoch"] for x in st["runners"]) > 2, "the partition moved"
+        assert sum(x["claimed"] for x in st["runners"]) > 0, "the new runner took over the dead one's pending entries"
+        for p in range(2):
+            assert r.xpending(inbox_stream(inbox, p), handle.name)["pending"] == 0
+            assert r.xlen(inbox_stream(inbox, p)) == 0
+        handle.stop()
