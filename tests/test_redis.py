@@ -169,6 +169,28 @@ def test_results_for_a_closed_client_are_dropped_and_results_and_acks_go_togethe
     asyncio.run(run())
 
 
+def test_a_repeated_delivery_writes_nothing_twice(redis_url, r):
+    """The deliver call retried after a lost reply (it had run): the outbox stays idempotent."""
+    inbox = _inbox()
+
+    async def run():
+        spec = _spec(redis_url, inbox)
+        await prepare_streams(spec)
+        c = RedisConnector(spec, 0, epoch=1)
+        await c.start()
+        for i in range(4):
+            r.xadd(inbox_stream(inbox, 0), {"d": f"m{i}".encode()})
+        envs = await c.read(10, 1.0)
+        results = [(spec["outbox"], None, b"r%d" % i) for i in range(4)]
+        await c.write_and_commit(results, envs)
+        await c.write_and_commit(results, envs)  # the same call again
+        assert [f[b"d"] for _, f in r.xrange(spec["outbox"])] == [b"r0", b"r1", b"r2", b"r3"]
+        assert r.xlen(inbox_stream(inbox, 0)) == 0
+        await c.close()
+
+    asyncio.run(run())
+
+
 def test_send_waits_at_the_bound_and_fails_clearly_when_nobody_consumes(redis_url, r):
     inbox = _inbox()
 

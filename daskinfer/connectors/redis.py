@@ -197,10 +197,21 @@ end
 # big messages, packed messages, the big ones.  Writes the results and then acknowledges and
 # deletes the processed inbox entries, atomically: both happen or neither.  Returns -1 when
 # another runner owns the partition (nothing written), else the (1-based) numbers of the
-# topics that were not there.
+# topics that were not there.  The entries are acknowledged first: if none of them was still
+# pending, an earlier run already wrote their results and nothing is written again (an
+# idempotent outbox, also when a reply was lost and the call retried).
 _DELIVER = _UNPACK_LUA + """
 local f = redis.call('GET', KEYS[2])
 if f and f ~= ARGV[2] then return -1 end
+local ids = {}
+for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
+local acked = 0
+for i = 1, #ids, 1000 do
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, #ids)))
+end
+-- none of these entries was pending any more: their results were written by an earlier
+-- run of this script (whose reply was lost); writing them again would duplicate answers
+if #ids > 0 and acked == 0 then return {} end
 local missing = {}
 local a = 4
 for k = 1, #KEYS - 2 do
@@ -214,14 +225,8 @@ for k = 1, #KEYS - 2 do
     a = each(a + 3, nbig, function(d) redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'd', d) end)
   end
 end
-if ARGV[3] ~= '' then
-  local ids = {}
-  for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
-  for i = 1, #ids, 1000 do
-    local j = math.min(i + 999, #ids)
-    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, j))
-    redis.call('XDEL', KEYS[1], unpack(ids, i, j))
-  end
+for i = 1, #ids, 1000 do
+  redis.call('XDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
 end
 return missing
 """
