@@ -104,3 +104,23 @@ def test_partition_for_is_stable_and_spreads():
     assert partition_for("user-1", 8) == partition_for("user-1", 8)
     assert len({partition_for(f"k{i}", 8) for i in range(200)}) == 8
     assert partition_for(None, 4, fallback=6) == 2
+
+
+def test_a_fenced_runner_writes_no_results(client, broker):
+    async def run():
+        inbox, out = _topic(), _topic()
+        await broker.create_topic(inbox, partitions=1)
+        await broker.create_topic(out, partitions=1)
+        await broker.assign(inbox, 0, "g", epoch=1)
+        await broker.put(inbox, [(0, b"req")])
+        await broker.assign(inbox, 0, "g", epoch=2)  # the partition moved on
+        commit = {"topic": inbox, "partition": 0, "group": "g", "offset": 1, "epoch": 1}
+        reply = await client.scheduler.daskinfer_write(puts=[[out, [[None, b"answer"]]]], commit=commit)
+        assert reply["revoked"]
+        assert list((await broker.get(out, 0, 0, 10))["messages"]) == [], "no answer from a fenced runner"
+        commit["epoch"] = 2
+        reply = await client.scheduler.daskinfer_write(puts=[[out, [[None, b"answer"]]]], commit=commit)
+        assert not reply.get("revoked")
+        assert list((await broker.get(out, 0, 0, 10))["messages"]) == [b"answer"]
+
+    client.sync(run)

@@ -158,10 +158,17 @@ class BrokerExtension:
         """A runner's output in one call: append ``[[topic, [[key, data], ...]], ...]`` (keys pick
         partitions), then commit ``commit`` (topic, partition, group, offset, epoch).
 
+        A runner whose epoch was superseded writes nothing (``revoked``): the new owner
+        redoes its uncommitted requests, and their answers must not appear twice.
+
         Topics that no longer exist (a client that left) are skipped and named in ``missing``.
         """
         missing = []
+        if commit is not None and not self._fresh(commit):
+            return {"missing": missing, "revoked": True}  # a fenced runner writes nothing
         for topic, rows in puts:
+            if commit is not None and not self._fresh(commit):  # reassigned while we waited for room
+                return {"missing": missing, "revoked": True}
             t = self.topics.get(topic)
             if t is None:
                 missing.append(topic)
@@ -172,6 +179,10 @@ class BrokerExtension:
         if commit is not None:
             reply.update(self.commit(**commit))
         return reply
+
+    def _fresh(self, commit: dict[str, Any]) -> bool:
+        t = self.topics.get(commit["topic"])
+        return t is not None and self._check_epoch(t, commit["group"], commit["partition"], commit.get("epoch"))
 
     def _check_epoch(self, t: Topic, group: str | None, partition: int, epoch: int | None) -> bool:
         if group is None or epoch is None:
