@@ -27,7 +27,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-import numpy as np
 
 # this file is named like the redis package: import the package before this folder goes on the path
 _HERE = os.path.dirname(os.path.abspath(__file__))

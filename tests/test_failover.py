@@ -5,8 +5,6 @@ These tests own their cluster, since they kill and add workers.
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import numpy as np
@@ -31,41 +29,6 @@ def _wait(condition, timeout: float, what: str) -> None:
         if time.monotonic() > end:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
-
-
-def test_sigkill_a_worker_mid_stream_loses_and_duplicates_nothing(own_cluster, mlp_path):
-    cluster, client = own_cluster
-    deploy(client, OnnxModel("mlp", mlp_path))
-    handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="chaos", partitions=4, max_batch_size=256))
-    n = 50_000
-    rows = random_rows(n, seed=3)
-    expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
-    with InferenceClient(client, inbox="chaos") as ic:
-        ids = [ic.send(rows[i], key=f"k{i % 13}", request_id=f"r{i}") for i in range(n // 2)]
-        _wait(lambda: ic.received > n // 8, 60, "some answers before the kill")
-        pids = client.run(os.getpid)
-        victim, pid = sorted(pids.items())[0]
-        os.kill(pid, signal.SIGKILL)  # the nanny starts another worker
-        ids += [ic.send(rows[i], key=f"k{i % 13}", request_id=f"r{i}") for i in range(n // 2, n)]
-        results = {}
-        deadline = time.monotonic() + 120
-        for r in ic.results(timeout=30):
-            assert r.id not in results, "the client delivered an answer twice"
-            results[r.id] = r
-            if len(results) == n or time.monotonic() > deadline:
-                break
-        lost = set(ids) - set(results)
-        print(f"\nchaos (embedded): sent {n}, answered {len(results)}, lost {len(lost)}, "
-              f"duplicates dropped by the client {ic.duplicates}")
-        assert not lost, f"{len(lost)} requests lost, e.g. {sorted(lost)[:5]}"
-        assert all(r.ok for r in results.values()), [r.error for r in results.values() if not r.ok][:3]
-        got = np.stack([results[f"r{i}"].value() for i in range(n)])
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    _wait(lambda: len(client.scheduler_info()["workers"]) == 2, 60, "the replacement worker")
-    status = handle.status()
-    assert victim not in status["assigned"].values()
-    assert len(status["assigned"]) == 4
-    handle.stop()
 
 
 def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path):

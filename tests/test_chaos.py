@@ -1,0 +1,91 @@
+"""Chaos: 50,000 requests through each broker while a worker process is SIGKILLed (and its
+nanny starts another) and, for Redis, the Redis server crashes and restarts (append-only
+persistence).  Every request must be answered once, with the right output.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline
+from daskinfer.testing import random_rows, run_onnx_directly
+from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
+
+N = 50_000
+
+
+@pytest.fixture
+def own_cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2)
+            yield client
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_cluster, mlp_path, request):
+    client = own_cluster
+    deploy(client, OnnxModel("mlp", mlp_path))
+    transport, redis_server, kw = None, None, {}
+    if broker == "redis":
+        if not os.environ.get("CI"):  # in CI a missing redis extra must fail, not skip
+            pytest.importorskip("redis", reason="the redis extra is not installed")
+        redis_server = request.getfixturevalue("redis_server")
+        url = request.getfixturevalue("redis_url")
+        from daskinfer.connectors.redis import RedisTransport
+
+        transport = RedisTransport(url)
+        kw = {"connector": "redis", "connector_options": {"url": url}, "outbox": f"out-chaos-{os.getpid()}"}
+    inbox = f"chaos-{broker}-{time.monotonic_ns()}"
+    handle = deploy_pipeline(client, Pipeline(model="mlp", inbox=inbox, partitions=4, max_batch_size=256, **kw))
+    rows = random_rows(N, seed=3)
+    expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
+    results: dict = {}
+    delivered_twice = 0
+
+    def drain(ic, until: int, timeout: float) -> None:
+        nonlocal delivered_twice
+        end = time.monotonic() + timeout
+        for r in ic.results(timeout=2):
+            if r.id in results:
+                delivered_twice += 1
+            results[r.id] = r
+            if len(results) >= until or time.monotonic() > end:
+                return
+
+    with InferenceClient(client, inbox=inbox, transport=transport) as ic:
+        for i in range(N // 2):
+            ic.send(rows[i], key=f"k{i % 13}", request_id=f"r{i}")
+        drain(ic, N // 8, 60)
+        pid = sorted(client.run(os.getpid).items())[0][1]
+        os.kill(pid, signal.SIGKILL)  # mid-stream: its nanny starts another worker
+        for i in range(N // 2, N):
+            ic.send(rows[i], key=f"k{i % 13}", request_id=f"r{i}")
+        if redis_server is not None:
+            drain(ic, N // 2, 60)
+            redis_server.restart(kill=True)  # a crash; the append-only file keeps acknowledged writes
+        drain(ic, N, 120)
+        lost = N - len(results)
+        print(f"\nchaos ({broker}): sent {N}, answered {len(results)}, lost {lost}, delivered twice "
+              f"{delivered_twice}, duplicates dropped by the client {ic.duplicates}")
+        assert lost == 0, f"{lost} requests lost"
+        assert delivered_twice == 0
+        assert all(r.ok for r in results.values()), [r.error for r in results.values() if not r.ok][:3]
+        got = np.stack([results[f"r{i}"].value() for i in range(N)])
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    _wait(lambda: len(client.scheduler_info()["workers"]) == 2, 60, "the replacement worker")
+    handle.stop()
