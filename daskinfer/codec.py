@@ -40,16 +40,17 @@ def _default(obj: Any) -> Any:
 
 
 def _encode_array(arr: np.ndarray) -> msgpack.ExtType:
-    if arr.dtype.kind not in _ALLOWED_KINDS or arr.dtype.fields is not None:
-        raise TypeError(f"cannot encode arrays of dtype {arr.dtype} (object/structured dtypes are not allowed)")
-    key = (arr.dtype.str, arr.shape)
-    prefix = _ENCODED_HEADERS.get(key)
+    dtype = arr.dtype
+    key = (dtype.str, arr.shape)
+    prefix = _ENCODED_HEADERS.get(key)  # a cached header was checked when it was made
     if prefix is None:
-        header = msgpack.packb([arr.dtype.str, list(arr.shape)])
+        if dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None:
+            raise TypeError(f"cannot encode arrays of dtype {dtype} (object/structured dtypes are not allowed)")
+        header = msgpack.packb([dtype.str, list(arr.shape)])
         prefix = _HEADER_LEN.pack(len(header)) + header
         if len(_ENCODED_HEADERS) < _CACHE_SIZE:
             _ENCODED_HEADERS[key] = prefix
-    return msgpack.ExtType(ARRAY_EXT, prefix + np.ascontiguousarray(arr).tobytes())
+    return msgpack.ExtType(ARRAY_EXT, prefix + arr.tobytes())  # tobytes() is C order for any layout
 
 
 def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
