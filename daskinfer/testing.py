@@ -69,4 +69,20 @@ def random_rows(n: int, n_in: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, n_in)).astype(np.float32)
 
 
-__all__: list[Any] = ["bundled_model_path", "make_mlp_onnx", "random_rows", "run_onnx_directly"]
+def collect_results(client: Any, n: int, timeout: float = 60.0) -> list[Any]:
+    """The next ``n`` results of requests sent with ``InferenceClient.send``, in arrival order.
+
+    Returns early (with fewer) when ``timeout`` seconds pass, so a test can say what is missing.
+    """
+    import time
+
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    for result in client.results(timeout=timeout):
+        out.append(result)
+        if len(out) >= n or time.monotonic() > deadline:
+            break
+    return out
+
+
+__all__: list[Any] = ["bundled_model_path", "collect_results", "make_mlp_onnx", "random_rows", "run_onnx_directly"]

@@ -28,16 +28,10 @@ def own_cluster():
             yield client
 
 
-def _wait(condition, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("broker", ["embedded", "redis"])
-def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_cluster, mlp_path, request):
+def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_cluster, mlp_path, request, poll):
     client = own_cluster
     deploy(client, OnnxModel("mlp", mlp_path))
     transport, redis_server, kw = None, None, {}
@@ -87,5 +81,5 @@ def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_clu
         assert all(r.ok for r in results.values()), [r.error for r in results.values() if not r.ok][:3]
         got = np.stack([results[f"r{i}"].value() for i in range(N)])
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    _wait(lambda: len(client.scheduler_info()["workers"]) == 2, 60, "the replacement worker")
+    poll(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60, what="the replacement worker")
     handle.stop()

@@ -5,7 +5,6 @@ These tests own their cluster, since they kill and add workers.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -23,15 +22,9 @@ def own_cluster():
             yield cluster, client
 
 
-def _wait(condition, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
-def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path):
+def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path, poll):
     cluster, client = own_cluster
     deploy(client, OnnxModel("mlp", mlp_path))
     handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="elastic", partitions=4))
@@ -40,10 +33,10 @@ def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path):
     with InferenceClient(client, inbox="elastic") as ic:
         futures = [ic.submit(rows[i], key=f"k{i % 5}") for i in range(5000)]
         cluster.scale(3)
-        _wait(lambda: len(set(handle.status()["assigned"].values())) == 3, 60, "a partition on the new worker")
+        poll(lambda: len(set(handle.status()["assigned"].values())) == 3, timeout=60, what="a partition on the new worker")
         futures += [ic.submit(rows[i], key=f"k{i % 5}") for i in range(5000, 12_000)]
         cluster.scale(1)
-        _wait(lambda: len(client.scheduler_info()["workers"]) == 1, 60, "scale down to one worker")
+        poll(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=60, what="scale down to one worker")
         futures += [ic.submit(rows[i], key=f"k{i % 5}") for i in range(12_000, 20_000)]
         results = [f.result(60) for f in futures]
     assert all(r.ok for r in results)
@@ -55,7 +48,7 @@ def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path):
     handle.stop()
 
 
-def test_a_runner_that_stops_by_itself_is_restarted(own_cluster, mlp_path):
+def test_a_runner_that_stops_by_itself_is_restarted(own_cluster, mlp_path, poll):
     cluster, client = own_cluster
     deploy(client, OnnxModel("mlp", mlp_path))
     handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="phoenix", partitions=2))
@@ -68,7 +61,7 @@ def test_a_runner_that_stops_by_itself_is_restarted(own_cluster, mlp_path):
             await client.rpc(worker).daskinfer_runner_stop(pipeline="phoenix", partition=0, drain=False)
 
         client.sync(kill_runner)
-        _wait(lambda: handle.status()["restarts"] >= 1, 30, "the controller to restart the partition")
+        poll(lambda: handle.status()["restarts"] >= 1, timeout=30, what="the controller to restart the partition")
         results = [f.result(30) for f in [ic.submit(r, key=f"k{i}") for i, r in enumerate(rows[1000:])]]
     assert all(r.ok for r in results)
     expected = run_onnx_directly(mlp_path, {"x": rows[1000:]})["probabilities"]

@@ -9,11 +9,10 @@ import uuid
 import numpy as np
 import pytest
 
-import daskinfer
 from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
 from daskinfer import codec
 from daskinfer.connectors.embedded import BrokerRPC
-from daskinfer.testing import random_rows, run_onnx_directly
+from daskinfer.testing import collect_results, random_rows, run_onnx_directly
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +24,6 @@ def mlp(client, mlp_path):
 
 def _inbox() -> str:
     return f"in-{uuid.uuid4().hex[:8]}"
-
-
-def _collect(ic: InferenceClient, n: int, timeout: float = 60.0) -> list[daskinfer.Result]:
-    out = []
-    deadline = time.monotonic() + timeout
-    for r in ic.results(timeout=timeout):
-        out.append(r)
-        if len(out) >= n or time.monotonic() > deadline:
-            break
-    return out
 
 
 def _dead_letters(client, topic: str) -> list[dict]:
@@ -83,7 +72,7 @@ def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_
             # undecodable bytes straight into the inbox: they can only go to the dead-letter topic
             client.sync(BrokerRPC(client.scheduler).put, inbox, [(p, b"\xc1garbage") for p in range(3)])
 
-            results = _collect(ic, n_requests)
+            results = collect_results(ic, n_requests)
             assert ic.duplicates == 0
             ids = [r.id for r in results]
             assert len(ids) == len(set(ids)) == n_requests, "every request answered exactly once"
@@ -181,7 +170,7 @@ def test_fast_producer_is_pushed_back_and_memory_stays_bounded(client):
                     info = client.sync(BrokerRPC(client.scheduler).info, inbox)
                     lengths.append(info["end"][0] - info["start"][0])
                     pending.append(len(ic._outq))
-            results = _collect(ic, n)
+            results = collect_results(ic, n)
         assert len({r.id for r in results}) == n
         assert max(lengths) <= cap, "the inbox never holds more than its bound"
         assert max(pending) <= 500, "the client buffers at most max_pending requests"

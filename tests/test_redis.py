@@ -29,7 +29,7 @@ from daskinfer.connectors.redis import (  # noqa: E402
 )
 from daskinfer.exceptions import TopicFullError  # noqa: E402
 from daskinfer.messages import peek_request_fields  # noqa: E402
-from daskinfer.testing import random_rows, run_onnx_directly  # noqa: E402
+from daskinfer.testing import collect_results, random_rows, run_onnx_directly  # noqa: E402
 from redis_server import redis_server, redis_url  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
@@ -58,16 +58,6 @@ def _pipeline(url: str, inbox: str, model: str, **kw) -> Pipeline:
     kw.setdefault("dead_letter", f"dead-{inbox}")
     return Pipeline(model=model, inbox=inbox, outbox=f"out-{inbox}", connector="redis",
                     connector_options={"url": url}, **kw)
-
-
-def _collect(ic: InferenceClient, n: int, timeout: float = 60.0) -> list[daskinfer.Result]:
-    out = []
-    deadline = time.monotonic() + timeout
-    for res in ic.results(timeout=timeout):
-        out.append(res)
-        if len(out) >= n or time.monotonic() > deadline:
-            break
-    return out
 
 
 def _drain(ic: InferenceClient, answered: dict, limit: int = 100) -> None:
@@ -278,7 +268,7 @@ def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
                 order[key].append(rid)
             f1 = ic.submit(random_rows(1, seed=99)[0])  # futures work too
             f2 = ic.submit_many(random_rows(5, seed=98))
-            results = _collect(ic, n)
+            results = collect_results(ic, n)
             assert f1.result(30).ok and f2.result(30).value().shape == (5, 2)
 
             ids = [res.id for res in results]
@@ -451,7 +441,7 @@ def test_fast_producer_never_grows_the_inbox_past_its_bound(client, redis_url, r
             rows = np.arange(n, dtype=np.float32)[:, None]
             for i in range(n):
                 ic.send(rows[i], key="one")
-            results = _collect(ic, n)
+            results = collect_results(ic, n)
         stop.set()
         watcher.join(5)
         assert len({res.id for res in results}) == n

@@ -46,15 +46,9 @@ def one_worker_cluster():
             yield cluster, client
 
 
-def _wait(condition, timeout, what):
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
-def test_cluster_grows_under_lag_and_shrinks_when_idle(one_worker_cluster):
+def test_cluster_grows_under_lag_and_shrinks_when_idle(one_worker_cluster, poll):
     cluster, client = one_worker_cluster
 
     def slow(x):  # ~2 ms per batch: one worker falls behind the producer below
@@ -68,10 +62,10 @@ def test_cluster_grows_under_lag_and_shrinks_when_idle(one_worker_cluster):
     with InferenceClient(client, inbox="scale") as ic:
         rows = np.arange(6000, dtype=np.float32)[:, None]
         futures = [ic.submit(r, key=f"k{i % 16}") for i, r in enumerate(rows)]
-        _wait(lambda: n_workers() == 2, 60, "a second worker under load")
+        poll(lambda: n_workers() == 2, timeout=60, what="a second worker under load")
         results = [f.result(120) for f in futures]
     assert all(r.ok for r in results)
     np.testing.assert_allclose(np.stack([r.value() for r in results]), rows + 1)
-    _wait(lambda: n_workers() == 1, 60, "scale down when idle")
+    poll(lambda: n_workers() == 1, timeout=60, what="scale down when idle")
     assert len(handle.status()["assigned"]) == 4
     handle.stop()
