@@ -41,9 +41,10 @@ def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path, po
         results = [f.result(60) for f in futures]
     assert all(r.ok for r in results)
     np.testing.assert_allclose(np.stack([r.value() for r in results]), expected, rtol=1e-5, atol=1e-6)
-    status = handle.status()
     (only,) = client.scheduler_info()["workers"]
-    assert set(status["assigned"].values()) == {only} and len(status["assigned"]) == 4
+    poll(lambda: len(handle.status()["assigned"]) == 4, timeout=30, what="every partition on the last worker")
+    status = handle.status()
+    assert set(status["assigned"].values()) == {only}
     assert status["moves"] >= 1
     handle.stop()
 
@@ -66,5 +67,5 @@ def test_a_runner_that_stops_by_itself_is_restarted(own_cluster, mlp_path, poll)
     assert all(r.ok for r in results)
     expected = run_onnx_directly(mlp_path, {"x": rows[1000:]})["probabilities"]
     np.testing.assert_allclose(np.stack([r.value() for r in results]), expected, rtol=1e-5, atol=1e-6)
-    assert all(r["running"] for r in handle.status()["runners"])
+    poll(lambda: all(r["state"] == "running" for r in handle.status()["runners"]), timeout=30, what="all runners")
     handle.stop()
