@@ -1,4 +1,4 @@
-"""1,000 malformed requests of 12 kinds mixed into 10,000 good ones (embedded broker).
+"""1,000 malformed requests of 12 kinds mixed into 10,000 good ones, through each broker.
 
 Each malformed request gets an error result naming the problem (on the client's reply
 topic, or the pipeline's outbox when not even the reply address can be read) and lands in
@@ -19,6 +19,7 @@ from daskinfer import InferenceClient, OnnxModel, Pipeline, codec, deploy, deplo
 from daskinfer.connectors.embedded import BrokerRPC
 from daskinfer.messages import Request
 from daskinfer.testing import random_rows, run_onnx_directly
+from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 LIMIT = 4096  # bytes: the pipeline's max_request_size
 
@@ -48,7 +49,14 @@ def strict_mlp(client, mlp_path):
     undeploy(client, "strict-mlp")
 
 
-def _read_topic(client, topic: str) -> list[bytes]:
+def _read_topic(client, topic: str, redis_url: str | None) -> list[bytes]:
+    """Every message of a topic (embedded broker) or stream (Redis)."""
+    if redis_url is not None:
+        import redis
+
+        with redis.Redis.from_url(redis_url) as r:
+            return [fields[b"d"] for _, fields in r.xrange(topic)]
+
     async def read():
         b = BrokerRPC(client.scheduler)
         out = []
@@ -59,15 +67,25 @@ def _read_topic(client, topic: str) -> list[bytes]:
     return client.sync(read)
 
 
-def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(client, strict_mlp, mlp_path):
+@pytest.mark.parametrize("broker", ["embedded", "redis"])
+def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, client, strict_mlp, mlp_path, request):
     tag = uuid.uuid4().hex[:6]
     inbox, outbox, dead = f"bad-in-{tag}", f"bad-out-{tag}", f"bad-dead-{tag}"
+    url, transport, kw = None, None, {}
+    if broker == "redis":
+        if not os.environ.get("CI"):  # in CI a missing redis extra must fail, not skip
+            pytest.importorskip("redis", reason="the redis extra is not installed")
+        from daskinfer.connectors.redis import RedisTransport
+
+        url = request.getfixturevalue("redis_url")
+        transport = RedisTransport(url)
+        kw = {"connector": "redis", "connector_options": {"url": url}}
     handle = deploy_pipeline(client, Pipeline(model=strict_mlp, inbox=inbox, outbox=outbox, dead_letter=dead,
-                                              partitions=2, max_request_size=LIMIT))
+                                              partitions=2, max_request_size=LIMIT, **kw))
     pids_before = client.run(os.getpid)
     rng = random.Random(0)
     try:
-        with InferenceClient(client, inbox=inbox) as ic:
+        with InferenceClient(client, inbox=inbox, transport=transport) as ic:
             to = ic.reply_topic
             rows = random_rows(10_000, seed=5)
             messages: list[tuple[str, str, bytes]] = []  # (kind, id, bytes)
@@ -84,7 +102,8 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(client, s
                     data = codec.encode(KINDS[kind][0](rid, to))
                 messages.append((kind, rid, data))
             rng.shuffle(messages)
-            client.sync(BrokerRPC(client.scheduler).put, inbox, [(i % 2, m[2]) for i, m in enumerate(messages)])
+            # raw bytes straight into the inbox partitions, the way any producer could put them
+            client.sync(ic.transport.send, inbox, [(i % 2, m[2]) for i, m in enumerate(messages)])
 
             n_with_reply = sum(1 for m in messages if m[0] not in UNDECODABLE)
             results = {}
@@ -109,14 +128,14 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(client, s
         assert len(seen) == len(KINDS)
 
         # requests that could not even be decoded are answered on the pipeline's outbox
-        undecodable = [r for r in map(codec.decode, _read_topic(client, outbox))]
+        undecodable = [r for r in map(codec.decode, _read_topic(client, outbox, url))]
         n_undecodable = sum(1 for m in messages if m[0] in UNDECODABLE)
         assert len(undecodable) == n_undecodable
         odd = [u["err"] for u in undecodable if u["err"][0] != "CodecError" or not any(
             w in u["err"][1] for w in ("malformed", "must be a map", "array"))]
         assert not odd, odd[:5]
 
-        letters = [codec.decode(m) for m in _read_topic(client, dead)]
+        letters = [codec.decode(m) for m in _read_topic(client, dead, url)]
         assert len(letters) == 1000, "every malformed request is in the dead-letter topic"
         raw = {m[2] for m in messages if m[0] != "good"}
         assert {bytes(d["data"]) for d in letters} == raw, "dead letters keep the raw request bytes"
@@ -125,7 +144,7 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(client, s
         assert client.run(os.getpid) == pids_before, "no worker process died"
         status = handle.status()
         assert all(r["running"] for r in status["runners"])
-        print(f"\nbad input: {sum(seen.values()) + n_undecodable} malformed of {len(kinds)} kinds, "
+        print(f"\nbad input ({broker}): {sum(seen.values()) + n_undecodable} malformed of {len(kinds)} kinds, "
               f"10000 good answered right, {len(letters)} dead letters")
     finally:
         handle.stop()
