@@ -92,6 +92,8 @@ def test_server_killed_and_restarted_mid_stream(mlp_path, breaker_failures):
         await asyncio.to_thread(servers[0].stop)  # killed mid-stream: running calls are cancelled
         marks["killed"] = time.monotonic()
         await poll(lambda: loaded.stats.failures > 0)  # clients saw it go
+        if breaker_failures == 5:  # keep it down until the circuit opened (else a quick restart may beat it)
+            await poll(lambda: loaded.breaker.times_opened >= 1)
         servers.append(await asyncio.to_thread(ModelServer(OnnxModel("mlp", mlp_path), grpc_port=port, serve_http=False).start))
         marks["restarted"] = time.monotonic()
         await producer
