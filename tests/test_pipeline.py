@@ -179,3 +179,38 @@ def test_fast_producer_is_pushed_back_and_memory_stays_bounded(client):
     finally:
         handle.stop()
         undeploy(client, "slow")
+
+
+def test_async_client_api(cluster, mlp, mlp_path):
+    """The same API with an asynchronous Dask client: await futures, async iteration."""
+    import asyncio
+
+    from distributed import Client
+
+    inbox = _inbox()
+
+    async def run():
+        async with Client(cluster.scheduler_address, asynchronous=True) as aclient:
+            handle = await deploy_pipeline(aclient, Pipeline(model=mlp, inbox=inbox, partitions=2))
+            rows = random_rows(300, seed=12)
+            async with InferenceClient(aclient, inbox=inbox) as ic:
+                one = await ic.submit(rows[0])
+                block = await ic.predict(rows)
+                many = await asyncio.gather(*(ic.submit(r, key="k") for r in rows[:100]))
+                for r in rows[100:110]:
+                    ic.send(r, key="s")
+                streamed = []
+                async for res in ic.aresults(timeout=10):
+                    streamed.append(res)
+                    if len(streamed) == 10:
+                        break
+            await handle.stop()
+            return one, block, many, streamed
+
+    one, block, many, streamed = asyncio.run(run())
+    expected = run_onnx_directly(mlp_path, {"x": random_rows(300, seed=12)})["probabilities"]
+    np.testing.assert_allclose(one.value(), expected[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(block, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.stack([r.value() for r in many]), expected[:100], rtol=1e-5, atol=1e-6)
+    assert len(streamed) == 10
+    np.testing.assert_allclose(np.stack([r.value() for r in streamed]), expected[100:110], rtol=1e-5, atol=1e-6)
