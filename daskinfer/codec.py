@@ -25,6 +25,7 @@ _ALLOWED_KINDS = set("biufcUSMm")  # bool, ints, floats, complex, str, bytes, da
 _HEADER_LEN = struct.Struct("<H")
 # Headers repeat (same dtype and shape for every request of a model): parse each once.
 _CACHE_SIZE = 4096
+_new_ext = tuple.__new__
 _ENCODED_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
 _DECODED_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
@@ -50,7 +51,9 @@ def _encode_array(arr: np.ndarray) -> msgpack.ExtType:
         prefix = _HEADER_LEN.pack(len(header)) + header
         if len(_ENCODED_HEADERS) < _CACHE_SIZE:
             _ENCODED_HEADERS[key] = prefix
-    return msgpack.ExtType(ARRAY_EXT, prefix + arr.tobytes())  # tobytes() is C order for any layout
+    # tobytes() is C order for any layout; the ExtType is made without its Python-level
+    # argument checks (the code and the bytes are ours), which cost more than the copy
+    return _new_ext(msgpack.ExtType, (ARRAY_EXT, prefix + arr.tobytes()))
 
 
 def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:

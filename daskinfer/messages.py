@@ -24,7 +24,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     """One inference request.
 
@@ -131,7 +131,7 @@ def peek_request_fields(data: bytes) -> dict[str, Any]:
     return {k: msg.get(k) for k in ("id", "r", "k", "t") if isinstance(msg.get(k), (str, int, float))}
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     """The answer to one request: outputs, or an error.
 
