@@ -83,14 +83,7 @@ def spec_from_metadata(t: pb.ModelMetadataResponse.TensorMetadata) -> TensorSpec
 def encode_request(block: Mapping[str, np.ndarray], model_name: str, model_version: str, request_id: str = "") -> pb.ModelInferRequest:
     """A ``ModelInferRequest`` with every input as raw contents."""
     req = pb.ModelInferRequest(model_name=model_name, model_version=model_version, id=request_id)
-    raw = []
-    for name, arr in block.items():
-        t = req.inputs.add()
-        t.name = name
-        t.datatype = v2.datatype_of(arr.dtype)
-        t.shape.extend(arr.shape)
-        raw.append(v2.to_raw(arr))
-    req.raw_input_contents.extend(raw)
+    v2.add_raw_tensors(req.inputs, req.raw_input_contents, block)
     return req
 
 

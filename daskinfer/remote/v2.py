@@ -136,6 +136,19 @@ def to_raw(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr, dtype=dt).tobytes()
 
 
+def add_raw_tensors(tensors: Any, raw_contents: Any, block: dict[str, np.ndarray]) -> None:
+    """Append ``block``'s arrays to a request's ``inputs`` (or a response's ``outputs``) with
+    their bytes in the matching ``raw_*_contents`` field."""
+    raw = []
+    for name, arr in block.items():
+        t = tensors.add()
+        t.name = name
+        t.datatype = datatype_of(arr.dtype)
+        t.shape.extend(arr.shape)
+        raw.append(to_raw(arr))
+    raw_contents.extend(raw)
+
+
 def from_raw(raw: bytes, datatype: str, shape: Sequence[int], tensor: str) -> np.ndarray:
     """Decode raw bytes of a tensor; checks the length against the shape."""
     shape = _check_shape(shape, tensor)

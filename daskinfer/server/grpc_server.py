@@ -41,14 +41,7 @@ def decode_request(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
 
 def encode_response(model: ServedModel, request_id: str, out: dict[str, np.ndarray]) -> pb.ModelInferResponse:
     resp = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request_id)
-    raw = []
-    for name, arr in out.items():
-        t = resp.outputs.add()
-        t.name = name
-        t.datatype = v2.datatype_of(arr.dtype)
-        t.shape.extend(arr.shape)
-        raw.append(v2.to_raw(arr))
-    resp.raw_output_contents.extend(raw)
+    v2.add_raw_tensors(resp.outputs, resp.raw_output_contents, out)
     return resp
 
 
