@@ -92,12 +92,17 @@ class Deployment:
         finally:
             self._exit()
 
-    async def apredict(self, batch: Any) -> dict[str, np.ndarray]:
-        """Run a batch without blocking the event loop."""
+    async def apredict(self, batch: Any, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Run a batch without blocking the event loop.
+
+        ``deadline``: seconds the batch may take; asynchronous models (remote services)
+        give up after it, in-process models ignore it.
+        """
         if self.first.is_async:
             self._enter()
             try:
-                out = await self.first.apredict(batch)
+                out = await (self.first.apredict(batch) if deadline is None
+                             else self.first.apredict(batch, deadline=deadline))
                 self.calls += 1
                 return out
             finally:

@@ -8,6 +8,7 @@ request, so one bad request fails alone and the others are answered.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import numpy as np
 
 from daskinfer import config
 from daskinfer.connectors.base import Envelope
-from daskinfer.exceptions import DeadlineExceededError, InputValidationError, RequestError
+from daskinfer.exceptions import DeadlineExceededError, InputValidationError, RemoteModelError, RequestError
 from daskinfer.messages import Request, Result, decode_request, error_result, peek_request_fields
 from daskinfer.registry import ModelRegistry
 
@@ -64,6 +65,13 @@ def _signature(req: Request) -> tuple:
     return tuple(
         (k, v.dtype.str, v.shape[1:] if req.batched else v.shape) for k, v in sorted(req.inputs.items())
     )
+
+
+def _may_be_one_request(exc: BaseException) -> bool:
+    """Could one request of a batch have caused ``exc``? Not a service that is down or out of time."""
+    if isinstance(exc, RemoteModelError) and exc.retryable:
+        return False
+    return not isinstance(exc, (TimeoutError, asyncio.TimeoutError, DeadlineExceededError))
 
 
 def _shape_problem(req: Request) -> str | None:
@@ -145,15 +153,18 @@ class BatchRunner:
                 _fail(p, e, model=model)
             return
         t0 = time.time()
+        deadlines = [p.req.deadline for p in group if p.req.deadline is not None]
         try:
-            out = await dep.apredict(_block(group))
+            # the group's earliest request deadline bounds a model that waits (a remote service)
+            out = await dep.apredict(_block(group), deadline=max(min(deadlines) - t0, 0.0) if deadlines else None)
         except Exception as e:
-            if len(group) > 1:  # isolate the request(s) at fault: bisect, O(k log n) calls for k bad ones
+            if len(group) > 1 and _may_be_one_request(e):  # isolate the request(s) at fault: bisect, O(k log n) calls
                 half = len(group) // 2
                 await self._run_group(model, group[:half])
                 await self._run_group(model, group[half:])
                 return
-            _fail(group[0], e, model=dep.name, version=dep.version)
+            for p in group:
+                _fail(p, e, model=dep.name, version=dep.version)
             return
         t1 = time.time()
         self.busy += t1 - t0

@@ -60,3 +60,33 @@ def test_worker_event_loop_path(client, model_server, mlp_path):
             assert calls == 3  # 250 rows in calls of at most 100
     finally:
         daskinfer.undeploy(client, "mlp-remote")
+
+
+def test_pipeline_request_deadline_bounds_a_remote_call(client, mlp_path):
+    """A request's deadline reaches the remote model: a slow service answers it with a
+    deadline error in about that time, not after the model's own (long) deadline."""
+    import time
+    import uuid
+
+    from daskinfer import InferenceClient, Pipeline, PythonModel, deploy_pipeline
+
+    def slow(x):
+        time.sleep(1.5)
+        return x * 2
+
+    with ModelServer(PythonModel("slow", slow, inputs={"x": ("float32", (None, 4))}), grpc_port=0, serve_http=False) as s:
+        daskinfer.deploy(client, RemoteModel("slow-remote", s.grpc_address, remote_name="slow", deadline=30, retries=0))
+        inbox = f"remote-{uuid.uuid4().hex[:6]}"
+        handle = deploy_pipeline(client, Pipeline(model="slow-remote", inbox=inbox, partitions=1))
+        try:
+            with InferenceClient(client, inbox=inbox) as ic:
+                t0 = time.monotonic()
+                r = ic.submit(np.ones(4, np.float32), deadline=0.4).result(20)
+                took = time.monotonic() - t0
+                assert not r.ok and r.error_type == "RemoteModelError" and "deadline" in r.error.lower(), (r.error_type, r.error)
+                assert took < 1.4, f"answered after {took:.2f}s: the request's 0.4 s deadline did not reach the call"
+                ok = ic.submit(np.ones(4, np.float32)).result(20)  # no deadline: the slow answer comes
+                np.testing.assert_array_equal(ok.value(), np.full(4, 2, np.float32))
+        finally:
+            handle.stop()
+            daskinfer.undeploy(client, "slow-remote")

@@ -218,8 +218,12 @@ class LoadedModel:
         block, rows = self.prepare(batch)
         return as_output_block(self._run(block), self.output_names, rows, self.name)
 
-    async def apredict(self, batch: Any) -> dict[str, np.ndarray]:
-        """Asynchronous :meth:`predict`; runs :meth:`_arun` for async models."""
+    async def apredict(self, batch: Any, *, deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Asynchronous :meth:`predict`; runs :meth:`_arun` for async models.
+
+        ``deadline`` (seconds the batch may take) is for models that wait on something
+        else, such as a remote service; an in-process model runs to completion.
+        """
         block, rows = self.prepare(batch)
         if self.is_async:
             result = await self._arun(block)
