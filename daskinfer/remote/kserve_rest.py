@@ -57,6 +57,16 @@ def snippet(body: bytes, limit: int = 80) -> str:
 class HttpClient(RemoteClient):
     """Shared plumbing of the REST clients: one session, JSON in and out, error mapping."""
 
+    api_prefix = ""  # "/v2" (KServe), "/v1" (TF Serving)
+
+    @property
+    def model_path(self) -> str:
+        """``{api_prefix}/models/{name}[/versions/{version}]``, quoted."""
+        p = f"{self.api_prefix}/models/{quote(self.model_name, safe='')}"
+        if self.model_version:
+            p += f"/versions/{quote(self.model_version, safe='')}"
+        return p
+
     def __init__(self, url: str, model_name: str, model_version: str = "", **options: Any):
         super().__init__(url.rstrip("/"), model_name, model_version, **options)
         self._session: aiohttp.ClientSession | None = None
@@ -125,13 +135,7 @@ class KServeRestClient(HttpClient):
     """
 
     protocol = "kserve-rest"
-
-    @property
-    def model_path(self) -> str:
-        p = f"/v2/models/{quote(self.model_name, safe='')}"
-        if self.model_version:
-            p += f"/versions/{quote(self.model_version, safe='')}"
-        return p
+    api_prefix = "/v2"
 
     async def ready(self, timeout: float) -> bool:
         status, _ = await self.request("ModelReady", "GET", self.model_path + "/ready", timeout)

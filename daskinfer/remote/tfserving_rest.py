@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 
@@ -70,6 +69,7 @@ class TFServingRestClient(HttpClient):
     """
 
     protocol = "tfserving-rest"
+    api_prefix = "/v1"
 
     def __init__(self, url: str, model_name: str, model_version: str = "", **options: Any):
         super().__init__(url, model_name, model_version, **options)
@@ -77,13 +77,6 @@ class TFServingRestClient(HttpClient):
         if self.format not in FORMATS:
             raise ValueError(f"tfserving_format must be one of {FORMATS}, got {self.format!r}")
         self.signature_name = options.get("signature_name") or None
-
-    @property
-    def model_path(self) -> str:
-        p = f"/v1/models/{quote(self.model_name, safe='')}"
-        if self.model_version:
-            p += f"/versions/{quote(self.model_version, safe='')}"
-        return p
 
     async def ready(self, timeout: float) -> bool:
         status, body = await self.request("ModelStatus", "GET", self.model_path, timeout)
