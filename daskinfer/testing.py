@@ -85,4 +85,29 @@ def collect_results(client: Any, n: int, timeout: float = 60.0) -> list[Any]:
     return out
 
 
-__all__: list[Any] = ["bundled_model_path", "collect_results", "make_mlp_onnx", "random_rows", "run_onnx_directly"]
+def check_outputs(results_by_id: dict[str, Any], sent: dict[str, tuple[np.ndarray, bool]], model: str | bytes,
+                  input_name: str = "x", output: str | None = None, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Assert that each request's answer equals the ONNX model run directly on its rows.
+
+    ``sent`` maps request id to ``(inputs, batched)``: one row, or a block of rows.
+    """
+    rows = np.concatenate([x if batched else x[None] for x, batched in sent.values()])
+    want = run_onnx_directly(model, {input_name: rows})
+    want_out = want[output] if output else next(iter(want.values()))
+    got = np.concatenate([
+        results_by_id[rid].value() if batched else results_by_id[rid].value()[None]
+        for rid, (_, batched) in sent.items()
+    ])
+    np.testing.assert_allclose(got, want_out, rtol=rtol, atol=atol)
+
+
+def check_key_order(results: list[Any], order: dict[str, list[str]]) -> None:
+    """Assert that results of each key arrived in request order (``order``: key -> ids as sent)."""
+    arrival: dict[Any, list[str]] = {}
+    for r in results:
+        arrival.setdefault(r.key, []).append(r.id)
+    for key, ids_in_order in order.items():
+        assert arrival.get(key, []) == ids_in_order, f"key {key} answered out of order"
+
+
+__all__: list[Any] = ["bundled_model_path", "check_key_order", "check_outputs", "collect_results", "make_mlp_onnx", "random_rows", "run_onnx_directly"]

@@ -12,7 +12,7 @@ import pytest
 from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
 from daskinfer import codec
 from daskinfer.connectors.embedded import BrokerRPC
-from daskinfer.testing import collect_results, random_rows, run_onnx_directly
+from daskinfer.testing import check_key_order, check_outputs, collect_results, random_rows, run_onnx_directly
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +79,7 @@ def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_
             assert set(ids) == set(sent) | set(bad)
 
             by_id = {r.id: r for r in results}
-            # outputs equal onnxruntime run directly on the same rows
-            rows = np.concatenate([x if batched else x[None] for x, batched in sent.values()])
-            expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
-            got = np.concatenate([
-                by_id[rid].value() if batched else by_id[rid].value()[None] for rid, (_, batched) in sent.items()
-            ])
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+            check_outputs(by_id, sent, mlp_path)  # equal to onnxruntime run directly on the same rows
             assert all(by_id[rid].model == mlp and by_id[rid].version == "1" for rid in sent)
 
             words = {"dtype": "float32", "shape": "shape", "missing": "missing input 'x'"}
@@ -94,12 +88,7 @@ def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_
                 assert not r.ok and r.error_type == "InputValidationError"
                 assert mlp in r.error and words[kind] in r.error, r.error
 
-            # results of each key arrive in request order
-            arrival = collections.defaultdict(list)
-            for r in results:
-                arrival[r.key].append(r.id)
-            for key, ids_in_order in order.items():
-                assert arrival[key] == ids_in_order, f"key {key} answered out of order"
+            check_key_order(results, order)  # results of each key arrive in request order
 
         letters = _dead_letters(client, dead)
         kinds = collections.Counter(d["error_type"] for d in letters)

@@ -29,7 +29,7 @@ from daskinfer.connectors.redis import (  # noqa: E402
 )
 from daskinfer.exceptions import TopicFullError  # noqa: E402
 from daskinfer.messages import peek_request_fields  # noqa: E402
-from daskinfer.testing import collect_results, random_rows, run_onnx_directly  # noqa: E402
+from daskinfer.testing import check_key_order, check_outputs, collect_results, random_rows, run_onnx_directly  # noqa: E402
 from redis_server import redis_server, redis_url  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
@@ -274,16 +274,8 @@ def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
             ids = [res.id for res in results]
             assert len(ids) == len(set(ids)) == n and set(ids) == set(sent), "every request answered exactly once"
             assert ic.duplicates == 0
-            by_id = {res.id: res for res in results}
-            rows = np.concatenate([x if batched else x[None] for x, batched in sent.values()])
-            expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
-            got = np.concatenate([by_id[i].value() if b else by_id[i].value()[None] for i, (_, b) in sent.items()])
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-            arrival = collections.defaultdict(list)
-            for res in results:
-                arrival[res.key].append(res.id)
-            for key, ids_in_order in order.items():
-                assert arrival[key] == ids_in_order, f"key {key} answered out of order"
+            check_outputs({res.id: res for res in results}, sent, mlp_path)
+            check_key_order(results, order)
             poll(lambda: r.xlen(ic.reply_topic) == 0, timeout=5, what="the client deleting what it received")
         assert not r.exists(ic.reply_topic), "closing the client deletes its reply stream"
         st = handle.status()
