@@ -7,7 +7,6 @@ has the same form.  Keys are short on the wire because there may be millions.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -226,6 +225,3 @@ def error_result(request_id: str, exc: BaseException, **kw: Any) -> Result:
     """A :class:`Result` for a failed request."""
     return Result(id=request_id, error_type=type(exc).__name__, error=str(exc), **kw)
 
-
-def now() -> float:
-    return time.time()

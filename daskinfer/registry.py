@@ -55,8 +55,6 @@ class Deployment:
         self._users = 0
         self._retired = False
         self._closed = False
-        self.calls = 0
-        self.rows = 0
 
     @property
     def inputs(self):
@@ -83,12 +81,9 @@ class Deployment:
         try:
             inst = self._pool.get()
             try:
-                out = inst.predict(batch)
+                return inst.predict(batch)
             finally:
                 self._pool.put(inst)
-            self.calls += 1
-            self.rows += len(next(iter(out.values())))
-            return out
         finally:
             self._exit()
 
@@ -101,10 +96,7 @@ class Deployment:
         if self.first.is_async:
             self._enter()
             try:
-                out = await (self.first.apredict(batch) if deadline is None
-                             else self.first.apredict(batch, deadline=deadline))
-                self.calls += 1
-                return out
+                return await self.first.apredict(batch, deadline=deadline)
             finally:
                 self._exit()
         if self.first.inline_rows and _rows(batch) <= self.first.inline_rows and self._pool_free():
