@@ -11,7 +11,7 @@ requests (one row each) arrive one per message, served
     call, a few calls in flight;
 (c) through the same pipeline with the model in-process (``OnnxModel`` on the workers).
 
-(b) and (c) use the partitioned pipeline of :mod:`daskinfer.pipeline` and its
+(b) and (c) use the partitioned pipeline of :mod:`daskinfer.dataflow.pipeline` and its
 :class:`~daskinfer.InferenceClient` (one message per request), on a ``dask scheduler``
 and one-thread ``dask worker`` processes, as in a deployment.  Everything shares this
 machine's cores (the model server too), so read the ratios, measured side by side in one

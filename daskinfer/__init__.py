@@ -5,12 +5,12 @@ deployed with :func:`deploy`, and run by streamz operators (``smart_batch``,
 ``infer``) or by the partitioned inbox -> outbox pipeline.
 """
 
-from daskinfer import config  # noqa: F401  (loads the defaults into dask.config)
-from daskinfer import operators  # noqa: F401  (registers the streamz operators)
-from daskinfer import stages  # noqa: F401  (registers from_inbox / to_outbox)
-from daskinfer.batching import BatchPolicy
+from daskinfer import settings  # noqa: F401  (loads the defaults into dask.config)
+from daskinfer.dataflow import streams  # noqa: F401  (registers the streamz operators)
+from daskinfer.dataflow import nodes  # noqa: F401  (registers from_inbox / to_outbox)
+from daskinfer.dataflow.batching import BatchPolicy
 from daskinfer.client import InferenceClient
-from daskinfer.deploy import deploy, deployed_models, undeploy
+from daskinfer.models.deploy import deploy, deployed_models, undeploy
 from daskinfer.exceptions import (
     CodecError,
     ConfigError,
@@ -23,8 +23,8 @@ from daskinfer.exceptions import (
     RequestError,
     ResultError,
 )
-from daskinfer.messages import Request, Result
-from daskinfer.pipeline import Pipeline, PipelineHandle, deploy_pipeline
+from daskinfer.wire.messages import Request, Result
+from daskinfer.dataflow.pipeline import Pipeline, PipelineHandle, deploy_pipeline
 from daskinfer.models import LoadedModel, Model, OnnxModel, PythonModel, RemoteModel, TensorSpec
 from daskinfer.server import ModelServer
 from daskinfer.testing import bundled_model_path

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.embedded import EmbeddedTransport, partition_for
-from daskinfer.messages import Request, Result, decode_result, new_id
+from daskinfer.wire.messages import Request, Result, decode_result, new_id
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -88,9 +88,9 @@ class InferenceClient:
         self.model = model
         self.asynchronous = bool(client.asynchronous)
         self.reply_topic = f"daskinfer-replies-{new_id()[:12]}"
-        self.dedupe_window = int(config.get("client.dedupe-window", dedupe_window))
+        self.dedupe_window = int(settings.get("client.dedupe-window", dedupe_window))
         self.max_pending = max_pending
-        self._max_size = config.get_bytes("codec.max-message-size")
+        self._max_size = settings.get_bytes("codec.max-message-size")
         self.transport: ClientTransport = transport or EmbeddedTransport(client, _READ_BATCH)
         self.duplicates = 0
         self.received = 0
@@ -228,7 +228,7 @@ class InferenceClient:
             self._tasks = [t for t in self._tasks if not t.done()]
 
     def _fail_batch(self, batch: list[tuple[int, bytes]], exc: BaseException) -> None:
-        from daskinfer.messages import peek_request_fields
+        from daskinfer.wire.messages import peek_request_fields
 
         for _, data in batch:
             rid = peek_request_fields(data).get("id")
@@ -286,11 +286,11 @@ class InferenceClient:
         """Send a block and wait for its outputs (raises :class:`~daskinfer.ResultError` on failure)."""
         if self.asynchronous:
             return self._apredict(inputs, timeout=timeout, **kwargs)
-        timeout = config.get_seconds("client.result-timeout", timeout)
+        timeout = settings.get_seconds("client.result-timeout", timeout)
         return self.submit_many(inputs, **kwargs).result(timeout).value()
 
     async def _apredict(self, inputs: Any, timeout: float | None = None, **kwargs: Any) -> Any:
-        timeout = config.get_seconds("client.result-timeout", timeout)
+        timeout = settings.get_seconds("client.result-timeout", timeout)
         return (await asyncio.wait_for(self.submit_many(inputs, **kwargs), timeout)).value()
 
     # -- receiving ---------------------------------------------------------------------------

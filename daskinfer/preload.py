@@ -18,7 +18,7 @@ async def dask_setup(server) -> None:  # noqa: ANN001 - a Worker or a Scheduler
     from distributed import Scheduler, Worker
 
     if isinstance(server, Worker):
-        from daskinfer.runner import EXTENSION, RunnerExtension
+        from daskinfer.dataflow.partition import EXTENSION, RunnerExtension
 
         if EXTENSION not in server.extensions:
             server.extensions[EXTENSION] = RunnerExtension(server)

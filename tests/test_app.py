@@ -12,7 +12,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from daskinfer import InferenceClient, undeploy
-from daskinfer.app import build_model, deploy_app, flat_config, load_app
+from daskinfer.cli.app import build_model, deploy_app, flat_config, load_app
 from daskinfer.exceptions import ConfigError, ModelLoadError
 from daskinfer.testing import random_rows, run_onnx_directly
 

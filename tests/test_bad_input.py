@@ -15,9 +15,10 @@ import uuid
 import numpy as np
 import pytest
 
-from daskinfer import InferenceClient, OnnxModel, Pipeline, codec, deploy, deploy_pipeline, undeploy
+from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline, undeploy
+from daskinfer.wire import codec
 from daskinfer.connectors.embedded import BrokerRPC
-from daskinfer.messages import Request
+from daskinfer.wire.messages import Request
 from daskinfer.testing import random_rows, run_onnx_directly
 from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 

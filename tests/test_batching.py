@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import dask
 
-from daskinfer.batching import BatchPolicy, Decision
+from daskinfer.dataflow.batching import BatchPolicy, Decision
 from daskinfer.exceptions import ConfigError
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import dask
 
-from daskinfer import codec
+from daskinfer.wire import codec
 from daskinfer.exceptions import CodecError, RequestError, RequestTooLargeError
-from daskinfer.messages import (
+from daskinfer.wire.messages import (
     Request,
     Result,
     decode_request,

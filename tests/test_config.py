@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import daskinfer
-from daskinfer import BatchPolicy, OnnxModel, PythonModel, config
+from daskinfer import BatchPolicy, OnnxModel, PythonModel, settings
 from daskinfer.exceptions import ConfigError
 
 YAML_PATH = os.path.join(os.path.dirname(daskinfer.__file__), "daskinfer.yaml")
@@ -90,7 +90,7 @@ def test_environment_variable_override_reaches_the_key():
 
 def test_config_set_override_is_honoured_at_call_time():
     with dask.config.set({"daskinfer.batching.max-batch-size": 17}):
-        assert config.get("batching.max-batch-size") == 17
+        assert settings.get("batching.max-batch-size") == 17
         assert BatchPolicy.from_config().max_batch_size == 17
     assert BatchPolicy.from_config().max_batch_size == LEAVES["daskinfer.batching.max-batch-size"]
 
@@ -104,12 +104,12 @@ def test_batch_policy_from_config_parses_durations():
 
 
 def test_get_helpers_prefer_explicit_values():
-    assert config.get("batching.max-batch-size", 3) == 3
-    assert config.get_seconds("models.pip-timeout") == 300.0
-    assert config.get_seconds("models.pip-timeout", "2m") == 120.0
-    assert config.get_bytes("codec.max-message-size") == 64 * 2**20
-    assert config.get_bytes("codec.max-message-size", "1KiB") == 1024
-    assert config.get_bytes("codec.max-message-size", 10) == 10
+    assert settings.get("batching.max-batch-size", 3) == 3
+    assert settings.get_seconds("models.pip-timeout") == 300.0
+    assert settings.get_seconds("models.pip-timeout", "2m") == 120.0
+    assert settings.get_bytes("codec.max-message-size") == 64 * 2**20
+    assert settings.get_bytes("codec.max-message-size", "1KiB") == 1024
+    assert settings.get_bytes("codec.max-message-size", 10) == 10
 
 
 def test_onnx_settings_follow_config_at_call_time(mlp_path):

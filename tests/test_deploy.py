@@ -17,13 +17,13 @@ from daskinfer.testing import random_rows, run_onnx_directly
 
 
 def predict_on_worker(name, x):
-    from daskinfer.registry import registry_for
+    from daskinfer.models.registry import registry_for
 
     return registry_for().get(name).predict(x)
 
 
 def worker_models(dask_worker):
-    from daskinfer.registry import registry_for
+    from daskinfer.models.registry import registry_for
 
     return registry_for(dask_worker).names()
 
@@ -94,7 +94,7 @@ class Constant:
 def run_batch(name, x):
     from distributed import get_worker
 
-    from daskinfer.registry import registry_for
+    from daskinfer.models.registry import registry_for
 
     started = time.time()
     out = registry_for().get(name).predict(x)["output"]

@@ -27,7 +27,7 @@ from daskinfer.exceptions import (
     OutputCountError,
     ResultError,
 )
-from daskinfer.registry import ModelRegistry, load_deployment
+from daskinfer.models.registry import ModelRegistry, load_deployment
 from daskinfer.testing import random_rows, run_onnx_directly
 
 

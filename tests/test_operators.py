@@ -13,7 +13,7 @@ from streamz import Stream
 import daskinfer  # noqa: F401  (registers the operators)
 from daskinfer import OnnxModel, PythonModel
 from daskinfer.exceptions import InputValidationError
-from daskinfer.registry import local_registry
+from daskinfer.models.registry import local_registry
 from daskinfer.testing import random_rows, run_onnx_directly
 
 
@@ -141,7 +141,7 @@ def test_dask_infer_output_emits_the_array(client, mlp_deployed, mlp_path, poll)
 
 
 def test_dask_infer_of_a_model_not_deployed_names_it(client, mlp_deployed, poll):
-    from daskinfer.operators import InferenceFailure
+    from daskinfer.dataflow.streams import InferenceFailure
 
     futures = []
     source = Stream(asynchronous=False)
@@ -210,7 +210,7 @@ def test_dask_stream_failure_travels_as_a_value_and_the_stream_goes_on(client, m
     import numpy as np
     from streamz import Stream
 
-    from daskinfer.operators import InferenceFailure
+    from daskinfer.dataflow.streams import InferenceFailure
     from daskinfer.testing import random_rows, run_onnx_directly, bundled_model_path
 
     source = Stream(asynchronous=False)

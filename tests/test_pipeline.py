@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
-from daskinfer import codec
+from daskinfer.wire import codec
 from daskinfer.connectors.embedded import BrokerRPC
 from daskinfer.testing import check_key_order, check_outputs, collect_results, random_rows, run_onnx_directly
 

@@ -19,7 +19,8 @@ else:
     redis = pytest.importorskip("redis", reason="the redis extra is not installed (pip install daskinfer[redis])")
 
 import daskinfer  # noqa: E402
-from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, codec, deploy, deploy_pipeline, undeploy  # noqa: E402
+from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy  # noqa: E402
+from daskinfer.wire import codec
 from daskinfer.connectors.base import PartitionRevoked  # noqa: E402
 from daskinfer.connectors.redis import (  # noqa: E402
     RedisConnector,
@@ -28,7 +29,7 @@ from daskinfer.connectors.redis import (  # noqa: E402
     prepare_streams,
 )
 from daskinfer.exceptions import TopicFullError  # noqa: E402
-from daskinfer.messages import peek_request_fields  # noqa: E402
+from daskinfer.wire.messages import peek_request_fields  # noqa: E402
 from daskinfer.testing import check_key_order, check_outputs, collect_results, random_rows, run_onnx_directly  # noqa: E402
 from redis_server import redis_server, redis_url  # noqa: E402,F401  (fixtures)
 
@@ -232,16 +233,16 @@ def test_password_in_the_url_and_a_clear_error_without_it(tmp_path):
 def test_rediss_urls_use_tls_and_urls_in_errors_hide_the_password():
     from redis.asyncio.connection import SSLConnection
 
-    from daskinfer.connectors.redis import _Link, _redact
+    from daskinfer.connectors.redis.link import RedisLink, redact_url
 
     async def run():
-        link = _Link("rediss://:pw@example.invalid:6380/1", {"ssl_ca_certs": "/nonexistent/ca.pem"}, "test")
+        link = RedisLink("rediss://:pw@example.invalid:6380/1", {"ssl_ca_certs": "/nonexistent/ca.pem"}, "test")
         assert issubclass(link.redis.connection_pool.connection_class, SSLConnection)
         assert link.redis.connection_pool.connection_kwargs["ssl_ca_certs"] == "/nonexistent/ca.pem"
         await link.aclose()
 
     asyncio.run(run())
-    assert _redact("rediss://user:pw@host:6380/1") == "rediss://***@host:6380/1"
+    assert redact_url("rediss://user:pw@host:6380/1") == "rediss://***@host:6380/1"
 
 
 # -- end to end on the session cluster --------------------------------------------------------------

@@ -41,7 +41,7 @@ def test_dask_stream_through_a_remote_model(client, model_server, mlp_path, poll
 
 
 async def _apredict_on_worker(name, x, dask_worker=None):
-    from daskinfer.registry import registry_for
+    from daskinfer.models.registry import registry_for
 
     dep = registry_for(dask_worker).get(name)
     out = await dep.apredict(x)  # the worker's own event loop: the pipeline's path

@@ -9,7 +9,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from daskinfer import InferenceClient, Pipeline, PythonModel, deploy, deploy_pipeline
-from daskinfer.scaling import InferenceAdaptive, LoadSample, ScalingPolicy
+from daskinfer.control.scaling import InferenceAdaptive, LoadSample, ScalingPolicy
 
 
 def s(t, backlog, done, busy, workers):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport, Connector, Envelope, PartitionRevoked
 from daskinfer.connectors.log import PartitionLog
 from daskinfer.exceptions import ConfigError, TopicFullError, TopicNotFoundError
@@ -99,8 +99,8 @@ class BrokerExtension:
         """Create a topic (no-op if it exists); return its number of partitions."""
         if name in self.topics:
             return len(self.topics[name].logs)
-        n = int(config.get("broker.partitions", partitions))
-        cap = int(config.get("broker.max-messages", max_messages))
+        n = int(settings.get("broker.partitions", partitions))
+        cap = int(settings.get("broker.max-messages", max_messages))
         if n < 1 or cap < 1:
             raise ConfigError(f"topic {name!r}: partitions and max_messages must be >= 1, got {n} and {cap}")
         self.topics[name] = Topic(name, n, cap)
@@ -125,7 +125,7 @@ class BrokerExtension:
     async def put(self, topic: str, messages: list, timeout: float | None = None) -> int:
         """Append ``[[partition, data], ...]``; wait for room; return how many were appended."""
         t = self._topic(topic)
-        timeout = config.get_seconds("broker.put-timeout", timeout)
+        timeout = settings.get_seconds("broker.put-timeout", timeout)
         by_part: dict[int, list[bytes]] = {}
         n_parts = len(t.logs)
         for p, data in messages:
@@ -249,7 +249,7 @@ class BrokerPlugin(SchedulerPlugin):
     idempotent = True
 
     async def start(self, scheduler: Scheduler) -> None:
-        from daskinfer.controller import ControllerExtension
+        from daskinfer.control.controller import ControllerExtension
 
         if "daskinfer-broker" not in scheduler.extensions:
             scheduler.extensions["daskinfer-broker"] = BrokerExtension(scheduler)

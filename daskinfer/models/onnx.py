@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.exceptions import ConfigError, ModelLoadError
-from daskinfer.models.base import LoadedModel, Model, TensorSpec
+from daskinfer.models.loaded import LoadedModel
+from daskinfer.models.spec import Model
+from daskinfer.tensors import TensorSpec
 
 ONNX_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -61,7 +63,7 @@ class LoadedOnnx(LoadedModel):
         )
         self.session = session
         self._output_names = [o.name for o in session.get_outputs()]
-        self.inline_rows = int(config.get("onnx.inline-rows"))
+        self.inline_rows = int(settings.get("onnx.inline-rows"))
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
         values = self.session.run(self._output_names, block)
@@ -78,7 +80,7 @@ class OnnxModel(Model):
     model : str, os.PathLike or bytes
         Path to an ``.onnx`` file, or its bytes.
     version, instances, warmup, allow_nan
-        See :class:`~daskinfer.models.base.Model`.
+        See :class:`~daskinfer.models.spec.Model`.
     intra_op_num_threads, inter_op_num_threads : int, optional
         onnxruntime threads; config ``daskinfer.onnx.*`` (1 suits one-thread Dask workers).
     providers : list of str, optional
@@ -123,10 +125,10 @@ class OnnxModel(Model):
                     model=name,
                     path=self.path,
                 ) from e
-        self.intra_op_num_threads = int(config.get("onnx.intra-op-num-threads", intra_op_num_threads))
-        self.inter_op_num_threads = int(config.get("onnx.inter-op-num-threads", inter_op_num_threads))
-        self.providers = list(config.get("onnx.providers", providers))
-        level = config.get("onnx.graph-optimization-level", graph_optimization_level)
+        self.intra_op_num_threads = int(settings.get("onnx.intra-op-num-threads", intra_op_num_threads))
+        self.inter_op_num_threads = int(settings.get("onnx.inter-op-num-threads", inter_op_num_threads))
+        self.providers = list(settings.get("onnx.providers", providers))
+        level = settings.get("onnx.graph-optimization-level", graph_optimization_level)
         if level not in OPT_LEVELS:
             raise ConfigError(
                 f"model {name!r}: graph_optimization_level must be one of {sorted(OPT_LEVELS)}, got {level!r}"

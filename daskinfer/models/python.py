@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.exceptions import ConfigError, ModelLoadError
-from daskinfer.models.base import LoadedModel, Model, TensorSpec
+from daskinfer.models.loaded import LoadedModel
+from daskinfer.models.spec import Model
+from daskinfer.tensors import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +140,7 @@ class PythonModel(Model):
         What the model receives: an array (single input) or dict, always a dict,
         a ``pandas.DataFrame``, or a list of rows (Jet's ``handle(list) -> list``).
     version, instances, warmup, allow_nan
-        See :class:`~daskinfer.models.base.Model`.
+        See :class:`~daskinfer.models.spec.Model`.
 
     Examples
     --------
@@ -240,7 +242,7 @@ class PythonModel(Model):
             zipfile.ZipFile(io.BytesIO(self.wheels_zip)).extractall(wheels)
             cmd += ["--no-index", "--find-links", wheels]
         cmd += self.pip_options + self.requirements
-        timeout = config.get_seconds("models.pip-timeout")
+        timeout = settings.get_seconds("models.pip-timeout")
         logger.info("installing requirements of model %s: %s", self.name, self.requirements)
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

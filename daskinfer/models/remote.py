@@ -34,9 +34,12 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.exceptions import ConfigError, RemoteModelError
-from daskinfer.models.base import LoadedModel, Model, as_output_block, block_rows
+from daskinfer.models.contract import as_output_block
+from daskinfer.models.loaded import LoadedModel
+from daskinfer.models.spec import Model
+from daskinfer.tensors import block_rows
 from daskinfer.remote import PROTOCOLS, make_client
 from daskinfer.remote.base import CallStats, LoopThread, ModelSignature, RemoteClient, call_with_retries
 from daskinfer.remote.retry import CircuitBreaker, RetryPolicy
@@ -394,7 +397,7 @@ class RemoteModel(Model):
     max_message_size : int or str, optional
         Largest gRPC message. Config ``daskinfer.remote.max-message-size``.
     version, warmup
-        See :class:`~daskinfer.models.base.Model` (a remote model is not called at load time).
+        See :class:`~daskinfer.models.spec.Model` (a remote model is not called at load time).
 
     Examples
     --------
@@ -453,17 +456,17 @@ class RemoteModel(Model):
         self.protocol = protocol
         self.remote_name = remote_name or name
         self.remote_version = "" if remote_version is None else str(remote_version)
-        self.max_batch_size = int(config.get("remote.max-batch-size", max_batch_size))
-        self.max_inflight = int(config.get("remote.max-inflight", max_inflight))
-        self.timeout = config.get_seconds("remote.timeout", timeout)
-        self.deadline = config.get_seconds("remote.deadline", deadline)
-        self.retries = int(config.get("remote.retries", retries))
-        self.backoff_base = config.get_seconds("remote.backoff-base", backoff_base)
-        self.backoff_max = config.get_seconds("remote.backoff-max", backoff_max)
-        self.backoff_jitter = float(config.get("remote.backoff-jitter", backoff_jitter))
-        self.breaker_failures = int(config.get("remote.breaker-failures", breaker_failures))
-        self.breaker_reset = config.get_seconds("remote.breaker-reset", breaker_reset)
-        self.max_message_size = config.get_bytes("remote.max-message-size", max_message_size)
+        self.max_batch_size = int(settings.get("remote.max-batch-size", max_batch_size))
+        self.max_inflight = int(settings.get("remote.max-inflight", max_inflight))
+        self.timeout = settings.get_seconds("remote.timeout", timeout)
+        self.deadline = settings.get_seconds("remote.deadline", deadline)
+        self.retries = int(settings.get("remote.retries", retries))
+        self.backoff_base = settings.get_seconds("remote.backoff-base", backoff_base)
+        self.backoff_max = settings.get_seconds("remote.backoff-max", backoff_max)
+        self.backoff_jitter = float(settings.get("remote.backoff-jitter", backoff_jitter))
+        self.breaker_failures = int(settings.get("remote.breaker-failures", breaker_failures))
+        self.breaker_reset = settings.get_seconds("remote.breaker-reset", breaker_reset)
+        self.max_message_size = settings.get_bytes("remote.max-message-size", max_message_size)
         for what, value, low in (
             ("max_batch_size", self.max_batch_size, 1),
             ("max_inflight", self.max_inflight, 1),

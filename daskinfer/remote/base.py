@@ -28,7 +28,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from daskinfer.exceptions import RemoteModelError
-from daskinfer.models.base import TensorSpec
+from daskinfer.tensors import TensorSpec
 from daskinfer.remote.retry import CircuitBreaker, RetryPolicy
 
 logger = logging.getLogger(__name__)

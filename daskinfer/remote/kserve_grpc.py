@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from daskinfer.models.base import TensorSpec
+from daskinfer.tensors import TensorSpec
 from daskinfer.remote import v2
 from daskinfer.remote.base import ModelSignature, RemoteClient
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import aiohttp
 import numpy as np
 
-from daskinfer.models.base import TensorSpec
+from daskinfer.tensors import TensorSpec
 from daskinfer.remote import v2
 from daskinfer.remote.base import ModelSignature, RemoteClient
 

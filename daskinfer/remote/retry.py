@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.exceptions import ConfigError
 
 
@@ -59,10 +59,10 @@ class RetryPolicy:
     ) -> RetryPolicy:
         """A policy with ``None`` arguments read from ``daskinfer.remote.*``."""
         return cls(
-            retries=int(config.get("remote.retries", retries)),
-            backoff_base=config.get_seconds("remote.backoff-base", backoff_base),
-            backoff_max=config.get_seconds("remote.backoff-max", backoff_max),
-            jitter=float(config.get("remote.backoff-jitter", jitter)),
+            retries=int(settings.get("remote.retries", retries)),
+            backoff_base=settings.get_seconds("remote.backoff-base", backoff_base),
+            backoff_max=settings.get_seconds("remote.backoff-max", backoff_max),
+            jitter=float(settings.get("remote.backoff-jitter", jitter)),
         )
 
     def delay(self, attempt: int, u: float) -> float:
@@ -129,8 +129,8 @@ class CircuitBreaker:
     @classmethod
     def from_config(cls, failure_threshold: int | None = None, reset_timeout: float | str | None = None) -> CircuitBreaker:
         return cls(
-            int(config.get("remote.breaker-failures", failure_threshold)),
-            config.get_seconds("remote.breaker-reset", reset_timeout),
+            int(settings.get("remote.breaker-failures", failure_threshold)),
+            settings.get_seconds("remote.breaker-reset", reset_timeout),
         )
 
     def allow(self, now: float) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer.models.base import TensorSpec
+from daskinfer.tensors import TensorSpec
 from daskinfer.remote import v2
 from daskinfer.remote.base import ModelSignature
 from daskinfer.remote.kserve_rest import HttpClient, snippet

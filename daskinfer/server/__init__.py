@@ -17,14 +17,14 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
-from daskinfer import config
-from daskinfer.batching import BatchPolicy
+from daskinfer import settings
+from daskinfer.dataflow.batching import BatchPolicy
 from daskinfer.exceptions import ConfigError
 from daskinfer.remote.base import LoopThread
 from daskinfer.server.core import ServerCore, load_models
 
 if TYPE_CHECKING:
-    from daskinfer.models.base import Model
+    from daskinfer.models.spec import Model
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +91,14 @@ class ModelServer:
         if not (serve_grpc or serve_http):
             raise ConfigError("the model server needs at least one of serve_grpc and serve_http")
         self.models = models
-        self.host = str(config.get("remote.server.host", host))
-        self._grpc_port_arg = int(config.get("remote.server.grpc-port", grpc_port))
-        self._http_port_arg = int(config.get("remote.server.http-port", http_port))
+        self.host = str(settings.get("remote.server.host", host))
+        self._grpc_port_arg = int(settings.get("remote.server.grpc-port", grpc_port))
+        self._http_port_arg = int(settings.get("remote.server.http-port", http_port))
         self.serve_grpc = serve_grpc
         self.serve_http = serve_http
         self.policy = BatchPolicy.from_config(max_batch_size, max_delay, max_inflight)
-        self.max_queue_rows = int(config.get("remote.server.max-queue-rows", max_queue_rows))
-        self.max_message_size = config.get_bytes("remote.max-message-size", max_message_size)
+        self.max_queue_rows = int(settings.get("remote.server.max-queue-rows", max_queue_rows))
+        self.max_message_size = settings.get_bytes("remote.max-message-size", max_message_size)
         self.tls_cert = _read_pem(tls_cert)
         self.tls_key = _read_pem(tls_key)
         self.tls_client_ca = _read_pem(tls_client_ca)

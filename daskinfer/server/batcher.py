@@ -1,7 +1,7 @@
 """Smart batching across the concurrent callers of one served model.
 
 Every call (gRPC or REST) puts its block in the model's queue and awaits its own
-rows back.  :class:`~daskinfer.batching.BatchPolicy` decides when the queued blocks
+rows back.  :class:`~daskinfer.dataflow.batching.BatchPolicy` decides when the queued blocks
 form a batch: whenever fewer than ``max_inflight`` model calls run, everything queued
 (up to ``max_batch_size`` rows) goes as one model call; while the model is busy, new
 calls queue up and form the next, larger batch.  No timer at light load.
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from daskinfer.batching import BatchPolicy
-from daskinfer.blocks import concat, split
+from daskinfer.dataflow.batching import BatchPolicy
+from daskinfer.tensors import concat, split
 
 if TYPE_CHECKING:
-    from daskinfer.registry import Deployment
+    from daskinfer.models.registry import Deployment
 
 logger = logging.getLogger(__name__)
 

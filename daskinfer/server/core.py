@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer.batching import BatchPolicy
-from daskinfer.models.base import Model, TensorSpec
-from daskinfer.registry import Deployment
+from daskinfer.dataflow.batching import BatchPolicy
+from daskinfer.models.spec import Model
+from daskinfer.tensors import TensorSpec
+from daskinfer.models.registry import Deployment
 from daskinfer.remote import v2
 from daskinfer.server.batcher import ServerBatcher
 
@@ -101,7 +102,7 @@ class ServerCore:
 
 def load_models(models: Any) -> list[Deployment]:
     """Load a :class:`Model`, a list of them or a ``{name: Model}`` dict (blocking)."""
-    from daskinfer.registry import load_deployment
+    from daskinfer.models.registry import load_deployment
 
     if isinstance(models, Model):
         models = [models]

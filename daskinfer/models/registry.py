@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.exceptions import ModelLoadError, ModelNotFoundError
 
 if TYPE_CHECKING:
     from distributed import Worker
 
-    from daskinfer.models.base import LoadedModel, Model
+    from daskinfer.models.loaded import LoadedModel
+    from daskinfer.models.spec import Model
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def load_deployment(model: Model) -> Deployment:
     for inst in instances:
         inst.allow_nan = getattr(model, "allow_nan", True)
     if model.warmup:
-        rows = int(config.get("models.warmup-rows"))
+        rows = int(settings.get("models.warmup-rows"))
         for inst in instances:
             block = inst.warmup_block(rows)
             if block is None:

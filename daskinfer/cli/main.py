@@ -118,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
     import dask
     from distributed import Client, LocalCluster
 
-    from daskinfer.app import deploy_app, flat_config, load_app
+    from daskinfer.cli.app import deploy_app, flat_config, load_app
     from daskinfer.exceptions import DaskInferError
 
     try:

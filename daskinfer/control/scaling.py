@@ -21,7 +21,7 @@ from typing import Any
 
 from distributed.deploy.adaptive import Adaptive
 
-from daskinfer import config
+from daskinfer import settings
 
 
 @dataclass(frozen=True)
@@ -89,12 +89,12 @@ class InferenceAdaptive(Adaptive):
 
     def __init__(self, *args: Any, target_lag: str | float | None = None, scale_down_busy: float | None = None,
                  **kwargs: Any):
-        kwargs.setdefault("interval", config.get("scaling.interval"))
-        kwargs.setdefault("wait_count", config.get("scaling.wait-count"))
+        kwargs.setdefault("interval", settings.get("scaling.interval"))
+        kwargs.setdefault("wait_count", settings.get("scaling.wait-count"))
         super().__init__(*args, **kwargs)
         self.policy = ScalingPolicy(
-            target_lag=config.get_seconds("scaling.target-lag", target_lag),
-            scale_down_busy=float(config.get("scaling.scale-down-busy", scale_down_busy)),
+            target_lag=settings.get_seconds("scaling.target-lag", target_lag),
+            scale_down_busy=float(settings.get("scaling.scale-down-busy", scale_down_busy)),
         )
         self._prev: LoadSample | None = None
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.connectors.base import Envelope
 from daskinfer.exceptions import DeadlineExceededError, InputValidationError, RemoteModelError, RequestError
-from daskinfer.messages import Request, Result, decode_request, error_result, peek_request_fields
-from daskinfer.registry import ModelRegistry
+from daskinfer.wire.messages import Request, Result, decode_request, error_result, peek_request_fields
+from daskinfer.models.registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Pending:
 def decode_envelopes(envs: list[Envelope], max_size: int | None = None) -> list[Pending]:
     """Decode raw messages; a malformed one becomes a :class:`Pending` with its error."""
     now = time.time()
-    max_size = config.get_bytes("codec.max-message-size", max_size)
+    max_size = settings.get_bytes("codec.max-message-size", max_size)
     out = []
     for env in envs:
         try:

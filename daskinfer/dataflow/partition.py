@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from distributed.diagnostics.plugin import WorkerPlugin
 from streamz import Stream
 
-from daskinfer import operators  # noqa: F401  (registers smart_batch / infer)
-from daskinfer import stages  # noqa: F401  (registers from_inbox / to_outbox)
+from daskinfer.dataflow import streams  # noqa: F401  (registers smart_batch / infer)
+from daskinfer.dataflow import nodes  # noqa: F401  (registers from_inbox / to_outbox)
 from daskinfer.connectors.base import Connector
 from daskinfer.exceptions import ModelNotFoundError
-from daskinfer.registry import registry_for
+from daskinfer.models.registry import registry_for
 
 if TYPE_CHECKING:
     from distributed import Worker

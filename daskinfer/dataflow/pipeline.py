@@ -6,7 +6,7 @@
 >>> handle.stop()                            # doctest: +SKIP
 
 Each inbox partition is served by one partition runner on a worker (see
-:mod:`daskinfer.runner`); the scheduler only assigns partitions and moves them
+:mod:`daskinfer.dataflow.partition`); the scheduler only assigns partitions and moves them
 when workers join or leave.  Processing is at-least-once (a message is committed
 after its result is written); results carry the request id so that clients
 deliver each answer once.
@@ -19,11 +19,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from daskinfer import config
-from daskinfer.batching import BatchPolicy
+from daskinfer import settings
+from daskinfer.dataflow.batching import BatchPolicy
 from daskinfer.connectors.embedded import BrokerRPC, _ensure_broker
 from daskinfer.exceptions import ConfigError
-from daskinfer.runner import RUNTIME_PLUGIN, RuntimePlugin
+from daskinfer.dataflow.partition import RUNTIME_PLUGIN, RuntimePlugin
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -79,14 +79,14 @@ class Pipeline:
         """The plain-data form sent to the scheduler and workers (no pickled code)."""
         spec = asdict(self)
         spec["name"] = self.name or self.inbox
-        spec["partitions"] = int(config.get("pipeline.partitions", self.partitions))
-        spec["dead_letter"] = config.get("pipeline.dead-letter", self.dead_letter)
+        spec["partitions"] = int(settings.get("pipeline.partitions", self.partitions))
+        spec["dead_letter"] = settings.get("pipeline.dead-letter", self.dead_letter)
         # settle batching and limits here, so the deployer's config governs every worker
-        spec["max_batch_size"] = int(config.get("batching.max-batch-size", self.max_batch_size))
-        spec["max_delay"] = config.get_seconds("batching.max-delay", self.max_delay)
-        spec["max_inflight"] = int(config.get("batching.max-inflight", self.max_inflight))
-        spec["read_batch"] = int(config.get("broker.get-batch", self.read_batch))
-        spec["max_request_size"] = config.get_bytes("codec.max-message-size", self.max_request_size)
+        spec["max_batch_size"] = int(settings.get("batching.max-batch-size", self.max_batch_size))
+        spec["max_delay"] = settings.get_seconds("batching.max-delay", self.max_delay)
+        spec["max_inflight"] = int(settings.get("batching.max-inflight", self.max_inflight))
+        spec["read_batch"] = int(settings.get("broker.get-batch", self.read_batch))
+        spec["max_request_size"] = settings.get_bytes("codec.max-message-size", self.max_request_size)
         BatchPolicy(spec["max_batch_size"], spec["max_delay"], spec["max_inflight"])  # checks the values
         if spec["partitions"] < 1:
             raise ConfigError(f"pipeline {spec['name']!r}: partitions must be >= 1, got {spec['partitions']}")

@@ -1,6 +1,6 @@
 """Smart batching: the pure policy that decides *how many* queued items form the
 next batch and *how long* to wait.  No clocks, queues or event loops in here; the
-operators (:mod:`daskinfer.operators`, :mod:`daskinfer.pipeline`) own those.
+operators (:mod:`daskinfer.dataflow.streams`, :mod:`daskinfer.dataflow.pipeline`) own those.
 
 The rule (Jet's smart batching, Triton's dynamic batcher with no queue delay):
 when a batch slot is free, take everything queued, up to ``max_batch_size`` rows.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.exceptions import ConfigError
 
 
@@ -63,9 +63,9 @@ class BatchPolicy:
     ) -> BatchPolicy:
         """A policy with ``None`` arguments read from ``daskinfer.batching.*``."""
         return cls(
-            max_batch_size=int(config.get("batching.max-batch-size", max_batch_size)),
-            max_delay=config.get_seconds("batching.max-delay", max_delay),
-            max_inflight=int(config.get("batching.max-inflight", max_inflight)),
+            max_batch_size=int(settings.get("batching.max-batch-size", max_batch_size)),
+            max_delay=settings.get_seconds("batching.max-delay", max_delay),
+            max_inflight=int(settings.get("batching.max-inflight", max_inflight)),
         )
 
     def take_count(self, queued_rows: Sequence[int]) -> tuple[int, int]:

@@ -25,11 +25,12 @@ from distributed.client import default_client
 from streamz import Stream
 from streamz.dask import DaskStream
 
-from daskinfer.batching import BatchPolicy
-from daskinfer.blocks import Items, concat, rows_of, split
-from daskinfer.models.base import Model
-from daskinfer.registry import local_registry, registry_for
-from daskinfer.requests import BatchRunner, Pending
+from daskinfer.dataflow.batching import BatchPolicy
+from daskinfer.dataflow.nodes import Items
+from daskinfer.tensors import concat, rows_of, split
+from daskinfer.models.spec import Model
+from daskinfer.models.registry import local_registry, registry_for
+from daskinfer.dataflow.grouping import BatchRunner, Pending
 
 
 @Stream.register_api()

@@ -1,4 +1,4 @@
-"""Requests and results, and their wire form (see :mod:`daskinfer.codec`).
+"""Requests and results, and their wire form (see :mod:`daskinfer.wire.codec`).
 
 A request is one row (``batched=False``: arrays without the row dimension) or a
 block of rows (``batched=True``: arrays with the row dimension first).  Its result
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer import codec
+from daskinfer.wire import codec
 from daskinfer.exceptions import CodecError, RequestError, ResultError
 
 

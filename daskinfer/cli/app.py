@@ -27,8 +27,8 @@ from daskinfer.exceptions import ConfigError
 if TYPE_CHECKING:
     from distributed import Client
 
-    from daskinfer.models.base import Model
-    from daskinfer.pipeline import Pipeline, PipelineHandle
+    from daskinfer.models.spec import Model
+    from daskinfer.dataflow.pipeline import Pipeline, PipelineHandle
 
 _TOP_KEYS = {"scheduler", "cluster", "config", "models", "pipelines"}
 
@@ -105,7 +105,7 @@ def build_model(entry: dict[str, Any], base: str, where: str) -> Model:
 
 def build_pipeline(entry: dict[str, Any], where: str) -> Pipeline:
     """A pipeline from one ``pipelines:`` entry."""
-    from daskinfer.pipeline import Pipeline
+    from daskinfer.dataflow.pipeline import Pipeline
 
     known = {f.name for f in dataclasses.fields(Pipeline)}
     unknown = set(entry) - known
@@ -116,8 +116,8 @@ def build_pipeline(entry: dict[str, Any], where: str) -> Pipeline:
 
 def deploy_app(client: Client, spec: dict[str, Any]) -> list[PipelineHandle]:
     """Deploy the models, then start the pipelines, of a loaded deployment file."""
-    from daskinfer.deploy import deploy
-    from daskinfer.pipeline import deploy_pipeline
+    from daskinfer.models.deploy import deploy
+    from daskinfer.dataflow.pipeline import deploy_pipeline
 
     path = spec["_path"]
     for i, entry in enumerate(spec.get("models", [])):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from daskinfer import config
+from daskinfer import settings
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -64,7 +64,7 @@ class ControllerExtension:
         self.scheduler = scheduler
         self.pipelines: dict[str, PipelineState] = {}
         self.events = ControllerEvents(self)
-        self.rpc_timeout = config.get_seconds("pipeline.control-timeout")
+        self.rpc_timeout = settings.get_seconds("pipeline.control-timeout")
         self.busy: dict[tuple, float] = {}  # (pipeline, worker, partition, epoch) -> model seconds
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._loop())
@@ -85,7 +85,7 @@ class ControllerExtension:
         self._task.cancel()
 
     async def _loop(self) -> None:
-        interval = config.get_seconds("pipeline.rebalance-interval")
+        interval = settings.get_seconds("pipeline.rebalance-interval")
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), interval)
@@ -143,7 +143,7 @@ class ControllerExtension:
         return out
 
     def load_figures(self) -> dict[str, Any]:
-        """Totals over all pipelines for :class:`~daskinfer.scaling.InferenceAdaptive`:
+        """Totals over all pipelines for :class:`~daskinfer.control.scaling.InferenceAdaptive`:
         inbox backlog (embedded broker), requests answered, model busy seconds."""
         broker = self.scheduler.extensions.get("daskinfer-broker")
         backlog = done = 0

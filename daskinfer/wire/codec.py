@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from daskinfer import config
+from daskinfer import settings
 from daskinfer.exceptions import CodecError, RequestTooLargeError
 
 ARRAY_EXT = 1
@@ -133,7 +133,7 @@ def decode(data: bytes | bytearray | memoryview, *, max_size: int | None = None)
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"expected bytes, got {type(data).__name__}")
-    limit = max_size if max_size is not None else config.get_bytes("codec.max-message-size")
+    limit = max_size if max_size is not None else settings.get_bytes("codec.max-message-size")
     if len(data) > limit:
         raise RequestTooLargeError(f"message of {len(data)} bytes is over the limit of {limit} bytes")
     try:

@@ -5,7 +5,7 @@ builds on its worker::
 
     Stream.from_inbox(connector).smart_batch().infer("mlp").to_outbox(connector, "results")
 
-Items between ``from_inbox`` and ``to_outbox`` are :class:`~daskinfer.requests.Pending`
+Items between ``from_inbox`` and ``to_outbox`` are :class:`~daskinfer.dataflow.grouping.Pending`
 requests; the source emits them in chunks (:class:`Items`) so that no stage does
 per-request streamz work.
 """
@@ -19,12 +19,16 @@ from typing import Any
 
 from streamz import Stream
 
-from daskinfer import codec, config
-from daskinfer.blocks import Items
+from daskinfer import settings
+from daskinfer.wire import codec
 from daskinfer.connectors.base import Connector, PartitionRevoked
-from daskinfer.requests import Pending, decode_envelopes
+from daskinfer.dataflow.grouping import Pending, decode_envelopes
 
 logger = logging.getLogger(__name__)
+
+
+class Items(list):
+    """A chunk of items emitted at once; ``smart_batch`` queues them one by one."""
 
 
 @Stream.register_api(staticmethod)
@@ -40,8 +44,8 @@ class from_inbox(Stream):
     def __init__(self, connector: Connector, max_messages: int | None = None, poll_timeout: float = 0.5,
                  max_request_size: int | str | None = None, **kwargs):
         self.connector = connector
-        self.max_request_size = config.get_bytes("codec.max-message-size", max_request_size)
-        self.max_messages = int(config.get("broker.get-batch", max_messages))
+        self.max_request_size = settings.get_bytes("codec.max-message-size", max_request_size)
+        self.max_messages = int(settings.get("broker.get-batch", max_messages))
         self.poll_timeout = poll_timeout
         self.stopped = True
         self.task: asyncio.Task | None = None

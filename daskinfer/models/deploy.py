@@ -7,7 +7,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from daskinfer.models.base import Model, parse_plugin_name, plugin_name
+from daskinfer.models.plugin import ModelPlugin
+from daskinfer.models.spec import Model, parse_plugin_name, plugin_name
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -20,7 +21,7 @@ def _scheduler_plugins(dask_scheduler=None) -> list[str]:
 
 
 async def _deployed(client: Client) -> dict[str, list[str]]:
-    names = await client._run_on_scheduler(_scheduler_plugins)
+    names = await client.run_on_scheduler(_scheduler_plugins)
     out: dict[str, list[str]] = {}
     for n in names:
         parsed = parse_plugin_name(n)
@@ -34,18 +35,19 @@ async def _deploy(client: Client, model: Model, validate: bool) -> Model:
         await asyncio.to_thread(model.validate)
     model.deploy_seq = time.time_ns()
     before = await _deployed(client)
-    name = model.plugin_name
+    plugin = ModelPlugin(model)
+    name = plugin.name
     try:
-        await client._register_worker_plugin(model, name, idempotent=False)
+        await client.register_plugin(plugin)
     except BaseException:
         try:
-            await client.scheduler.unregister_worker_plugin(name=name)
+            await client.unregister_worker_plugin(name)
         except Exception:  # pragma: no cover - already gone
             pass
         raise
     for version in before.get(model.name, []):
         if version != model.version:
-            await client.scheduler.unregister_worker_plugin(name=plugin_name(model.name, version))
+            await client.unregister_worker_plugin(plugin_name(model.name, version))
     logger.info("deployed %r", model)
     return model
 
@@ -89,7 +91,7 @@ async def _undeploy(client: Client, name: str, version: str | None) -> list[str]
     if not versions:
         raise KeyError(f"model {name!r}{'' if version is None else f' version {version!r}'} is not deployed")
     for v in versions:
-        await client.scheduler.unregister_worker_plugin(name=plugin_name(name, v))
+        await client.unregister_worker_plugin(plugin_name(name, v))
     return versions
 
 

@@ -1,0 +1,289 @@
+"""A partition runner's access to Redis Streams (see :mod:`daskinfer.connectors.redis`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, TypeVar
+
+from redis.exceptions import ResponseError
+
+from daskinfer.connectors.base import Connector, Envelope, PartitionRevoked
+from daskinfer.connectors.redis.framing import (
+    last_xread_id,
+    pack_messages,
+    as_str,
+    unpack_entries,
+)
+from daskinfer.connectors.redis.link import CONNECTION_ERRORS, RedisLink, redis_option, redis_url
+from daskinfer.connectors.redis.scripts import (
+    CLAIM_COUNT,
+    fence_key,
+    inbox_stream,
+    meta_key,
+)
+from daskinfer.exceptions import ConfigError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RedisConnector(Connector):
+    """A partition runner's access to Redis Streams: one inbox partition stream, read in a group.
+
+    Parameters
+    ----------
+    spec : dict
+        The pipeline spec (:meth:`daskinfer.Pipeline.to_spec`): ``name`` (the consumer group),
+        ``inbox``, ``outbox``, ``dead_letter``, ``connector_options`` (``url`` and overrides of
+        the ``redis.*`` config in snake case, e.g. ``outbox_max_length``) and, set by
+        :func:`prepare_streams`, ``redis_generation``.
+    partition : int
+        The inbox partition this runner serves.
+    epoch : int
+        The controller's epoch of this assignment; with the deployment's generation it makes the
+        fencing token: a runner with a higher token supersedes this one.
+    consumer : str, optional
+        Where the runner lives (for logs and :meth:`describe`).
+    """
+
+    def __init__(self, spec: dict[str, Any], partition: int, epoch: int, consumer: str | None = None):
+        self.options: dict[str, Any] = dict(spec.get("connector_options") or {})
+        self.group: str = spec["name"]
+        self.inbox: str = spec["inbox"]
+        self.outbox: str = spec["outbox"]
+        self.dead_letter: str | None = spec.get("dead_letter")
+        self.partition = partition
+        self.epoch = epoch
+        self.generation = int(spec.get("redis_generation") or 0)
+        self.token = str(self.generation * 10**9 + epoch)
+        self.owner = consumer
+        self.stream = inbox_stream(self.inbox, partition)
+        self.fence = fence_key(self.inbox, partition, self.group)
+        self.consumer = f"{self.group}-p{partition}-e{epoch}-g{self.generation}"
+        self.outbox_max_length = int(redis_option(self.options, "outbox_max_length", "outbox-max-length"))
+        self.dead_letter_max_length = int(redis_option(self.options, "dead_letter_max_length", "dead-letter-max-length"))
+        self.link = RedisLink(redis_url(self.options), self.options, f"partition {partition} of {self.stream!r}")
+        self._keys = (self.stream, self.fence)
+        self._inflight: set[str] = set()  # read, not yet committed
+        self._history: str | None = None  # re-reading own pending entries after this id
+        self._cursor = "0-0"  # last id delivered to this group (for the blocking wait)
+        self.claimed = 0
+        self.dropped = 0
+        self.read_count = 0
+        self.committed = 0
+
+    def _revoked(self) -> PartitionRevoked:
+        return PartitionRevoked(
+            f"partition {self.partition} of redis stream {self.stream!r} (group {self.group!r}) moved to a newer "
+            f"runner than {self.consumer!r}"
+        )
+
+    async def start(self) -> None:
+        """Take the partition (fencing older runners), claim their pending entries, serve those first."""
+        link = self.link
+        ok = await link.retry("start", lambda: link.script("start", self._keys, (self.group, self.token)))
+        if not ok:
+            raise self._revoked()
+        claimed = 0
+        cursor = "0-0"
+        while True:
+            reply = await link.retry("claim", lambda: link.script(
+                "claim", self._keys, (self.group, self.consumer, self.token, cursor, CLAIM_COUNT)))
+            if reply == -1:
+                raise self._revoked()
+            cursor = as_str(reply[0])
+            claimed += int(reply[1])
+            if cursor == "0-0":
+                break
+        self.claimed = claimed
+        groups = await link.retry("xinfo", lambda: link.redis.xinfo_groups(self.stream))
+        for g in groups:
+            if as_str(g.get("name")) == self.group:
+                self._cursor = as_str(g.get("last-delivered-id", "0-0"))
+        consumers = await link.retry("xinfo", lambda: link.redis.xinfo_consumers(self.stream, self.group))
+        for c in consumers:
+            name = as_str(c.get("name"))
+            if name != self.consumer and int(c.get("pending", 0)) == 0:
+                await link.retry("delconsumer", lambda: link.redis.xgroup_delconsumer(self.stream, self.group, name))
+        self._history = "0-0"
+        if claimed:
+            logger.info("%s took over %d pending entries of %r from earlier runners", self.consumer, claimed, self.stream)
+
+    async def _read_once(self, count: int) -> tuple[str, Any]:
+        from_id = ">" if self._history is None else self._history
+        try:
+            reply = await self.link.script("read", self._keys, (self.group, self.consumer, self.token, count, from_id))
+        except CONNECTION_ERRORS:
+            # Redis may have delivered entries whose reply we lost: re-read our pending ones first
+            self._history = "0-0"
+            raise
+        return from_id, reply
+
+    async def read(self, max_messages: int, timeout: float) -> list[Envelope]:
+        """Pending entries of this consumer first (taken over or possibly lost in a reply), then new ones."""
+        if self.link.closed:
+            raise PartitionRevoked(f"{self.consumer}: connector closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        link = self.link
+        p = self.partition
+        while True:
+            reply_id, reply = await link.retry("read", lambda: self._read_once(max_messages))
+            history = None if reply_id == ">" else reply_id
+            if reply == -1:
+                raise self._revoked()
+            envs: list[Envelope] = []
+            gone: list[str] = []
+            inflight = self._inflight
+            last = None
+            for eid, data in unpack_entries(reply):
+                last = eid
+                if history is not None and eid in inflight:
+                    continue  # read before the reconnect and still being processed
+                if data is None:
+                    gone.append(eid)
+                    continue
+                inflight.add(eid)
+                envs.append(Envelope(p, eid, data))
+            if history is not None:
+                self._history = last  # None when the history is exhausted: on to new entries
+            elif last is not None:
+                self._cursor = last
+            if gone:
+                logger.warning("%s: %d pending entries of %r were deleted before they were processed: %s",
+                               self.consumer, len(gone), self.stream, gone[:5])
+                await self.write_and_commit([], [Envelope(p, g, b"") for g in gone])
+            if envs:
+                self.read_count += len(envs)
+                return envs
+            if last is not None or history is not None:
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
+            # wait for entries after the last one delivered to this group, without taking any
+            cursor = self._cursor
+            woke = await link.retry("wait", lambda: link.redis.xread({self.stream: cursor}, count=1,
+                                                                      block=link.block_ms(left)))
+            if not woke:
+                return []
+            self._cursor = last_xread_id(woke, self._cursor)  # (a '>' read always starts after it anyway)
+
+    async def write_and_commit(self, items: list[tuple[str, str | None, bytes]], envelopes: list[Envelope]) -> None:
+        """Append results and dead letters, then acknowledge and delete ``envelopes``' entries.
+
+        One script, so one round trip, and atomic: the entries are acknowledged exactly when
+        their results are written.  Results for a reply stream that is gone are dropped.
+        """
+        if not items and not envelopes:
+            return
+        if self.link.closed:
+            raise PartitionRevoked(f"{self.consumer}: connector closed")
+        by_topic: dict[str, list[bytes]] = {}
+        for topic, _key, data in items:
+            by_topic.setdefault(topic, []).append(data)
+        ids = [e.offset for e in envelopes]
+        keys: list[str] = [self.stream, self.fence]
+        args: list[Any] = [self.group, self.token, " ".join(ids)]
+        for topic, datas in by_topic.items():
+            if topic == self.outbox:
+                maxlen, create = self.outbox_max_length, 1
+            elif topic == self.dead_letter:
+                maxlen, create = self.dead_letter_max_length, 1
+            else:  # a client's reply stream: only while it exists
+                maxlen, create = self.outbox_max_length, 0
+            packed, big = pack_messages(datas)
+            keys.append(topic)
+            args += [maxlen, create, len(big), packed, *big]
+        link = self.link
+        reply = await link.retry("write", lambda: link.script("deliver", keys, args))
+        if reply == -1:
+            raise self._revoked()
+        if reply:
+            topics = list(by_topic)
+            gone = [topics[k - 1] for k in reply]
+            self.dropped += sum(len(by_topic[t]) for t in gone)
+            logger.warning("%s: results for reply streams %s dropped: the streams are gone (clients that left)",
+                           self.consumer, gone)
+        if ids:
+            self._inflight.difference_update(ids)
+            self.committed += len(ids)
+
+    async def write(self, items: list[tuple[str, str | None, bytes]]) -> None:
+        """Append results and dead letters, all topics in one round trip."""
+        await self.write_and_commit(items, [])
+
+    async def commit(self, envelopes: list[Envelope]) -> None:
+        """Acknowledge and delete these entries (their results are written)."""
+        await self.write_and_commit([], envelopes)
+
+    async def close(self) -> None:
+        await self.link.aclose()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "stream": self.stream,
+            "consumer": self.consumer,
+            "owner": self.owner,
+            "claimed": self.claimed,
+            "position": self.read_count,
+            "committed": self.committed,
+            "inflight_entries": len(self._inflight),
+            "dropped": self.dropped,
+            "reconnects": self.link.reconnects,
+        }
+
+
+async def prepare_streams(spec: dict[str, Any]) -> None:
+    """Create a pipeline's inbox partition streams with its consumer group, its outbox and dead-letter streams.
+
+    Also starts a new deployment generation of the pipeline and records it in
+    ``spec["redis_generation"]``: the runners of this deployment outrank (fence) any runner
+    left from an earlier one.
+
+    Parameters
+    ----------
+    spec : dict
+        The pipeline spec (:meth:`daskinfer.Pipeline.to_spec`), ``connector_options["url"]``
+        or config ``redis.url`` naming the server.
+
+    Raises
+    ------
+    ConfigError
+        The inbox exists with another number of partitions.
+    """
+    options = dict(spec.get("connector_options") or {})
+    link = RedisLink(redis_url(options), options, f"pipeline {spec['name']!r}")
+    try:
+        inbox, group, n = spec["inbox"], spec["name"], int(spec["partitions"])
+        meta = meta_key(inbox)
+
+        async def setup() -> int:
+            pipe = link.redis.pipeline(transaction=True)
+            pipe.hsetnx(meta, "partitions", n)
+            pipe.hget(meta, "partitions")
+            pipe.hincrby(meta, f"generation:{group}", 1)
+            _, have, gen = await pipe.execute()
+            if int(have) != n:
+                raise ConfigError(
+                    f"pipeline {group!r}: redis inbox {inbox!r} exists with {int(have)} partitions, not {n} "
+                    f"(recorded in {meta!r})"
+                )
+            return int(gen)
+
+        spec["redis_generation"] = await link.retry("prepare", setup)
+        for p in range(n):
+            try:
+                await link.retry("xgroup", lambda: link.redis.xgroup_create(inbox_stream(inbox, p), group, id="0",
+                                                                            mkstream=True))
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        topics = [t for t in (spec.get("outbox"), spec.get("dead_letter")) if t]
+        await link.retry("ensure", lambda: link.scripts([("ensure", (t,), ()) for t in topics]))
+    finally:
+        await link.aclose()
+
+

@@ -1,0 +1,215 @@
+"""The Lua scripts of the Redis connector (each one round trip, atomic), and key names."""
+
+from __future__ import annotations
+
+import hashlib
+
+CLAIM_COUNT = 1000
+
+# --- Lua scripts: each is one round trip and atomic -------------------------------------------
+
+# KEYS: stream, fence; ARGV: group, token.  Create the group (id 0: entries sent before the
+# pipeline existed are served too) and take the partition unless a newer token holds it.
+_START = """
+pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+local cur = redis.call('GET', KEYS[2])
+if cur and tonumber(cur) > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: stream, fence; ARGV: group, consumer, token, cursor, count.  Take over up to count
+# pending entries of other consumers (min-idle 0: the controller already decided that their
+# runners are gone); return -1 when revoked, else {next cursor, number taken}.
+_CLAIM = """
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
+return {r[1], #r[2]}
+"""
+
+# Messages travel packed (see :func:`pack_messages`): one string holds, per message, a big-endian
+# uint32 length and the bytes; a message over BIG_MESSAGE bytes is a separate argument or reply
+# element instead (length 0xFFFFFFFE: "the next one"), so that Lua never copies large
+# payloads while a pure-Python RESP parser reads thousands of small ones as one string.
+
+# KEYS: stream, fence; ARGV: group, consumer, token, count, id ('>' for new entries, else
+# the id after which to re-read this consumer's pending entries).  Returns -1 when another
+# runner owns the partition, else {packed, big...} where packed holds per entry the lengths
+# of id and data (0xFFFFFFFF: the entry was deleted meanwhile) as two uint32, the id, and
+# the data unless it is big; an entry without a 'd' field has empty data.
+_READ = """
+local f = redis.call('GET', KEYS[2])
+if not f then
+  redis.call('SET', KEYS[2], ARGV[3])
+  pcall(redis.call, 'XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+elseif f ~= ARGV[3] then
+  return -1
+end
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[4], 'STREAMS', KEYS[1], ARGV[5])
+if not r then return {} end
+local parts, out = {}, {''}
+for i, e in ipairs(r[1][2]) do
+  local fv = e[2]
+  if fv then
+    local d = ''
+    for j = 1, #fv, 2 do
+      if fv[j] == 'd' then d = fv[j + 1] break end
+    end
+    if #d > BIG then
+      parts[i] = struct.pack('>I4I4', #e[1], 4294967294) .. e[1]
+      out[#out + 1] = d
+    else
+      parts[i] = struct.pack('>I4I4', #e[1], #d) .. e[1] .. d
+    end
+  else
+    parts[i] = struct.pack('>I4I4', #e[1], 4294967295) .. e[1]
+  end
+end
+out[1] = table.concat(parts)
+return out
+"""
+
+# KEYS: stream; ARGV: id (exclusive) to read after, count, id below which to delete ('': none).
+# Delete what the client has delivered, then return {last id, packed, big...} (packed holds
+# per entry a uint32 length and the data unless it is big), or {} when there is nothing new.
+_FETCH = """
+if ARGV[3] ~= '' then redis.call('XTRIM', KEYS[1], 'MINID', ARGV[3]) end
+local r = redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])
+local n = #r
+if n == 0 then return {} end
+local parts, out = {}, {r[n][1], ''}
+for i, e in ipairs(r) do
+  local fv = e[2]
+  local d = ''
+  for j = 1, #fv, 2 do
+    if fv[j] == 'd' then d = fv[j + 1] break end
+  end
+  if #d > BIG then
+    parts[i] = struct.pack('>I4', 4294967294)
+    out[#out + 1] = d
+  else
+    parts[i] = struct.pack('>I4', #d) .. d
+  end
+end
+out[2] = table.concat(parts)
+return out
+"""
+
+# KEYS: stream, fence; ARGV: group, consumer, token, cursor, count.  Take over up to count
+# pending entries of other consumers (min-idle 0: the controller already decided that their
+# runners are gone); return -1 when revoked, else {next cursor, number taken}.
+_CLAIM = """
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[4], 'COUNT', ARGV[5], 'JUSTID')
+return {r[1], #r[2]}
+"""
+
+# Lua: call fn(message) for the messages packed in ARGV[a] (big ones follow it); return the
+# index of the argument after them.  fn returns false to stop early.
+_UNPACK_LUA = """
+local function each(a, nbig, fn)
+  local buf, b = ARGV[a], a + 1
+  local pos, n = 1, #buf
+  while pos <= n do
+    local len = struct.unpack('>I4', buf, pos)
+    pos = pos + 4
+    local d
+    if len == 4294967294 then
+      d = ARGV[b]
+      b = b + 1
+    else
+      d = string.sub(buf, pos, pos + len - 1)
+      pos = pos + len
+    end
+    if fn(d) == false then break end
+  end
+  return a + 1 + nbig
+end
+"""
+
+# KEYS: stream, fence, topic streams...; ARGV: group, token, ids to acknowledge (separated by
+# spaces), then per topic: approximate maxlen (0: none), create the stream ('1') or only
+# append to an existing one ('0': a reply stream whose client left gets nothing), number of
+# big messages, packed messages, the big ones.  Writes the results and then acknowledges and
+# deletes the processed inbox entries, atomically: both happen or neither.  Returns -1 when
+# another runner owns the partition (nothing written), else the (1-based) numbers of the
+# topics that were not there.  The entries are acknowledged first: if none of them was still
+# pending, an earlier run already wrote their results and nothing is written again (an
+# idempotent outbox, also when a reply was lost and the call retried).
+_DELIVER = _UNPACK_LUA + """
+local f = redis.call('GET', KEYS[2])
+if f and f ~= ARGV[2] then return -1 end
+local ids = {}
+for id in string.gmatch(ARGV[3], '%S+') do ids[#ids + 1] = id end
+local acked = 0
+for i = 1, #ids, 1000 do
+  acked = acked + redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, #ids)))
+end
+-- none of these entries was pending any more: their results were written by an earlier
+-- run of this script (whose reply was lost); writing them again would duplicate answers
+if #ids > 0 and acked == 0 then return {} end
+local missing = {}
+local a = 4
+for k = 1, #KEYS - 2 do
+  local key, maxlen, create, nbig = KEYS[k + 2], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  if create == '0' and redis.call('EXISTS', key) == 0 then
+    missing[#missing + 1] = k
+    a = a + 4 + nbig
+  elseif maxlen == '0' then
+    a = each(a + 3, nbig, function(d) redis.call('XADD', key, '*', 'd', d) end)
+  else
+    a = each(a + 3, nbig, function(d) redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'd', d) end)
+  end
+end
+for i = 1, #ids, 1000 do
+  redis.call('XDEL', KEYS[1], unpack(ids, i, math.min(i + 999, #ids)))
+end
+return missing
+"""
+
+# KEYS: stream; ARGV: bound, number of big messages, packed messages, the big ones.  Append
+# as many as fit under the bound (in order); return how many.  Entries are never trimmed:
+# the bound pushes back instead.
+_PUT = _UNPACK_LUA + """
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
+local added = 0
+if room > 0 then
+  each(3, tonumber(ARGV[2]), function(d)
+    redis.call('XADD', KEYS[1], '*', 'd', d)
+    added = added + 1
+    return added < room
+  end)
+end
+return added
+"""
+
+# KEYS: stream.  Create an empty stream unless it exists.
+_ENSURE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '0', '*', 'd', '')
+end
+return redis.call('XLEN', KEYS[1])
+"""
+
+BIG_MESSAGE = 8192  # bytes: larger messages are not packed (Lua would copy them)
+SCRIPTS = {"start": _START, "claim": _CLAIM, "read": _READ, "fetch": _FETCH, "deliver": _DELIVER, "put": _PUT,
+            "ensure": _ENSURE}
+SCRIPTS = {name: src.replace("BIG", str(BIG_MESSAGE)) for name, src in SCRIPTS.items()}
+SCRIPT_SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+
+
+def inbox_stream(inbox: str, partition: int) -> str:
+    """Name of the stream of inbox partition ``partition``."""
+    return f"{inbox}:{partition}"
+
+
+def meta_key(inbox: str) -> str:
+    """Name of the hash that records an inbox's partitions and deployment generations."""
+    return f"{inbox}:meta"
+
+
+def fence_key(inbox: str, partition: int, group: str) -> str:
+    """Name of the key that holds the fencing token of ``group``'s runner of ``partition``."""
+    return f"{inbox}:{partition}:fence:{group}"
+
+

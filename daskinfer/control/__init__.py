@@ -1,0 +1,1 @@
+"""The control path: the scheduler-side controller that places partitions, and scaling."""

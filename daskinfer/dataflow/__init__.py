@@ -1,0 +1,1 @@
+"""The data path: batches, batching policy, stages, pipelines and the partition loop."""

@@ -1,0 +1,47 @@
+"""The worker plugin that holds a model on every worker, including workers that join later.
+
+A :class:`ModelPlugin` wraps a plain :class:`~daskinfer.models.spec.Model` spec.  Its
+``name`` is its identity for distributed (``daskinfer-model:{model}:{version}``), so it
+registers through the public ``client.register_plugin``; the model's own name is
+``plugin.model.name``.  ``setup`` loads and warms up the model in the worker's
+:class:`~daskinfer.models.registry.ModelRegistry`; ``teardown`` retires it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from daskinfer.models.registry import registry_for
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+    from daskinfer.models.spec import Model
+
+
+class ModelPlugin(WorkerPlugin):
+    """Hold ``model`` on every worker.
+
+    Parameters
+    ----------
+    model : Model
+        The spec to load on each worker (small and picklable; the heavy objects are
+        built in :meth:`setup`).
+    """
+
+    idempotent = False
+
+    def __init__(self, model: Model):
+        self.model = model
+        self.name = model.plugin_name
+
+    async def setup(self, worker: Worker) -> None:
+        await registry_for(worker).install(self.model)
+
+    async def teardown(self, worker: Worker) -> None:
+        registry_for(worker).retire(self.model.name, self.model.version)
+
+    def __repr__(self) -> str:
+        return f"ModelPlugin({self.model!r})"

@@ -1,0 +1,90 @@
+"""Model specs: small, picklable descriptions of a model (paths, bytes, names).
+
+A :class:`Model` knows how to build a :class:`~daskinfer.models.loaded.LoadedModel`
+in a process (``load``); it knows nothing of workers or registries.  On a cluster a
+:class:`~daskinfer.models.plugin.ModelPlugin` carries it to every worker.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from daskinfer import settings
+from daskinfer.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from daskinfer.models.loaded import LoadedModel
+
+
+class Model:
+    """Base class of deployable models: a named, versioned model spec.
+
+    Parameters
+    ----------
+    name : str
+        Model name used by ``infer(name)`` and in results.
+    version : str
+        Version label; deploying another version of the same name swaps it in
+        once loaded and warmed up, with no downtime.
+    instances : int, optional
+        Instances loaded per worker (parallel calls). Config ``daskinfer.models.instances``.
+    warmup : bool, optional
+        Run a small batch through a new instance before it takes traffic.
+        Config ``daskinfer.models.warmup``.
+    allow_nan : bool, optional
+        False rejects float inputs holding NaN or infinity (an error result for those
+        requests). Config ``daskinfer.models.allow-nan``.
+    """
+
+    kind: ClassVar[str] = "model"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: str | int = "1",
+        instances: int | None = None,
+        warmup: bool | None = None,
+        allow_nan: bool | None = None,
+    ):
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ConfigError(f"model name must be a non-empty string without ':', got {name!r}")
+        self.name = name
+        self.version = str(version)
+        self.instances = int(settings.get("models.instances", instances))
+        if self.instances < 1:
+            raise ConfigError(f"model {name!r}: instances must be >= 1, got {self.instances}")
+        self.warmup = bool(settings.get("models.warmup", warmup))
+        self.allow_nan = bool(settings.get("models.allow-nan", allow_nan))
+        self.deploy_seq = 0  # set by deploy(); newer deployments win on every worker
+
+    @property
+    def plugin_name(self) -> str:
+        return plugin_name(self.name, self.version)
+
+    def load(self) -> LoadedModel:
+        """Build one runnable instance in this process."""
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Cheap checks run by ``deploy`` on the client before shipping the model."""
+
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+
+
+PLUGIN_PREFIX = "daskinfer-model:"
+
+
+def plugin_name(model: str, version: str) -> str:
+    """Name of the worker plugin that holds ``model`` at ``version``."""
+    return f"{PLUGIN_PREFIX}{model}:{version}"
+
+
+def parse_plugin_name(name: str) -> tuple[str, str] | None:
+    """Inverse of :func:`plugin_name`; None for plugins that are not daskinfer models."""
+    if not name.startswith(PLUGIN_PREFIX):
+        return None
+    model, _, version = name[len(PLUGIN_PREFIX):].rpartition(":")
+    return model, version
