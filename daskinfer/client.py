@@ -83,6 +83,20 @@ def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
     )
 
 
+def _frames_in_order(batch: list[_Outgoing], max_requests: int) -> list[list[_Outgoing]]:
+    """Requests grouped into frames per partition, a new frame wherever the kind of request changes
+    (so that a partition receives its requests in the order they were made) or a frame is full."""
+    open_: dict[int, list[_Outgoing]] = {}
+    frames: list[list[_Outgoing]] = []
+    for r in batch:
+        cur = open_.get(r.partition)
+        if cur is None or cur[0].group != r.group or len(cur) >= max_requests:
+            cur = open_[r.partition] = []
+            frames.append(cur)
+        cur.append(r)
+    return frames
+
+
 def _make_transport(client: Client, transport: ClientTransport | str | None) -> ClientTransport:
     if isinstance(transport, ClientTransport):
         return transport
@@ -154,6 +168,7 @@ class InferenceClient:
         self.max_unclaimed = int(settings.get("client.max-unclaimed"))
         self._max_size = settings.get_bytes("codec.max-message-size")
         self._flush_max = int(settings.get("client.flush-batch"))
+        self._frame_max = int(settings.get("client.max-frame-requests"))
         self.duplicates = 0
         self.received = 0
         self.unclaimed_dropped = 0
@@ -289,11 +304,8 @@ class InferenceClient:
                     self._flushing = False
                     return
                 batch = [self._outq.popleft() for _ in range(n)]
-            groups: dict[tuple, list[_Outgoing]] = {}
-            for r in batch:
-                groups.setdefault(r.group, []).append(r)
             items = []
-            for reqs in groups.values():
+            for reqs in _frames_in_order(batch, self._frame_max):
                 try:
                     items.append((reqs[0].partition, _frame(reqs, self.reply_target)))
                 except Exception as e:  # an input the codec cannot carry fails its own requests
@@ -457,5 +469,10 @@ class InferenceClient:
 
     @property
     def pending(self) -> int:
-        """Requests sent whose results have not arrived."""
+        """Requests with a future whose results have not arrived."""
         return len(self._waiters)
+
+    @property
+    def queued(self) -> int:
+        """Requests not yet handed to the transport (bounded by ``max_pending``)."""
+        return len(self._outq)

@@ -110,7 +110,7 @@ class ClientTransport:
         """Delete the reply target and release connections."""
 
 
-def partition_for(key: str | None, partitions: int, fallback: int) -> int:
+def partition_for(key: str | None, partitions: int, fallback: int = 0) -> int:
     """The partition of a key (stable across processes); ``fallback`` for no key."""
     if key is None:
         return fallback % partitions

@@ -84,6 +84,7 @@ class ControllerExtension:
         self.events = ControllerEvents(self)
         self.rpc_timeout = settings.get_seconds("pipeline.control-timeout")
         self.interval = settings.get_seconds("pipeline.rebalance-interval")
+        self.poll_timeout = min(self.rpc_timeout, 2.0)
         self.version = 0  # bumped whenever a route changes
         self._retired_done = 0  # answered by partitions that moved or whose worker left (counters stay monotonic)
         self._retired_busy = 0.0
@@ -256,7 +257,7 @@ class ControllerExtension:
             state.failures.pop(partition, None)
             return True
         except Exception as e:
-            logger.warning("starting partition %d of %r on %s failed: %s", partition, state.name, worker, e)
+            logger.warning("starting partition %d of %r on %s failed: %r", partition, state.name, worker, e)
             state.failures[partition] = repr(e)
             state.assigned.pop(partition, None)
             self._routes_changed()
@@ -264,13 +265,18 @@ class ControllerExtension:
 
     async def _poll_runners(self, state: PipelineState) -> None:
         """Read each partition's figures; unassign partitions whose runner stopped by itself."""
-        for w in set(state.assigned.values()):
-            try:
-                runners = await asyncio.wait_for(
-                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), self.rpc_timeout
-                )
+        workers = [w for w in set(state.assigned.values()) if w in self.scheduler.workers]
+
+        async def poll(w: str) -> list[dict[str, Any]] | None:
+            try:  # a status call is quick; a worker that does not answer soon is leaving
+                return await asyncio.wait_for(
+                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), self.poll_timeout)
             except Exception:
-                continue  # the worker is leaving; the next round sees it gone
+                return None
+
+        for w, runners in zip(workers, await asyncio.gather(*(poll(w) for w in workers))):
+            if runners is None:
+                continue  # the next round sees it gone
             alive = {r["partition"]: r for r in runners if r["state"] in ("starting", "running")}
             for r in runners:
                 if state.assigned.get(r["partition"]) == w:

@@ -74,14 +74,17 @@ class RequestBatch:
         Per request, the index of its :class:`Origin` in ``origins``.
     origins : list of Origin
         The messages the requests came from.
+    seq : ndarray of int64
+        Per request, its place in arrival order (answers are written in that order, so that
+        requests with the same key are answered in order).
     """
 
     __slots__ = ("ids", "columns", "offsets", "batched", "keys", "model", "deadlines", "sent_at", "origin",
-                 "origins")
+                 "origins", "seq")
 
     def __init__(self, ids: list[str], columns: dict[str, np.ndarray], offsets: np.ndarray | None,
                  batched: np.ndarray, keys: list[Any] | None, model: str | None, deadlines: np.ndarray,
-                 sent_at: np.ndarray, origin: np.ndarray, origins: list[Origin]):
+                 sent_at: np.ndarray, origin: np.ndarray, origins: list[Origin], seq: np.ndarray | None = None):
         self.ids = ids
         self.columns = columns
         self.offsets = offsets
@@ -92,11 +95,12 @@ class RequestBatch:
         self.sent_at = sent_at
         self.origin = origin
         self.origins = origins
+        self.seq = np.arange(len(ids), dtype=np.int64) if seq is None else seq
 
     # -- making batches -------------------------------------------------------------------
     @classmethod
-    def from_columns(cls, cols: RequestColumns, origin: Origin) -> RequestBatch:
-        """The requests of one decoded message."""
+    def from_columns(cls, cols: RequestColumns, origin: Origin, first_seq: int = 0) -> RequestBatch:
+        """The requests of one decoded message (``first_seq``: the arrival place of its first request)."""
         n = len(cols.ids)
         offsets = None
         if cols.rows is not None:
@@ -113,6 +117,7 @@ class RequestBatch:
             cols.sent_at if cols.sent_at is not None else np.full(n, _NAN),
             np.zeros(n, dtype=np.int32),
             [origin],
+            np.arange(first_seq, first_seq + n, dtype=np.int64),
         )
 
     @classmethod
@@ -149,6 +154,7 @@ class RequestBatch:
             np.concatenate([b.sent_at for b in batches]),
             np.concatenate(shifted).astype(np.int32, copy=False),
             origins,
+            np.concatenate([b.seq for b in batches]),
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -192,7 +198,7 @@ class RequestBatch:
         cols = self.columns if columns is None else columns
         if len(requests) == len(self.ids) and (requests == np.arange(len(requests))).all():
             return RequestBatch(self.ids, dict(cols), self.offsets, self.batched, self.keys, self.model,
-                                self.deadlines, self.sent_at, self.origin, self.origins)
+                                self.deadlines, self.sent_at, self.origin, self.origins, self.seq)
         rows = self.row_index(requests)
         offsets = None
         if self.offsets is not None:
@@ -212,12 +218,19 @@ class RequestBatch:
             self.sent_at[requests],
             self.origin[requests],
             self.origins,
+            self.seq[requests],
         )
 
     def with_columns(self, columns: dict[str, np.ndarray]) -> RequestBatch:
         """The same requests with other columns (same rows)."""
         return RequestBatch(self.ids, columns, self.offsets, self.batched, self.keys, self.model, self.deadlines,
-                            self.sent_at, self.origin, self.origins)
+                            self.sent_at, self.origin, self.origins, self.seq)
+
+    def shift_seq(self, by: int) -> RequestBatch:
+        """The same batch placed ``by`` later in arrival order (reads merged after others)."""
+        if by:
+            self.seq = self.seq + by
+        return self
 
     def runs(self) -> list[tuple[int, int]]:
         """``(start, end)`` request ranges that came from one message each, in order."""
@@ -237,12 +250,15 @@ class RequestBatch:
         return int(self.offsets[start]), int(self.offsets[end])
 
 
-def group_by_signature(parts: Sequence[tuple[RequestColumns, Origin]]) -> list[RequestBatch]:
-    """Decoded messages as batches, one per model and input signature (arrival order kept within each)."""
+def group_by_signature(parts: Sequence[tuple[RequestColumns, Origin]]) -> tuple[list[RequestBatch], int]:
+    """Decoded messages as batches, one per model and input signature (arrival order kept within
+    each, and recorded in ``seq``); also return how many requests there are."""
     groups: dict[tuple, list[RequestBatch]] = {}
+    n = 0
     for cols, origin in parts:
-        groups.setdefault(_signature(cols), []).append(RequestBatch.from_columns(cols, origin))
-    return [RequestBatch.concat(g) for g in groups.values()]
+        groups.setdefault(_signature(cols), []).append(RequestBatch.from_columns(cols, origin, n))
+        n += len(cols)
+    return [RequestBatch.concat(g) for g in groups.values()], n
 
 
 @dataclass(slots=True)
@@ -267,6 +283,41 @@ class InboxBatch:
     rejected: list[Rejected]
     reads: list[Any]  # connector Messages, in read order
     n_rows: int = 0
+    seq_end: int = 0  # one past the largest ``seq`` of its requests (merged batches are placed after it)
+
+    def split(self, max_rows: int) -> list[InboxBatch]:
+        """Pieces of at most ``max_rows`` rows (a request is never cut; a larger one goes alone).
+
+        The reads go with the last piece: they are committed once every piece is written.
+        """
+        if self.n_rows <= max_rows or not self.requests:
+            return [self]
+        # cut in arrival order across the signature groups, so that pieces are written in request order
+        seq = np.concatenate([rb.seq for rb in self.requests])
+        rows = np.concatenate([rb.row_counts() for rb in self.requests])
+        order = np.argsort(seq, kind="stable")
+        seq, rows = seq[order], rows[order]
+        bounds = [0]
+        total = 0
+        for i, r in enumerate(rows.tolist()):
+            if total and total + r > max_rows:
+                bounds.append(i)
+                total = 0
+            total += r
+        bounds.append(len(seq))
+        pieces: list[InboxBatch] = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            lo, hi = seq[a], seq[b - 1] + 1
+            parts = []
+            for rb in self.requests:
+                s0, s1 = np.searchsorted(rb.seq, [lo, hi])
+                if s1 > s0:
+                    parts.append(rb.take(np.arange(s0, s1)))
+            pieces.append(InboxBatch(parts, [], [], int(rows[a:b].sum()), self.seq_end))
+        pieces[0].rejected = self.rejected
+        pieces[0].n_rows += len(self.rejected)
+        pieces[-1].reads = self.reads
+        return pieces
 
 
 @dataclass(slots=True)

@@ -29,6 +29,7 @@ from daskinfer.dataflow.batch import InboxBatch, Origin, Rejected, RequestBatch,
 from daskinfer.dataflow.results import ResultWriter
 from daskinfer.dataflow.run import answer
 from daskinfer.dataflow.stages import Stage, StageContext
+from daskinfer.dataflow.streams import Items
 from daskinfer.wire.frames import decode_requests, peek_fields
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ def decode_read(payloads: list[bytes], read: Any, max_request_size: int) -> Inbo
             rejected.append(Rejected(Origin(None, False, now, data), e, peek_fields(data)))
             continue
         decoded.append((cols, Origin(cols.reply_to, cols.framed, now, b"" if cols.framed else data)))
-    requests = group_by_signature(decoded)
-    return InboxBatch(requests, rejected, [read], sum(b.n_rows for b in requests) + len(rejected))
+    requests, n = group_by_signature(decoded)
+    return InboxBatch(requests, rejected, [read], sum(b.n_rows for b in requests) + len(rejected), n)
+
 
 
 def merge(batches: Sequence[InboxBatch]) -> InboxBatch:
@@ -57,13 +59,15 @@ def merge(batches: Sequence[InboxBatch]) -> InboxBatch:
     groups: dict[tuple, list[RequestBatch]] = {}
     rejected: list[Rejected] = []
     reads: list[Any] = []
+    seen = 0
     for b in batches:
         for rb in b.requests:
-            groups.setdefault(rb.signature(), []).append(rb)
+            groups.setdefault(rb.signature(), []).append(rb.shift_seq(seen))
+        seen += b.seq_end
         rejected += b.rejected
         reads += b.reads
     return InboxBatch([RequestBatch.concat(g) for g in groups.values()], rejected, reads,
-                      sum(b.n_rows for b in batches))
+                      sum(b.n_rows for b in batches), seen)
 
 
 class InboxSource(Source):
@@ -82,9 +86,10 @@ class InboxSource(Source):
         The reading task.
     """
 
-    def __init__(self, connector: Connector, *, max_messages: int, max_request_size: int,
+    def __init__(self, connector: Connector, *, max_messages: int, max_request_size: int, max_rows: int,
                  poll_timeout: float = 0.5, **kwargs: Any):
         self.connector = connector
+        self.max_rows = max_rows
         self.max_messages = max_messages
         self.max_request_size = max_request_size
         self.poll_timeout = poll_timeout
@@ -120,7 +125,9 @@ class InboxSource(Source):
         if not len(msgs):
             return
         self.read_count += len(msgs)
-        pending = self._emit(decode_read(msgs.payloads, msgs, self.max_request_size))
+        # a read larger than a batch goes on in pieces (its commit rides with the last one)
+        pieces = decode_read(msgs.payloads, msgs, self.max_request_size).split(self.max_rows)
+        pending = self._emit(pieces[0] if len(pieces) == 1 else Items(pieces))
         if pending:
             await asyncio.gather(*pending)
 

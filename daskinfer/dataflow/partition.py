@@ -146,7 +146,8 @@ class PartitionRunner:
             max_bisect_calls=st.max_bisect_calls, install_models=False,
         )
         writer = ResultWriter(spec.outbox, spec.dead_letter, spec.reply_prefixes)
-        self.source = InboxSource(self.connector, max_messages=st.read_batch, max_request_size=st.max_request_size)
+        self.source = InboxSource(self.connector, max_messages=st.read_batch, max_request_size=st.max_request_size,
+                                  max_rows=st.max_batch_size)
         self.batcher = self.source.smart_batch(st.max_batch_size, st.max_delay, st.max_inflight)
         self.answerer = self.batcher.answer_batches(stages, context, spec.outputs)
         self.sink = self.answerer.write_results(self.connector, writer, on_error=self._failed)

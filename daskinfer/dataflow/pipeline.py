@@ -259,7 +259,7 @@ class Pipeline:
             if self.model is None:
                 raise ConfigError("a pipeline needs stages, or a model: Pipeline(model='mlp') or "
                                   "Pipeline().infer('mlp')")
-            return [Infer(None, outputs=self.outputs)]
+            return [Infer(None, outputs=self.outputs, strict=True)]
         return [_stage_from_entry(s, f"pipeline {self.name or self.inbox!r} stage {i}")
                 for i, s in enumerate(self.stages)]
 

@@ -24,6 +24,24 @@ from daskinfer.wire.frames import ErrorColumns, encode_result_frame
 from daskinfer.wire.messages import Result
 
 
+def in_arrival_order(parts: Sequence[ResultPart]) -> list[tuple[ResultPart, int, int]]:
+    """``(part, start, end)`` request ranges, each from one part and one message, in the order the
+    requests arrived: answers of one key are written in request order, whatever part holds them."""
+    if not parts:
+        return []
+    if len(parts) == 1:
+        return [(parts[0], s, e) for s, e in parts[0].batch.runs()]
+    seq = np.concatenate([p.batch.seq for p in parts])
+    which = np.concatenate([np.full(len(p.batch), i) for i, p in enumerate(parts)])
+    local = np.concatenate([np.arange(len(p.batch)) for p in parts])
+    origin = np.concatenate([p.batch.origin.astype(np.int64) + (i << 32) for i, p in enumerate(parts)])
+    order = np.argsort(seq, kind="stable")
+    which, local, origin = which[order], local[order], origin[order]
+    cuts = np.flatnonzero((np.diff(which) != 0) | (np.diff(origin) != 0) | (np.diff(local) != 1)) + 1
+    bounds = [0, *cuts.tolist(), len(order)]
+    return [(parts[int(which[a])], int(local[a]), int(local[a]) + (b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class ResultWriter:
     """Encodes answers for one pipeline.
 
@@ -54,11 +72,16 @@ class ResultWriter:
     def encode(self, result: ResultBatch) -> list[OutMessage]:
         out: list[OutMessage] = []
         now = time.time()
-        for part in result.parts:
+        answers = [p for p in result.parts if p.target is None]
+        for part in answers:
             if part.error is not None:
                 self.errors += len(part.batch)
-            for start, end in part.batch.runs():
-                out += self._run(part, start, end, now)
+        for part, start, end in in_arrival_order(answers):
+            out += self._run(part, start, end, now)
+        for part in result.parts:
+            if part.target is not None:  # recorded elsewhere (shadow, copies): order does not matter
+                for start, end in part.batch.runs():
+                    out += self._run(part, start, end, now)
         for rej in result.rejected:
             self.errors += 1
             out += self._rejected(rej, now)
@@ -96,10 +119,11 @@ class ResultWriter:
             )
         r0, r1 = batch.request_rows(start, end)
         outputs = {k: v[r0:r1] for k, v in (part.outputs or {}).items()}
-        rows = None if batch.offsets is None else np.diff(batch.offsets[start:end + 1])
+        block = bool(batch.batched[start])  # one message: all blocks or all single rows
+        rows = np.diff(batch.offsets[start:end + 1]) if block and batch.offsets is not None else None
         sent = batch.sent_at[start:end]
         return encode_result_frame(
-            batch.ids[start:end], outputs, rows=rows, batched=bool(batch.batched[start]), keys=keys,
+            batch.ids[start:end], outputs, rows=rows, batched=block, keys=keys,
             sent_at=None if np.isnan(sent).all() else sent, model=part.model, version=part.version,
             timings=part.timings,
         )

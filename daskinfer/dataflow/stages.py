@@ -335,13 +335,17 @@ class Infer(Stage):
         a model with one input takes the only column when names differ.
     outputs : list of str, optional
         Model outputs to keep (default: all).
+    strict : bool
+        Give the model all the columns (it names a missing or unexpected input), instead of
+        the columns named like its inputs; the one-line ``Pipeline(model=...)`` is strict.
     """
 
     kind = "infer"
 
     def __init__(self, model: str | Model | None = None, *, inputs: Mapping[str, str] | None = None,
-                 outputs: Sequence[str] | str | None = None, name: str | None = None):
+                 outputs: Sequence[str] | str | None = None, name: str | None = None, strict: bool = False):
         self.model = model
+        self.strict = strict
         self.inputs = dict(inputs) if inputs else None
         self.outputs = [outputs] if isinstance(outputs, str) else (list(outputs) if outputs else None)
         super().__init__(name or self.model_name)
@@ -364,11 +368,11 @@ class Infer(Stage):
         names = [s.name for s in dep.inputs] if dep.inputs else None
         if names is None:
             return columns
-        if all(n in columns for n in names):
-            return {n: columns[n] for n in names}
-        if len(names) == 1 and len(columns) == 1:
+        if len(names) == 1 and len(columns) == 1:  # one input: whatever the column's name
             return {names[0]: next(iter(columns.values()))}
-        return columns  # the model's check names what is missing
+        if not self.strict and all(n in columns for n in names):
+            return {n: columns[n] for n in names}
+        return columns  # the model's check names what is missing or unexpected
 
     def _deployment(self, live: Live, ctx: StageContext) -> Any:
         name = self.model_name

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer.exceptions import CodecError, RequestError
+from daskinfer.exceptions import CodecError, InputValidationError
 from daskinfer.wire import codec
 from daskinfer.wire.messages import Result, request_from_wire
 
@@ -180,19 +180,19 @@ def _single_from_wire(msg: Any) -> RequestColumns:
     req = request_from_wire(msg)
     inputs = req.inputs if req.batched else {k: v[None] if v.ndim else v.reshape(1) for k, v in req.inputs.items()}
     if not req.inputs:
-        raise RequestError(f"request {req.id}: empty request (no inputs)", request_id=req.id)
+        raise InputValidationError(f"request {req.id}: empty request (no inputs)", request_id=req.id)
     counts = {k: (len(v) if v.ndim else None) for k, v in inputs.items()}
     if req.batched:
         if None in counts.values():
-            raise RequestError(
+            raise InputValidationError(
                 f"request {req.id}: a batched request needs arrays with a row dimension, "
                 f"got shapes { {k: list(v.shape) for k, v in req.inputs.items()} }",
                 request_id=req.id,
             )
         if len(set(counts.values())) > 1:
-            raise RequestError(f"request {req.id}: inputs have different numbers of rows {counts}", request_id=req.id)
+            raise InputValidationError(f"request {req.id}: inputs have different numbers of rows {counts}", request_id=req.id)
         if not next(iter(counts.values())):
-            raise RequestError(f"request {req.id}: empty batch (0 rows)", request_id=req.id)
+            raise InputValidationError(f"request {req.id}: empty batch (0 rows)", request_id=req.id)
     n_rows = next(iter(counts.values())) if req.batched else 1
     return RequestColumns(
         ids=[req.id],
@@ -345,7 +345,6 @@ def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns
             )
         return ResultColumns([], {}, None, r.batched, None, None, r.model, r.version, r.timings, errors)
     ids = _str_list(msg, "ids")
-    n = len(ids)
     outputs = msg.get("out") or {}
     if type(outputs) is not dict or not all(type(v) is np.ndarray for v in outputs.values()):
         raise CodecError("result frame field 'out' must be a map of arrays")

@@ -129,8 +129,17 @@ class DirectTransport(ClientTransport):
             logger.warning("pipeline of inbox %r now has %s partitions, this client was started with %d",
                            self.inbox, routes.get("partitions"), len(self.partitions))
         owners = routes.get("owners") or {}
+        moved: list[int] = []
         for p, state in enumerate(self.partitions):
-            state.owner = owners.get(p, owners.get(str(p)))
+            owner = owners.get(p, owners.get(str(p)))
+            if state.owner is not None and owner != state.owner:
+                # the partition left its worker: what went there unanswered goes again to the new owner (the
+                # old one may still answer it while it drains: the client drops the second answer)
+                moved += [seq for seq, (q, _, w) in self.sends.items() if q == p and w == state.owner]
+            state.owner = owner
+        if moved:
+            self._resend(moved)
+        for p in range(len(self.partitions)):
             self._pump(p)
 
     async def _watch(self) -> None:
@@ -242,8 +251,9 @@ class DirectTransport(ClientTransport):
         touched: dict[int, list[int]] = {}
         for seq in seqs:
             entry = self.sends.get(seq)
-            if entry is None:
-                continue
+            if entry is None or entry[2] is None:
+                continue  # answered, or already waiting to be sent
+            self.sends[seq] = (entry[0], entry[1], None)
             self.partitions[entry[0]].inflight.discard(seq)
             touched.setdefault(entry[0], []).append(seq)
         for p, ss in touched.items():

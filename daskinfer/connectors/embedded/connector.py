@@ -168,5 +168,6 @@ class EmbeddedConnector(Connector):
 
     def describe(self) -> dict[str, Any]:
         return {"position": self.position, "committed": self.committed, "dropped": self.dropped,
-                "direct_queued": self.queue.messages, "direct_received": self.queue.received,
+                "direct_queued": self.queue.messages, "direct_queued_bytes": self.queue.bytes,
+                "direct_received": self.queue.received,
                 "direct_parked": len(self.queue.parked)}
