@@ -190,7 +190,7 @@ def test_concurrent_callers_are_batched_together():
                 outs = await asyncio.gather(*[loaded.apredict(x) for x in xs])
             finally:
                 loaded.close()
-            batcher = server.core.models["slow"].batcher
+            batcher = server.core.models()["slow"].batcher
             return outs, batcher.batches, batcher.rows
 
     outs, batches, rows = asyncio.run(main())
