@@ -10,10 +10,7 @@ from daskinfer.dataflow.batching import BatchPolicy
 from daskinfer.models.registry import Deployment
 from daskinfer.models.spec import Model
 from daskinfer.server.batcher import ServerBatcher
-from daskinfer.server.service import CallStats, V2Model, V2Service, model_config, tensor_metadata
-
-PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "daskinfer_python", "remote": "daskinfer_remote"}
-BACKENDS = {"onnx": "onnxruntime", "python": "python", "remote": "daskinfer"}
+from daskinfer.server.service import CallStats, V2Model, V2Service, model_config, tensor_metadata, v2_metadata
 
 __all__ = ["ServedModel", "ServerCore", "load_models", "tensor_metadata"]
 
@@ -34,19 +31,12 @@ class ServedModel(V2Model):
 
     def metadata(self) -> dict[str, Any]:
         dep = self.deployment
-        return {
-            "name": dep.name,
-            "versions": [dep.version],
-            "platform": PLATFORMS.get(self.kind, "daskinfer"),
-            "inputs": [tensor_metadata(s) for s in dep.inputs or []],
-            "outputs": [tensor_metadata(s) for s in dep.outputs or []],
-        }
+        return v2_metadata(dep.name, dep.version, self.kind, list(dep.inputs or []), list(dep.outputs or []))
 
     def config(self) -> dict[str, Any]:
         dep = self.deployment
         return model_config(
-            dep.name, PLATFORMS.get(self.kind, "daskinfer"), BACKENDS.get(self.kind, "daskinfer"),
-            list(dep.inputs or []), list(dep.outputs or []), self.batcher.policy.max_batch_size,
+            dep.name, self.kind, list(dep.inputs or []), list(dep.outputs or []), self.batcher.policy.max_batch_size
         )
 
     def statistics(self) -> dict[str, Any]:

@@ -21,6 +21,11 @@ from daskinfer.remote import v2
 from daskinfer.server.errors import BadRequest, NotFound, Overloaded, ServiceError, Unavailable, classify
 from daskinfer.tensors import TensorSpec
 
+PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "daskinfer_python", "remote": "daskinfer_remote"}
+"""v2 ``platform`` of each daskinfer model kind (Triton's name for ONNX)."""
+BACKENDS = {"onnx": "onnxruntime", "python": "python", "remote": "daskinfer"}
+"""Triton ``backend`` of each daskinfer model kind, for the model configuration."""
+
 
 def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
     """v2 metadata of one tensor: name, datatype, shape with -1 for variable dimensions."""
@@ -29,13 +34,24 @@ def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": datatype, "shape": shape}
 
 
+def v2_metadata(name: str, version: str, kind: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> dict[str, Any]:
+    """v2 model metadata: name, versions, platform, inputs, outputs."""
+    return {
+        "name": name,
+        "versions": [version],
+        "platform": PLATFORMS.get(kind, "daskinfer"),
+        "inputs": [tensor_metadata(s) for s in inputs],
+        "outputs": [tensor_metadata(s) for s in outputs],
+    }
+
+
 def _config_type(spec: TensorSpec) -> str:
     datatype = v2.BYTES if spec.dtype is None else v2.datatype_of(spec.dtype)
     return "TYPE_STRING" if datatype == v2.BYTES else f"TYPE_{datatype}"
 
 
 def model_config(
-    name: str, platform: str, backend: str, inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch_size: int
+    name: str, kind: str, inputs: list[TensorSpec], outputs: list[TensorSpec], max_batch_size: int
 ) -> dict[str, Any]:
     """Triton's model configuration (``config.pbtxt`` as JSON) of a model with these tensors.
 
@@ -51,8 +67,8 @@ def model_config(
 
     return {
         "name": name,
-        "platform": platform,
-        "backend": backend,
+        "platform": PLATFORMS.get(kind, "daskinfer"),
+        "backend": BACKENDS.get(kind, "daskinfer"),
         "max_batch_size": int(max_batch_size) if batching else 0,
         "input": [{"name": s.name, "data_type": _config_type(s), "format": "FORMAT_NONE", "dims": dims(s)} for s in inputs],
         "output": [{"name": s.name, "data_type": _config_type(s), "dims": dims(s)} for s in outputs],
