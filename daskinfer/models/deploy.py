@@ -121,15 +121,16 @@ class ModelMetadata:
         The model and its current version on that worker.
     kind : str
         ``"onnx"``, ``"python"``, ``"remote"``...
-    inputs, outputs : list of TensorSpec
-        Names, dtypes and shapes (row dimension first, ``None`` for dynamic dimensions).
+    inputs, outputs : list of TensorSpec, or None
+        Names, dtypes and shapes (row dimension first, ``None`` for dynamic dimensions);
+        ``None`` when the model does not declare them (a Python model without ``inputs=``).
     """
 
     name: str
     version: str
     kind: str
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
+    inputs: list[TensorSpec] | None
+    outputs: list[TensorSpec] | None
 
 
 def _worker_model_metadata(name: str, dask_worker: Any = None) -> tuple[int, ModelMetadata] | None:
@@ -140,7 +141,8 @@ def _worker_model_metadata(name: str, dask_worker: Any = None) -> tuple[int, Mod
     except ModelNotFoundError:
         return None
     meta = ModelMetadata(dep.name, dep.version, str(getattr(dep.model, "kind", "")),
-                         list(dep.inputs or []), list(dep.outputs or []))
+                         None if dep.inputs is None else list(dep.inputs),
+                         None if dep.outputs is None else list(dep.outputs))
     return dep.seq, meta
 
 

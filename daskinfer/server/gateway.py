@@ -76,7 +76,7 @@ class Route:
 
 def _routes(pipelines: Mapping[str, str] | Iterable[Route | str]) -> list[Route]:
     if isinstance(pipelines, Mapping):
-        routes = [Route(str(name), str(inbox)) for name, inbox in pipelines.items()]
+        routes = [Route.parse(f"{name}={inbox}") for name, inbox in pipelines.items()]
     else:
         routes = [p if isinstance(p, Route) else Route.parse(str(p)) for p in pipelines]
     if not routes:
@@ -119,17 +119,19 @@ class PipelineModel(V2Model):
         return self.meta.version
 
     def metadata(self) -> dict[str, Any]:
-        return v2_metadata(self.name, self.meta.version, self.meta.kind, self.meta.inputs, self.meta.outputs)
+        meta = self.meta
+        return v2_metadata(self.name, meta.version, meta.kind, meta.inputs or [], meta.outputs or [])
 
     def config(self) -> dict[str, Any]:
-        return model_config(self.name, self.meta.kind, self.meta.inputs, self.meta.outputs, self.max_batch_size)
+        meta = self.meta
+        return model_config(self.name, meta.kind, meta.inputs or [], meta.outputs or [], self.max_batch_size)
 
     async def run(self, inputs: dict[str, np.ndarray], timeout: float | None) -> dict[str, np.ndarray]:
         validate_block(inputs, self.meta.inputs, self.name)  # a bad request never reaches the pipeline
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         try:
             future = self.client.submit_many(inputs, deadline=timeout)
-            result = await asyncio.wait_for(future, timeout + _ANSWER_GRACE)
+            result = await asyncio.wait_for(future, timeout + min(_ANSWER_GRACE, timeout))
         except TopicFullError:
             raise Overloaded(f"model {self.name!r}: the pipeline's inbox is full; try again later",
                              retry_after=self.retry_after) from None
@@ -190,7 +192,7 @@ class Gateway(FrontDoor):
     ----------
     scheduler : str, distributed.Client or cluster
         Where the pipelines run (the gateway opens its own connection to this scheduler).
-    pipelines : dict of name -> inbox, or list of Route or "NAME=INBOX[:MODEL]"
+    pipelines : dict of name -> "INBOX[:MODEL]", or list of Route or "NAME=INBOX[:MODEL]"
         The v2 model names and the pipelines behind them (see :class:`Route`).
     host : str, optional
         Interface to bind; config ``daskinfer.gateway.host`` (127.0.0.1: this machine only).
@@ -272,7 +274,7 @@ class Gateway(FrontDoor):
                     meta = await model_metadata(dask_client, route.model or route.name)
                 except ModelNotFoundError as e:
                     raise ConfigError(
-                        f"gateway: model {route.model or route.name!r} (for pipeline inbox {route.inbox!r}) "
+                        f"model {route.model or route.name!r} (for pipeline inbox {route.inbox!r}) "
                         f"is not deployed on {self.scheduler_address}: {e}"
                     ) from None
                 ic = InferenceClient(dask_client, inbox=route.inbox, model=route.model, max_pending=self.max_pending)
