@@ -5,7 +5,8 @@ ServerMetadata, ModelMetadata and ModelInfer, plus Triton's ModelConfig,
 ModelStatistics and RepositoryIndex.  Inputs are read from ``raw_input_contents`` or
 typed contents; outputs are sent as ``raw_output_contents`` (as Triton does).  Status
 codes follow :mod:`daskinfer.server.errors`; RESOURCE_EXHAUSTED carries a
-``retry-after`` trailer.  The port is bound exclusively (no ``SO_REUSEPORT``), so a
+``retry-after`` trailer; bytes that are not a valid request message are
+INVALID_ARGUMENT (grpcio alone would answer INTERNAL).  The port is bound exclusively (no ``SO_REUSEPORT``), so a
 second server on a port in use fails instead of sharing it.
 """
 
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from daskinfer.remote import v2
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
@@ -137,6 +140,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, e)
 
 
+SERVICE = "inference.GRPCInferenceService"
+
+
+class UndecodableRequest:
+    """Stands for request bytes that do not parse as the method's message."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _lenient_parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as e:
+            return UndecodableRequest(f"the request is not a valid {message_class.DESCRIPTOR.name} message: {e}")
+
+    return parse
+
+
+def _checked(method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: Any) -> Any:
+        if isinstance(request, UndecodableRequest):
+            await _abort(context, BadRequest(request.message))
+        return await method(request, context)
+
+    return handle
+
+
+def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer``'s methods (the generated registration, with lenient request parsing)."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            _checked(getattr(servicer, m.name)),
+            request_deserializer=_lenient_parser(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
 def _grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -165,7 +209,7 @@ async def start_grpc_server(
         ]
     )
     servicer = InferenceServicer(service, server_name=server_name, server_version=server_version)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_servicer(servicer, server)
     address = _grpc_address(host, port)
     try:
         if tls_cert is not None:
