@@ -6,7 +6,7 @@ unchanged (``tritonclient`` included: binary tensor data, model configuration,
 statistics, repository index).  Concurrent calls to a model are batched together
 (:mod:`daskinfer.server.batcher`).  Start it from the command line with
 ``daskinfer serve``.  The :class:`~daskinfer.server.gateway.Gateway` speaks the same
-protocol in front of pipelines on a Dask cluster.
+protocol in front of pipelines on a Dask cluster (``daskinfer gateway``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from daskinfer import settings
 from daskinfer.dataflow.batching import BatchPolicy
 from daskinfer.server.core import ServerCore, load_models
 from daskinfer.server.frontdoor import FrontDoor
+from daskinfer.server.gateway import Gateway, Route
 from daskinfer.server.service import V2Service
 
 if TYPE_CHECKING:
@@ -128,4 +129,4 @@ class ModelServer(FrontDoor):
         service.close()
 
 
-__all__ = ["ModelServer"]
+__all__ = ["Gateway", "ModelServer", "Route"]
