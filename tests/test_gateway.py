@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +32,8 @@ from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from daskinfer.server.gateway import Gateway, Route
 from daskinfer.testing import random_rows, run_onnx_directly
+
+from cli_process import serving
 
 
 def _unique(prefix: str) -> str:
@@ -165,8 +165,16 @@ def test_no_answer_in_time_is_504_and_deadline_exceeded(client, cluster):
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(req)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # once the slow calls are through, the same pipeline answers in time again
             req.raw_input_contents[0] = np.zeros((1, 1), np.float32).tobytes()
-            assert np.frombuffer(stub.ModelInfer(req, timeout=30).raw_output_contents[0], "<f4").tolist() == [0.0]
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    resp = stub.ModelInfer(req, timeout=30)
+                    break
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline
+            assert np.frombuffer(resp.raw_output_contents[0], "<f4").tolist() == [0.0]
 
 
 def test_too_many_calls_at_once_is_503_with_retry_after(client, cluster):
@@ -238,30 +246,10 @@ def test_cli_gateway(cluster, mlp_inbox, mlp_path):
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "daskinfer gateway: model 'ghost'" in bad.stderr and "is not deployed" in bad.stderr
-    cmd = [sys.executable, "-m", "daskinfer.cli", "gateway", "--scheduler", cluster.scheduler_address,
-           "--pipeline", f"mlp={mlp_inbox}:gw-mlp", "--http-port", "0", "--grpc-port", "0"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "daskinfer gateway:" in line:
-                break
-        m = re.search(r"gRPC grpc://127\.0\.0\.1:(\d+), REST http://127\.0\.0\.1:(\d+)", "".join(lines))
-        assert m, "".join(lines)
+    with serving(["gateway", "--scheduler", cluster.scheduler_address, "--pipeline", f"mlp={mlp_inbox}:gw-mlp",
+                  "--http-port", "0", "--grpc-port", "0"], "daskinfer gateway:") as (_, http_port):
         x = random_rows(4, seed=8)
-        status, _, resp = _post_json(f"http://127.0.0.1:{m.group(2)}/v2/models/mlp/infer", _v2_body(x))
+        status, _, resp = _post_json(f"http://127.0.0.1:{http_port}/v2/models/mlp/infer", _v2_body(x))
         assert status == 200
         got = np.asarray(resp["outputs"][0]["data"], dtype=np.float32).reshape(4, 2)
         np.testing.assert_array_equal(got, run_onnx_directly(mlp_path, {"x": x})["probabilities"])
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
