@@ -212,3 +212,10 @@ def test_cli_serve_errors_are_one_clean_line(mlp_path, tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(expected[case]), (case, proc.stderr)
     assert "broken.onnx" in cases["model"].stderr.strip().splitlines()[-1]
+
+
+def test_oversized_body_is_a_json_413(mlp_path):
+    with ModelServer(OnnxModel("mlp", mlp_path), serve_grpc=False, http_port=0, max_message_size="1KiB") as s:
+        x = np.zeros((64, 16), np.float32)  # 4 KiB of raw data, more as JSON
+        status, _, resp = _post(s.http_url + "/v2/models/mlp/infer", x)
+    assert status == 413 and "1024" in resp["error"]
