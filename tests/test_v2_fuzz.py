@@ -70,7 +70,7 @@ def json_tensors(draw, datatype: str | None = None):
     datatype = datatype or draw(st.sampled_from(DATATYPES))
     shape = [rows, 16] if draw(st.booleans()) else draw(small_shapes) if not _now_and_then(draw, 4) else draw(shapes)
     name = draw(st.sampled_from(["x", "y", ""]) | st.text(max_size=3))
-    n = int(np.prod(shape)) if all(0 <= d < 100 for d in shape) else 3
+    n = _elements(shape, otherwise=3)
     t: dict = {"name": name, "datatype": datatype, "shape": shape}
     binary = b""
     if kind == "good-binary":
@@ -107,6 +107,12 @@ def rest_bodies(draw):
     if _now_and_then(draw, 10):
         return draw(st.binary(max_size=200)), draw(st.none() | st.integers(-5, 300))
     return head + binary, header
+
+
+def _elements(shape: list[int], otherwise: int) -> int:
+    """Elements of ``shape`` when that is a small number; else ``otherwise`` (a mismatch, on purpose)."""
+    n = int(np.prod(shape)) if all(0 <= d < 100 for d in shape) else -1
+    return n if 0 <= n <= 64 else otherwise
 
 
 def _now_and_then(draw, one_in: int) -> bool:
@@ -157,7 +163,7 @@ def grpc_requests(draw):
         else:
             fields = sorted(set(v2.CONTENTS_FIELD.values()))
             field = draw(st.sampled_from([v2.CONTENTS_FIELD.get(datatype, "fp32_contents")] * 3 + fields))
-            n = int(np.prod(shape)) if shape and all(0 <= d < 100 for d in shape) else rows * 16
+            n = _elements(shape, otherwise=rows * 16)
             size = draw(st.sampled_from([n, n, rows * 16]) | st.integers(0, 40))
             values = {
                 "bool_contents": st.booleans(),
