@@ -23,7 +23,7 @@ def _scheduler_plugins(dask_scheduler=None) -> list[str]:
     return list(dask_scheduler.worker_plugins)
 
 
-async def _deployed(client: Client) -> dict[str, list[str]]:
+async def deployed_async(client: Client) -> dict[str, list[str]]:
     names = await client.run_on_scheduler(_scheduler_plugins)
     out: dict[str, list[str]] = {}
     for n in names:
@@ -37,7 +37,7 @@ async def _deploy(client: Client, model: Model, validate: bool) -> Model:
     if validate:
         await asyncio.to_thread(model.validate)
     model.deploy_seq = time.time_ns()
-    before = await _deployed(client)
+    before = await deployed_async(client)
     plugin = ModelPlugin(model)
     name = plugin.name
     try:
@@ -88,7 +88,7 @@ def deploy(client: Client, model: Model, *, validate: bool = True):
 
 
 async def _undeploy(client: Client, name: str, version: str | None) -> list[str]:
-    versions = (await _deployed(client)).get(name, [])
+    versions = (await deployed_async(client)).get(name, [])
     if version is not None:
         versions = [v for v in versions if v == str(version)]
     if not versions:
@@ -108,7 +108,7 @@ def undeploy(client: Client, name: str, version: str | None = None):
 
 def deployed_models(client: Client):
     """The deployed models: ``{name: [versions]}``."""
-    return client.sync(_deployed, client)
+    return client.sync(deployed_async, client)
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ async def _model_metadata(client: Client, name: str) -> ModelMetadata:
     found = await client.run(_worker_model_metadata, name, on_error="return")
     loaded = [m for m in found.values() if isinstance(m, tuple)]
     if not loaded:
-        deployed = await _deployed(client)
+        deployed = await deployed_async(client)
         raise ModelNotFoundError(name, list(deployed))
     return max(loaded, key=lambda seq_meta: seq_meta[0])[1]  # the newest deployment while a swap runs
 
