@@ -19,13 +19,11 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import dask
 import grpc
 import numpy as np
 import pytest
 
 from daskinfer import OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
-from daskinfer.connectors.embedded import BrokerRPC
 from daskinfer.exceptions import ConfigError, ModelNotFoundError
 from daskinfer.models.deploy import model_metadata
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
@@ -202,17 +200,22 @@ def test_too_many_calls_at_once_is_503_with_retry_after(client, cluster):
             assert first.result(30)[0] == 200
 
 
-def test_full_inbox_is_503_with_retry_after(client, cluster, mlp_inbox):
-    """An inbox that no pipeline reads fills up; the next request is refused, not queued forever."""
-    inbox = _unique("unread")
-    client.sync(BrokerRPC(client.scheduler).create_topic, inbox, 1, 2)
-    with dask.config.set({"daskinfer.broker.put-timeout": "100ms"}), \
-            Gateway(cluster, {"mlp": f"{inbox}:gw-mlp"}, grpc_port=0, http_port=0, timeout=0.3, max_pending=2) as gw:
-        url = f"{gw.http_url}/v2/models/mlp/infer"
-        statuses = [_post_json(url, _v2_body(random_rows(1)))[:2] for _ in range(3)]
-    assert [s for s, _ in statuses[:2]] == [504, 504], "nothing reads the inbox: no answer in time"
-    status, headers = statuses[2]
-    assert status == 503 and headers["Retry-After"] == "1"
+def test_a_full_pipeline_is_503_with_retry_after(client, cluster):
+    """A pipeline that holds as many unanswered requests as the gateway allows refuses the next one."""
+    model = PythonModel(_unique("sleepy"), sleepy, inputs={"x": ("float32", (None, 1))}, outputs=["y"])
+    with pipeline_of(client, model, partitions=1) as inbox, \
+            Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0, max_pending=2) as gw:
+        url = f"{gw.http_url}/v2/models/sleepy/infer"
+        pipeline_client = gw.service.models()["sleepy"].client
+        with ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(_post_json, url, _v2_body(np.full((1, 1), 1.0, np.float32))) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while pipeline_client.pending < 2 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            status, headers, resp = _post_json(url, _v2_body(np.zeros((1, 1), np.float32)))
+            assert status == 503 and headers["Retry-After"] == "1" and "the pipeline is full" in resp["error"]
+            assert [f.result(30)[0] for f in slow] == [200, 200], "the requests it holds are answered"
+        assert _post_json(url, _v2_body(np.zeros((1, 1), np.float32)))[0] == 200
 
 
 def failing_on_big_values(x):

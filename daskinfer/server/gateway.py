@@ -133,7 +133,8 @@ class PipelineModel(V2Model):
             future = self.client.submit_many(inputs, deadline=timeout)
             result = await asyncio.wait_for(future, timeout + min(_ANSWER_GRACE, timeout))
         except TopicFullError:
-            raise Overloaded(f"model {self.name!r}: the pipeline's inbox is full; try again later",
+            raise Overloaded(f"model {self.name!r}: the pipeline is full (its inbox, or the gateway's max-pending "
+                             "unanswered requests); try again later",
                              retry_after=self.retry_after) from None
         except (ConnectionError, RuntimeError) as e:  # the client is closed or lost its cluster
             raise Unavailable(f"model {self.name!r}: the gateway cannot reach the pipeline ({e})") from None
@@ -179,7 +180,7 @@ class GatewayService(V2Service):
             self._refresher.cancel()
         for m in self._models.values():
             try:
-                await m.client.__aexit__(None, None, None)
+                await m.client.aclose()
             except Exception:  # pragma: no cover - the cluster is gone already
                 logger.debug("closing the gateway's client of %r failed", m.route.inbox, exc_info=True)
         await self.dask_client.close()
@@ -283,7 +284,7 @@ class Gateway(FrontDoor):
                                                    self.retry_after)
         except BaseException:
             for m in models.values():
-                await m.client.__aexit__(None, None, None)
+                await m.client.aclose()
             await dask_client.close()
             raise
         return GatewayService(models, dask_client, self.metadata_refresh, self.max_concurrent_calls,
