@@ -175,17 +175,15 @@ def test_no_answer_in_time_is_504_and_deadline_exceeded(client, cluster):
             assert np.frombuffer(resp.raw_output_contents[0], "<f4").tolist() == [0.0]
 
 
-def test_too_many_calls_at_once_is_503_with_retry_after(client, cluster):
+def test_too_many_calls_at_once_is_503_with_retry_after(client, cluster, poll):
     model = PythonModel(_unique("sleepy"), sleepy, inputs={"x": ("float32", (None, 1))}, outputs=["y"])
     with pipeline_of(client, model, partitions=1) as inbox, \
             Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0,
                     max_concurrent_calls=1) as gw:
-        slow = _v2_body(np.full((1, 1), 1.0, np.float32))
+        slow = _v2_body(np.full((1, 1), 2.0, np.float32))
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(_post_json, f"{gw.http_url}/v2/models/sleepy/infer", slow)
-            deadline = time.monotonic() + 10
-            while gw.service.inflight == 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            poll(lambda: gw.service.inflight == 1, what="the slow call to be in flight")
             status, headers, resp = _post_json(f"{gw.http_url}/v2/models/sleepy/infer", slow)
             assert status == 503 and headers["Retry-After"] == "1" and "limit 1" in resp["error"]
             with grpc.insecure_channel(gw.grpc_address.removeprefix("grpc://")) as ch:
@@ -200,21 +198,19 @@ def test_too_many_calls_at_once_is_503_with_retry_after(client, cluster):
             assert first.result(30)[0] == 200
 
 
-def test_a_full_pipeline_is_503_with_retry_after(client, cluster):
+def test_a_full_pipeline_is_503_with_retry_after(client, cluster, poll):
     """A pipeline that holds as many unanswered requests as the gateway allows refuses the next one."""
     model = PythonModel(_unique("sleepy"), sleepy, inputs={"x": ("float32", (None, 1))}, outputs=["y"])
     with pipeline_of(client, model, partitions=1) as inbox, \
-            Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0, max_pending=2) as gw:
+            Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0, max_pending=1) as gw:
         url = f"{gw.http_url}/v2/models/sleepy/infer"
         pipeline_client = gw.service.models()["sleepy"].client
-        with ThreadPoolExecutor(2) as pool:
-            slow = [pool.submit(_post_json, url, _v2_body(np.full((1, 1), 1.0, np.float32))) for _ in range(2)]
-            deadline = time.monotonic() + 10
-            while pipeline_client.pending < 2 and time.monotonic() < deadline:
-                time.sleep(0.005)
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(_post_json, url, _v2_body(np.full((1, 1), 2.0, np.float32)))
+            poll(lambda: pipeline_client.pending == 1, what="the slow request to be in the pipeline")
             status, headers, resp = _post_json(url, _v2_body(np.zeros((1, 1), np.float32)))
             assert status == 503 and headers["Retry-After"] == "1" and "the pipeline is full" in resp["error"]
-            assert [f.result(30)[0] for f in slow] == [200, 200], "the requests it holds are answered"
+            assert slow.result(30)[0] == 200, "the request it holds is answered"
         assert _post_json(url, _v2_body(np.zeros((1, 1), np.float32)))[0] == 200
 
 

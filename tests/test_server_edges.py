@@ -113,15 +113,13 @@ def sleep_for_max(x):
     return x
 
 
-def test_concurrent_calls_are_limited(mlp_path):
+def test_concurrent_calls_are_limited(mlp_path, poll):
     model = PythonModel("sleepy", sleep_for_max, inputs={"x": ("float32", (None, 1))}, outputs=["y"])
     with ModelServer(model, grpc_port=0, http_port=0, max_concurrent_calls=1) as s:
         url = s.http_url + "/v2/models/sleepy/infer"
         with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(_post, url, np.full((1, 1), 1.0, np.float32))
-            deadline = time.monotonic() + 10
-            while s.service.inflight == 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            first = pool.submit(_post, url, np.full((1, 1), 2.0, np.float32))
+            poll(lambda: s.service.inflight == 1, what="the slow call to be in flight")
             status, headers, resp = _post(url, np.zeros((1, 1), np.float32))
             assert status == 503 and headers["Retry-After"] == "1" and "limit 1" in resp["error"]
             with grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}") as ch:
