@@ -224,6 +224,7 @@ class PartitionRunner:
             "inflight": b.inflight if b else 0,
             "busy": ans.busy if ans else 0.0,
             "backlog": backlog,
+            "max_batch_size": self.spec.settings.max_batch_size,
             "error": f"{type(error).__name__}: {error}" if error is not None else None,
             **(self.connector.describe() if self.connector else {}),
         }

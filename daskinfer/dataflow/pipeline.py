@@ -113,6 +113,7 @@ class PipelineSpec(msgspec.Struct, frozen=True, kw_only=True):
     settings: PipelineSettings
     stages: bytes  # pickled by the deploying client; never bytes from a broker
     reply_prefixes: list[str]
+    record_topics: list[str]  # topics stages record results on (shadow, copies): made at deploy
 
     def to_plain(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)
@@ -292,6 +293,7 @@ class Pipeline:
             model=self.model, models=list(self.models) if self.models is not None else None,
             outputs=outputs, settings=st, stages=dumps(stages),
             reply_prefixes=[DIRECT_PREFIX, TOPIC_PREFIX, *settings.get("pipeline.reply-prefixes")],
+            record_topics=list(dict.fromkeys(t for s in stages for t in s.topics())),
         )
 
     # -- running in this process -----------------------------------------------------------------
@@ -416,7 +418,7 @@ async def _prepare_embedded(client: Client, spec: PipelineSpec) -> None:
         await broker.delete_topic(spec.inbox)  # empty: made again with the pipeline's partitions
         await broker.create_topic(spec.inbox, inbox)
     retained = TopicSettings(**spec.settings.retained_topic)
-    for t in (spec.outbox, spec.dead_letter):
+    for t in (spec.outbox, spec.dead_letter, *spec.record_topics):
         if t:
             await broker.create_topic(t, dataclasses.replace(retained, partitions=1))
 

@@ -58,14 +58,25 @@ def callable_name(fn: Any) -> str:
     return f"{mod}.{qual}" if mod and mod != "__main__" else qual
 
 
+def check_callable(target: Any, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``target`` is a callable or a ``"module:function"`` string."""
+    if callable(target):
+        return
+    if isinstance(target, str):
+        module, sep, attr = target.partition(":")
+        if sep and module and attr:
+            return
+        raise ConfigError(f"{what}: expected a callable or 'module:function', got {target!r}")
+    raise ConfigError(f"{what}: expected a callable or 'module:function', got {type(target).__name__}")
+
+
 def resolve_callable(target: Any, what: str) -> Callable[..., Any]:
     """A callable, or one named ``"module:function"`` (imported where the stage runs)."""
+    check_callable(target, what)
     if callable(target):
         return target
     if isinstance(target, str):
-        module, sep, attr = target.partition(":")
-        if not sep or not module or not attr:
-            raise ConfigError(f"{what}: expected a callable or 'module:function', got {target!r}")
+        module, _, attr = target.partition(":")
         import importlib
 
         try:
@@ -179,6 +190,10 @@ class Stage:
         """Models this stage runs (names or :class:`~daskinfer.models.spec.Model` specs)."""
         return []
 
+    def topics(self) -> list[str]:
+        """Topics this stage records results on (made when the pipeline is deployed)."""
+        return []
+
     def check(self) -> None:
         """Cheap checks at deploy time (on the deploying client)."""
 
@@ -228,8 +243,7 @@ class MapBatches(Stage):
         self._resolved: Callable[..., Any] | None = None
 
     def check(self) -> None:
-        if not isinstance(self.fn, str):
-            resolve_callable(self.fn, self.label())
+        check_callable(self.fn, self.label())
 
     def _call(self, columns: dict[str, np.ndarray]) -> Any:
         fn = self._resolved
@@ -274,8 +288,7 @@ class Filter(Stage):
         self._resolved: Callable[..., Any] | None = None
 
     def check(self) -> None:
-        if not isinstance(self.fn, str):
-            resolve_callable(self.fn, self.label())
+        check_callable(self.fn, self.label())
 
     async def apply(self, lives: list[Live], ctx: StageContext) -> list[Live]:
         if self._resolved is None:
@@ -595,6 +608,9 @@ class Route(Stage):
     def models(self) -> list[Any]:
         return [m for stages in self.branches.values() for s in stages for m in s.models()]
 
+    def topics(self) -> list[str]:
+        return [t for stages in self.branches.values() for s in stages for t in s.topics()]
+
     def check(self) -> None:
         for stages in self.branches.values():
             for s in stages:
@@ -638,6 +654,9 @@ class Shadow(Stage):
     def models(self) -> list[Any]:
         return [m for s in self.stages for m in s.models()]
 
+    def topics(self) -> list[str]:
+        return [self.topic] + [t for s in self.stages for t in s.topics()]
+
     async def apply(self, lives: list[Live], ctx: StageContext) -> list[Live]:
         shadow_ctx = ctx.fork()
         done = await run_stages(self.stages, [live.replace(live.batch) for live in lives], shadow_ctx)
@@ -657,6 +676,9 @@ class ToTopic(Stage):
     def __init__(self, topic: str, *, name: str | None = None):
         self.topic = topic
         super().__init__(name or topic)
+
+    def topics(self) -> list[str]:
+        return [self.topic]
 
     async def apply(self, lives: list[Live], ctx: StageContext) -> list[Live]:
         for part in finish(lives):

@@ -56,6 +56,7 @@ class RedisConnector(Connector):
         self.inbox: str = spec["inbox"]
         self.outbox: str = spec["outbox"]
         self.dead_letter: str | None = spec.get("dead_letter")
+        self.record_topics: set[str] = set(spec.get("record_topics") or ())
         self.partition = partition
         self.epoch = epoch
         self.generation = int(spec.get("redis_generation") or self.options.get("redis_generation") or 0)
@@ -191,7 +192,7 @@ class RedisConnector(Connector):
         keys: list[str] = [self.stream, self.fence]
         args: list[Any] = [self.group, self.token, " ".join(ids)]
         for topic, datas in by_topic.items():
-            if topic == self.outbox:
+            if topic == self.outbox or topic in self.record_topics:
                 maxlen, create = self.outbox_max_length, 1
             elif topic == self.dead_letter:
                 maxlen, create = self.dead_letter_max_length, 1
@@ -281,7 +282,7 @@ async def prepare_streams(spec: dict[str, Any]) -> None:
             except ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
-        topics = [t for t in (spec.get("outbox"), spec.get("dead_letter")) if t]
+        topics = [t for t in (spec.get("outbox"), spec.get("dead_letter"), *(spec.get("record_topics") or ())) if t]
         await link.retry("ensure", lambda: link.scripts([("ensure", (t,), ()) for t in topics]))
     finally:
         await link.aclose()
