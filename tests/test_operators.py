@@ -225,3 +225,57 @@ def test_dask_stream_failure_travels_as_a_value_and_the_stream_goes_on(client, m
     assert bad.error_type == "InputValidationError" and "expects shape" in bad.error and bad.model == mlp_deployed
     expected = run_onnx_directly(bundled_model_path(), {"x": good})["probabilities"]
     np.testing.assert_allclose(out[2], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_readme_dask_chain_goes_on_after_a_bad_item(client, mlp_deployed, mlp_path, poll):
+    """The README's chain ``smart_batch().scatter().infer().buffer().gather().flatten()``:
+    a bad item comes out as one InferenceFailure in its place and later items still flow."""
+    from daskinfer.dataflow.streams import InferenceFailure
+
+    out = []
+    source = Stream()
+    source.smart_batch(max_batch_size=1024).scatter().infer("mlp").buffer(8).gather().flatten().sink(out.append)
+    good = [random_rows(2, seed=1), random_rows(3, seed=2)]
+    source.emit(good[0])
+    poll(lambda: len(out) == 1, what="the first answer")
+    source.emit(np.zeros((4, 15), np.float32))  # wrong shape
+    poll(lambda: len(out) == 2, what="the failure of the bad item")
+    source.emit(good[1])
+    poll(lambda: len(out) == 3, what="an answer after the bad item")
+    assert isinstance(out[1], InferenceFailure) and out[1].error_type == "InputValidationError"
+    assert "expects shape" in out[1].error and out[1].model == "mlp"
+    for i, o in zip([0, 2], good):
+        np.testing.assert_allclose(out[i]["probabilities"], _direct(mlp_path, o), rtol=1e-6, atol=1e-7)
+
+
+def test_dask_batch_with_a_bad_item_answers_the_good_items_of_that_batch(client, mlp_deployed, mlp_path):
+    """A batch of many items where one is bad: the good items of the same batch get their
+    answers, the bad one gets its InferenceFailure; one result per item, none lost."""
+    from daskinfer.dataflow.streams import InferenceFailure
+
+    good = [random_rows(n, seed=20 + n) for n in (1, 2, 3, 4, 5, 6)]
+    bad = np.zeros((7, 15), np.float32)
+    items = good[:3] + [bad] + good[3:]
+
+    async def run():
+        batches, out = [], []
+        source = Stream(asynchronous=True, loop=client.loop)
+        batched = source.smart_batch(max_batch_size=1024, max_inflight=1)
+        batched.sink(batches.append)
+        batched.scatter().infer("mlp", output="probabilities").buffer(8).gather().flatten().sink(out.append)
+        for it in items:
+            source.emit(it)
+        deadline = time.monotonic() + 60
+        while len(out) < len(items):
+            assert time.monotonic() < deadline, f"{len(out)} of {len(items)} results"
+            await asyncio.sleep(0.005)
+        return batches, out
+
+    batches, out = client.sync(run)
+    assert any(len(b) > 1 and any(i is bad for i in b) for b in batches), "the bad item was batched with others"
+    failures = [o for o in out if isinstance(o, InferenceFailure)]
+    assert len(failures) == 1 and "expects shape" in failures[0].error
+    answers = sorted((o for o in out if not isinstance(o, InferenceFailure)), key=len)
+    assert len(answers) == len(good)
+    for g, o in zip(good, answers):
+        np.testing.assert_allclose(o, _direct(mlp_path, g), rtol=1e-6, atol=1e-7)

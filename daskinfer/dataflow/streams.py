@@ -12,6 +12,8 @@ On a Dask stream the model runs on the workers that hold it::
 Blocks flow through, never one Python object per row: an item is an array with
 rows first, or a dict of such arrays.  ``smart_batch`` emits a list of items;
 ``infer`` runs the list as one model call and emits the list of their outputs.
+On a Dask stream an item whose model call fails comes out as an
+:class:`InferenceFailure` in its place (the stream goes on).
 """
 
 from __future__ import annotations
@@ -233,7 +235,17 @@ class InferenceFailure:
     """What a Dask stream's ``infer`` emits for an item whose model call failed.
 
     A failed task would stall ``gather()`` (streamz waits on it forever), so the
-    failure travels as a value instead: filter it out, or route it to a dead-letter sink.
+    failure travels as a value instead, one per failed item (also inside a batch): filter
+    it out, or route it to a dead-letter sink.  It is falsy.
+
+    Attributes
+    ----------
+    model : str
+        The model's name.
+    error_type : str
+        The exception's type name, e.g. ``"InputValidationError"``.
+    error : str
+        The exception's message.
     """
 
     model: str
@@ -245,18 +257,36 @@ class InferenceFailure:
 
 
 def _run_on_worker(model: str, x: Any, output: str | None) -> Any:
+    """Outputs for ``x``, with failures as values: a list gets a list of the same length.
+
+    When a list's one model call fails, each item runs alone, so the good items of the
+    batch still get their outputs and only the bad ones become :class:`InferenceFailure`.
+    """
     try:
         return _run_local(model, x, output)
     except Exception as e:
-        return InferenceFailure(model, type(e).__name__, str(e))
+        if not isinstance(x, list):
+            return InferenceFailure(model, type(e).__name__, str(e))
+    return [_run_on_worker(model, item, output) for item in x]
 
 
 @DaskStream.register_api()
 class infer(DaskStream):  # noqa: F811 - the Dask stream's own ``infer``
     """``infer`` on a Dask stream: the model runs on the worker that holds it.
 
-    An item whose model call fails comes out as an :class:`InferenceFailure` (falsy),
-    so one bad item never stalls the stream.
+    An item whose model call fails comes out as an :class:`InferenceFailure` in its place,
+    so one bad item never stalls the stream.  For a list (a batch from ``smart_batch``) the
+    result is a list of the same length: the good items' outputs, and an
+    :class:`InferenceFailure` for each bad item, so ``flatten()`` gives one result per item.
+
+    Examples
+    --------
+    Keep the answers and send the failures elsewhere:
+
+    >>> from daskinfer.dataflow.streams import InferenceFailure
+    >>> results = source.smart_batch().scatter().infer("mlp").buffer(8).gather().flatten()  # doctest: +SKIP
+    >>> results.filter(lambda r: isinstance(r, InferenceFailure)).sink(print)  # doctest: +SKIP
+    >>> answers = results.filter(lambda r: not isinstance(r, InferenceFailure)).sink_to_list()  # doctest: +SKIP
     """
 
     def __init__(self, upstream, model, output=None, **kwargs):
