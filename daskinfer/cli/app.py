@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -114,15 +115,72 @@ def build_pipeline(entry: dict[str, Any], where: str) -> Pipeline:
     return Pipeline(**entry)
 
 
+class Deployment:
+    """What one deployment file puts on a cluster, and how to take exactly that down again.
+
+    :meth:`deploy` records each model and pipeline before it deploys it, so that
+    :meth:`teardown` also cleans up after a deploy that failed or was interrupted half-way.
+    Models (name and version) and pipelines that ran before are left alone.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    spec : dict
+        A loaded deployment file (:func:`load_app`).
+    report : callable, optional
+        Called with one line of progress for each step (``daskinfer run`` prints them).
+    """
+
+    def __init__(self, client: Client, spec: dict[str, Any], report: Callable[[str], None] | None = None):
+        self.client = client
+        self.spec = spec
+        self.report = report or (lambda line: None)
+        self.handles: list[PipelineHandle] = []
+        self.models: list[tuple[str, str]] = []  # (name, version) that were not deployed before
+        self.pipelines: list[str] = []  # names of pipelines that were not running before
+
+    def deploy(self) -> list[PipelineHandle]:
+        """Deploy the models, then start the pipelines; return the pipelines' handles."""
+        from daskinfer.dataflow.pipeline import deploy_pipeline, pipelines
+        from daskinfer.models.deploy import deploy, deployed_models
+
+        path = self.spec["_path"]
+        models = [build_model(e, self.spec["_base"], f"{path}: models[{i}]")
+                  for i, e in enumerate(self.spec.get("models", []))]
+        pipes = [build_pipeline(e, f"{path}: pipelines[{i}]") for i, e in enumerate(self.spec.get("pipelines", []))]
+        had_models = deployed_models(self.client)
+        had_pipelines = set(pipelines(self.client))
+        for model in models:
+            if model.version not in had_models.get(model.name, []):
+                self.models.append((model.name, model.version))
+            self.report(f"deploying model {model.name!r} (version {model.version})")
+            deploy(self.client, model)
+        for pipe in pipes:
+            name = pipe.name or pipe.inbox
+            if name not in had_pipelines:
+                self.pipelines.append(name)
+            self.report(f"deploying pipeline {name!r} (inbox {pipe.inbox!r}, connector {pipe.connector})")
+            self.handles.append(deploy_pipeline(self.client, pipe))
+        return self.handles
+
+    def teardown(self) -> None:
+        """Stop the pipelines and undeploy the models that :meth:`deploy` started."""
+        from daskinfer.dataflow.pipeline import get_pipeline, pipelines
+        from daskinfer.models.deploy import deployed_models, undeploy
+
+        running = pipelines(self.client)
+        for name in reversed(self.pipelines):
+            if name in running:
+                get_pipeline(self.client, name).stop()
+                self.report(f"stopped pipeline {name!r}")
+        deployed = deployed_models(self.client)
+        for name, version in reversed(self.models):
+            if version in deployed.get(name, []):
+                undeploy(self.client, name, version)
+                self.report(f"undeployed model {name!r} (version {version})")
+        self.handles, self.pipelines, self.models = [], [], []
+
+
 def deploy_app(client: Client, spec: dict[str, Any]) -> list[PipelineHandle]:
     """Deploy the models, then start the pipelines, of a loaded deployment file."""
-    from daskinfer.models.deploy import deploy
-    from daskinfer.dataflow.pipeline import deploy_pipeline
-
-    path = spec["_path"]
-    for i, entry in enumerate(spec.get("models", [])):
-        deploy(client, build_model(entry, spec["_base"], f"{path}: models[{i}]"))
-    return [
-        deploy_pipeline(client, build_pipeline(entry, f"{path}: pipelines[{i}]"))
-        for i, entry in enumerate(spec.get("pipelines", []))
-    ]
+    return Deployment(client, spec).deploy()

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from daskinfer.cli import admin
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,8 @@ def _name_value(text: str, what: str) -> tuple[str, str]:
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Serve models over the KServe v2 protocol (gRPC and REST). The models run in this process: "
+                     "no Dask cluster is involved, so no --preload either.")
     p.add_argument("--onnx", action="append", default=[], metavar="NAME=PATH", help="serve an ONNX model file (repeatable)")
     p.add_argument(
         "--python",
@@ -168,14 +173,52 @@ def _gateway(args: argparse.Namespace) -> int:
     return _serve_until_stopped("gateway", gateway)
 
 
+_PRELOAD_HELP = (
+    "On a cluster you start yourself, --preload daskinfer.preload on `dask scheduler` and `dask worker` is "
+    "optional: this command installs what the scheduler and workers need when it deploys; the preload only "
+    "makes them ready (and says so in their logs) when they start."
+)
+
+
 def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Deploy the models and pipelines of a YAML file and run them until Ctrl-C or SIGTERM; then stop "
+        "those pipelines and undeploy those models (also on an external scheduler). " + _PRELOAD_HELP
+    )
     p.add_argument("file", help="deployment file (YAML: scheduler, cluster, config, models, pipelines; see conf/)")
     p.add_argument("--scheduler", default=None, help="scheduler address (overrides the file's; none: a LocalCluster)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so a Dask call it interrupts is cancelled."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _say(line: str) -> None:
+    print(f"daskinfer: {line}", flush=True)
+
+
+def _dashboard(client: Any) -> str:
+    link = client.dashboard_link
+    if not link:
+        return "none"
+    if importlib.util.find_spec("bokeh") is None:
+        return f"{link} (its pages need bokeh: pip install bokeh; Prometheus metrics at /metrics)"
+    return link
+
+
 def _run(args: argparse.Namespace) -> int:
+    """Deploy, wait for Ctrl-C / SIGTERM / --duration, take down what was deployed.
+
+    SIGTERM raises in the main thread like Ctrl-C, so that it also stops a deploy that waits
+    (for a broker, say).  The LocalCluster's workers ignore SIGINT (a terminal's Ctrl-C
+    reaches the whole process group): this command closes them once its pipelines stopped.
+    """
     import contextlib
     import signal
     import threading
@@ -183,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
     import dask
     from distributed import Client, LocalCluster
 
-    from daskinfer.cli.app import deploy_app, flat_config, load_app
+    from daskinfer.cli.app import Deployment, flat_config, load_app
     from daskinfer.exceptions import DaskInferError
 
     try:
@@ -192,29 +235,34 @@ def _run(args: argparse.Namespace) -> int:
         print(f"daskinfer run: {e}", file=sys.stderr)
         return 2
     address = args.scheduler or spec.get("scheduler")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with dask.config.set(flat_config(spec.get("config") or {})), contextlib.ExitStack() as stack:
-        if address:
-            client = stack.enter_context(Client(address))
-        else:
-            kw = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0", **(spec.get("cluster") or {})}
-            cluster = stack.enter_context(LocalCluster(**kw))
-            client = stack.enter_context(Client(cluster))
-        try:
-            handles = deploy_app(client, spec)
-        except DaskInferError as e:
-            print(f"daskinfer run: {e}", file=sys.stderr)
-            return 1
-        print(f"daskinfer: {len(handles)} pipeline(s) running on {client.scheduler.address}: "
-              + ", ".join(f"{h.name} (inbox {h.inbox!r})" for h in handles), flush=True)
-        try:
-            stop.wait(args.duration)
-        except KeyboardInterrupt:
-            pass
-        for h in handles:
-            h.stop()
-    return 0
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    status = 0
+    try:
+        with dask.config.set(flat_config(spec.get("config") or {})), contextlib.ExitStack() as stack:
+            if address:
+                client = stack.enter_context(Client(address))
+            else:
+                kw = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0", **(spec.get("cluster") or {})}
+                kw["preload"] = [*(kw.get("preload") or []), "daskinfer.cli.quiet_worker"]
+                cluster = stack.enter_context(LocalCluster(**kw))
+                client = stack.enter_context(Client(cluster))
+            _say(f"scheduler {client.scheduler.address}, dashboard: {_dashboard(client)}")
+            app = Deployment(client, spec, report=_say)
+            try:
+                handles = app.deploy()
+                _say(f"{len(handles)} pipeline(s) running on {client.scheduler.address}: "
+                     + ", ".join(f"{h.name} (inbox {h.inbox!r})" for h in handles))
+                threading.Event().wait(args.duration)
+            except DaskInferError as e:
+                print(f"daskinfer run: {e}", file=sys.stderr)
+                status = 1
+            except KeyboardInterrupt as e:
+                _say(f"stopped ({'SIGTERM' if isinstance(e, _Terminated) else 'Ctrl-C'}); taking down what was deployed")
+            finally:
+                app.teardown()
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while starting or taking down
+        _say("stopped")
+    return status
 
 
 def _quickstart_arguments(p: argparse.ArgumentParser) -> None:
@@ -234,22 +282,28 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "gateway": ("KServe v2 (REST and gRPC) in front of pipelines on a Dask cluster", _gateway_arguments, _gateway),
     "run": ("deploy the models and pipelines of a YAML file and run them", _run_arguments, _run),
     "quickstart": ("run the bundled model through a local pipeline and print throughput", _quickstart_arguments, _quickstart),
+    "pipelines": ("list the pipelines running on a Dask cluster", admin.pipelines_arguments, admin.pipelines_command),
+    "topics": ("list the embedded broker's topics, or delete one (topics delete NAME)", admin.topics_arguments,
+               admin.topics_command),
 }
 """name -> (help, add_arguments(parser), run(args) -> exit status)."""
 
 
-def parser() -> argparse.ArgumentParser:
-    """The ``daskinfer`` argument parser with every subcommand of :data:`SUBCOMMANDS`."""
-    p = argparse.ArgumentParser(prog="daskinfer", description="High-throughput streaming model inference on Dask.")
+def parser(prog: str = "daskinfer") -> argparse.ArgumentParser:
+    """The ``daskinfer`` argument parser with every subcommand of :data:`SUBCOMMANDS`.
+
+    ``prog`` is the command's name in usage lines (``dask infer`` under Dask's CLI).
+    """
+    p = argparse.ArgumentParser(prog=prog, description="High-throughput streaming model inference on Dask.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "daskinfer") -> int:
     """Entry point of the ``daskinfer`` command; returns the exit status."""
-    p = parser()
+    p = parser(prog)
     args = p.parse_args(argv)
     if not args.command:
         p.print_help()
@@ -273,7 +327,7 @@ else:
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def dask_cli(args: tuple[str, ...]) -> None:
         """daskinfer: streaming model inference (``dask infer serve ...``; ``dask infer --help``)."""
-        sys.exit(main(list(args)))
+        sys.exit(main(list(args), prog="dask infer"))
 
 
 if __name__ == "__main__":

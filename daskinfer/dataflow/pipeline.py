@@ -436,7 +436,7 @@ async def _deploy_pipeline(client: Client, pipeline: Pipeline, wait: bool, timeo
         from daskinfer.connectors.redis import prepare_streams
 
         plain = spec.to_plain()
-        await prepare_streams(plain)
+        await prepare_streams(plain, timeout=timeout)
         spec = msgspec.structs.replace(spec, connector_options={
             **spec.connector_options, "redis_generation": plain["redis_generation"]})
     elif spec.connector == "kafka":  # pragma: no cover - its own module says what it needs
@@ -460,7 +460,8 @@ def deploy_pipeline(client: Client, pipeline: Pipeline, *, wait: bool = True, ti
     wait : bool
         Return once every partition runs.
     timeout : float
-        Seconds to wait for that.
+        Seconds to wait for that, and at most for the connector's broker to answer
+        (a Redis that cannot be reached fails at once).
 
     Raises
     ------

@@ -17,14 +17,14 @@ from daskinfer.connectors.redis.framing import (
     as_str,
     unpack_entries,
 )
-from daskinfer.connectors.redis.link import CONNECTION_ERRORS, RedisLink, redis_option, redis_url
+from daskinfer.connectors.redis.link import CONNECTION_ERRORS, RedisLink, redact_url, redis_option, redis_url
 from daskinfer.connectors.redis.scripts import (
     CLAIM_COUNT,
     fence_key,
     inbox_stream,
     meta_key,
 )
-from daskinfer.exceptions import ConfigError
+from daskinfer.exceptions import BrokerError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class RedisConnector(Connector):
         }
 
 
-async def prepare_streams(spec: dict[str, Any]) -> None:
+async def prepare_streams(spec: dict[str, Any], timeout: float | None = None) -> None:
     """Create a pipeline's inbox partition streams with its consumer group, its outbox and dead-letter streams.
 
     Also starts a new deployment generation of the pipeline and records it in
@@ -249,42 +249,58 @@ async def prepare_streams(spec: dict[str, Any]) -> None:
     spec : dict
         The pipeline spec (:meth:`daskinfer.Pipeline.to_spec`), ``connector_options["url"]``
         or config ``redis.url`` naming the server.
+    timeout : float, optional
+        Longest wait for Redis, in seconds (default: config ``redis.reconnect-timeout``).
 
     Raises
     ------
+    BrokerError
+        Redis cannot be reached (at once, without retries), refuses the credentials, or does
+        not answer within ``timeout``; the message names the URL (without its password).
     ConfigError
         The inbox exists with another number of partitions.
     """
     options = dict(spec.get("connector_options") or {})
-    link = RedisLink(redis_url(options), options, f"pipeline {spec['name']!r}")
+    url = redis_url(options)
+    what = f"pipeline {spec['name']!r}"
+    link = RedisLink(url, options, what)
+    timeout = link.reconnect_timeout if timeout is None else min(timeout, link.reconnect_timeout)
+    link.reconnect_timeout = timeout
     try:
-        inbox, group, n = spec["inbox"], spec["name"], int(spec["partitions"])
-        meta = meta_key(inbox)
-
-        async def setup() -> int:
-            pipe = link.redis.pipeline(transaction=True)
-            pipe.hsetnx(meta, "partitions", n)
-            pipe.hget(meta, "partitions")
-            pipe.hincrby(meta, f"generation:{group}", 1)
-            _, have, gen = await pipe.execute()
-            if int(have) != n:
-                raise ConfigError(
-                    f"pipeline {group!r}: redis inbox {inbox!r} exists with {int(have)} partitions, not {n} "
-                    f"(recorded in {meta!r})"
-                )
-            return int(gen)
-
-        spec["redis_generation"] = await link.retry("prepare", setup)
-        for p in range(n):
-            try:
-                await link.retry("xgroup", lambda: link.redis.xgroup_create(inbox_stream(inbox, p), group, id="0",
-                                                                            mkstream=True))
-            except ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
-        topics = [t for t in (spec.get("outbox"), spec.get("dead_letter"), *(spec.get("record_topics") or ())) if t]
-        await link.retry("ensure", lambda: link.scripts([("ensure", (t,), ()) for t in topics]))
+        await asyncio.wait_for(_prepare_streams(link, spec), timeout)
+    except asyncio.TimeoutError:
+        raise BrokerError(f"{what}: no answer from Redis at {redact_url(url)} within {timeout:g}s") from None
     finally:
         await link.aclose()
+
+
+async def _prepare_streams(link: RedisLink, spec: dict[str, Any]) -> None:
+    await link.check()
+    inbox, group, n = spec["inbox"], spec["name"], int(spec["partitions"])
+    meta = meta_key(inbox)
+
+    async def setup() -> int:
+        pipe = link.redis.pipeline(transaction=True)
+        pipe.hsetnx(meta, "partitions", n)
+        pipe.hget(meta, "partitions")
+        pipe.hincrby(meta, f"generation:{group}", 1)
+        _, have, gen = await pipe.execute()
+        if int(have) != n:
+            raise ConfigError(
+                f"pipeline {group!r}: redis inbox {inbox!r} exists with {int(have)} partitions, not {n} "
+                f"(recorded in {meta!r})"
+            )
+        return int(gen)
+
+    spec["redis_generation"] = await link.retry("prepare", setup)
+    for p in range(n):
+        try:
+            await link.retry("xgroup", lambda: link.redis.xgroup_create(inbox_stream(inbox, p), group, id="0",
+                                                                        mkstream=True))
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+    topics = [t for t in (spec.get("outbox"), spec.get("dead_letter"), *(spec.get("record_topics") or ())) if t]
+    await link.retry("ensure", lambda: link.scripts([("ensure", (t,), ()) for t in topics]))
 
 

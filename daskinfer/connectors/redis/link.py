@@ -98,6 +98,22 @@ class RedisLink:
                 logger.info("%s: Redis is back after %.2fs", self.what, time.monotonic() - t0)
             return out
 
+    async def check(self) -> None:
+        """Raise :class:`~daskinfer.exceptions.BrokerError` naming the server unless it answers ``PING``.
+
+        One try, no reconnects: for the first contact (a deploy), where a server that is not
+        there is far more likely a wrong URL or a server not started than a short outage.
+        """
+        url = redact_url(self.url)
+        try:
+            await self.redis.ping()
+        except AuthenticationError as e:
+            raise BrokerError(f"{self.what}: Redis at {url} refused the credentials: {e}") from e
+        except CONNECTION_ERRORS as e:
+            raise BrokerError(
+                f"{self.what}: cannot reach Redis at {url} ({e}); start it there, or point the pipeline's "
+                f"connector_options['url'] (config daskinfer.redis.url) at a running server") from e
+
     async def load_scripts(self) -> None:
         for name, src in SCRIPTS.items():
             sha = await self.redis.script_load(src)
