@@ -22,6 +22,7 @@ from daskinfer.models.registry import ModelRegistry
 from daskinfer.testing import random_rows
 from daskinfer.wire import codec
 from daskinfer.wire.messages import Request
+from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 
 def _tag() -> str:
@@ -214,3 +215,41 @@ def test_results_nobody_collects_are_bounded(client, mlp):
         assert ic.received == 300 and len(kept) == 50 and ic.unclaimed_dropped == 250
     finally:
         handle.stop()
+
+
+def test_redis_a_reply_key_of_another_type_loses_no_batch(client, mlp, request):
+    """Results for a key that is not a stream are dropped alone; the batch's other results are written."""
+    import os
+
+    if not os.environ.get("CI"):
+        pytest.importorskip("redis", reason="the redis extra is not installed")
+    import redis
+
+    from daskinfer.connectors.redis import RedisTransport, inbox_stream
+
+    url = request.getfixturevalue("redis_url")
+    tag = _tag()
+    inbox = f"rin-{tag}"
+    handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=inbox, partitions=1, connector="redis",
+                                              outbox=f"rout-{tag}", dead_letter=f"rdead-{tag}",
+                                              connector_options={"url": url}))
+    r = redis.Redis.from_url(url)
+    try:
+        wrong = f"daskinfer-replies-{tag}-wrong"
+        r.hset(wrong, "not", "a stream")  # a key with a reply prefix but of another type
+        with InferenceClient(client, inbox=inbox, transport=RedisTransport(url)) as ic:
+            row = random_rows(1)[0]
+            hostile = [Request(f"h{i}", {"x": row}, reply_to=to).encode()
+                       for i, to in enumerate([wrong, f"{inbox}:meta"])]
+            client.sync(ic.transport.send, inbox, [(0, h) for h in hostile])
+            good = [ic.submit(row) for _ in range(20)]
+            assert all(f.result(30).ok for f in good), "the other results of the batch are written"
+        letters = [codec.decode(f[b"d"]) for _, f in r.xrange(f"rdead-{tag}")]
+        assert [(d["id"], d["error_type"]) for d in letters] == [("h1", "ReplyTargetError")]
+        assert r.type(wrong) == b"hash" and r.type(f"{inbox}:meta") == b"hash", "nothing written into them"
+        assert r.xpending(inbox_stream(inbox, 0), handle.name)["pending"] == 0, "nothing left pending"
+        assert r.xlen(inbox_stream(inbox, 0)) == 0
+        assert handle.status()["totals"]["answered"] >= 22
+    finally:
+        handle.stop()
+        r.close()
