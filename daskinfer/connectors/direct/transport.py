@@ -310,11 +310,11 @@ class DirectTransport(ClientTransport):
         if self.error is not None:
             raise self.error
         try:
-            out = await asyncio.wait_for(self._results.get(), timeout)
+            out = list(await asyncio.wait_for(self._results.get(), timeout))
         except asyncio.TimeoutError:
             return []
         while not self._results.empty():
-            out = out + self._results.get_nowait()
+            out.extend(self._results.get_nowait())
         if self.error is not None and not out:
             raise self.error
         return out
