@@ -403,16 +403,23 @@ class PipelineHandle:
 
 
 async def _deploy_models(client: Client, pipe: Pipeline) -> None:
-    """Deploy Model specs named in stages unless that name and version are deployed already."""
+    """Deploy Model specs named in stages unless that name and version are deployed already; check
+    that the models named by string are deployed (a missing one fails here, naming it)."""
     from daskinfer.models.deploy import _deploy, deployed_async
 
-    deployed = None
+    deployed = await deployed_async(client)
     for m in pipe.models_used():
         if isinstance(m, str):
             continue
-        deployed = deployed if deployed is not None else await deployed_async(client)
         if m.version not in deployed.get(m.name, []):
             await _deploy(client, m, True)
+            deployed.setdefault(m.name, []).append(m.version)
+    missing = [m for m in pipe.models_used() if isinstance(m, str) and m not in deployed]
+    if missing:
+        raise ConfigError(
+            f"pipeline {pipe.name or pipe.inbox!r}: model {missing[0]!r} is not deployed; deploy it first "
+            f"(daskinfer.deploy(client, OnnxModel({missing[0]!r}, path))) or give the stage a model spec "
+            f"(pipe.infer(OnnxModel(...))); deployed models: {sorted(deployed) or 'none'}")
 
 
 async def _prepare_embedded(client: Client, spec: PipelineSpec) -> None:
