@@ -79,8 +79,10 @@ def test_readme_python_blocks_run_in_order(tmp_path):
     proc = subprocess.run([sys.executable, "readme.py", "blocks.json"], capture_output=True, text=True,
                           timeout=400, cwd=tmp_path, env=env)
     ran = re.findall(r"--- README.md line (\d+)", proc.stdout)
-    assert proc.returncode == 0, (
-        f"README.md block at line {ran[-1] if ran else '?'} failed:\n{proc.stderr[-4000:]}")
+    if proc.returncode != 0:
+        start = proc.stderr.rfind("Traceback (most recent call last)")
+        pytest.fail(f"README.md block at line {ran[-1] if ran else '?'} failed:\n"
+                    f"{proc.stderr[start:][:4000] if start >= 0 else proc.stderr[-4000:]}", pytrace=False)
     assert [int(n) for n in ran] == [line for line, _ in runnable]
 
 
