@@ -153,6 +153,27 @@ def test_dask_infer_of_a_model_not_deployed_names_it(client, mlp_deployed, poll)
     assert "model 'not-deployed' is not deployed here; deployed models: ['mlp']" in failure.error
 
 
+def _batched_dask_chain(client, items, **batching):
+    """Emit ``items`` at once on the client's loop through ``smart_batch(**batching).scatter()
+    .infer("mlp", output=...).buffer(8).gather().flatten()``; return (the batches, the results)."""
+
+    async def run():
+        batches, out = [], []
+        source = Stream(asynchronous=True, loop=client.loop)
+        batched = source.smart_batch(**batching)
+        batched.sink(batches.append)
+        batched.scatter().infer("mlp", output="probabilities").buffer(8).gather().flatten().sink(out.append)
+        for it in items:
+            source.emit(it)
+        deadline = time.monotonic() + 60
+        while len(out) < len(items):
+            assert time.monotonic() < deadline, f"{len(out)} of {len(items)} results"
+            await asyncio.sleep(0.005)
+        return batches, out
+
+    return client.sync(run)
+
+
 def test_dask_smart_batch_keeps_order_and_size_limit_under_load(client, mlp_deployed, mlp_path):
     """Many items emitted at once on the client's loop: batches form while scatters are in
     flight, never exceed max_batch_size rows, keep item order, and outputs match."""
@@ -160,21 +181,7 @@ def test_dask_smart_batch_keeps_order_and_size_limit_under_load(client, mlp_depl
     blocks = [random_rows(int(n), seed=i) for i, n in enumerate(rng.integers(1, 20, 300))]
     max_rows = 64
 
-    async def run():
-        batches, out = [], []
-        source = Stream(asynchronous=True, loop=client.loop)
-        batched = source.smart_batch(max_batch_size=max_rows, max_inflight=2)
-        batched.sink(batches.append)
-        batched.scatter().infer("mlp", output="probabilities").buffer(8).gather().flatten().sink(out.append)
-        for b in blocks:
-            source.emit(b)
-        deadline = time.monotonic() + 60
-        while len(out) < len(blocks):
-            assert time.monotonic() < deadline, f"{len(out)} of {len(blocks)} answers"
-            await asyncio.sleep(0.005)
-        return batches, out
-
-    batches, out = client.sync(run)
+    batches, out = _batched_dask_chain(client, blocks, max_batch_size=max_rows, max_inflight=2)
     assert all(sum(len(i) for i in b) <= max_rows for b in batches)
     flat = [it for b in batches for it in b]
     assert len(flat) == len(blocks) and all(a is b for a, b in zip(flat, blocks))  # each item once, in order
@@ -257,21 +264,7 @@ def test_dask_batch_with_a_bad_item_answers_the_good_items_of_that_batch(client,
     bad = np.zeros((7, 15), np.float32)
     items = good[:3] + [bad] + good[3:]
 
-    async def run():
-        batches, out = [], []
-        source = Stream(asynchronous=True, loop=client.loop)
-        batched = source.smart_batch(max_batch_size=1024, max_inflight=1)
-        batched.sink(batches.append)
-        batched.scatter().infer("mlp", output="probabilities").buffer(8).gather().flatten().sink(out.append)
-        for it in items:
-            source.emit(it)
-        deadline = time.monotonic() + 60
-        while len(out) < len(items):
-            assert time.monotonic() < deadline, f"{len(out)} of {len(items)} results"
-            await asyncio.sleep(0.005)
-        return batches, out
-
-    batches, out = client.sync(run)
+    batches, out = _batched_dask_chain(client, items, max_batch_size=1024, max_inflight=1)
     assert any(len(b) > 1 and any(i is bad for i in b) for b in batches), "the bad item was batched with others"
     failures = [o for o in out if isinstance(o, InferenceFailure)]
     assert len(failures) == 1 and "expects shape" in failures[0].error
