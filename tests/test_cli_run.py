@@ -230,8 +230,17 @@ def test_dask_infer_help_names_dask_infer():
     assert proc.stdout.startswith("usage: dask infer run"), proc.stdout + proc.stderr
 
 
-def test_help_says_whether_the_preload_is_needed():
-    text = " ".join(_cli("run", "--help").stdout.split())
+def _help(capsys, *args: str) -> str:
+    from daskinfer.cli.main import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--help"])
+    assert e.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_says_whether_the_preload_is_needed(capsys):
+    text = _help(capsys, "run")
     assert "--preload daskinfer.preload" in text and "optional" in text, text
-    text = " ".join(_cli("serve", "--help").stdout.split())
+    text = _help(capsys, "serve")
     assert "no Dask cluster" in text and "no --preload" in text, text
