@@ -134,10 +134,18 @@ def test_deploy_pipeline_with_a_hung_redis_honours_timeout(client, mlp_deployed,
     assert pipe.name not in daskinfer.pipelines(client)
 
 
+def _connected(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has a TCP connection to ``port`` on loopback."""
+    import psutil  # a dependency of distributed
+
+    return any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections("tcp"))
+
+
 def test_run_stops_on_sigterm_while_it_waits_for_redis(tmp_path, hung_redis, poll):
     run = Run(["run", _redis_app(tmp_path, hung_redis.url)])
     try:
         run.wait_for("deploying pipeline 'requests'", poll)
+        poll(lambda: _connected(run.proc.pid, hung_redis.port), what="daskinfer run waiting on the hung Redis")
         run.proc.send_signal(signal.SIGTERM)
         assert run.finish(timeout=30) == 0, run.stderr[-3000:]  # well before the 60 s deploy timeout
     finally:
