@@ -130,6 +130,10 @@ class ControllerExtension:
             from daskinfer.control.metrics import watch_controller
 
             watch_controller(self)
+        if settings.get("dashboard.enabled"):
+            from daskinfer.control.dashboard import add_page
+
+            add_page(scheduler, self)
 
     def soon(self) -> None:
         self._wake.set()
@@ -280,8 +284,11 @@ class ControllerExtension:
         for pname, state in self.pipelines.items():
             if name is not None and pname != name:
                 continue
-            owners = {p: {"worker": w, "state": (state.figures.get(p) or {}).get("state", "starting")}
-                      for p, w in sorted(state.assigned.items())}
+            owners = {}
+            for p, w in sorted(state.assigned.items()):
+                fig = state.figures.get(p) or {}
+                owners[p] = {"worker": w, "state": fig.get("state", "starting"), "answered": fig.get("answered", 0),
+                             "errors": fig.get("errors", 0)}
             out[pname] = {**state.series.to_plain(last), "owners": owners, "totals": state.totals(),
                           "partitions": state.partitions, "failures": dict(state.failures),
                           "inbox": state.inbox, "model": state.spec.get("model")}
