@@ -177,3 +177,23 @@ def test_remote_model_calls_retries_and_breaker_state(client, mlp_path, poll):
         handle.stop()
         server.stop()
         daskinfer.undeploy(client, "mlp-remote-metrics")
+
+
+def test_gateway_metrics_count_calls_and_errors_by_kind(client, metrics_model):
+    from daskinfer.server.gateway import Gateway
+
+    inbox = f"metrics-gw-{uuid.uuid4().hex[:6]}"
+    handle = deploy_pipeline(client, Pipeline(model=metrics_model, inbox=inbox, partitions=1))
+    try:
+        with Gateway(client.scheduler.address, {"mlp": f"{inbox}:{metrics_model}"}, serve_grpc=False,
+                     http_port=0) as gw:
+            url = f"{gw.http_url}/v2/models/mlp/infer"
+            assert all(_post(url, _v2(random_rows(n, seed=n))) == 200 for n in (1, 5, 7))
+            assert _post(url, _v2(random_rows(2, n_in=15))) == 400
+            m = scrape(f"{gw.http_url}/metrics")
+        assert total(m, "daskinfer_v2_requests_total", model="mlp") == 4
+        assert total(m, "daskinfer_v2_errors_total", model="mlp", kind="BadRequest") == 1
+        assert total(m, "daskinfer_v2_rows_total", model="mlp") == 13
+        assert total(m, "daskinfer_v2_request_seconds_count", model="mlp") == 4
+    finally:
+        handle.stop()
