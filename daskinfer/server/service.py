@@ -20,8 +20,15 @@ import numpy as np
 
 from daskinfer.dataflow.stats import SECONDS_BUCKETS, Histogram
 from daskinfer.remote import v2
-from daskinfer.server.errors import BadRequest, NotFound, Overloaded, ServiceError, Unavailable, classify
-from daskinfer.tensors import TensorSpec
+from daskinfer.server.errors import (
+    BadRequest,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+    classify,
+)
+from daskinfer.tensors import TensorSpec, rows_of
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "daskinfer_python", "remote": "daskinfer_remote"}
 """v2 ``platform`` of each daskinfer model kind (Triton's name for ONNX)."""
@@ -247,10 +254,5 @@ class V2Service(abc.ABC):
             raise
         finally:
             self.inflight -= 1
-            model.stats.record(ok, time.perf_counter() - start, _rows(inputs), error)
+            model.stats.record(ok, time.perf_counter() - start, rows_of(inputs), error)
 
-
-def _rows(inputs: dict[str, np.ndarray]) -> int:
-    for arr in inputs.values():
-        return int(arr.shape[0]) if arr.ndim else 1
-    return 0
