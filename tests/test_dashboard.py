@@ -1,6 +1,6 @@
 """The pipelines page on the scheduler's dashboard, loaded in a real headless Chromium.
 
-Set ``DASKINFER_SCREENSHOT=docs/dashboard.png`` to keep the screenshot (the README shows it).
+Set ``DASKINFER_SCREENSHOT=PATH`` to keep the screenshot.
 """
 
 from __future__ import annotations
@@ -13,30 +13,21 @@ import urllib.request
 import uuid
 
 import numpy as np
-import pytest
 
-import daskinfer
-from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy_pipeline
+from daskinfer import InferenceClient, Pipeline, deploy_pipeline
 from daskinfer.testing import random_rows
 
 from chromium import Chromium, chromium_binary
-
-
-@pytest.fixture(scope="module")
-def dash_model(client, mlp_path):
-    daskinfer.deploy(client, OnnxModel("mlp-dash", mlp_path))
-    yield "mlp-dash"
-    daskinfer.undeploy(client, "mlp-dash")
 
 
 def _history(client, name: str) -> dict:
     return client.sync(client.scheduler.daskinfer_pipeline_history, name=name)[name]
 
 
-def test_pipelines_page_renders_charts_and_redraws(client, dash_model, poll, tmp_path):
+def test_pipelines_page_renders_charts_and_redraws(client, mlp_deployed, poll, tmp_path):
     binary = chromium_binary()
     name = f"dash-{uuid.uuid4().hex[:6]}"
-    handle = deploy_pipeline(client, Pipeline(name=name, model=dash_model, inbox=name, partitions=2))
+    handle = deploy_pipeline(client, Pipeline(name=name, model=mlp_deployed, inbox=name, partitions=2))
     stop = threading.Event()
     try:
         with InferenceClient(client, inbox=name) as ic:

@@ -113,6 +113,7 @@ def test_worker_and_scheduler_metrics_move_with_traffic(client, metrics_model, p
         assert total(sched, "daskinfer_pipeline_errors_total", **p) == 7
         assert total(sched, "daskinfer_pipeline_partitions_placed", **p) == 2
         assert len([s for s in sched["daskinfer_pipeline_lag"] if s[0]["pipeline"] == handle.name]) == 2
+        assert {labels["topic"] for labels, _ in sched["daskinfer_topic_messages"]} >= {"dead-letter"}
     finally:
         handle.stop()
 

@@ -17,11 +17,11 @@ def test_histogram_buckets_follow_prometheus_le():
     h = Histogram([1.0, 2.0, 4.0])
     for v in (0.5, 1.0, 1.5, 2.0, 3.9, 4.0, 100.0):
         h.observe(v)
-    assert h.counts.tolist() == [2, 2, 2, 1]  # v <= 1, <= 2, <= 4, +Inf
+    assert h.counts == [2, 2, 2, 1]  # v <= 1, <= 2, <= 4, +Inf
     assert h.sum == pytest.approx(112.9)
     many = Histogram([1.0, 2.0, 4.0])
     many.observe_many(np.array([0.5, 1.0, 1.5, 2.0, 3.9, 4.0, 100.0]), np.ones(7, dtype=np.int64))
-    assert many.counts.tolist() == h.counts.tolist() and many.sum == pytest.approx(h.sum)
+    assert many.counts == h.counts and many.sum == pytest.approx(h.sum)
 
 
 def test_weighted_observations_equal_repeated_ones():
@@ -32,7 +32,7 @@ def test_weighted_observations_equal_repeated_ones():
     a.observe_many(values, counts)
     for v, c in zip(values, counts):
         b.observe(float(v), int(c))
-    assert a.counts.tolist() == b.counts.tolist() and a.count == counts.sum()
+    assert a.counts == b.counts and a.count == counts.sum()
     assert a.sum == pytest.approx(b.sum)
 
 

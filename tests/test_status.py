@@ -9,11 +9,9 @@ import threading
 import uuid
 
 import numpy as np
-import pytest
 from distributed import LocalCluster
 
-import daskinfer
-from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy_pipeline
+from daskinfer import InferenceClient, Pipeline, deploy_pipeline
 from daskinfer.cli.status import COLUMNS, figures_line, status_table
 from daskinfer.testing import random_rows
 
@@ -30,16 +28,9 @@ def _rows(out: str, name: str) -> dict[str, list[str]]:
     return {cols[1]: cols for cols in (line.split() for line in out.splitlines()) if cols and cols[0] == name}
 
 
-@pytest.fixture(scope="module")
-def status_model(client, mlp_path):
-    daskinfer.deploy(client, OnnxModel("mlp-status", mlp_path))
-    yield "mlp-status"
-    daskinfer.undeploy(client, "mlp-status")
-
-
-def test_status_shows_partitions_owners_and_figures(client, status_model, poll):
+def test_status_shows_partitions_owners_and_figures(client, mlp_deployed, poll):
     name = f"status-{uuid.uuid4().hex[:6]}"
-    handle = deploy_pipeline(client, Pipeline(name=name, model=status_model, inbox=name, partitions=2))
+    handle = deploy_pipeline(client, Pipeline(name=name, model=mlp_deployed, inbox=name, partitions=2))
     stop = threading.Event()
     try:
         with InferenceClient(client, inbox=name) as ic:

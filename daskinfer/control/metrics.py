@@ -13,7 +13,8 @@ inbox backlog, and histograms of batch size, queue wait, inference time and late
 model the version loaded; per remote model calls, attempts, retries, failures and the
 circuit breaker's state.  The scheduler (:class:`SchedulerCollector`): per pipeline the
 partitions placed, moves, restarts, totals over every runner it had, lag per partition and
-the p50/p99 latency of the last sample.
+the p50/p99 latency of the last sample; per topic of the embedded broker the messages and bytes
+it holds and the messages it dropped by retention.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from daskinfer.connectors.embedded.broker import EXTENSION as BROKER
 from daskinfer.dataflow.stats import Histogram
 from daskinfer.exceptions import ModelNotFoundError
 from daskinfer.models.registry import registry_for
@@ -77,14 +79,14 @@ class WorkerCollector:
     """The daskinfer figures of every worker in this process (one collector per process)."""
 
     def __init__(self) -> None:
-        self.extensions: weakref.WeakSet[PartitionsExtension] = weakref.WeakSet()
+        self.watched: weakref.WeakSet[PartitionsExtension] = weakref.WeakSet()
 
     def describe(self) -> list[Metric]:
         return []  # names vary with what runs; nothing to check against other collectors
 
     def collect(self) -> Iterator[Metric]:
         out = Families()
-        for ext in list(self.extensions):
+        for ext in list(self.watched):
             worker = ext.worker.address
             if worker is None:
                 continue
@@ -161,14 +163,14 @@ class SchedulerCollector:
     """The pipelines of every controller in this process (one collector per process)."""
 
     def __init__(self) -> None:
-        self.controllers: weakref.WeakSet[ControllerExtension] = weakref.WeakSet()
+        self.watched: weakref.WeakSet[ControllerExtension] = weakref.WeakSet()
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
         out = Families()
-        for controller in list(self.controllers):
+        for controller in list(self.watched):
             for name, state in list(controller.pipelines.items()):
                 labels = {"pipeline": name}
                 out.gauge("daskinfer_pipeline_partitions", "Partitions of the pipeline's inbox", labels, state.partitions)
@@ -195,29 +197,42 @@ class SchedulerCollector:
                     if value is not None:
                         out.gauge(f"daskinfer_pipeline_latency_{q}_seconds", f"{q} of the latency from read to "
                                   "written over the last sampling interval", labels, value)
+            broker = controller.scheduler.extensions.get(BROKER)
+            if broker is not None:
+                self._topics(out, broker)
         yield from out
+
+    @staticmethod
+    def _topics(out: Families, broker: Any) -> None:
+        for name, topic in list(broker.topics.items()):
+            labels = {"topic": name}
+            out.gauge("daskinfer_topic_messages", "Messages held by a topic of the embedded broker", labels,
+                      sum(len(log) for log in topic.logs))
+            out.gauge("daskinfer_topic_bytes", "Bytes held by a topic of the embedded broker", labels,
+                      sum(log.bytes for log in topic.logs))
+            out.counter("daskinfer_topic_dropped", "Messages a topic dropped by retention (count, bytes or age)",
+                        labels, topic.dropped)
 
 
 _lock = threading.Lock()
-_worker_collector: WorkerCollector | None = None
-_scheduler_collector: SchedulerCollector | None = None
+_collectors: dict[type, Any] = {}
+
+
+def _collector(cls: type) -> Any:
+    """This process's one collector of class ``cls``, registered with prometheus_client's global registry."""
+    with _lock:
+        collector = _collectors.get(cls)
+        if collector is None:
+            collector = _collectors[cls] = cls()
+            prometheus_client.REGISTRY.register(collector)
+        return collector
 
 
 def watch_worker(extension: PartitionsExtension) -> None:
     """Export the partitions and models of ``extension``'s worker on this process's ``/metrics``."""
-    global _worker_collector
-    with _lock:
-        if _worker_collector is None:
-            _worker_collector = WorkerCollector()
-            prometheus_client.REGISTRY.register(_worker_collector)
-        _worker_collector.extensions.add(extension)
+    _collector(WorkerCollector).watched.add(extension)
 
 
 def watch_controller(controller: ControllerExtension) -> None:
     """Export the pipelines of ``controller`` on this process's ``/metrics``."""
-    global _scheduler_collector
-    with _lock:
-        if _scheduler_collector is None:
-            _scheduler_collector = SchedulerCollector()
-            prometheus_client.REGISTRY.register(_scheduler_collector)
-        _scheduler_collector.controllers.add(controller)
+    _collector(SchedulerCollector).watched.add(controller)
