@@ -27,6 +27,7 @@ from daskinfer.wire.messages import Request, Result
 from daskinfer.dataflow.pipeline import Pipeline, PipelineHandle, deploy_pipeline
 from daskinfer.models import LoadedModel, Model, OnnxModel, PythonModel, RemoteModel, TensorSpec
 from daskinfer.server import ModelServer
+from daskinfer.scoring import predict
 from daskinfer.testing import bundled_model_path
 
 __version__ = "0.1.0"
@@ -59,5 +60,6 @@ __all__ = [
     "deploy",
     "deploy_pipeline",
     "deployed_models",
+    "predict",
     "undeploy",
 ]
