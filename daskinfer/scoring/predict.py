@@ -169,6 +169,9 @@ def _score_frame(client: Client, ddf: dd.DataFrame, scorer: Scorer, sample: Any)
         raise ConfigError(f"keep= names column(s) {missing} that the data does not have; columns: {list(ddf.columns)}")
     needed = scorer.mapping.needed_columns()
     if needed is not None:  # read only what is used (parquet column pruning)
+        absent = [c for c in needed if c not in ddf.columns]
+        if absent:
+            raise ConfigError(f"model {scorer.model!r}: column(s) {absent} are not in the data; columns: {list(ddf.columns)}")
         ddf = ddf[list(dict.fromkeys([*needed, *scorer.keep]))]
     empty = make_meta(ddf)
     scorer = _probe(client, scorer, meta_nonempty(empty) if sample is None else sample[list(empty.columns)])
