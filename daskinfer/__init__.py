@@ -27,10 +27,19 @@ from daskinfer.wire.messages import Request, Result
 from daskinfer.dataflow.pipeline import Pipeline, PipelineHandle, deploy_pipeline
 from daskinfer.models import LoadedModel, Model, OnnxModel, PythonModel, RemoteModel, TensorSpec
 from daskinfer.server import ModelServer
-from daskinfer.scoring import predict
+from daskinfer import convert  # noqa: F401  (daskinfer.convert.to_onnx; converters load on use)
 from daskinfer.testing import bundled_model_path
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # daskinfer.predict imports dask.dataframe (and pyarrow): only when it is first used
+    if name == "predict":
+        from daskinfer.scoring import predict
+
+        return predict
+    raise AttributeError(f"module 'daskinfer' has no attribute {name!r}")
 
 __all__ = [
     "BatchPolicy",

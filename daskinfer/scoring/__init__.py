@@ -1,4 +1,5 @@
-"""Batch scoring of dask collections with deployed models: :func:`predict`.
+"""Batch scoring of dask collections with deployed models: :func:`predict`
+(``daskinfer.predict``; needs ``dask[dataframe]``: ``pip install daskinfer[batch]``).
 
 - :mod:`~daskinfer.scoring.inputs`: rows (DataFrame columns, an array) to model inputs.
 - :mod:`~daskinfer.scoring.score`: one partition scored on its worker, in blocks, with
