@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -129,17 +129,41 @@ class Scorer:
         return outputs[spec.name] if spec is not None else next(iter(outputs.values()))
 
     def probe(self, rows: Any) -> tuple[list[TensorSpec] | None, list[TensorSpec]]:
-        """Score sample rows; return the model's input specs and the specs of its kept outputs."""
+        """Score sample rows in one call; return the model's input specs and the specs of its
+        kept outputs.  A failure here is the mapping's or the model's, not a row's: it says
+        which columns fed which input."""
         dep = registry_for().get(self.model)
-        outputs, _ = replace(self, errors="raise")._score(rows, len(rows), None, None, sample=True)
+        try:
+            block = self.mapping(rows, dep.inputs, self.model)
+            out = dep.predict(block)
+        except Exception as e:
+            fed = {k: list(v.shape) for k, v in block.items()} if "block" in locals() else None
+            raise ScoringError(
+                f"model {self.model!r} cannot score sample rows with columns {list(getattr(rows, 'columns', []))}"
+                f"{'' if fed is None else f' fed to it as {fed}'}: {type(e).__name__}: {e}",
+                model=self.model,
+            ) from e
+        outputs = self._select(out, None)
         return dep.inputs, [TensorSpec(k, v.dtype, (None, *v.shape[1:])) for k, v in outputs.items()]
 
+    def _select(self, out: dict[str, np.ndarray], partition: int | None) -> dict[str, np.ndarray]:
+        if self.output is None:
+            return out
+        missing = [k for k in self.output if k not in out]
+        if missing:
+            raise ScoringError(
+                f"model {self.model!r} has no output {missing[0]!r}; its outputs: {sorted(out)}",
+                model=self.model,
+                partition=partition,
+            )
+        return {k: out[k] for k in self.output}
+
     def _score(
-        self, rows: Any, n: int, partition: int | None, index: Any, sample: bool = False
+        self, rows: Any, n: int, partition: int | None, index: Any
     ) -> tuple[dict[str, np.ndarray], list[tuple[int, int, str]]]:
         dep = registry_for().get(self.model)
         specs = dep.inputs
-        where = "sample rows" if sample else f"partition {partition}"
+        where = f"partition {partition}"
         if n == 0:
             return self._empty_outputs(), []
         try:
@@ -179,16 +203,7 @@ class Scorer:
                     ) from e
                 failed.append((lo, hi, message))
                 return
-            if self.output is not None:
-                missing = [k for k in self.output if k not in out]
-                if missing:
-                    raise ScoringError(
-                        f"model {self.model!r} has no output {missing[0]!r}; its outputs: {sorted(out)}",
-                        model=self.model,
-                        partition=partition,
-                    )
-                out = {k: out[k] for k in self.output}
-            pieces.append((lo, hi, out))
+            pieces.append((lo, hi, self._select(out, partition)))
 
         for lo in range(0, n, self.max_batch_size):
             attempt(lo, min(lo + self.max_batch_size, n))
@@ -196,7 +211,7 @@ class Scorer:
 
     def _empty_outputs(self) -> dict[str, np.ndarray]:
         if self.output_specs is None:
-            raise ScoringError(f"model {self.model!r}: cannot learn its outputs from 0 sample rows", model=self.model)
+            raise ScoringError(f"model {self.model!r}: its outputs are not known before sample rows are scored", model=self.model)
         return {s.name: np.empty((0, *s.shape[1:]), s.dtype) for s in self.output_specs}
 
     def _join(self, pieces: list, failed: list, n: int) -> dict[str, np.ndarray]:
@@ -204,10 +219,8 @@ class Scorer:
             return pieces[0][2]
         if self.output_specs is not None:
             template = {s.name: (s.dtype, s.shape[1:]) for s in self.output_specs}
-        elif pieces:
+        else:  # scored without a probe first: the first good block tells
             template = {k: (v.dtype, v.shape[1:]) for k, v in pieces[0][2].items()}
-        else:
-            raise ScoringError(f"model {self.model!r} failed on every sample row: {failed[0][2]}", model=self.model)
         out = {k: np.zeros((n, *shape), dtype) for k, (dtype, shape) in template.items()}
         for lo, hi, piece in pieces:
             for k, arr in out.items():
