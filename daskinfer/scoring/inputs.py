@@ -28,6 +28,8 @@ import pandas as pd
 from daskinfer.exceptions import ConfigError, InputValidationError
 from daskinfer.tensors import TensorSpec
 
+UNNAMED = ""  # the one input of a model that has not declared its inputs
+
 InputsArg = Union[None, Mapping[str, Union[str, Sequence[str]]], Callable[[Any], Any]]
 
 
@@ -79,8 +81,10 @@ class InputMapping:
             return cols
         return self.columns
 
-    def __call__(self, rows: Any, specs: list[TensorSpec] | None, model: str) -> dict[str, np.ndarray]:
-        """The input block for ``rows`` (a DataFrame or an ndarray) of ``model`` with inputs ``specs``."""
+    def __call__(self, rows: Any, specs: list[TensorSpec] | None, model: str) -> dict[str, np.ndarray] | np.ndarray:
+        """The input block for ``rows`` (a DataFrame or an ndarray) of ``model`` with inputs ``specs``:
+        a dict of arrays, or one array when the model has not said what its input is called
+        (the model names it: a remote model learns its inputs from the service on its first call)."""
         by_name = {s.name: s for s in specs or []}
         if callable(self.inputs):
             block = self._from_function(rows, specs, model)
@@ -90,6 +94,8 @@ class InputMapping:
             if isinstance(self.inputs, Mapping):
                 raise ConfigError("inputs={name: columns} needs a DataFrame; for an Array pass a function or nothing")
             block = {self._single_input(specs, model, "an array"): np.asarray(rows)}
+        if list(block) == [UNNAMED]:
+            return block[UNNAMED]
         return {k: _conform(k, v, by_name.get(k)) for k, v in block.items()}
 
     def _from_function(self, rows: Any, specs: list[TensorSpec] | None, model: str) -> dict[str, np.ndarray]:
@@ -118,7 +124,7 @@ class InputMapping:
                 f"columns; cannot feed it {what}: pass inputs={{input name: column(s)}} or a function",
                 model=model,
             )
-        return specs[0].name if specs else "input"
+        return specs[0].name if specs else UNNAMED
 
     @staticmethod
     def _take(frame: pd.DataFrame, cols: str | Sequence[str], model: str, name: str, dtype: Any = None) -> np.ndarray:

@@ -137,7 +137,7 @@ class Scorer:
             block = self.mapping(rows, dep.inputs, self.model)
             out = dep.predict(block)
         except Exception as e:
-            fed = {k: list(v.shape) for k, v in block.items()} if "block" in locals() else None
+            fed = None if "block" not in locals() else {k: list(v.shape) for k, v in _as_dict(block).items()}
             raise ScoringError(
                 f"model {self.model!r} cannot score sample rows with columns {list(getattr(rows, 'columns', []))}"
                 f"{'' if fed is None else f' fed to it as {fed}'}: {type(e).__name__}: {e}",
@@ -168,7 +168,7 @@ class Scorer:
             return self._empty_outputs(), []
         try:
             whole = self.mapping(rows, specs, self.model)
-            block_for: Callable[[int, int], dict[str, np.ndarray]] = lambda lo, hi: {k: v[lo:hi] for k, v in whole.items()}  # noqa: E731
+            block_for: Callable[[int, int], Any] = lambda lo, hi: _slice(whole, lo, hi)  # noqa: E731
         except Exception:
             # the mapping failed on some row: build inputs block by block, so the bisection finds it
             block_for = lambda lo, hi: self.mapping(_rows(rows, lo, hi), specs, self.model)  # noqa: E731
@@ -262,6 +262,14 @@ class Scorer:
         if self.errors == "column":
             cols.append(self.error_column)
         return cols
+
+
+def _slice(block: Any, lo: int, hi: int) -> Any:
+    return {k: v[lo:hi] for k, v in block.items()} if isinstance(block, dict) else block[lo:hi]
+
+
+def _as_dict(block: Any) -> dict[str, np.ndarray]:
+    return block if isinstance(block, dict) else {"(unnamed)": block}
 
 
 def _rows(rows: Any, lo: int, hi: int) -> Any:
