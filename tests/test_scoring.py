@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import daskinfer
-from daskinfer import OnnxModel, PythonModel, deploy, undeploy
+from daskinfer import PythonModel, deploy, undeploy
 from daskinfer.cli import main as cli_main
 from daskinfer.exceptions import ConfigError, ModelNotFoundError, ScoringError
 from daskinfer.testing import random_rows, run_onnx_directly
@@ -186,6 +186,19 @@ def test_cli_predict_writes_parquet_with_a_terminal_bar(client, mlp_path, frame,
     assert got["error"].isna().all()
     np.testing.assert_allclose(got[["probabilities_0", "probabilities_1"]].to_numpy(), _reference(mlp_path, rows), atol=1e-6)
     assert "clf" not in daskinfer.deployed_models(client)  # undeployed from a cluster it joined
+
+
+def test_cli_predict_ships_a_python_function_from_the_current_directory(client, frame, tmp_path, capsys, monkeypatch):
+    # the module exists only here: the workers get the function by value, not by import
+    (tmp_path / "my_scoring.py").write_text("def total(x):\n    return x.sum(axis=1)\n")
+    monkeypatch.chdir(tmp_path)
+    dd.from_pandas(frame, npartitions=2).to_parquet(tmp_path / "in.parquet")
+    status = cli_main(["predict", "in.parquet", "--model", "my_scoring:total", "--out", "out.parquet",
+                       "--columns", ",".join(FEATURES), "--scheduler", client.scheduler.address, "--no-progress"])
+    assert status == 0, capsys.readouterr().err
+    assert "model 'total'" in capsys.readouterr().out
+    got = pd.read_parquet(tmp_path / "out.parquet")
+    np.testing.assert_allclose(np.sort(got["output"].to_numpy()), np.sort(frame[FEATURES].sum(axis=1).to_numpy()))
 
 
 def test_cli_predict_says_what_is_wrong(client, tmp_path, capsys):

@@ -40,22 +40,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
+class ShippedFunction:
+    """A function carried by value (cloudpickle bytes), so that workers need not import its module:
+    the user's module lives in the directory the command runs in, which workers may not see."""
+
+    def __init__(self, fn: Any):
+        import cloudpickle
+
+        module = sys.modules[fn.__module__]
+        cloudpickle.register_pickle_by_value(module)
+        try:
+            self.payload = cloudpickle.dumps(fn)
+        finally:
+            cloudpickle.unregister_pickle_by_value(module)
+        self.fn = fn
+
+    def __getstate__(self) -> dict[str, bytes]:
+        return {"payload": self.payload}
+
+    def __setstate__(self, state: dict[str, bytes]) -> None:
+        import cloudpickle
+
+        self.payload = state["payload"]
+        self.fn = cloudpickle.loads(self.payload)
+
+    def __call__(self, batch: Any) -> Any:
+        return self.fn(batch)
+
+
 def build_model(spec: str) -> Any:
     """An OnnxModel for ``[NAME=]PATH.onnx``, a PythonModel for ``[NAME=]MODULE:FUNCTION``."""
-    import cloudpickle
-
     from daskinfer.cli.main import build_models
+    from daskinfer.models import PythonModel
 
     name, sep, target = spec.partition("=")
     if not sep:
         name, target = "", spec
     if target.endswith(".onnx") or os.path.isfile(target):
         return build_models([f"{name or os.path.splitext(os.path.basename(target))[0]}={target}"], [])[0]
-    module = target.partition(":")[0]
     (model,) = build_models([], [f"{name or target.rpartition(':')[2].split('.')[-1]}={target}"])
-    # the function lives in the user's directory, which workers may not import: ship it by value
-    cloudpickle.register_pickle_by_value(sys.modules[module])
-    return model
+    fn = model.predict_obj
+    if not callable(fn) or isinstance(fn, type):
+        raise argparse.ArgumentTypeError(f"--model {spec!r}: {target} must be a function f(batch) -> outputs")
+    return PythonModel(model.name, ShippedFunction(fn))
 
 
 def run(args: argparse.Namespace) -> int:
