@@ -133,11 +133,12 @@ class Scorer:
         kept outputs.  A failure here is the mapping's or the model's, not a row's: it says
         which columns fed which input."""
         dep = registry_for().get(self.model)
+        block = None
         try:
             block = self.mapping(rows, dep.inputs, self.model)
             out = dep.predict(block)
         except Exception as e:
-            fed = None if "block" not in locals() else {k: list(v.shape) for k, v in _as_dict(block).items()}
+            fed = None if block is None else {k: list(v.shape) for k, v in _as_dict(block).items()}
             raise ScoringError(
                 f"model {self.model!r} cannot score sample rows with columns {list(getattr(rows, 'columns', []))}"
                 f"{'' if fed is None else f' fed to it as {fed}'}: {type(e).__name__}: {e}",
