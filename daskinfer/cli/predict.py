@@ -40,38 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
 
 
-class ShippedFunction:
-    """A function carried by value (cloudpickle bytes), so that workers need not import its module:
-    the user's module lives in the directory the command runs in, which workers may not see."""
-
-    def __init__(self, fn: Any):
-        import cloudpickle
-
-        module = sys.modules[fn.__module__]
-        cloudpickle.register_pickle_by_value(module)
-        try:
-            self.payload = cloudpickle.dumps(fn)
-        finally:
-            cloudpickle.unregister_pickle_by_value(module)
-        self.fn = fn
-
-    def __getstate__(self) -> dict[str, bytes]:
-        return {"payload": self.payload}
-
-    def __setstate__(self, state: dict[str, bytes]) -> None:
-        import cloudpickle
-
-        self.payload = state["payload"]
-        self.fn = cloudpickle.loads(self.payload)
-
-    def __call__(self, batch: Any) -> Any:
-        return self.fn(batch)
-
-
 def build_model(spec: str) -> Any:
     """An OnnxModel for ``[NAME=]PATH.onnx``, a PythonModel for ``[NAME=]MODULE:FUNCTION``."""
     from daskinfer.cli.main import build_models
-    from daskinfer.models import PythonModel
 
     name, sep, target = spec.partition("=")
     if not sep:
@@ -79,10 +50,28 @@ def build_model(spec: str) -> Any:
     if target.endswith(".onnx") or os.path.isfile(target):
         return build_models([f"{name or os.path.splitext(os.path.basename(target))[0]}={target}"], [])[0]
     (model,) = build_models([], [f"{name or target.rpartition(':')[2].split('.')[-1]}={target}"])
-    fn = model.predict_obj
-    if not callable(fn) or isinstance(fn, type):
-        raise argparse.ArgumentTypeError(f"--model {spec!r}: {target} must be a function f(batch) -> outputs")
-    return PythonModel(model.name, ShippedFunction(fn))
+    return _shipped(model.name, target)
+
+
+def _shipped(name: str, target: str) -> Any:
+    """A PythonModel that ships the code of ``MODULE:FUNCTION`` to the workers: the module lives
+    in the directory the command runs in, which workers may not see.  Its top-level module
+    (a file, or a package directory) is copied alone, so nothing else there travels."""
+    import shutil
+    import tempfile
+
+    from daskinfer.models import PythonModel
+
+    module, _, function = target.partition(":")
+    top = sys.modules[module.split(".")[0]]
+    source = top.__file__ or ""
+    with tempfile.TemporaryDirectory(prefix="daskinfer-predict-") as code:
+        if os.path.basename(source) == "__init__.py":
+            shutil.copytree(os.path.dirname(source), os.path.join(code, top.__name__),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, os.path.join(code, os.path.basename(source)))
+        return PythonModel(name, directory=code, module=module, function=function)
 
 
 def run(args: argparse.Namespace) -> int:
