@@ -17,9 +17,9 @@ CELL_TIMEOUT = 150  # seconds one cell may take: the notebooks are sized for a 2
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path):
-    nbformat = require("nbformat", 'pip install -e ".[notebooks]"')
-    nbclient = require("nbclient", 'pip install -e ".[notebooks]"')
-    require("ipykernel", 'pip install -e ".[notebooks]"')
+    nbformat = require("nbformat", "daskinfer[notebooks]")
+    nbclient = require("nbclient", "daskinfer[notebooks]")
+    require("ipykernel", "daskinfer[notebooks]")
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

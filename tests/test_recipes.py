@@ -31,7 +31,7 @@ def data():
 
 
 def _sklearn_pipeline(x, y):
-    require("sklearn")
+    require("sklearn", "scikit-learn")
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -40,12 +40,12 @@ def _sklearn_pipeline(x, y):
 
 
 def _xgboost(x, y):
-    xgb = require("xgboost")
+    xgb = require("xgboost", "xgboost-cpu")
     return xgb.XGBClassifier(n_estimators=30, max_depth=4, n_jobs=1).fit(x, y)
 
 
 def _lightgbm(x, y):
-    lgb = require("lightgbm")
+    lgb = require("lightgbm", "lightgbm")
     return lgb.LGBMClassifier(n_estimators=30, num_leaves=15, n_jobs=1, verbose=-1).fit(x, y)
 
 
@@ -61,8 +61,8 @@ def test_recipe_scores_equal_predict_proba(client, data, framework, kind):
     if kind == "python":
         model = PythonModel(name, estimator.predict_proba)  # the estimator travels with its bound method
     else:
-        require("skl2onnx", 'pip install -e ".[convert]"')
-        require("onnxmltools", 'pip install -e ".[convert]"')
+        require("skl2onnx", "daskinfer[convert]")
+        require("onnxmltools", "daskinfer[convert]")
         onnx_bytes, report = daskinfer.convert.to_onnx(estimator, x[:500])
         assert report.rows_compared == 500 and report.onnx_rows_s > 0 and report.framework_rows_s > 0
         assert report.faster in ("onnx", report.framework)
@@ -78,7 +78,7 @@ def test_recipe_scores_equal_predict_proba(client, data, framework, kind):
 
 
 def test_to_onnx_names_the_largest_difference(data):
-    require("skl2onnx", 'pip install -e ".[convert]"')
+    require("skl2onnx", "daskinfer[convert]")
     x, y = data
     pipeline = _sklearn_pipeline(x, y)
     # float32 ONNX against float64 scikit-learn differs in the last bits: no tolerance at all fails
@@ -88,7 +88,7 @@ def test_to_onnx_names_the_largest_difference(data):
 
 
 def test_to_onnx_report_and_file(data, tmp_path):
-    require("skl2onnx", 'pip install -e ".[convert]"')
+    require("skl2onnx", "daskinfer[convert]")
     x, y = data
     path = tmp_path / "clf.onnx"
     onnx_bytes, report = daskinfer.convert.to_onnx(_sklearn_pipeline(x, y), x[:100], path=path, target_opset=15)
