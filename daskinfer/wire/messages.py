@@ -97,7 +97,7 @@ def request_from_wire(msg: Any) -> Request:
             )
     for k, typ in _REQUEST_FIELDS:
         v = msg.get(k)
-        if v is not None and not isinstance(v, typ):
+        if v is not None and (not isinstance(v, typ) or type(v) is bool):
             raise RequestError(f"request {rid}: field {k!r} has wrong type {type(v).__name__}", request_id=rid)
     batched = msg.get("b", False)
     if not isinstance(batched, bool):
@@ -196,8 +196,11 @@ class Result:
         return codec.encode(self.to_wire())
 
 
+_RESULT_FIELDS = (("m", str), ("v", str), ("k", str), ("t", (int, float)), ("b", bool))
+
+
 def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
-    """Decode a result's bytes."""
+    """Decode a result's bytes; raise :class:`CodecError` (or :class:`RequestTooLargeError`) if malformed."""
     msg = codec.decode(data, max_size=max_size)
     if type(msg) is not dict or type(msg.get("id")) is not str:
         raise CodecError("a result must be a map with a string 'id'")
@@ -205,8 +208,20 @@ def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
     if err is not None and not (type(err) is list and len(err) == 2 and all(type(e) is str for e in err)):
         raise CodecError(f"result {msg['id']}: 'err' must be [type, message], got {err!r}")
     outputs = msg.get("out")
-    if outputs is not None and not (type(outputs) is dict and all(type(v) is np.ndarray for v in outputs.values())):
-        raise CodecError(f"result {msg['id']}: 'out' must be a map of arrays")
+    if outputs is not None and not (
+        type(outputs) is dict and all(type(k) is str and type(v) is np.ndarray for k, v in outputs.items())
+    ):
+        raise CodecError(f"result {msg['id']}: 'out' must be a map of names to arrays")
+    for k, typ in _RESULT_FIELDS:
+        v = msg.get(k)
+        if v is not None and (not isinstance(v, typ) or (type(v) is bool and typ is not bool)):
+            raise CodecError(f"result {msg['id']}: field {k!r} has wrong type {type(v).__name__}")
+    timings = msg.get("tm")
+    if timings is not None and not (
+        type(timings) is dict
+        and all(type(k) is str and type(v) in (int, float) for k, v in timings.items())
+    ):
+        raise CodecError(f"result {msg['id']}: 'tm' must be a map of names to numbers")
     return Result(
         id=msg["id"],
         outputs=msg.get("out"),
@@ -214,8 +229,8 @@ def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
         error=err[1] if err else None,
         model=msg.get("m"),
         version=msg.get("v"),
-        batched=bool(msg.get("b", False)),
-        timings=msg.get("tm") or {},
+        batched=msg.get("b") or False,
+        timings=timings or {},
         key=msg.get("k"),
         sent_at=msg.get("t"),
     )
