@@ -139,6 +139,8 @@ async def start_fault_grpc(faults: Faults) -> tuple[grpc.aio.Server, int]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input 'x' is not what I want")
         if mode == "unavailable":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "overloaded, come back later")
+        if mode == "internal":
+            await context.abort(grpc.StatusCode.INTERNAL, "backend crashed on this batch")
         if mode == "garbage":
             return b"\xff\xfe\x00 this is not a protobuf message \x07\x07"
         if mode == "slow":
@@ -191,6 +193,8 @@ def fault_rest_app(faults: Faults) -> web.Application:
             return web.json_response({"error": "input 'x' is not what I want"}, status=400)
         if mode == "unavailable":
             return web.json_response({"error": "overloaded, come back later"}, status=503)
+        if mode == "internal":
+            return web.json_response({"error": "backend crashed on this batch"}, status=500)
         if mode == "garbage":
             return web.Response(body=b"\xff\xfe\x00<html>oops", content_type="application/octet-stream")
         if mode == "slow":
@@ -537,3 +541,98 @@ def test_sync_predict_from_a_plain_thread():
     np.testing.assert_array_equal(result["out"]["y"], X * 2)
     assert loaded._private is None  # closed with the model
     assert json.dumps(faults.calls) == json.dumps({"ModelMetadata": 1, "ModelInfer": 1})
+
+
+# -- what counts against the service: server errors and bad answers, never a refused request ------
+SERVER_ERROR = {"kserve-grpc": "INTERNAL: backend crashed on this batch", "kserve-rest": "HTTP 500: backend crashed on this batch"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_server_error_is_retried_a_bounded_number_of_times(protocol):
+    faults = Faults("internal")
+
+    async def body(loaded):
+        return await _outcome(loaded.apredict(X))
+
+    err = run_against(protocol, faults, body, retries=3, server_error_retries=1, breaker_failures=100)
+    assert isinstance(err, RemoteModelError) and err.fault == "server" and err.retryable
+    assert faults.calls["ModelInfer"] == 2  # one retry, however many the policy allows for an outage
+    assert SERVER_ERROR[protocol] in str(err) and "gave up after 2 attempts" in str(err)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_transient_server_error_is_answered_by_its_retry(protocol):
+    faults = Faults("internal")
+
+    async def body(loaded):
+        await loaded.ensure_signature()
+        task = asyncio.ensure_future(loaded.apredict(X))
+        while faults.calls.get("ModelInfer", 0) < 1:
+            await asyncio.sleep(0.001)
+        faults.mode = "ok"
+        return await task
+
+    out = run_against(protocol, faults, body, backoff_base=0.05, backoff_max=0.05)
+    np.testing.assert_array_equal(out["y"], X * 2)
+    assert faults.calls["ModelInfer"] == 2
+
+
+@pytest.mark.parametrize("mode", ["internal", "garbage"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_service_that_keeps_failing_opens_the_breaker(protocol, mode):
+    faults = Faults(mode)
+
+    async def body(loaded):
+        await loaded.ensure_signature()
+        return [await _outcome(loaded.apredict(X)) for _ in range(20)], loaded.breaker
+
+    errors, breaker = run_against(protocol, faults, body, retries=3, server_error_retries=1, breaker_failures=3,
+                                  breaker_reset=60)
+    assert all(isinstance(e, RemoteModelError) for e in errors)
+    assert breaker.state == "open" and breaker.times_opened == 1
+    assert faults.calls["ModelInfer"] == 3  # then every call failed fast, without reaching the service
+    assert all("circuit is open" in str(e) for e in errors[-15:])
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_refused_request_is_no_success_for_the_breaker(protocol):
+    faults = Faults("unavailable")
+
+    async def body(loaded):
+        await loaded.ensure_signature()
+        await _outcome(loaded.apredict(X))  # 2 failed attempts
+        faults.mode = "invalid"
+        refused = await _outcome(loaded.apredict(X))  # the service is up, but says nothing of its health
+        faults.mode = "unavailable"
+        await _outcome(loaded.apredict(X))  # the third consecutive failure opens the circuit
+        return refused, loaded.breaker
+
+    refused, breaker = run_against(protocol, faults, body, retries=1, breaker_failures=3, breaker_reset=60)
+    assert isinstance(refused, RemoteModelError) and refused.fault == "request" and not refused.retryable
+    assert breaker.state == "open"
+    assert faults.calls["ModelInfer"] == 4  # 2 + 1 + 1: the last call's retry was refused by the open circuit
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_refused_probe_frees_the_half_open_circuit_for_the_next_probe(protocol):
+    faults = Faults("unavailable")
+
+    async def body(loaded):
+        await loaded.ensure_signature()
+        await _outcome(loaded.apredict(X))
+        assert loaded.breaker.state == "open"
+        faults.mode = "invalid"
+        deadline = time.monotonic() + 5
+        while True:  # poll until the probe goes through (after breaker_reset)
+            probe = await _outcome(loaded.apredict(X))
+            if "circuit is open" not in str(probe):
+                break
+            assert time.monotonic() < deadline, "no probe was let through"
+            await asyncio.sleep(0.02)
+        faults.mode = "ok"
+        return probe, await loaded.apredict(X), loaded.breaker
+
+    probe, out, breaker = run_against(protocol, faults, body, retries=0, breaker_failures=1, breaker_reset=0.2)
+    assert isinstance(probe, RemoteModelError) and probe.fault == "request"
+    np.testing.assert_array_equal(out["y"], X * 2)  # the next call was the next probe, and it closed the circuit
+    assert breaker.state == "closed"

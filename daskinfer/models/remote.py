@@ -107,7 +107,9 @@ class LoadedRemote(LoadedModel):
     def __init__(self, spec: RemoteModel):
         super().__init__(spec.name, spec.version)
         self.spec = spec
-        self.policy = RetryPolicy(spec.retries, spec.backoff_base, spec.backoff_max, spec.backoff_jitter)
+        self.policy = RetryPolicy(
+            spec.retries, spec.backoff_base, spec.backoff_max, spec.backoff_jitter, spec.server_error_retries
+        )
         self.breaker = CircuitBreaker(spec.breaker_failures, spec.breaker_reset)
         self.stats = CallStats()
         self.signature: ModelSignature | None = None
@@ -371,13 +373,18 @@ class RemoteModel(Model):
     deadline : float or str, optional
         Longest a batch may take, all its calls and retries included. Config ``daskinfer.remote.deadline``.
     retries : int, optional
-        Extra attempts after a retryable failure. Config ``daskinfer.remote.retries``.
+        Extra attempts after the service was unavailable or too slow. Config ``daskinfer.remote.retries``.
+    server_error_retries : int, optional
+        Extra attempts after the service reported an internal error (HTTP 500, gRPC INTERNAL;
+        at most ``retries``). Config ``daskinfer.remote.server-error-retries``.
     backoff_base, backoff_max : float or str, optional
         First and longest wait between attempts. Config ``daskinfer.remote.backoff-*``.
     backoff_jitter : float, optional
         Fraction of each wait drawn at random. Config ``daskinfer.remote.backoff-jitter``.
     breaker_failures : int, optional
-        Consecutive retryable failures that open the circuit. Config ``daskinfer.remote.breaker-failures``.
+        Consecutive failed attempts that open the circuit: unavailable, timed out, HTTP 5xx,
+        gRPC INTERNAL or a malformed answer (a refused request, HTTP 4xx or INVALID_ARGUMENT,
+        counts neither way). Config ``daskinfer.remote.breaker-failures``.
     breaker_reset : float or str, optional
         Time the circuit stays open before a probe. Config ``daskinfer.remote.breaker-reset``.
     check_inputs : bool
@@ -422,6 +429,7 @@ class RemoteModel(Model):
         timeout: float | str | None = None,
         deadline: float | str | None = None,
         retries: int | None = None,
+        server_error_retries: int | None = None,
         backoff_base: float | str | None = None,
         backoff_max: float | str | None = None,
         backoff_jitter: float | None = None,
@@ -461,6 +469,7 @@ class RemoteModel(Model):
         self.timeout = settings.get_seconds("remote.timeout", timeout)
         self.deadline = settings.get_seconds("remote.deadline", deadline)
         self.retries = int(settings.get("remote.retries", retries))
+        self.server_error_retries = int(settings.get("remote.server-error-retries", server_error_retries))
         self.backoff_base = settings.get_seconds("remote.backoff-base", backoff_base)
         self.backoff_max = settings.get_seconds("remote.backoff-max", backoff_max)
         self.backoff_jitter = float(settings.get("remote.backoff-jitter", backoff_jitter))
@@ -472,12 +481,15 @@ class RemoteModel(Model):
             ("max_inflight", self.max_inflight, 1),
             ("breaker_failures", self.breaker_failures, 1),
             ("retries", self.retries, 0),
+            ("server_error_retries", self.server_error_retries, 0),
         ):
             if value < low:
                 raise ConfigError(f"remote model {name!r}: {what} must be >= {low}, got {value}")
         if self.timeout <= 0 or self.deadline <= 0:
             raise ConfigError(f"remote model {name!r}: timeout and deadline must be > 0, got {self.timeout} and {self.deadline}")
-        RetryPolicy(self.retries, self.backoff_base, self.backoff_max, self.backoff_jitter)  # checks the values
+        RetryPolicy(  # checks the values
+            self.retries, self.backoff_base, self.backoff_max, self.backoff_jitter, self.server_error_retries
+        )
         self.check_inputs = bool(check_inputs)
         self.tls = bool(tls)
         self.tls_ca = _pem(tls_ca, "tls_ca", name)
