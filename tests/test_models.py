@@ -528,3 +528,71 @@ def test_onnx_threads_and_providers_follow_dask_config(mlp_path):
     with dask.config.set({"daskinfer.onnx.providers": ["NoSuchExecutionProvider"]}):
         with pytest.raises(ConfigError, match="NoSuchExecutionProvider"):
             OnnxModel("mlp", mlp_path)
+
+
+def test_the_inline_path_never_waits_on_the_event_loop_for_an_instance_a_thread_holds():
+    """A small batch runs inline on the event loop only with an instance in hand.
+
+    A thread keeps taking the only instance, and each of its calls holds it until the event
+    loop has run once more.  Were the loop ever to wait for the instance (having seen it free,
+    then lost it to the thread), neither could go on: the thread's call times out and says so.
+    A very short thread switch interval makes that race common (it showed within a few hundred
+    iterations before the fix).
+    """
+    import asyncio
+    import threading
+    import time
+
+    loop_ran = threading.Event()
+    stalls = []
+    hammer_thread: list[threading.Thread] = []
+
+    def predict(x):
+        if threading.current_thread() in hammer_thread:  # hold the instance until the loop runs
+            loop_ran.clear()
+            if not loop_ran.wait(1.0):
+                stalls.append("the event loop stalled waiting for the instance")
+        return x
+
+    dep = load_deployment(PythonModel("racy", predict, warmup=False))
+    for inst in dep.instances:
+        inst.inline_rows = 16  # as a microsecond (ONNX) model has it
+    x = np.ones((1, 2))
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set() and not stalls:
+            dep.predict(x)
+            time.sleep(0)
+
+    async def main():
+        beating = True
+
+        async def heartbeat():
+            while beating:
+                loop_ran.set()
+                await asyncio.sleep(0)
+
+        hb = asyncio.ensure_future(heartbeat())
+        hammer_thread.append(threading.Thread(target=hammer))
+        hammer_thread[0].start()
+        end = time.monotonic() + 4
+        n = 0
+        while n < 8000 and time.monotonic() < end and not stalls:
+            np.testing.assert_array_equal((await dep.apredict(x))["output"], x)
+            n += 1
+            await asyncio.sleep(0)
+        beating = False
+        stop.set()
+        await asyncio.to_thread(hammer_thread[0].join, 5)
+        await hb
+        return n
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        n = asyncio.run(main())
+    finally:
+        sys.setswitchinterval(old)
+        dep.retire()
+    assert stalls == [] and n > 0
