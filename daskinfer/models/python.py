@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
-import io
 import logging
 import os
-import subprocess
-import sys
 import tempfile
-import threading
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from daskinfer import settings
 from daskinfer.exceptions import ConfigError, ModelLoadError
+from daskinfer.models import code
 from daskinfer.models.loaded import LoadedModel
 from daskinfer.models.spec import Model
 from daskinfer.tensors import TensorSpec
@@ -34,20 +28,6 @@ from daskinfer.tensors import TensorSpec
 logger = logging.getLogger(__name__)
 
 BATCH_FORMATS = ("numpy", "dict", "pandas", "list")
-_install_lock = threading.Lock()
-
-
-def _zip_directory(path: str) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for root, dirs, files in os.walk(path):
-            dirs[:] = [d for d in dirs if d not in ("__pycache__", ".git")]
-            for f in files:
-                if f.endswith(".pyc"):
-                    continue
-                full = os.path.join(root, f)
-                zf.write(full, os.path.relpath(full, path))
-    return buf.getvalue()
 
 
 def _specs(value: Any) -> list[TensorSpec] | None:
@@ -69,7 +49,12 @@ class LoadedPython(LoadedModel):
         super().__init__(name, version, inputs=inputs, outputs=outputs)
         self.fn = fn
         self.batch_format = batch_format
-        self._closer = None
+        self._closers: list[Callable[[], Any]] = []
+
+    def add_closer(self, closer: Callable[[], Any] | None) -> None:
+        """Call ``closer`` when this instance is closed (in reverse order of adding)."""
+        if closer is not None:
+            self._closers.append(closer)
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
         fmt = self.batch_format
@@ -100,8 +85,9 @@ class LoadedPython(LoadedModel):
         return result
 
     def close(self) -> None:
-        if self._closer is not None:
-            self._closer()
+        closers, self._closers = self._closers[::-1], []
+        for closer in closers:
+            closer()
 
 
 class PythonModel(Model):
@@ -194,7 +180,7 @@ class PythonModel(Model):
                     model=name,
                     path=self.path,
                 )
-            self.code_zip = _zip_directory(self.path)
+            self.code_zip = code.zip_directory(self.path)
         elif not callable(predict) and not hasattr(predict, "predict"):
             raise ConfigError(f"model {name!r}: predict= must be callable or have a predict() method, got {type(predict).__name__}")
         self.requirements = list(requirements or [])
@@ -204,7 +190,7 @@ class PythonModel(Model):
             wheels = os.fspath(wheels)
             if not os.path.isdir(wheels):
                 raise ModelLoadError(f"model {name!r}: wheel folder {wheels!r} does not exist", model=name, path=wheels)
-            self.wheels_zip = _zip_directory(wheels)
+            self.wheels_zip = code.zip_directory(wheels)
         self.inputs = _specs(inputs)
         self.outputs = _specs(outputs)
         self.batch_format = batch_format
@@ -217,72 +203,17 @@ class PythonModel(Model):
             h.update(part or b"")
         return h.hexdigest()[:12]
 
-    def _prepare_directory(self, base: str) -> str:
-        """Unpack code and wheels and install requirements under ``base``; return the code dir."""
-        root = os.path.join(base, f"{self.name}-{self.version}-{self._digest()}")
-        done = os.path.join(root, ".ready")
-        with _install_lock:
-            if os.path.exists(done):
-                return root
-            os.makedirs(root, exist_ok=True)
-            code = os.path.join(root, "code")
-            if self.code_zip:
-                zipfile.ZipFile(io.BytesIO(self.code_zip)).extractall(code)
-            if self.requirements:
-                self._pip_install(root)
-            open(done, "w").close()
-        return root
+    def _root(self, base: str) -> str:
+        """This version's folder under ``base`` (name and version are plain names: see :class:`Model`)."""
+        return os.path.join(base, f"{self.name}-{self.version}-{self._digest()}")
 
-    def _pip_install(self, root: str) -> None:
-        site = os.path.join(root, "site")
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-               "--no-warn-script-location", "--target", site]
-        if self.wheels_zip:
-            wheels = os.path.join(root, "wheels")
-            zipfile.ZipFile(io.BytesIO(self.wheels_zip)).extractall(wheels)
-            cmd += ["--no-index", "--find-links", wheels]
-        cmd += self.pip_options + self.requirements
-        timeout = settings.get_seconds("models.pip-timeout")
-        logger.info("installing requirements of model %s: %s", self.name, self.requirements)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise ModelLoadError(
-                f"model {self.name!r}: installing requirements {self.requirements} took over {timeout:g}s",
-                model=self.name,
-            ) from e
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise ModelLoadError(
-                f"model {self.name!r}: pip could not install requirements {self.requirements}: " + " | ".join(tail),
-                model=self.name,
-            )
-
-    def _activate(self, root: str) -> str:
-        for sub in ("site", "code"):
-            p = os.path.join(root, sub)
-            if os.path.isdir(p) and p not in sys.path:
-                sys.path.insert(0, p)
-        return os.path.join(root, "code")
-
-    def _import_handler(self, code_dir: str) -> Any:
+    def _import_handler(self, env: code.CodeEnv) -> Any:
         assert self.module
-        rel = self.module.replace(".", os.sep)
-        file = os.path.join(code_dir, rel + ".py")
-        if not os.path.isfile(file):
-            file = os.path.join(code_dir, rel, "__init__.py")
-        unique = f"_daskinfer_handler_{self.name}_{self.version}_{self._digest()}".replace("-", "_").replace(".", "_")
+        rel = os.path.join(env.code_dir, self.module.replace(".", os.sep))
+        file = rel + ".py" if os.path.isfile(rel + ".py") else os.path.join(rel, "__init__.py")
         try:
-            if unique in sys.modules:
-                mod = sys.modules[unique]
-            else:
-                spec = importlib.util.spec_from_file_location(unique, file)
-                assert spec and spec.loader
-                mod = importlib.util.module_from_spec(spec)
-                sys.modules[unique] = mod
-                spec.loader.exec_module(mod)
+            mod = env.handler_module(self.module)
         except Exception as e:
-            sys.modules.pop(unique, None)
             raise ModelLoadError(
                 f"model {self.name!r}: importing handler {file!r} failed: {type(e).__name__}: {e}",
                 model=self.name,
@@ -292,9 +223,9 @@ class PythonModel(Model):
             return getattr(mod, self.function)
         except AttributeError:
             raise ModelLoadError(
-                f"model {self.name!r}: handler module {file!r} has no {self.function!r}",
+                f"model {self.name!r}: handler module {mod.__file__!r} has no {self.function!r}",
                 model=self.name,
-                path=file,
+                path=mod.__file__,
             ) from None
 
     def _base_dir(self) -> str:
@@ -309,14 +240,24 @@ class PythonModel(Model):
 
     def load(self, base_dir: str | None = None) -> LoadedPython:
         target: Any = self.predict_obj
+        env = None
         if self.code_zip is not None or self.requirements:
-            root = self._prepare_directory(base_dir or self._base_dir())
-            code_dir = self._activate(root)
-            if self.code_zip is not None:
-                target = self._import_handler(code_dir)
-        fn, closer = self._bind(target)
+            root = self._root(base_dir or self._base_dir())
+            code.prepare(root, model=self.name, code_zip=self.code_zip, wheels_zip=self.wheels_zip,
+                         requirements=self.requirements, pip_options=self.pip_options)
+            env = code.CodeEnv.acquire(root)
+        try:
+            if env is not None and self.code_zip is not None:
+                target = self._import_handler(env)
+            fn, closer = self._bind(target)
+        except BaseException:
+            if env is not None:
+                env.release()
+            raise
         loaded = LoadedPython(self.name, self.version, fn, self.batch_format, self.inputs, self.outputs)
-        loaded._closer = closer
+        loaded.add_closer(closer)
+        if env is not None:
+            loaded.add_closer(env.release)
         return loaded
 
     def _bind(self, target: Any) -> tuple[Callable[[Any], Any], Callable[[], None] | None]:

@@ -7,6 +7,7 @@ in a process (``load``); it knows nothing of workers or registries.  On a cluste
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, ClassVar
 
 from daskinfer import settings
@@ -26,6 +27,10 @@ class Model:
     version : str
         Version label; deploying another version of the same name swaps it in
         once loaded and warmed up, with no downtime.
+
+        Names and versions are plain names (they become directory and plugin names):
+        1 to 128 letters, digits, ``_``, ``.``, ``+`` or ``-``, starting with a letter,
+        digit or ``_``, without ``..``; anything else is a :class:`ConfigError`.
     instances : int, optional
         Instances loaded per worker (parallel calls). Config ``daskinfer.models.instances``.
     warmup : bool, optional
@@ -47,10 +52,8 @@ class Model:
         warmup: bool | None = None,
         allow_nan: bool | None = None,
     ):
-        if not isinstance(name, str) or not name or ":" in name:
-            raise ConfigError(f"model name must be a non-empty string without ':', got {name!r}")
-        self.name = name
-        self.version = str(version)
+        self.name = check_plain_name("name", name)
+        self.version = check_plain_name("version", version if isinstance(version, str) else str(version))
         self.instances = int(settings.get("models.instances", instances))
         if self.instances < 1:
             raise ConfigError(f"model {name!r}: instances must be >= 1, got {self.instances}")
@@ -72,6 +75,19 @@ class Model:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+
+
+def check_plain_name(what: str, value: object) -> str:
+    """``value`` if it is a plain model name or version (see :class:`Model`); else a :class:`ConfigError`."""
+    if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(
+            f"model {what} must be a plain name: 1 to 128 letters, digits, '_', '.', '+' or '-', "
+            f"starting with a letter, digit or '_', without '..' (it names a directory on each worker), got {value!r}"
+        )
+    return value
 
 
 PLUGIN_PREFIX = "daskinfer-model:"
