@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,5 +27,15 @@ def test_notebook_runs(path, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_there_is_a_notebook():
-    assert NOTEBOOKS
+def test_every_notebook_the_readme_names_exists_and_has_code_to_run():
+    """The notebooks test above runs whatever the glob finds: it must find the notebooks users
+    are sent to, and each must hold code (an empty notebook, or a wrong folder, would pass it)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        named = set(re.findall(r"notebooks/[\w.-]+\.ipynb", f.read()))
+    assert named, "the README names no notebook"
+    found = {os.path.relpath(p, ROOT) for p in NOTEBOOKS}
+    assert named <= found, f"notebooks the README names but the test does not run: {sorted(named - found)}"
+    for path in NOTEBOOKS:
+        nb = json.load(open(path))
+        code = ["".join(c["source"]).strip() for c in nb["cells"] if c["cell_type"] == "code"]
+        assert any(code), f"{path} has no code cells"
