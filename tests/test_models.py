@@ -78,7 +78,7 @@ def test_onnx_tensor_specs_are_read_from_the_model(mlp):
         pytest.param(random_rows(4).astype(np.float64), "x", r"model 'mlp': input 'x' expects dtype float32, got float64", id="dtype"),
         pytest.param(random_rows(4)[:, :15], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[4, 15\]", id="shape"),
         pytest.param(random_rows(1)[0], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[16\]", id="no row dim"),
-        pytest.param({"y": random_rows(4)}, "x", r"model 'mlp': missing input 'x'; expected inputs \['x: float32\[N, 16\]'\], got \['y'\]", id="missing"),
+        pytest.param({"y": random_rows(4), "z": random_rows(4)}, "x", r"model 'mlp': missing input 'x'; expected inputs \['x: float32\[N, 16\]'\], got \['y', 'z'\]", id="missing"),
         pytest.param({"x": random_rows(4), "y": random_rows(4)}, "y", r"model 'mlp': unexpected input 'y'; expected inputs \['x'\]", id="extra"),
         pytest.param(np.float32(1.0), "x", r"model 'mlp': input 'x' is a scalar; expected an array with a row dimension", id="scalar"),
         pytest.param(np.zeros((0, 16), np.float32), "x", r"model 'mlp' got an empty batch: input 'x' has 0 rows", id="empty"),
@@ -431,3 +431,171 @@ def test_the_inline_path_never_waits_on_the_event_loop_for_an_instance_a_thread_
         sys.setswitchinterval(old)
         dep.retire()
     assert stalls == [] and n > 0
+
+
+# -- what a new user passes: casting, one input by any name, method=, outputs=, sample= ----------
+
+
+def test_cast_inputs_takes_float64_rows_and_python_lists_for_a_float32_model(mlp_path):
+    x = random_rows(5, seed=4)
+    want = run_onnx_directly(mlp_path, {"x": x})["probabilities"]
+    model = OnnxModel("mlp", mlp_path, cast_inputs=True).load()
+    for given in (x.astype(np.float64), x.tolist(), {"x": x.astype(np.float64).tolist()}):
+        np.testing.assert_allclose(model.predict(given)["probabilities"], want, rtol=1e-6, atol=1e-7)
+    # never a cast that changes the kind of the values
+    with pytest.raises(InputValidationError, match=r"input 'x' expects dtype float32, got <U1"):
+        model.predict(np.full((2, 16), "a"))
+
+
+def test_without_cast_inputs_a_dtype_mismatch_says_how_to_cast(mlp_path):
+    with pytest.raises(InputValidationError, match=r"expects dtype float32, got float64; send float32, or give the model cast_inputs=True"):
+        OnnxModel("mlp", mlp_path).load().predict(random_rows(2).astype(np.float64))
+    with dask.config.set({"daskinfer.models.cast-inputs": True}):
+        model = OnnxModel("mlp", mlp_path)
+    assert model.cast_inputs and model.load().predict(random_rows(2).astype(np.float64))["probabilities"].shape == (2, 2)
+
+
+def test_cast_inputs_for_a_python_model_with_declared_inputs():
+    seen = []
+    model = PythonModel("sum", lambda x: seen.append(x.dtype) or x.sum(axis=1), inputs={"x": ("float32", (None, 3))},
+                        cast_inputs=True).load()
+    np.testing.assert_array_equal(model.predict([[1, 2, 3], [4, 5, 6]])["output"], [6.0, 15.0])
+    assert seen == [np.dtype("float32")]
+
+
+def test_a_one_input_model_takes_a_bare_array_or_a_dict_with_another_name(mlp_path):
+    x = random_rows(3, seed=5)
+    want = run_onnx_directly(mlp_path, {"x": x})["probabilities"]
+    model = OnnxModel("mlp", mlp_path).load()
+    for given in (x, {"x": x}, {"X": x}, {"input": x}):
+        np.testing.assert_allclose(model.predict(given)["probabilities"], want, rtol=1e-6, atol=1e-7)
+    two = PythonModel("two", lambda b: b["a"] + b["b"], inputs=["a", "b"], batch_format="dict").load()
+    with pytest.raises(InputValidationError, match=r"model 'two': missing input 'a'"):
+        two.predict({"x": np.ones(2), "b": np.ones(2)})  # several inputs: names must match
+
+
+def test_a_ragged_list_is_an_input_validation_error():
+    with pytest.raises(InputValidationError, match=r"model 'm': input 'input' is not a regular array"):
+        PythonModel("m", lambda x: x).load().predict([[1.0, 2.0], [3.0]])
+
+
+@pytest.fixture(scope="module")
+def logreg():
+    sklearn_linear = pytest.importorskip("sklearn.linear_model", reason="scikit-learn is not installed")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 4))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    return sklearn_linear.LogisticRegression().fit(X, y), X
+
+
+def test_method_picks_what_an_estimator_runs(logreg):
+    clf, X = logreg
+    model = PythonModel("clf", clf, method="predict_proba", outputs=["probabilities"]).load()
+    out = model.predict(X)
+    assert list(out) == ["probabilities"]
+    np.testing.assert_allclose(out["probabilities"], clf.predict_proba(X))
+    np.testing.assert_array_equal(PythonModel("clf", clf).load().predict(X)["output"], clf.predict(X))  # default
+
+
+def test_method_a_model_lacks_is_refused_before_shipping(logreg):
+    clf, _ = logreg
+    with pytest.raises(ConfigError, match=r"model 'clf': LogisticRegression has no method 'predict_probability'"):
+        PythonModel("clf", clf, method="predict_probability")
+    with pytest.raises(ConfigError, match=r"model 'f': method='predict_proba' needs an object or a class"):
+        PythonModel("f", lambda x: x, method="predict_proba")
+    with pytest.raises(ConfigError, match=r"model 'c': Scaler has no method 'transform'"):
+        PythonModel("c", Scaler, method="transform")
+
+
+def test_method_of_a_class_is_called_on_each_instance():
+    class Model:
+        def load(self):
+            self.k = 10
+
+        def score(self, x):
+            return x * self.k
+
+    np.testing.assert_array_equal(PythonModel("s", Model, method="score").load().predict(np.ones(2))["output"], [10.0, 10.0])
+
+
+def test_outputs_selects_and_orders_the_entries_of_a_dict_result():
+    fn = lambda x: {"a": x, "b": x * 2, "c": x * 3}  # noqa: E731
+    out = PythonModel("sel", fn, outputs=["c", "a"]).load().predict(np.ones(2))
+    assert list(out) == ["c", "a"]
+    np.testing.assert_array_equal(out["c"], [3.0, 3.0])
+    with pytest.raises(ModelError, match=r"model 'miss' returned outputs \['a', 'b', 'c'\], without 'z' asked for by outputs="):
+        PythonModel("miss", fn, outputs=["a", "z"]).load().predict(np.ones(2))
+    with pytest.raises(ConfigError, match="outputs must be a list of distinct output names"):
+        PythonModel("dup", fn, outputs=["a", "a"])
+
+
+def zipmap_classifier() -> bytes:
+    """What skl2onnx makes of a classifier by default: a label tensor and a ZipMap (list of dicts)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    map_type = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Softmax", ["X"], ["probabilities"], axis=1),
+            helper.make_node("ArgMax", ["probabilities"], ["output_label"], axis=1, keepdims=0),
+            helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                             classlabels_int64s=[0, 1]),
+        ],
+        "zipmap-classifier",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2])],
+        [
+            helper.make_tensor_value_info("output_label", TensorProto.INT64, ["N"]),
+            helper.make_value_info("output_probability", helper.make_sequence_type_proto(map_type)),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_a_zipmap_output_is_refused_at_load_with_the_conversion_option_that_avoids_it():
+    model = OnnxModel("clf", zipmap_classifier())
+    for call in (model.load, model.validate):
+        with pytest.raises(ModelLoadError) as info:
+            call()
+        msg = str(info.value)
+        assert "output 'output_probability' is seq(map(int64,tensor(float)))" in msg
+        assert "options={'zipmap': False}" in msg
+        assert "outputs=['output_label']" in msg
+
+
+def test_onnx_outputs_keeps_only_the_outputs_asked_for():
+    x = np.array([[1.0, 2.0], [3.0, 0.0]], np.float32)
+    loaded = OnnxModel("clf", zipmap_classifier(), outputs=["output_label"]).load()
+    out = loaded.predict({"input": x})  # the one input by another name
+    assert list(out) == ["output_label"]
+    np.testing.assert_array_equal(out["output_label"], [1, 0])
+    assert [s.name for s in loaded.outputs] == ["output_label"]
+    with pytest.raises(ModelLoadError, match=r"has no output 'proba' asked for by outputs=; its outputs: \['output_label', 'output_probability'\]"):
+        OnnxModel("clf", zipmap_classifier(), outputs=["proba"]).validate()
+
+
+def test_sample_is_the_warm_up_batch_and_a_failing_model_fails_to_load():
+    seen = []
+    sample = np.arange(8, dtype=np.float32).reshape(2, 4)
+    dep = load_deployment(PythonModel("sampled", lambda x: seen.append(x.copy()) or x, sample=sample))
+    try:
+        assert len(seen) == 1
+        np.testing.assert_array_equal(seen[0], sample)
+    finally:
+        dep.retire()
+    with pytest.raises(ModelLoadError, match=r"model 'broken' version '1' failed its warm-up batch: ZeroDivisionError"):
+        load_deployment(PythonModel("broken", lambda x: 1 / 0, sample=sample))
+
+
+def test_deploy_warns_when_a_python_model_cannot_be_run_before_traffic(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="daskinfer"):
+        PythonModel("unchecked", lambda x: 1 / 0).validate()
+        PythonModel("checked", lambda x: x, sample=np.ones((1, 2))).validate()
+        PythonModel("declared", lambda x: x, inputs={"x": ("float32", (None, 2))}).validate()
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "model 'unchecked': no sample= and no inputs=" in warned[0]

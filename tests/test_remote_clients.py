@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from daskinfer import RemoteModel
-from daskinfer.exceptions import InputValidationError, RemoteModelError
+from daskinfer.exceptions import InputValidationError, ModelLoadError, RemoteModelError
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.testing import bundled_model_path, random_rows, run_onnx_directly
 
@@ -112,6 +112,7 @@ class Faults:
 
     def __init__(self, mode: str = "ok"):
         self.mode = mode
+        self.ready = True  # what ModelReady answers ("unimplemented": the call does not exist)
         self.calls: dict[str, int] = {}
 
     def count(self, method: str) -> None:
@@ -131,6 +132,12 @@ async def start_fault_grpc(faults: Faults) -> tuple[grpc.aio.Server, int]:
     async def metadata(request, context):
         faults.count("ModelMetadata")
         return _metadata_response()
+
+    async def ready(request, context):
+        faults.count("ModelReady")
+        if faults.ready == "unimplemented":
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        return pb.ModelReadyResponse(ready=faults.ready)
 
     async def infer(request, context):
         faults.count("ModelInfer")
@@ -166,6 +173,9 @@ async def start_fault_grpc(faults: Faults) -> tuple[grpc.aio.Server, int]:
             "ModelMetadata": grpc.unary_unary_rpc_method_handler(
                 metadata, request_deserializer=pb.ModelMetadataRequest.FromString, response_serializer=ser
             ),
+            "ModelReady": grpc.unary_unary_rpc_method_handler(
+                ready, request_deserializer=pb.ModelReadyRequest.FromString, response_serializer=ser
+            ),
             "ModelInfer": grpc.unary_unary_rpc_method_handler(
                 infer, request_deserializer=pb.ModelInferRequest.FromString, response_serializer=ser
             ),
@@ -185,6 +195,10 @@ def fault_rest_app(faults: Faults) -> web.Application:
         faults.count("ModelMetadata")
         t = lambda n: {"name": n, "datatype": "FP32", "shape": [-1, 4]}  # noqa: E731
         return web.json_response({"name": "double", "versions": ["1"], "platform": "test", "inputs": [t("x")], "outputs": [t("y")]})
+
+    async def ready(request):
+        faults.count("ModelReady")
+        return web.json_response({"ready": bool(faults.ready)}, status=200 if faults.ready else 400)
 
     async def infer(request):
         faults.count("ModelInfer")
@@ -211,6 +225,7 @@ def fault_rest_app(faults: Faults) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/v2/models/double", metadata)
+    app.router.add_get("/v2/models/double/ready", ready)
     app.router.add_post("/v2/models/double/infer", infer)
     return app
 
@@ -463,10 +478,11 @@ def test_inputs_are_checked_before_anything_is_sent():
         with pytest.raises(InputValidationError, match="expects shape"):
             await loaded.apredict(np.zeros((2, 5), dtype=np.float32))
         with pytest.raises(InputValidationError, match="missing input 'x'"):
-            await loaded.apredict({"z": X})
+            await loaded.apredict({"z": X, "w": X})
+        np.testing.assert_array_equal((await loaded.apredict({"z": X}))["y"], X * 2)  # its one input, by any name
 
     run_against("kserve-grpc", faults, body)
-    assert faults.calls == {"ModelMetadata": 1}
+    assert faults.calls == {"ModelMetadata": 1, "ModelInfer": 1}
 
 
 def test_bounded_inflight_calls_and_row_order():
@@ -636,3 +652,72 @@ def test_a_refused_probe_frees_the_half_open_circuit_for_the_next_probe(protocol
     assert isinstance(probe, RemoteModelError) and probe.fault == "request"
     np.testing.assert_array_equal(out["y"], X * 2)  # the next call was the next probe, and it closed the circuit
     assert breaker.state == "closed"
+
+
+# -- what deploy checks on the client: the service answers --------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_deploy_check_asks_whether_the_model_is_ready_and_reads_its_metadata(protocol):
+    faults = Faults("ok")
+
+    async def body(loaded):
+        await loaded.acheck_service()
+        return loaded
+
+    loaded = run_against(protocol, faults, body)
+    assert faults.calls == {"ModelReady": 1, "ModelMetadata": 1}
+    assert [s.describe() for s in loaded.inputs] == ["x: float32[N, 4]"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_deploy_check_says_when_the_model_is_not_ready(protocol):
+    faults = Faults("ok")
+    faults.ready = False
+
+    async def body(loaded):
+        with pytest.raises(ModelLoadError, match=r"answers, but says model 'double' is not ready or not known there") as info:
+            await loaded.acheck_service()
+        return info.value
+
+    err = run_against(protocol, faults, body)
+    assert err.path.startswith(("127.0.0.1:", "http://127.0.0.1:")) and err.path in str(err)
+    assert "ModelMetadata" not in faults.calls
+
+
+def test_the_deploy_check_reads_the_metadata_of_a_service_without_model_readiness():
+    faults = Faults("ok")
+    faults.ready = "unimplemented"
+
+    async def body(loaded):
+        await loaded.acheck_service()
+
+    run_against("kserve-grpc", faults, body)
+    assert faults.calls == {"ModelReady": 1, "ModelMetadata": 1}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_deploy_check_refuses_outputs_the_model_lacks(protocol):
+    async def body(loaded):
+        with pytest.raises(ModelLoadError, match=r"model 'double' has no output 'z' asked for by outputs=; its outputs: \['y'\]"):
+            await loaded.acheck_service()
+
+    run_against(protocol, Faults("ok"), body, outputs=["z"])
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_deploying_a_remote_model_nobody_serves_fails_naming_the_url(protocol):
+    port = _closed_port()
+    url = f"127.0.0.1:{port}" if protocol == "kserve-grpc" else f"http://127.0.0.1:{port}"
+    model = RemoteModel("ghost", url, protocol=protocol, timeout=2)
+    with pytest.raises(ModelLoadError, match=r"remote model 'ghost': the service at .*127\.0\.0\.1:\d+ .* did not answer") as info:
+        model.validate()
+    assert f"127.0.0.1:{port}" in str(info.value) and "validate=False" in str(info.value)

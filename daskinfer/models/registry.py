@@ -209,8 +209,6 @@ class ModelRegistry:
 def load_deployment(model: Model) -> Deployment:
     """Load ``model.instances`` instances and warm them up."""
     instances = [model.load() for _ in range(model.instances)]
-    for inst in instances:
-        inst.allow_nan = getattr(model, "allow_nan", True)
     if model.warmup:
         rows = int(settings.get("models.warmup-rows"))
         for inst in instances:

@@ -8,6 +8,7 @@ in a process (``load``); it knows nothing of workers or registries.  On a cluste
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from daskinfer import settings
@@ -39,6 +40,20 @@ class Model:
     allow_nan : bool, optional
         False rejects float inputs holding NaN or infinity (an error result for those
         requests). Config ``daskinfer.models.allow-nan``.
+    cast_inputs : bool, optional
+        True casts inputs to the dtypes the model declares where no value changes kind
+        (float64 rows or Python lists to float32, ints to floats; never floats to ints or
+        text to numbers). False refuses a mismatch with an ``InputValidationError`` that
+        says so. Config ``daskinfer.models.cast-inputs``.
+    outputs : list of str, optional
+        The outputs to return, in this order (others are dropped; a name the model does
+        not have is an error at deploy where the model declares its outputs, else on the
+        first batch). Default: all.
+
+    Notes
+    -----
+    A model with exactly one input takes it under any name: a bare array, or a dict with
+    one entry, goes to that input.
     """
 
     kind: ClassVar[str] = "model"
@@ -51,6 +66,8 @@ class Model:
         instances: int | None = None,
         warmup: bool | None = None,
         allow_nan: bool | None = None,
+        cast_inputs: bool | None = None,
+        outputs: Sequence[str] | None = None,
     ):
         self.name = check_plain_name("name", name)
         self.version = check_plain_name("version", version if isinstance(version, str) else str(version))
@@ -59,6 +76,8 @@ class Model:
             raise ConfigError(f"model {name!r}: instances must be >= 1, got {self.instances}")
         self.warmup = bool(settings.get("models.warmup", warmup))
         self.allow_nan = bool(settings.get("models.allow-nan", allow_nan))
+        self.cast_inputs = bool(settings.get("models.cast-inputs", cast_inputs))
+        self.selected_outputs = _output_names(name, outputs)
         self.deploy_seq = 0  # set by deploy(); newer deployments win on every worker
 
     @property
@@ -69,12 +88,28 @@ class Model:
         """Build one runnable instance in this process."""
         raise NotImplementedError
 
+    def _configure(self, loaded: LoadedModel) -> LoadedModel:
+        """Give a freshly built instance this spec's input and output handling."""
+        loaded.allow_nan = self.allow_nan
+        loaded.cast_inputs = self.cast_inputs
+        loaded.select_outputs = self.selected_outputs
+        return loaded
+
     def validate(self) -> None:
         """Cheap checks run by ``deploy`` on the client before shipping the model."""
 
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+
+
+def _output_names(model: str, outputs: Sequence[str] | None) -> list[str] | None:
+    if outputs is None:
+        return None
+    names = [outputs] if isinstance(outputs, str) else list(outputs)
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"model {model!r}: outputs must be a list of distinct output names, got {outputs!r}")
+    return names
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
