@@ -306,9 +306,10 @@ def test_retryable_error_is_retried_up_to_the_limit(protocol):
     assert ("UNAVAILABLE" if protocol == "kserve-grpc" else "HTTP 503") in str(err)
 
 
+@pytest.mark.parametrize("mode", ["unavailable", "internal"])  # an outage, a transient server error
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_retry_that_succeeds_answers_once(protocol):
-    faults = Faults("unavailable")
+def test_a_retry_that_succeeds_answers_once(protocol, mode):
+    faults = Faults(mode)
 
     async def body(loaded):
         await loaded.ensure_signature()
@@ -574,23 +575,6 @@ def test_a_server_error_is_retried_a_bounded_number_of_times(protocol):
     assert isinstance(err, RemoteModelError) and err.fault == "server" and err.retryable
     assert faults.calls["ModelInfer"] == 2  # one retry, however many the policy allows for an outage
     assert SERVER_ERROR[protocol] in str(err) and "gave up after 2 attempts" in str(err)
-
-
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_transient_server_error_is_answered_by_its_retry(protocol):
-    faults = Faults("internal")
-
-    async def body(loaded):
-        await loaded.ensure_signature()
-        task = asyncio.ensure_future(loaded.apredict(X))
-        while faults.calls.get("ModelInfer", 0) < 1:
-            await asyncio.sleep(0.001)
-        faults.mode = "ok"
-        return await task
-
-    out = run_against(protocol, faults, body, backoff_base=0.05, backoff_max=0.05)
-    np.testing.assert_array_equal(out["y"], X * 2)
-    assert faults.calls["ModelInfer"] == 2
 
 
 @pytest.mark.parametrize("mode", ["internal", "garbage"])
