@@ -28,7 +28,8 @@ LIMIT = 4096  # bytes: the pipeline's max_request_size
 KINDS = {
     "dtype": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(16, np.float64)}}, "InputValidationError", "expects dtype float32"),
     "shape": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(15, np.float32)}}, "InputValidationError", "expects shape"),
-    "missing": (lambda rid, to: {"id": rid, "r": to, "in": {"y": np.zeros(16, np.float32)}}, "InputValidationError", "missing input 'x'"),
+    # (one wrongly named input would be taken as the model's only input)
+    "missing": (lambda rid, to: {"id": rid, "r": to, "in": {"y": np.zeros(16, np.float32), "w": np.zeros(16, np.float32)}}, "InputValidationError", "missing input 'x'"),
     "extra": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(16, np.float32), "z": np.zeros(3, np.float32)}}, "InputValidationError", "unexpected input 'z'"),
     "nan": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.full(16, np.nan, np.float32)}}, "InputValidationError", "NaN"),
     "oversized": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(4096, np.float32)}}, "RequestTooLargeError", "over the limit of 4096 bytes"),

@@ -56,7 +56,7 @@ def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_
                     inputs = {
                         "dtype": {"x": np.zeros(16, np.float64)},
                         "shape": {"x": np.zeros(15, np.float32)},
-                        "missing": {"y": np.zeros(16, np.float32)},
+                        "missing": {"y": np.zeros(16, np.float32), "w": np.zeros(16, np.float32)},
                     }[kind]
                     rid = ic.send(inputs, key=key)
                     bad[rid] = kind

@@ -4,7 +4,8 @@ module in a code directory (with its requirements) shipped to every worker.
 A directory model is zipped when the :class:`PythonModel` is made; each worker
 unpacks it under its local directory, installs the requirements there with pip
 (``--target``, so the worker's own environment is left alone), and imports the
-handler.  Workers that join later do the same when the plugin reaches them.
+handler so that each version runs its own modules (:mod:`daskinfer.models.code`).
+Workers that join later do the same when the plugin reaches them.
 """
 
 from __future__ import annotations
