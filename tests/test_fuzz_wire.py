@@ -3,7 +3,7 @@ or raises the documented error (CodecError / RequestError / RequestTooLargeError
 
 Three sources of input: arbitrary bytes; msgpack built from random values, including array
 extensions with random headers (reaches the array code); valid requests and results with bytes
-changed or cut.  The number of examples per test is ``DASKINFER_FUZZ_EXAMPLES`` (default 300:
+changed or cut.  The number of examples per test is ``DASKINFER_FUZZ_EXAMPLES`` (default 200:
 a few seconds in all); raise it for a longer run.
 """
 
@@ -23,7 +23,7 @@ from daskinfer.wire import codec
 from daskinfer.wire.messages import Request, Result, decode_request, decode_result, peek_request_fields
 
 FUZZ = settings(
-    max_examples=int(os.environ.get("DASKINFER_FUZZ_EXAMPLES", "300")),
+    max_examples=int(os.environ.get("DASKINFER_FUZZ_EXAMPLES", "200")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
