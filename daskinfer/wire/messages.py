@@ -199,6 +199,15 @@ class Result:
 _RESULT_FIELDS = (("m", str), ("v", str), ("k", str), ("t", (int, float)), ("b", bool))
 
 
+def _result_field_problem(msg: dict) -> str:
+    """What is wrong with a result's optional fields (the slow path of :func:`decode_result`)."""
+    for k, typ in _RESULT_FIELDS:
+        v = msg.get(k)
+        if v is not None and (not isinstance(v, typ) or (type(v) is bool and typ is not bool)):
+            return f"field {k!r} has wrong type {type(v).__name__}"
+    return "'tm' must be a map of names to numbers"
+
+
 def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
     """Decode a result's bytes; raise :class:`CodecError` (or :class:`RequestTooLargeError`) if malformed."""
     msg = codec.decode(data, max_size=max_size)
@@ -212,27 +221,31 @@ def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
         type(outputs) is dict and all(type(k) is str and type(v) is np.ndarray for k, v in outputs.items())
     ):
         raise CodecError(f"result {msg['id']}: 'out' must be a map of names to arrays")
-    for k, typ in _RESULT_FIELDS:
-        v = msg.get(k)
-        if v is not None and (not isinstance(v, typ) or (type(v) is bool and typ is not bool)):
-            raise CodecError(f"result {msg['id']}: field {k!r} has wrong type {type(v).__name__}")
-    timings = msg.get("tm")
-    if timings is not None and not (
-        type(timings) is dict
-        and all(type(k) is str and type(v) in (int, float) for k, v in timings.items())
+    model, version, key, sent_at, batched, timings = (
+        msg.get("m"), msg.get("v"), msg.get("k"), msg.get("t"), msg.get("b", False), msg.get("tm")
+    )
+    if not (
+        (model is None or type(model) is str)
+        and (version is None or type(version) is str)
+        and (key is None or type(key) is str)
+        and (sent_at is None or type(sent_at) is float or type(sent_at) is int)
+        and type(batched) is bool
+        and (timings is None or (type(timings) is dict and all(
+            type(k) is str and (type(v) is float or type(v) is int) for k, v in timings.items()
+        )))
     ):
-        raise CodecError(f"result {msg['id']}: 'tm' must be a map of names to numbers")
+        raise CodecError(f"result {msg['id']}: {_result_field_problem(msg)}")
     return Result(
         id=msg["id"],
-        outputs=msg.get("out"),
+        outputs=outputs,
         error_type=err[0] if err else None,
         error=err[1] if err else None,
-        model=msg.get("m"),
-        version=msg.get("v"),
-        batched=msg.get("b") or False,
+        model=model,
+        version=version,
+        batched=batched,
         timings=timings or {},
-        key=msg.get("k"),
-        sent_at=msg.get("t"),
+        key=key,
+        sent_at=sent_at,
     )
 
 
