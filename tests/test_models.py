@@ -19,6 +19,7 @@ from daskinfer.exceptions import (
     ModelLoadError,
     ModelNotFoundError,
     OutputCountError,
+    RemoteModelError,
     ResultError,
 )
 from daskinfer.models.registry import ModelRegistry, load_deployment
@@ -337,6 +338,7 @@ def test_registry_get_unknown_model_lists_deployed_models(mlp_path):
         ModelLoadError("cannot load", model="mlp", path="/models/mlp.onnx"),
         ModelError("failed", model="mlp", version="2"),
         ResultError("request r1 failed", error_type="ModelError", request_id="r1"),
+        RemoteModelError("HTTP 500", service="http://127.0.0.1:1", call="ModelInfer", model="mlp", fault="server"),
     ],
     ids=lambda e: type(e).__name__,
 )
