@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from daskinfer.exceptions import ModelNotFoundError
 from daskinfer.models.plugin import ModelPlugin
 from daskinfer.models.spec import Model, parse_plugin_name, plugin_name
+from daskinfer.tensors import TensorSpec
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -20,7 +23,7 @@ def _scheduler_plugins(dask_scheduler=None) -> list[str]:
     return list(dask_scheduler.worker_plugins)
 
 
-async def _deployed(client: Client) -> dict[str, list[str]]:
+async def deployed_async(client: Client) -> dict[str, list[str]]:
     names = await client.run_on_scheduler(_scheduler_plugins)
     out: dict[str, list[str]] = {}
     for n in names:
@@ -34,7 +37,7 @@ async def _deploy(client: Client, model: Model, validate: bool) -> Model:
     if validate:
         await asyncio.to_thread(model.validate)
     model.deploy_seq = time.time_ns()
-    before = await _deployed(client)
+    before = await deployed_async(client)
     plugin = ModelPlugin(model)
     name = plugin.name
     try:
@@ -85,7 +88,7 @@ def deploy(client: Client, model: Model, *, validate: bool = True):
 
 
 async def _undeploy(client: Client, name: str, version: str | None) -> list[str]:
-    versions = (await _deployed(client)).get(name, [])
+    versions = (await deployed_async(client)).get(name, [])
     if version is not None:
         versions = [v for v in versions if v == str(version)]
     if not versions:
@@ -105,4 +108,68 @@ def undeploy(client: Client, name: str, version: str | None = None):
 
 def deployed_models(client: Client):
     """The deployed models: ``{name: [versions]}``."""
-    return client.sync(_deployed, client)
+    return client.sync(deployed_async, client)
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a deployed model takes and returns, as loaded on a worker.
+
+    Attributes
+    ----------
+    name, version : str
+        The model and its current version on that worker.
+    kind : str
+        ``"onnx"``, ``"python"``, ``"remote"``...
+    inputs, outputs : list of TensorSpec, or None
+        Names, dtypes and shapes (row dimension first, ``None`` for dynamic dimensions);
+        ``None`` when the model does not declare them (a Python model without ``inputs=``).
+    """
+
+    name: str
+    version: str
+    kind: str
+    inputs: list[TensorSpec] | None
+    outputs: list[TensorSpec] | None
+
+
+def _worker_model_metadata(name: str, dask_worker: Any = None) -> tuple[int, ModelMetadata] | None:
+    from daskinfer.models.registry import registry_for
+
+    try:
+        dep = registry_for(dask_worker).get(name)
+    except ModelNotFoundError:
+        return None
+    meta = ModelMetadata(dep.name, dep.version, str(getattr(dep.model, "kind", "")),
+                         None if dep.inputs is None else list(dep.inputs),
+                         None if dep.outputs is None else list(dep.outputs))
+    return dep.seq, meta
+
+
+async def _model_metadata(client: Client, name: str) -> ModelMetadata:
+    found = await client.run(_worker_model_metadata, name, on_error="return")
+    loaded = [m for m in found.values() if isinstance(m, tuple)]
+    if not loaded:
+        deployed = await deployed_async(client)
+        raise ModelNotFoundError(name, list(deployed))
+    return max(loaded, key=lambda seq_meta: seq_meta[0])[1]  # the newest deployment while a swap runs
+
+
+def model_metadata(client: Client, name: str):
+    """The inputs and outputs of deployed model ``name``, read from a worker that holds it.
+
+    Returns
+    -------
+    ModelMetadata (or an awaitable of it for an asynchronous client)
+
+    Raises
+    ------
+    ModelNotFoundError
+        No worker holds a model of that name.
+
+    Examples
+    --------
+    >>> [s.describe() for s in model_metadata(client, "mlp").inputs]  # doctest: +SKIP
+    ['x: float32[N, 16]']
+    """
+    return client.sync(_model_metadata, client, name)
