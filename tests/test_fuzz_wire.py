@@ -1,10 +1,13 @@
 """Fuzzing the wire decoders with hypothesis: every input either decodes into well-typed values
 or raises the documented error (CodecError / RequestError / RequestTooLargeError), nothing else.
+The decoders: :func:`codec.decode`, the single messages of :mod:`daskinfer.wire.messages` and
+the request/result frames of :mod:`daskinfer.wire.frames`.
 
-Three sources of input: arbitrary bytes; msgpack built from random values, including array
-extensions with random headers (reaches the array code); valid requests and results with bytes
-changed or cut.  The number of examples per test is ``DASKINFER_FUZZ_EXAMPLES`` (default 200:
-a few seconds in all); raise it for a longer run.
+Four sources of input: arbitrary bytes; msgpack built from random values, including array
+extensions with random headers (reaches the array code); frames whose fields have random types
+or lengths that do not add up; valid requests and results with bytes changed or cut.  The
+number of examples per test is ``DASKINFER_FUZZ_EXAMPLES`` (default 150: about 30 s for all on
+a busy 2-core machine); raise it for a longer run.
 """
 
 from __future__ import annotations
@@ -15,15 +18,19 @@ import os
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from daskinfer.exceptions import CodecError, RequestError, RequestTooLargeError
-from daskinfer.wire import codec
+from daskinfer.wire import codec, frames
 from daskinfer.wire.messages import Request, Result, decode_request, decode_result, peek_request_fields
 
+from optional import require
+
+require("hypothesis", "hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
 FUZZ = settings(
-    max_examples=int(os.environ.get("DASKINFER_FUZZ_EXAMPLES", "200")),
+    max_examples=int(os.environ.get("DASKINFER_FUZZ_EXAMPLES", "150")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -63,14 +70,16 @@ scalars = st.one_of(
     st.text(max_size=8), st.binary(max_size=8), array_ext(),
 )
 KEYS = ["id", "in", "out", "err", "b", "k", "m", "d", "r", "t", "v", "tm", "x", "y"]
-values = st.recursive(
-    scalars,
-    lambda inner: st.one_of(
+
+
+def _containers(inner: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(
         st.lists(inner, max_size=4),
         st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=3), INTS), inner, max_size=5),
-    ),
-    max_leaves=12,
-)
+    )
+
+
+values = st.recursive(scalars, _containers, max_leaves=12)
 
 
 @st.composite
@@ -105,7 +114,25 @@ def mutated(draw) -> bytes:
     return bytes(buf if cut is None else buf[:cut])
 
 
-inputs = st.one_of(st.binary(max_size=300), message_like(), mutated())
+FRAME_KEYS = ["f", "ids", "in", "out", "n", "b", "k", "m", "d", "r", "t", "v", "tm", "eids", "et", "em", "ek"]
+
+
+@st.composite
+def frame_like(draw) -> bytes:
+    """A request or result frame: the frame fields of random types, or ids with arrays that may not add up."""
+    msg = draw(st.dictionaries(st.sampled_from(FRAME_KEYS), values, max_size=10))
+    msg["f"] = draw(st.sampled_from([frames.FRAME_VERSION] * 3 + [2, "1"]))
+    if draw(st.booleans()):
+        n = draw(st.integers(0, 4))
+        msg["ids"] = draw(st.lists(st.text(min_size=1, max_size=3), min_size=n, max_size=n))
+        if draw(st.booleans()):
+            msg["n"] = np.asarray(draw(st.lists(st.integers(-2, 5), min_size=n, max_size=n)), dtype=np.int64)
+        rows = draw(st.integers(0, 6))
+        msg[draw(st.sampled_from(["in", "out"]))] = {"x": np.zeros((rows, 2), np.float32)}
+    return codec.encode(msg)
+
+
+inputs = st.one_of(st.binary(max_size=300), message_like(), mutated(), frame_like())
 max_sizes = st.one_of(st.none(), st.integers(0, 400))
 
 
@@ -179,6 +206,35 @@ def test_peek_request_fields_never_raises(data):
     fields = peek_request_fields(data)
     assert isinstance(fields, dict) and set(fields) <= {"id", "r", "k", "t"}
     assert all(isinstance(v, (str, int, float)) for v in fields.values())
+
+
+@FUZZ
+@given(data=inputs, max_size=max_sizes)
+def test_decode_requests_of_a_frame_returns_columns_or_raises_request_error(data, max_size):
+    try:
+        cols = frames.decode_requests(data, max_size=max_size)
+    except (CodecError, RequestError):
+        return
+    assert all(type(i) is str for i in cols.ids)
+    assert all(isinstance(k, str) and type(v) is np.ndarray for k, v in cols.inputs.items())
+
+
+@FUZZ
+@given(data=inputs, max_size=max_sizes)
+def test_decode_results_of_a_frame_gives_results_or_raises_codec_error(data, max_size):
+    try:
+        results = frames.decode_results(data, max_size=max_size).results()
+    except (CodecError, RequestTooLargeError):
+        return
+    for res in results:
+        assert isinstance(res, Result) and isinstance(res.id, str)
+
+
+@FUZZ
+@given(data=st.one_of(inputs, st.text(max_size=5), INTS, st.none()))
+def test_peek_fields_of_a_frame_never_raises(data):
+    fields = frames.peek_fields(data)
+    assert isinstance(fields, dict) and set(fields) <= {"id", "ids", "r", "k", "t"}
 
 
 @pytest.mark.parametrize("data", _valid_messages(), ids=["request", "row", "result", "error"])
