@@ -120,19 +120,42 @@ FRAME_KEYS = ["f", "ids", "in", "out", "n", "b", "k", "m", "d", "r", "t", "v", "
 @st.composite
 def frame_like(draw) -> bytes:
     """A request or result frame: the frame fields of random types, or ids with arrays that may not add up."""
-    msg = draw(st.dictionaries(st.sampled_from(FRAME_KEYS), values, max_size=10))
+    msg = draw(st.dictionaries(st.sampled_from(FRAME_KEYS), values, max_size=draw(st.sampled_from([0, 1, 10]))))
     msg["f"] = draw(st.sampled_from([frames.FRAME_VERSION] * 3 + [2, "1"]))
     if draw(st.booleans()):
         n = draw(st.integers(0, 4))
         msg["ids"] = draw(st.lists(st.text(min_size=1, max_size=3), min_size=n, max_size=n))
+        rows = n
         if draw(st.booleans()):
-            msg["n"] = np.asarray(draw(st.lists(st.integers(-2, 5), min_size=n, max_size=n)), dtype=np.int64)
-        rows = draw(st.integers(0, 6))
-        msg[draw(st.sampled_from(["in", "out"]))] = {"x": np.zeros((rows, 2), np.float32)}
+            per = draw(st.lists(st.integers(-2, 5), min_size=n, max_size=n))
+            msg["n"], rows = np.asarray(per, dtype=np.int64), sum(per)
+        if draw(st.booleans()):  # one key per request, of any type
+            msg["k"] = draw(st.lists(scalars, min_size=n, max_size=n))
+        rows = draw(st.sampled_from([rows, rows, rows, rows + 1, max(rows - 1, 0)]))  # mostly adding up
+        msg[draw(st.sampled_from(["in", "out"]))] = {"x": np.zeros((max(rows, 0), 2), np.float32)}
+    return codec.encode(msg)
+
+
+@st.composite
+def near_valid_frame(draw) -> bytes:
+    """A valid request or result frame with one field replaced by a random value (reaches the deep checks)."""
+    n = draw(st.integers(1, 4))
+    per = draw(st.lists(st.integers(1, 3), min_size=n, max_size=n))
+    block = {"x": np.zeros((sum(per), 2), np.float32)}
+    msg: dict = {"f": frames.FRAME_VERSION, "ids": [f"r{i}" for i in range(n)], "n": np.asarray(per, np.int64),
+                 "b": True, "k": [f"k{i}" for i in range(n)], "m": "m", "t": np.zeros(n)}
+    if draw(st.booleans()):
+        msg.update({"in": block, "d": np.zeros(n), "r": "replies"})
+    else:
+        msg.update({"out": block, "v": "1", "tm": {"queue": 0.1}, "eids": ["e"], "et": ["ModelError"], "em": ["boom"],
+                    "ek": [None]})
+    field = draw(st.sampled_from(sorted(msg)))
+    msg[field] = draw(st.one_of(values, st.lists(scalars, min_size=n, max_size=n)))
     return codec.encode(msg)
 
 
 inputs = st.one_of(st.binary(max_size=300), message_like(), mutated(), frame_like())
+frame_inputs = st.one_of(frame_like(), near_valid_frame(), mutated())
 max_sizes = st.one_of(st.none(), st.integers(0, 400))
 
 
@@ -209,7 +232,7 @@ def test_peek_request_fields_never_raises(data):
 
 
 @FUZZ
-@given(data=inputs, max_size=max_sizes)
+@given(data=frame_inputs, max_size=max_sizes)
 def test_decode_requests_of_a_frame_returns_columns_or_raises_request_error(data, max_size):
     try:
         cols = frames.decode_requests(data, max_size=max_size)
@@ -217,10 +240,12 @@ def test_decode_requests_of_a_frame_returns_columns_or_raises_request_error(data
         return
     assert all(type(i) is str for i in cols.ids)
     assert all(isinstance(k, str) and type(v) is np.ndarray for k, v in cols.inputs.items())
+    assert cols.keys is None or all(k is None or type(k) is str for k in cols.keys)
+    assert cols.model is None or type(cols.model) is str
 
 
 @FUZZ
-@given(data=inputs, max_size=max_sizes)
+@given(data=frame_inputs, max_size=max_sizes)
 def test_decode_results_of_a_frame_gives_results_or_raises_codec_error(data, max_size):
     try:
         results = frames.decode_results(data, max_size=max_size).results()

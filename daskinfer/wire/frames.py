@@ -153,8 +153,9 @@ def _frame_from_wire(msg: dict[str, Any]) -> RequestColumns:
                 f"frame input {name!r} must be an array of {total} rows, got {_describe(arr)}"
             )
     keys = msg.get("k")
-    if keys is not None and (type(keys) is not list or len(keys) != n):
-        raise CodecError(f"frame field 'k' (keys) must be a list of {n} keys")
+    if keys is not None and (type(keys) is not list or len(keys) != n
+                             or not all(k is None or type(k) is str for k in keys)):
+        raise CodecError(f"frame field 'k' (keys) must be a list of {n} keys (strings, or None for no key)")
     for field_name in ("m", "r"):
         v = msg.get(field_name)
         if v is not None and type(v) is not str:
