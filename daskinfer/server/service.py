@@ -18,8 +18,15 @@ from typing import Any
 import numpy as np
 
 from daskinfer.remote import v2
-from daskinfer.server.errors import BadRequest, NotFound, Overloaded, ServiceError, Unavailable, classify
-from daskinfer.tensors import TensorSpec
+from daskinfer.server.errors import (
+    BadRequest,
+    NotFound,
+    Overloaded,
+    ServiceError,
+    Unavailable,
+    classify,
+)
+from daskinfer.tensors import TensorSpec, rows_of
 
 PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "daskinfer_python", "remote": "daskinfer_remote"}
 """v2 ``platform`` of each daskinfer model kind (Triton's name for ONNX)."""
@@ -229,10 +236,5 @@ class V2Service(abc.ABC):
             return out
         finally:
             self.inflight -= 1
-            model.stats.record(ok, time.perf_counter() - start, _rows(inputs))
+            model.stats.record(ok, time.perf_counter() - start, rows_of(inputs))
 
-
-def _rows(inputs: dict[str, np.ndarray]) -> int:
-    for arr in inputs.values():
-        return int(arr.shape[0]) if arr.ndim else 1
-    return 0
