@@ -173,7 +173,22 @@ class TopicFullError(BrokerError):
 
 
 class RemoteModelError(ModelError):
-    """A call to a remote model service failed."""
+    """A call to a remote model service failed.
+
+    ``fault`` says what failed, which decides retries and the circuit breaker:
+
+    - ``"unavailable"``: down, overloaded or too slow (gRPC UNAVAILABLE, HTTP 503, timeouts):
+      retried; counts against the service.
+    - ``"server"``: the service reported an internal error (HTTP 500, gRPC INTERNAL): retried
+      a bounded number of times (``server_error_retries``); counts against the service.
+    - ``"response"``: the service answered something malformed: not retried; counts against it.
+    - ``"request"``: the service refused this request (HTTP 4xx, INVALID_ARGUMENT), or it could
+      not be sent: not retried; says nothing about the service's health.
+
+    ``retryable`` is true for the first two (``retryable=True`` alone means ``"unavailable"``).
+    """
+
+    FAULTS = ("unavailable", "server", "response", "request")
 
     def __init__(
         self,
@@ -183,11 +198,20 @@ class RemoteModelError(ModelError):
         call: str | None = None,
         model: str | None = None,
         retryable: bool = False,
+        fault: str | None = None,
     ):
         super().__init__(message, model=model)
         self.service = service
         self.call = call
-        self.retryable = retryable
+        self.fault = fault or ("unavailable" if retryable else "request")
+        if self.fault not in self.FAULTS:
+            raise ValueError(f"fault must be one of {self.FAULTS}, got {fault!r}")
+        self.retryable = self.fault in ("unavailable", "server")
+
+    @property
+    def service_fault(self) -> bool:
+        """Does this error say the service is unwell?  (It counts against the circuit breaker.)"""
+        return self.fault != "request"
 
 
 class ResultError(DaskInferError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import pytest
 from optional import require
@@ -37,5 +38,15 @@ def test_notebook_is_committed_without_outputs(path):
     assert not dirty, f"{os.path.basename(path)}: code cells {dirty} hold outputs; clear them before committing"
 
 
-def test_there_is_a_notebook():
-    assert NOTEBOOKS
+def test_every_notebook_the_readme_names_exists_and_has_code_to_run():
+    """The notebooks test above runs whatever the glob finds: it must find the notebooks users
+    are sent to, and each must hold code (an empty notebook, or a wrong folder, would pass it)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        named = set(re.findall(r"notebooks/[\w.-]+\.ipynb", f.read()))
+    assert named, "the README names no notebook"
+    found = {os.path.relpath(p, ROOT) for p in NOTEBOOKS}
+    assert named <= found, f"notebooks the README names but the test does not run: {sorted(named - found)}"
+    for path in NOTEBOOKS:
+        nb = json.load(open(path))
+        code = ["".join(c["source"]).strip() for c in nb["cells"] if c["cell_type"] == "code"]
+        assert any(code), f"{path} has no code cells"
