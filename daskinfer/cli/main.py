@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from daskinfer.cli import predict
+
 logger = logging.getLogger(__name__)
 
 
@@ -308,6 +310,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "run": ("deploy the models and pipelines of a YAML file and run them", _run_arguments, _run),
     "status": ("the pipelines on a scheduler: partitions, owners, rows/s, lag, p99, errors", _status_arguments, _status),
     "quickstart": ("run the bundled model through a local pipeline and print throughput", _quickstart_arguments, _quickstart),
+    "predict": ("score a parquet dataset with a model and write the scores as parquet", predict.add_arguments, predict.run),
 }
 """name -> (help, add_arguments(parser), run(args) -> exit status)."""
 
