@@ -44,6 +44,10 @@ def make_connector(spec: dict[str, Any], worker: Worker, partition: int, epoch: 
         from daskinfer.connectors.redis import RedisConnector
 
         return RedisConnector(spec, partition, epoch, consumer=f"{worker.address}/{partition}")
+    if kind == "kafka":
+        from daskinfer.connectors.kafka import KafkaConnector
+
+        return KafkaConnector(spec, partition, epoch, consumer=f"{worker.address}/{partition}")
     raise ValueError(f"unknown connector {kind!r}")
 
 

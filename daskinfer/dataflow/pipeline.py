@@ -54,10 +54,11 @@ class Pipeline:
     max_request_size : int or str, optional
         Largest request accepted (e.g. ``"1MiB"``); larger ones get an error result.
         Config ``daskinfer.codec.max-message-size``.
-    connector : {"embedded", "redis"}
+    connector : {"embedded", "redis", "kafka"}
         Where the inbox and outbox live.
     connector_options : dict
-        Connector settings (e.g. ``{"url": "redis://127.0.0.1:6379/0"}``).
+        Connector settings (e.g. ``{"url": "redis://127.0.0.1:6379/0"}``,
+        ``{"bootstrap_servers": "127.0.0.1:9092", "exactly_once": True}``).
     """
 
     model: str | None = None
@@ -90,8 +91,8 @@ class Pipeline:
         BatchPolicy(spec["max_batch_size"], spec["max_delay"], spec["max_inflight"])  # checks the values
         if spec["partitions"] < 1:
             raise ConfigError(f"pipeline {spec['name']!r}: partitions must be >= 1, got {spec['partitions']}")
-        if self.connector not in ("embedded", "redis"):
-            raise ConfigError(f"pipeline {spec['name']!r}: unknown connector {self.connector!r} (embedded, redis)")
+        if self.connector not in ("embedded", "redis", "kafka"):
+            raise ConfigError(f"pipeline {spec['name']!r}: unknown connector {self.connector!r} (embedded, redis, kafka)")
         if isinstance(self.outputs, str):
             spec["outputs"] = [self.outputs]
         return spec
@@ -156,6 +157,10 @@ async def _deploy_pipeline(client: Client, pipeline: Pipeline, wait: bool, timeo
         await broker.create_topic(spec["outbox"])
         if spec["dead_letter"]:
             await broker.create_topic(spec["dead_letter"])
+    elif pipeline.connector == "kafka":
+        from daskinfer.connectors.kafka import prepare
+
+        await prepare(spec)
     else:
         from daskinfer.connectors.redis import prepare_streams
 

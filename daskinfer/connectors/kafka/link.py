@@ -1,0 +1,216 @@
+"""Kafka settings resolved once, librdkafka configurations, and blocking calls off the event loop.
+
+Needs ``confluent-kafka`` (``pip install daskinfer[kafka]``).  confluent-kafka's calls block
+(they wait on librdkafka): every one that can wait runs on a :class:`Lane`, a thread of its
+own per client, so the worker's event loop never waits on the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+
+from daskinfer import settings
+from daskinfer.exceptions import BrokerError, ConfigError
+
+logger = logging.getLogger(__name__)
+LIBRDKAFKA_LOGGER = logging.getLogger("daskinfer.connectors.kafka.librdkafka")  # librdkafka's own log lines
+
+T = TypeVar("T")
+
+POLL_SLICE = 0.1  # s: longest one blocking poll runs before it looks whether its client closed
+
+# a producer that meets these was replaced by a newer one with its transactional id
+FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
+# passing states (a broker restarting, a coordinator loading or moving) that librdkafka does not all mark retriable
+RETRY_CODES = frozenset({
+    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.UNSTABLE_OFFSET_COMMIT, KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN, KafkaError._WAIT_COORD,
+})
+# a result for a topic that is gone (a client's reply topic after the client closed)
+GONE_CODES = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION})
+
+
+def kafka_error(exc: BaseException) -> KafkaError | None:
+    """The :class:`KafkaError` a confluent-kafka exception carries, if any."""
+    if isinstance(exc, KafkaException) and exc.args and isinstance(exc.args[0], KafkaError):
+        return exc.args[0]
+    return None
+
+
+def _ms(seconds: float) -> int:
+    return max(0, int(round(seconds * 1000)))
+
+
+@dataclass(frozen=True)
+class KafkaOptions:
+    """The Kafka settings of one pipeline or client, resolved from options and config ``daskinfer.kafka.*``.
+
+    Resolved once on the deploying client (:func:`~daskinfer.connectors.kafka.admin.prepare`
+    writes them back into ``spec["connector_options"]``), so every worker uses the deployer's
+    settings, not its own config.
+    """
+
+    bootstrap_servers: str
+    exactly_once: bool | str  # "auto" until prepare() has probed the broker
+    replication_factor: int
+    outbox_partitions: int
+    transaction_timeout: float
+    retry_timeout: float
+    operation_timeout: float
+    linger: float
+    retry_backoff: float
+    retry_backoff_max: float
+    reply_check_interval: float
+    client_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(cls, options: dict[str, Any] | None = None, **overrides: Any) -> KafkaOptions:
+        """Settings from ``options`` (snake-case keys; ``url`` is a synonym of ``bootstrap_servers``),
+        then ``overrides``, falling back to config ``daskinfer.kafka.*``."""
+        opts = dict(options or {})
+        opts.update({k: v for k, v in overrides.items() if v is not None})
+        if "url" in opts and "bootstrap_servers" not in opts:
+            opts["bootstrap_servers"] = opts.pop("url")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(opts) - known - {"url"}
+        if unknown:
+            raise ConfigError(f"unknown kafka connector options {sorted(unknown)}; expected some of {sorted(known)}")
+
+        def get(name: str) -> Any:
+            return settings.get(f"kafka.{name.replace('_', '-')}", opts.get(name))
+
+        def seconds(name: str) -> float:
+            return settings.get_seconds(f"kafka.{name.replace('_', '-')}", opts.get(name))
+
+        exactly_once = get("exactly_once")
+        if isinstance(exactly_once, str) and exactly_once.lower() in ("true", "false"):
+            exactly_once = exactly_once.lower() == "true"
+        if exactly_once not in (True, False, "auto"):
+            raise ConfigError(f"kafka exactly_once must be true, false or 'auto', got {exactly_once!r}")
+        client_config = dict(settings.get("kafka.client-config") or {})
+        client_config.update(opts.get("client_config") or {})
+        out = cls(
+            bootstrap_servers=str(get("bootstrap_servers")),
+            exactly_once=exactly_once,
+            replication_factor=int(get("replication_factor")),
+            outbox_partitions=int(get("outbox_partitions")),
+            transaction_timeout=seconds("transaction_timeout"),
+            retry_timeout=seconds("retry_timeout"),
+            operation_timeout=seconds("operation_timeout"),
+            linger=seconds("linger"),
+            retry_backoff=seconds("retry_backoff"),
+            retry_backoff_max=seconds("retry_backoff_max"),
+            reply_check_interval=seconds("reply_check_interval"),
+            client_config=client_config,
+        )
+        if not out.bootstrap_servers:
+            raise ConfigError("kafka bootstrap_servers is empty; give host:port[,host:port...]")
+        return out
+
+    def to_options(self) -> dict[str, Any]:
+        """Plain data for ``spec["connector_options"]``."""
+        return dataclasses.asdict(self)
+
+    def librdkafka(self, **extra: Any) -> dict[str, Any]:
+        """A librdkafka configuration: servers, tuned retries, the user's ``client_config``, then ``extra``."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            # librdkafka's 100 ms default backoff adds ~100 ms to every transaction (its
+            # AddPartitionsToTxn meets CONCURRENT_TRANSACTIONS while the last one ends)
+            "retry.backoff.ms": max(1, _ms(self.retry_backoff)),
+            "retry.backoff.max.ms": max(1, _ms(self.retry_backoff_max)),
+        }
+        conf.update(self.client_config)
+        conf.update(extra)
+        conf.setdefault("logger", LIBRDKAFKA_LOGGER)
+        return conf
+
+    def producer_config(self, **extra: Any) -> dict[str, Any]:
+        """Idempotent producer, acks from all in-sync replicas, Java's key partitioner (murmur2), and
+        no topic created by a write (a result for a reply topic that is gone must not bring it back)."""
+        return self.librdkafka(**{
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": _ms(self.linger),
+            "partitioner": "murmur2_random",
+            "allow.auto.create.topics": False,
+            **extra,
+        })
+
+
+def retry(call: Callable[[float], T], deadline: float, opts: KafkaOptions) -> T:
+    """``call(timeout)``, again while it fails with a retriable error (a broker restarting, a
+    coordinator moving) until ``deadline`` (``time.monotonic()``).  An error that needs the
+    transaction aborted is raised at once."""
+    while True:
+        try:
+            return call(max(0.1, min(opts.operation_timeout, deadline - time.monotonic())))
+        except KafkaException as e:
+            err = kafka_error(e)
+            passing = err is not None and (err.retriable() or err.code() in RETRY_CODES)
+            if not passing or err.txn_requires_abort() or err.fatal() or time.monotonic() > deadline:
+                raise
+            logger.debug("retrying after %s", err.str())
+            time.sleep(opts.retry_backoff)
+
+
+class Lane:
+    """One thread that runs a client's blocking calls in order, off the event loop."""
+
+    def __init__(self, name: str):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def poll_messages(consumer: Consumer, max_messages: int, timeout: float, stopped: Callable[[], bool],
+                  what: str) -> list[Message]:
+    """Up to ``max_messages`` messages, waiting up to ``timeout`` s for the first (blocking).
+
+    ``poll`` returns as soon as one message is there and ``consume(n, 0)`` takes what is
+    already queued: ``consume(n, timeout)`` alone would wait all of ``timeout`` for ``n``.
+    Errors that librdkafka recovers from by itself (a broker restarting) are logged and left
+    out; a fatal one raises :class:`~daskinfer.exceptions.BrokerError`.
+    """
+    deadline = time.monotonic() + timeout
+    while not stopped():
+        first = consumer.poll(min(POLL_SLICE, max(0.0, deadline - time.monotonic())))
+        if first is not None:
+            msgs = [first]
+            if max_messages > 1:
+                msgs += consumer.consume(max_messages - 1, 0)
+            if any(m.error() is not None for m in msgs):
+                msgs = _without_errors(msgs, what)
+            if msgs:
+                return msgs
+        if time.monotonic() >= deadline:
+            break
+    return []
+
+
+def _without_errors(msgs: list[Message], what: str) -> list[Message]:
+    good = []
+    for m in msgs:
+        err = m.error()
+        if err is None:
+            good.append(m)
+        elif err.fatal():
+            raise BrokerError(f"{what}: the kafka consumer failed: {err.str()}")
+        else:  # a broker restarting, a connection lost: librdkafka reconnects by itself
+            logger.warning("%s: %s", what, err.str())
+    return good
