@@ -55,6 +55,17 @@ def require_kafka() -> None:
         pytest.skip(reason)
 
 
+def _die_with_parent() -> None:
+    """In the broker's process before exec: SIGKILL it when the test process dies (Linux), so no
+    broker outlives a test run that was killed."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
@@ -141,14 +152,16 @@ class KafkaBroker:
         """Format the storage (first start only), start the JVM, wait until a client gets metadata."""
         if not self._formatted:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            out = subprocess.run(self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", self.config_path),
+            out = subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                                            "--config", self.config_path),
                                  capture_output=True, text=True, timeout=120)
             if out.returncode != 0:
                 raise RuntimeError(f"formatting the kafka storage failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
             self._formatted = True
         out_path = os.path.join(self.directory, "stdout.log")
         with open(out_path, "ab") as out:
-            self.proc = subprocess.Popen(self._java("kafka.Kafka", self.config_path), stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self._java("kafka.Kafka", self.config_path), stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -66,6 +66,9 @@ class ControllerExtension:
         self.events = ControllerEvents(self)
         self.rpc_timeout = settings.get_seconds("pipeline.control-timeout")
         self.busy: dict[tuple, float] = {}  # (pipeline, worker, partition, epoch) -> model seconds
+        # brokers other than the embedded one: what the runners report (describe()["backlog"])
+        self.lag: dict[tuple[str, int], int] = {}  # (pipeline, partition) -> messages not yet committed
+        self.answered: dict[tuple, int] = {}  # (pipeline, worker, partition, epoch) -> requests answered
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._loop())
         scheduler.handlers.update(
@@ -144,10 +147,15 @@ class ControllerExtension:
 
     def load_figures(self) -> dict[str, Any]:
         """Totals over all pipelines for :class:`~daskinfer.control.scaling.InferenceAdaptive`:
-        inbox backlog (embedded broker), requests answered, model busy seconds."""
+        inbox backlog (embedded broker; for other brokers, the lag their runners reported at
+        the last reconcile), requests answered, model busy seconds."""
         broker = self.scheduler.extensions.get("daskinfer-broker")
         backlog = done = 0
         for state in self.pipelines.values():
+            if state.spec.get("connector", "embedded") != "embedded":
+                backlog += sum(v for (name, _), v in self.lag.items() if name == state.name)
+                done += sum(v for k, v in self.answered.items() if k[0] == state.name)
+                continue
             topic = broker.topics.get(state.spec["inbox"]) if broker is not None else None
             if topic is None:
                 continue
@@ -188,7 +196,11 @@ class ControllerExtension:
                 continue  # the worker is leaving; the next round sees it gone
             running = {r["partition"] for r in runners if r["state"] in ("starting", "running")}
             for r in runners:
-                self.busy[(state.name, w, r["partition"], r["epoch"])] = r.get("busy", 0.0)
+                key = (state.name, w, r["partition"], r["epoch"])
+                self.busy[key] = r.get("busy", 0.0)
+                if r.get("backlog") is not None:
+                    self.lag[(state.name, r["partition"])] = r["backlog"]
+                    self.answered[key] = r.get("answered", 0)
             for p, addr in list(state.assigned.items()):
                 if addr == w and p not in running:
                     logger.warning("partition %d of %r on %s stopped; restarting it", p, state.name, w)

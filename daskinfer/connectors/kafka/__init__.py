@@ -33,9 +33,10 @@ worker dies or broker restarts.  A failed transaction is aborted and tried again
 """
 
 from daskinfer.connectors.kafka.admin import prepare
-from daskinfer.connectors.kafka.consumer import CORRELATION_HEADER, KafkaConnector
+from daskinfer.connectors.kafka.consumer import KafkaConnector
 from daskinfer.connectors.kafka.link import KafkaOptions
 from daskinfer.connectors.kafka.messages import Messages, OutMessage
 from daskinfer.connectors.kafka.transport import KafkaTransport
+from daskinfer.connectors.kafka.writers import CORRELATION_HEADER
 
 __all__ = ["CORRELATION_HEADER", "KafkaConnector", "KafkaOptions", "KafkaTransport", "Messages", "OutMessage", "prepare"]

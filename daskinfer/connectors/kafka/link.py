@@ -71,6 +71,7 @@ class KafkaOptions:
     linger: float
     retry_backoff: float
     retry_backoff_max: float
+    reconnect_backoff_max: float
     reply_check_interval: float
     client_config: dict[str, Any] = field(default_factory=dict)
 
@@ -111,6 +112,7 @@ class KafkaOptions:
             linger=seconds("linger"),
             retry_backoff=seconds("retry_backoff"),
             retry_backoff_max=seconds("retry_backoff_max"),
+            reconnect_backoff_max=seconds("reconnect_backoff_max"),
             reply_check_interval=seconds("reply_check_interval"),
             client_config=client_config,
         )
@@ -130,6 +132,7 @@ class KafkaOptions:
             # AddPartitionsToTxn meets CONCURRENT_TRANSACTIONS while the last one ends)
             "retry.backoff.ms": max(1, _ms(self.retry_backoff)),
             "retry.backoff.max.ms": max(1, _ms(self.retry_backoff_max)),
+            "reconnect.backoff.max.ms": max(1, _ms(self.reconnect_backoff_max)),
         }
         conf.update(self.client_config)
         conf.update(extra)
@@ -149,10 +152,13 @@ class KafkaOptions:
         })
 
 
-def retry(call: Callable[[float], T], deadline: float, opts: KafkaOptions) -> T:
-    """``call(timeout)``, again while it fails with a retriable error (a broker restarting, a
-    coordinator moving) until ``deadline`` (``time.monotonic()``).  An error that needs the
-    transaction aborted is raised at once."""
+def retry(call: Callable[[float], T], deadline: float, opts: KafkaOptions, what: str = "") -> T:
+    """``call(timeout)``, again while it fails with a passing error (a broker restarting, a
+    coordinator moving) until ``deadline`` (``time.monotonic()``), with exponential backoff
+    from ``retry_backoff`` to ``retry_backoff_max``.  An error that needs the transaction
+    aborted, a fatal one, or any other, is raised at once."""
+    delay = opts.retry_backoff
+    tries = 0
     while True:
         try:
             return call(max(0.1, min(opts.operation_timeout, deadline - time.monotonic())))
@@ -161,8 +167,11 @@ def retry(call: Callable[[float], T], deadline: float, opts: KafkaOptions) -> T:
             passing = err is not None and (err.retriable() or err.code() in RETRY_CODES)
             if not passing or err.txn_requires_abort() or err.fatal() or time.monotonic() > deadline:
                 raise
-            logger.debug("retrying after %s", err.str())
-            time.sleep(opts.retry_backoff)
+            tries += 1
+            if tries == 1 or tries % 50 == 0:
+                logger.warning("%s: %s; trying again (%d)", what or getattr(call, "__name__", "kafka call"), err.str(), tries)
+            time.sleep(delay)
+            delay = min(delay * 2, opts.retry_backoff_max)
 
 
 class Lane:
