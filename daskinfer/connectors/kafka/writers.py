@@ -143,10 +143,12 @@ class ResultWriter:
         produce = producer.produce
         for w in writes:
             cid = w[3] if len(w) > 3 else None
-            headers = [(CORRELATION_HEADER, cid)] if cid else None
             while True:
                 try:
-                    produce(w[0], w[2], w[1], headers=headers)
+                    if cid:
+                        produce(w[0], w[2], w[1], headers=[(CORRELATION_HEADER, cid)])
+                    else:
+                        produce(w[0], w[2], w[1])
                     break
                 except BufferError:  # librdkafka's queue is full: let it send
                     producer.poll(0.01)
@@ -284,7 +286,6 @@ class AckedWriter(ResultWriter):
     def _write_then_commit(self, writes: Writes, upto: int | None) -> None:
         producer, consumer, opts = self.producer, self.consumer, self.opts
         assert producer is not None
-        deadline = time.monotonic() + opts.retry_timeout
         self._undelivered.clear()
         self.produce(producer, self.live(producer, writes))
         left = producer.flush(opts.retry_timeout)
@@ -299,9 +300,9 @@ class AckedWriter(ResultWriter):
             raise BrokerError(f"{self.name}: {len(failed)} results not delivered, e.g. to {failed[0][1]!r}: "
                               f"{failed[0][0].str()}; the offset stays uncommitted")
         if upto is not None:
-            offsets = [TopicPartition(self.inbox, self.partition, upto)]
+            # not waited for: commits go out in order, and one that is lost means only that
+            # the next runner of the partition answers a few requests again
             try:
-                retry(lambda timeout: consumer.commit(offsets=offsets, asynchronous=False), deadline, opts,
-                      f"{self.name}: committing the offset")
+                consumer.commit(offsets=[TopicPartition(self.inbox, self.partition, upto)], asynchronous=True)
             except KafkaException as e:
                 raise self.failure("committing the offset", e) from e
