@@ -1,16 +1,26 @@
 """daskinfer: high-throughput streaming model inference on Dask.
 
-Models are held by worker plugins (:class:`OnnxModel`, :class:`PythonModel`),
-deployed with :func:`deploy`, and run by streamz operators (``smart_batch``,
-``infer``) or by the partitioned inbox -> outbox pipeline.
+Compose a :class:`Pipeline` of stages on columnar batches (``map_batches``, ``infer``,
+``ensemble``, ``route``...), deploy it with :func:`deploy_pipeline` as partitions on the
+workers, and send requests with :class:`InferenceClient`.  Models are held by worker
+plugins (:class:`OnnxModel`, :class:`PythonModel`, :class:`RemoteModel`), deployed with
+:func:`deploy`.  The streamz operators ``smart_batch``, ``infer`` and ``run_pipeline``
+serve notebooks and batch jobs.
 """
 
 from daskinfer import settings  # noqa: F401  (loads the defaults into dask.config)
-from daskinfer.dataflow import streams  # noqa: F401  (registers the streamz operators)
-from daskinfer.dataflow import nodes  # noqa: F401  (registers from_inbox / to_outbox)
-from daskinfer.dataflow.batching import BatchPolicy
 from daskinfer.client import InferenceClient
-from daskinfer.models.deploy import deploy, deployed_models, undeploy
+from daskinfer.dataflow import nodes, streams  # noqa: F401  (registers the streamz operators)
+from daskinfer.dataflow.batching import BatchPolicy
+from daskinfer.dataflow.pipeline import (
+    Pipeline,
+    PipelineHandle,
+    delete_topic,
+    deploy_pipeline,
+    get_pipeline,
+    pipelines,
+    topics,
+)
 from daskinfer.exceptions import (
     CodecError,
     ConfigError,
@@ -22,12 +32,13 @@ from daskinfer.exceptions import (
     OutputCountError,
     RequestError,
     ResultError,
+    StageError,
 )
-from daskinfer.wire.messages import Request, Result
-from daskinfer.dataflow.pipeline import Pipeline, PipelineHandle, deploy_pipeline
-from daskinfer.models import LoadedModel, Model, OnnxModel, PythonModel, RemoteModel, TensorSpec
+from daskinfer.models import LoadedModel, Model, ModelPlugin, OnnxModel, PythonModel, RemoteModel, TensorSpec
+from daskinfer.models.deploy import deploy, deployed_models, undeploy
 from daskinfer.server import ModelServer
 from daskinfer.testing import bundled_model_path
+from daskinfer.wire.messages import Request, Result
 
 __version__ = "0.1.0"
 
@@ -43,6 +54,7 @@ __all__ = [
     "ModelError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelPlugin",
     "ModelServer",
     "OnnxModel",
     "OutputCountError",
@@ -54,10 +66,15 @@ __all__ = [
     "RequestError",
     "Result",
     "ResultError",
+    "StageError",
     "TensorSpec",
     "bundled_model_path",
+    "delete_topic",
     "deploy",
     "deploy_pipeline",
     "deployed_models",
+    "get_pipeline",
+    "pipelines",
+    "topics",
     "undeploy",
 ]

@@ -1,12 +1,14 @@
-"""The client API: send requests to a pipeline's inbox and get their results.
+"""The client API: send requests to a pipeline and get their results.
 
->>> ic = InferenceClient(client, inbox="requests")         # doctest: +SKIP
->>> ic.submit({"x": row}).result().value()                 # one row   # doctest: +SKIP
->>> ic.predict({"x": block})                               # a block, one message  # doctest: +SKIP
+>>> ic = InferenceClient(client, inbox="requests")             # doctest: +SKIP
+>>> ic.submit({"x": row}).result().value()                     # one row   # doctest: +SKIP
+>>> ic.predict({"x": block})                                   # a block, one message  # doctest: +SKIP
 
-Results come back on a reply topic of this client's own.  Each answer is
-delivered once: a result whose request id was already answered (a request
-processed twice after a failure) is dropped.
+By default requests go straight to the workers that own their partitions and results
+come straight back (:mod:`daskinfer.connectors.direct`); the scheduler is not in the data
+path.  Single rows flushed together to one partition travel as one columnar frame.  Each
+answer is delivered once: a result whose request id was already answered (a request
+processed twice after a failure or a move) is dropped.
 """
 
 from __future__ import annotations
@@ -25,16 +27,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daskinfer import settings
-from daskinfer.connectors.base import ClientTransport
-from daskinfer.connectors.embedded import EmbeddedTransport, partition_for
-from daskinfer.wire.messages import Request, Result, decode_result, new_id
+from daskinfer.connectors.base import ClientTransport, partition_for
+from daskinfer.exceptions import ConfigError, TopicFullError
+from daskinfer.wire.frames import decode_results, encode_request_frame
+from daskinfer.wire.messages import Result, new_id
 
 if TYPE_CHECKING:
     from distributed import Client
 
 logger = logging.getLogger(__name__)
-
-_READ_BATCH = 8192
 
 
 def _as_inputs(inputs: Any) -> dict[str, np.ndarray]:
@@ -43,8 +44,76 @@ def _as_inputs(inputs: Any) -> dict[str, np.ndarray]:
     return {"x": np.asarray(inputs)}
 
 
+class _Outgoing:
+    """One request waiting to be flushed into a frame."""
+
+    __slots__ = ("partition", "id", "inputs", "batched", "key", "model", "deadline", "sent_at", "group")
+
+    def __init__(self, partition: int, rid: str, inputs: dict[str, np.ndarray], batched: bool, key: str | None,
+                 model: str | None, deadline: float | None, sent_at: float):
+        self.partition = partition
+        self.id = rid
+        self.inputs = inputs
+        self.batched = batched
+        self.key = key
+        self.model = model
+        self.deadline = deadline
+        self.sent_at = sent_at
+        # requests that can share one frame: same partition, model, form, input names, dtypes and row shape
+        self.group = (partition, model, batched,
+                      tuple((k, v.dtype.str, v.shape[1:] if batched else v.shape) for k, v in inputs.items()))
+
+
+def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
+    first = reqs[0]
+    names = list(first.inputs)
+    if first.batched:
+        inputs = {k: np.concatenate([r.inputs[k] for r in reqs]) for k in names}
+        rows = np.array([len(r.inputs[names[0]]) for r in reqs], dtype=np.int64)
+    else:
+        inputs = {k: np.stack([r.inputs[k] for r in reqs]) for k in names}
+        rows = None
+    deadlines = None
+    if any(r.deadline is not None for r in reqs):
+        deadlines = np.array([np.nan if r.deadline is None else r.deadline for r in reqs])
+    keys = [r.key for r in reqs] if any(r.key is not None for r in reqs) else None
+    return encode_request_frame(
+        [r.id for r in reqs], inputs, rows=rows, batched=first.batched, keys=keys, model=first.model,
+        deadlines=deadlines, reply_to=reply_to, sent_at=np.array([r.sent_at for r in reqs]),
+    )
+
+
+def _frames_in_order(batch: list[_Outgoing], max_requests: int) -> list[list[_Outgoing]]:
+    """Requests grouped into frames per partition, a new frame wherever the kind of request changes
+    (so that a partition receives its requests in the order they were made) or a frame is full."""
+    open_: dict[int, list[_Outgoing]] = {}
+    frames: list[list[_Outgoing]] = []
+    for r in batch:
+        cur = open_.get(r.partition)
+        if cur is None or cur[0].group != r.group or len(cur) >= max_requests:
+            cur = open_[r.partition] = []
+            frames.append(cur)
+        cur.append(r)
+    return frames
+
+
+def _make_transport(client: Client, transport: ClientTransport | str | None) -> ClientTransport:
+    if isinstance(transport, ClientTransport):
+        return transport
+    kind = settings.get("client.transport", transport)
+    if kind == "direct":
+        from daskinfer.connectors.direct import DirectTransport
+
+        return DirectTransport(client)
+    if kind == "topic":
+        from daskinfer.connectors.embedded import EmbeddedTransport
+
+        return EmbeddedTransport(client)
+    raise ConfigError(f"unknown transport {kind!r}; expected 'direct', 'topic' or a ClientTransport")
+
+
 class InferenceClient:
-    """Submit requests to a pipeline's inbox and receive results (sync or async).
+    """Submit requests to a pipeline and receive results (sync or async).
 
     Parameters
     ----------
@@ -52,21 +121,23 @@ class InferenceClient:
         Default: the current client. An asynchronous client makes this client
         asynchronous too (futures are ``asyncio`` futures; use ``await``).
     inbox : str
-        The pipeline's inbox topic.
+        The pipeline's inbox.
     model : str, optional
         Model named in every request (default: the pipeline's model).
     dedupe_window : int, optional
         Request ids remembered to drop duplicate answers; config ``daskinfer.client.dedupe-window``.
-    max_pending : int
-        Requests buffered before a sync ``submit`` waits (back-pressure).
-    transport : ClientTransport, optional
-        The broker to talk to (default: the embedded broker of ``client``'s scheduler);
-        e.g. :class:`daskinfer.connectors.redis.RedisTransport`.
+    max_pending : int, optional
+        Requests sent and not yet answered before a sync ``submit`` waits (an async one raises
+        :class:`~daskinfer.exceptions.TopicFullError`); config ``daskinfer.client.max-pending``.
+    transport : {"direct", "topic"} or ClientTransport, optional
+        ``"direct"``: straight to the workers (the default, config ``daskinfer.client.transport``);
+        ``"topic"``: through the scheduler's inbox topic (requests wait in a log while no
+        pipeline runs); or another broker, e.g. :class:`daskinfer.connectors.redis.RedisTransport`.
 
     Notes
     -----
-    Inputs given as a bare array are sent as the input named ``"x"``; pass a dict
-    for other or several input names.
+    Inputs given as a bare array are sent as the input named ``"x"``; a pipeline whose model
+    has one input of another name maps it.  Pass a dict for several inputs.
     """
 
     def __init__(
@@ -76,8 +147,8 @@ class InferenceClient:
         *,
         model: str | None = None,
         dedupe_window: int | None = None,
-        max_pending: int = 200_000,
-        transport: ClientTransport | None = None,
+        max_pending: int | None = None,
+        transport: ClientTransport | str | None = None,
     ):
         if client is None:
             from distributed import default_client
@@ -87,16 +158,23 @@ class InferenceClient:
         self.inbox = inbox
         self.model = model
         self.asynchronous = bool(client.asynchronous)
-        self.reply_topic = f"daskinfer-replies-{new_id()[:12]}"
+        self.transport: ClientTransport = _make_transport(client, transport)
+        from daskinfer.connectors.direct import DirectTransport
+
+        prefix = "direct:" if isinstance(self.transport, DirectTransport) else "daskinfer-replies-"
+        self.reply_target = f"{prefix}{new_id()[:16]}"
         self.dedupe_window = int(settings.get("client.dedupe-window", dedupe_window))
-        self.max_pending = max_pending
+        self.max_pending = int(settings.get("client.max-pending", max_pending))
+        self.max_unclaimed = int(settings.get("client.max-unclaimed"))
         self._max_size = settings.get_bytes("codec.max-message-size")
-        self.transport: ClientTransport = transport or EmbeddedTransport(client, _READ_BATCH)
+        self._flush_max = int(settings.get("client.flush-batch"))
+        self._frame_max = int(settings.get("client.max-frame-requests"))
         self.duplicates = 0
         self.received = 0
+        self.unclaimed_dropped = 0
         self._waiters: dict[str, Any] = {}
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._outq: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._outq: collections.deque[_Outgoing] = collections.deque()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._flushing = False
@@ -104,27 +182,32 @@ class InferenceClient:
         self._ids = itertools.count()
         self._id_prefix = new_id()[:16] + "-"  # unique per client; a counter makes ids cheap
         self._n_partitions = 0
-        self._unclaimed: queue.Queue[Result] = queue.Queue()
+        self._unclaimed: queue.Queue[Result] = queue.Queue(self.max_unclaimed)
         self._aunclaimed: asyncio.Queue[Result] | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
         self._started = False
         self._closed = False
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def _start(self) -> InferenceClient:
         if self._started:
             return self
-        self._n_partitions = await self.transport.start(self.inbox, self.reply_topic)
+        self._n_partitions = await self.transport.start(self.inbox, self.reply_target)
         self._aloop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self._aunclaimed = asyncio.Queue()
-        self._tasks.append(asyncio.ensure_future(self._receive()))
+        self._aunclaimed = asyncio.Queue(self.max_unclaimed)
+        self._spawn(self._receive())
         self._started = True
         return self
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def start(self):
-        """Connect (also done by the first ``submit``)."""
+        """Connect (also done by the first ``submit``); raises if no pipeline serves the inbox."""
         return self.client.sync(self._start)
 
     def __await__(self):
@@ -134,22 +217,24 @@ class InferenceClient:
         if self._closed:
             return
         self._closed = True
-        for t in self._tasks:
+        for t in list(self._tasks):
             t.cancel()
         if self._started:
             try:
                 await self.transport.close()
             except Exception:  # pragma: no cover - scheduler gone
                 pass
-        err = ConnectionError("InferenceClient closed")
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(err)
-        self._waiters.clear()
+        self._fail_pending(ConnectionError("InferenceClient closed"))
+        with self._lock:
+            self._room.notify_all()
 
     def close(self):
-        """Stop receiving; pending futures fail. Deletes this client's reply topic."""
+        """Stop receiving; pending futures fail. Deletes this client's reply target."""
         return self.client.sync(self._close)
+
+    async def aclose(self) -> None:
+        """Asynchronous :meth:`close`."""
+        await self._close()
 
     def __enter__(self) -> InferenceClient:
         self.start()
@@ -164,77 +249,80 @@ class InferenceClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self._close()
 
-    # -- sending ------------------------------------------------------------------------------
-    def _request(self, inputs: Any, batched: bool, key: str | None, model: str | None,
-                 deadline: float | None, request_id: str | None) -> Request:
-        now = time.time()
-        return Request(
-            id=request_id or f"{self._id_prefix}{next(self._ids)}",
-            inputs=_as_inputs(inputs),
-            batched=batched,
-            key=key,
-            model=model or self.model,
-            deadline=None if deadline is None else now + deadline,
-            reply_to=self.reply_topic,
-            sent_at=now,
-        )
+    def _fail_pending(self, exc: BaseException) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
+            self._set(fut, exc, error=True)
 
+    # -- sending ------------------------------------------------------------------------------
     def _ensure_started(self) -> None:
+        if self.error is not None:
+            raise ConnectionError(f"InferenceClient stopped receiving results: {self.error}") from self.error
+        if self._closed:
+            raise RuntimeError("InferenceClient is closed")
         if not self._started:
             if self.asynchronous:
                 raise RuntimeError("await the InferenceClient (or use `async with`) before submitting")
             self.start()
-        if self._closed:
-            raise RuntimeError("InferenceClient is closed")
 
-    def _enqueue(self, req: Request, waiter: Any) -> None:
-        data = req.encode()
-        p = partition_for(req.key, self._n_partitions, next(self._rr))
+    def _enqueue(self, inputs: Any, batched: bool, key: str | None, model: str | None, deadline: float | None,
+                 request_id: str | None, waiter: Any) -> str:
+        now = time.time()
+        rid = request_id or f"{self._id_prefix}{next(self._ids)}"
+        p = partition_for(key, self._n_partitions, next(self._rr))
+        req = _Outgoing(p, rid, _as_inputs(inputs), batched, key, model or self.model,
+                        None if deadline is None else now + deadline, now)
         in_loop = self._in_loop()
         with self._lock:
-            if waiter is not None:
-                self._waiters[req.id] = waiter
-            if not in_loop:
-                while len(self._outq) >= self.max_pending and not self._closed:
+            if len(self._waiters) + len(self._outq) >= self.max_pending:
+                if in_loop:  # an event loop must not block: the caller gets back-pressure as an error
+                    raise TopicFullError(
+                        f"InferenceClient holds {self.max_pending} unanswered requests (max_pending); "
+                        "retry later")
+                while len(self._waiters) + len(self._outq) >= self.max_pending and not self._closed:
                     self._room.wait(1.0)
-            self._outq.append((p, data))
+            if waiter is not None:
+                self._waiters[rid] = waiter
+            self._outq.append(req)
             kick = not self._flushing
             self._flushing = True
         if kick:
             if in_loop:
-                self._tasks.append(asyncio.ensure_future(self._flush()))
+                self._spawn(self._flush())
             else:
-                self._aloop.call_soon_threadsafe(lambda: self._tasks.append(asyncio.ensure_future(self._flush())))
+                self._aloop.call_soon_threadsafe(self._spawn, self._flush())
+        return rid
 
     def _in_loop(self) -> bool:
         return threading.get_ident() == self._loop_thread
 
     async def _flush(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    n = min(len(self._outq), _READ_BATCH)
-                    if n == 0:
-                        self._flushing = False
-                        return
-                    batch = [self._outq.popleft() for _ in range(n)]
-                    self._room.notify_all()
+        while True:
+            with self._lock:
+                n = min(len(self._outq), self._flush_max)
+                if n == 0:
+                    self._flushing = False
+                    return
+                batch = [self._outq.popleft() for _ in range(n)]
+            items = []
+            for reqs in _frames_in_order(batch, self._frame_max):
                 try:
-                    await self.transport.send(self.inbox, batch)
-                except Exception as e:
-                    logger.error("sending %d requests to %r failed: %s", len(batch), self.inbox, e)
-                    self._fail_batch(batch, e)
-        finally:
-            self._tasks = [t for t in self._tasks if not t.done()]
+                    items.append((reqs[0].partition, _frame(reqs, self.reply_target)))
+                except Exception as e:  # an input the codec cannot carry fails its own requests
+                    self._fail_ids([r.id for r in reqs], e)
+            try:
+                await self.transport.send(self.inbox, items)
+            except Exception as e:
+                logger.error("sending %d requests to %r failed: %s", len(batch), self.inbox, e)
+                self._fail_ids([r.id for r in batch], e)
 
-    def _fail_batch(self, batch: list[tuple[int, bytes]], exc: BaseException) -> None:
-        from daskinfer.wire.messages import peek_request_fields
-
-        for _, data in batch:
-            rid = peek_request_fields(data).get("id")
+    def _fail_ids(self, ids: list[str], exc: BaseException) -> None:
+        for rid in ids:
             fut = self._waiters.pop(rid, None)
-            if fut is not None and not fut.done():
+            if fut is not None:
                 self._set(fut, exc, error=True)
+        with self._lock:
+            self._room.notify_all()
 
     def _new_waiter(self) -> Any:
         if self.asynchronous:
@@ -260,27 +348,25 @@ class InferenceClient:
         """
         self._ensure_started()
         fut = self._new_waiter()
-        self._enqueue(self._request(inputs, False, key, model, deadline, request_id), fut)
+        self._enqueue(inputs, False, key, model, deadline, request_id, fut)
         return fut
 
     def submit_many(self, inputs: Any, *, key: str | None = None, model: str | None = None,
                     deadline: float | None = None, request_id: str | None = None):
-        """Send a block of rows as one message (columnar); return a future of its result.
+        """Send a block of rows as one request (columnar); return a future of its result.
 
         The result's ``value()`` is the block of outputs (rows first).
         """
         self._ensure_started()
         fut = self._new_waiter()
-        self._enqueue(self._request(inputs, True, key, model, deadline, request_id), fut)
+        self._enqueue(inputs, True, key, model, deadline, request_id, fut)
         return fut
 
     def send(self, inputs: Any, *, batched: bool = False, key: str | None = None, model: str | None = None,
              deadline: float | None = None, request_id: str | None = None) -> str:
         """Send without a future; the result arrives through :meth:`results`. Returns the request id."""
         self._ensure_started()
-        req = self._request(inputs, batched, key, model, deadline, request_id)
-        self._enqueue(req, None)
-        return req.id
+        return self._enqueue(inputs, batched, key, model, deadline, request_id, None)
 
     def predict(self, inputs: Any, *, timeout: float | None = None, **kwargs: Any) -> Any:
         """Send a block and wait for its outputs (raises :class:`~daskinfer.ResultError` on failure)."""
@@ -300,6 +386,8 @@ class InferenceClient:
             try:
                 yield self._unclaimed.get(timeout=timeout)
             except queue.Empty:
+                if self.error is not None:
+                    raise ConnectionError(f"InferenceClient stopped receiving results: {self.error}") from self.error
                 return
 
     async def aresults(self, timeout: float | None = None) -> AsyncIterator[Result]:
@@ -311,11 +399,15 @@ class InferenceClient:
             except asyncio.TimeoutError:
                 return
 
-    def _set(self, fut: Any, value: Any, error: bool = False) -> None:
-        if error:
-            fut.set_exception(value)
-        else:
-            fut.set_result(value)
+    @staticmethod
+    def _set(fut: Any, value: Any, error: bool = False) -> None:
+        try:
+            if error:
+                fut.set_exception(value)
+            else:
+                fut.set_result(value)
+        except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+            pass  # cancelled by the caller
 
     async def _receive(self) -> None:
         while not self._closed:
@@ -323,21 +415,27 @@ class InferenceClient:
                 msgs = await self.transport.receive(timeout=0.25)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # scheduler or broker gone
+            except Exception as e:  # scheduler, worker or broker gone: nothing more will come
                 if not self._closed:
                     logger.error("receiving results failed: %s", e)
-                    self._error = e
+                    self.error = e
+                    self._fail_pending(ConnectionError(f"InferenceClient stopped receiving results: {e}"))
+                    with self._lock:
+                        self._room.notify_all()
                 return
             if not msgs:
                 continue
             now = time.time()
             for data in msgs:
                 try:
-                    r = decode_result(data, max_size=self._max_size)
+                    results = decode_results(data, max_size=self._max_size).results()
                 except Exception as e:  # pragma: no cover - only pipelines write here
-                    logger.error("undecodable result on %r: %s", self.reply_topic, e)
+                    logger.error("undecodable result on %r: %s", self.reply_target, e)
                     continue
-                self._deliver(r, now)
+                for r in results:
+                    self._deliver(r, now)
+            with self._lock:
+                self._room.notify_all()
             await self.transport.ack()
 
     def _deliver(self, r: Result, now: float) -> None:
@@ -351,20 +449,30 @@ class InferenceClient:
             seen.popitem(last=False)
         self.received += 1
         if r.sent_at is not None:
-            r.timings["latency"] = now - r.sent_at
+            r.latency = now - r.sent_at
         fut = self._waiters.pop(rid, None)
-        if fut is None:
-            if self.asynchronous and self._aunclaimed is not None:
-                self._aunclaimed.put_nowait(r)
-            else:
-                self._unclaimed.put(r)
-        else:
+        if fut is not None:
+            self._set(fut, r)
+            return
+        q = self._aunclaimed if self.asynchronous else self._unclaimed
+        assert q is not None
+        while True:
             try:
-                fut.set_result(r)
-            except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
-                pass  # cancelled by the caller
+                q.put_nowait(r)
+                return
+            except (queue.Full, asyncio.QueueFull):
+                try:  # nobody reads results(): keep the newest, count what is dropped
+                    q.get_nowait()
+                    self.unclaimed_dropped += 1
+                except (queue.Empty, asyncio.QueueEmpty):  # pragma: no cover - a reader just took one
+                    pass
 
     @property
     def pending(self) -> int:
-        """Requests sent whose results have not arrived."""
+        """Requests with a future whose results have not arrived."""
         return len(self._waiters)
+
+    @property
+    def queued(self) -> int:
+        """Requests not yet handed to the transport (bounded by ``max_pending``)."""
+        return len(self._outq)

@@ -10,7 +10,11 @@ The tree::
     │   ├── CodecError              bytes that are not a valid daskinfer message
     │   ├── InputValidationError    inputs do not match the model's signature
     │   ├── DeadlineExceededError   the request's deadline passed before it ran
-    │   └── RequestTooLargeError    message bigger than ``codec.max-message-size``
+    │   ├── RequestTooLargeError    message bigger than ``codec.max-message-size``
+    │   ├── StageError              a user stage (map_batches, filter, combine...) raised on the request's batch
+    │   ├── RequestRejected         a pipeline's filter stage turned the request away
+    │   ├── ModelNotAllowedError    the request names a model the pipeline does not serve
+    │   └── ReplyTargetError        the request's reply target is not a client reply target
     ├── ModelError                  the model failed on a batch
     │   └── OutputCountError        the model returned a different number of results than rows
     ├── BrokerError                 broker problems
@@ -103,6 +107,30 @@ class InputValidationError(RequestError):
 
 class DeadlineExceededError(RequestError):
     """The request's deadline passed before it could be answered."""
+
+
+class StageError(RequestError):
+    """A user stage raised (or returned something unusable) on the batch that held the request."""
+
+    def __init__(self, message: str, *, stage: str | None = None):
+        super().__init__(message)
+        self.stage = stage
+
+
+class RequestRejected(RequestError):
+    """A filter stage of the pipeline turned the request away."""
+
+    def __init__(self, message: str, *, stage: str | None = None):
+        super().__init__(message)
+        self.stage = stage
+
+
+class ModelNotAllowedError(RequestError):
+    """The request names a model that the pipeline's allow-list does not hold."""
+
+
+class ReplyTargetError(RequestError):
+    """The request's reply target is not a reply topic/stream a client made."""
 
 
 class ModelError(DaskInferError):

@@ -1,16 +1,18 @@
 """Worker/scheduler preload: ``dask worker --preload daskinfer.preload``.
 
-Loads daskinfer's config defaults and gives the worker the partition-runner
-handlers before any plugin arrives, so that a pipeline can start on it at once.
-``dask scheduler --preload daskinfer.preload`` installs the embedded broker and
-the pipeline controller when the scheduler starts.
+Loads daskinfer's config defaults and gives the worker the partition handlers and the
+direct endpoint before any plugin arrives, so that a pipeline can start on it at once.
+``dask scheduler --preload daskinfer.preload`` installs the embedded broker and the
+pipeline controller when the scheduler starts.  Neither is required: clients install both
+when they deploy a pipeline; the preload makes them ready (and logs it) at start-up.
 """
 
 from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger(__name__)
+# the Dask CLI shows INFO lines of "distributed.*" loggers only: say "ready" where it is seen
+logger = logging.getLogger("distributed.preload")
 
 
 async def dask_setup(server) -> None:  # noqa: ANN001 - a Worker or a Scheduler
@@ -18,13 +20,12 @@ async def dask_setup(server) -> None:  # noqa: ANN001 - a Worker or a Scheduler
     from distributed import Scheduler, Worker
 
     if isinstance(server, Worker):
-        from daskinfer.dataflow.partition import EXTENSION, RunnerExtension
+        from daskinfer.control.runtime import partitions_of
 
-        if EXTENSION not in server.extensions:
-            server.extensions[EXTENSION] = RunnerExtension(server)
-        logger.info("daskinfer ready on worker %s", server.address)
+        partitions_of(server)
+        logger.info("daskinfer ready on worker %s (partitions and direct endpoint)", server.address)
     elif isinstance(server, Scheduler):
-        from daskinfer.connectors.embedded import BrokerPlugin
+        from daskinfer.connectors.embedded.broker import BrokerPlugin
 
         await BrokerPlugin().start(server)
-        logger.info("daskinfer broker and controller ready on the scheduler")
+        logger.info("daskinfer broker and controller ready on the scheduler %s", server.address)

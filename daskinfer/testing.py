@@ -64,6 +64,11 @@ def run_onnx_directly(model: str | bytes, inputs: dict[str, np.ndarray]) -> dict
     return dict(zip(names, sess.run(names, inputs)))
 
 
+def negate_columns(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A stage function for examples and tests: every column negated (``daskinfer.testing:negate_columns``)."""
+    return {k: -v for k, v in columns.items()}
+
+
 def random_rows(n: int, n_in: int = 16, seed: int = 0) -> np.ndarray:
     """``n`` rows of float32 inputs for the bundled model."""
     return np.random.default_rng(seed).standard_normal((n, n_in)).astype(np.float32)
@@ -110,4 +115,5 @@ def check_key_order(results: list[Any], order: dict[str, list[str]]) -> None:
         assert arrival.get(key, []) == ids_in_order, f"key {key} answered out of order"
 
 
-__all__: list[Any] = ["bundled_model_path", "check_key_order", "check_outputs", "collect_results", "make_mlp_onnx", "random_rows", "run_onnx_directly"]
+__all__: list[Any] = ["bundled_model_path", "check_key_order", "check_outputs", "collect_results", "make_mlp_onnx",
+                       "negate_columns", "random_rows", "run_onnx_directly"]

@@ -29,7 +29,7 @@ LIMIT = 4096  # bytes: the pipeline's max_request_size
 KINDS = {
     "dtype": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(16, np.float64)}}, "InputValidationError", "expects dtype float32"),
     "shape": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(15, np.float32)}}, "InputValidationError", "expects shape"),
-    "missing": (lambda rid, to: {"id": rid, "r": to, "in": {"y": np.zeros(16, np.float32)}}, "InputValidationError", "missing input 'x'"),
+    "missing": (lambda rid, to: {"id": rid, "r": to, "in": {"y": np.zeros(16, np.float32), "w": np.zeros(16, np.float32)}}, "InputValidationError", "missing input 'x'"),
     "extra": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(16, np.float32), "z": np.zeros(3, np.float32)}}, "InputValidationError", "unexpected input 'z'"),
     "nan": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.full(16, np.nan, np.float32)}}, "InputValidationError", "NaN"),
     "oversized": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(4096, np.float32)}}, "RequestTooLargeError", "over the limit of 4096 bytes"),
@@ -64,7 +64,7 @@ def _read_topic(client, topic: str, broker: str, url: str | None) -> list[bytes]
     async def read():
         b = BrokerRPC(client.scheduler)
         out = []
-        for p in range(await b.partitions(topic)):
+        for p in range((await b.info(topic))["partitions"]):
             out += (await b.get(topic, p, 0, 1_000_000))["messages"]
         return out
 
@@ -97,7 +97,7 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, c
     rng = random.Random(0)
     try:
         with InferenceClient(client, inbox=inbox, transport=transport) as ic:
-            to = ic.reply_topic
+            to = ic.reply_target
             rows = random_rows(10_000, seed=5)
             messages: list[tuple[str, str, bytes]] = []  # (kind, id, bytes)
             for i in range(10_000):

@@ -7,8 +7,9 @@ import uuid
 
 import pytest
 
-from daskinfer.connectors.embedded import BrokerRPC, _ensure_broker, partition_for
-from daskinfer.exceptions import TopicFullError, TopicNotFoundError
+from daskinfer.connectors.base import partition_for
+from daskinfer.connectors.embedded import BrokerRPC, TopicSettings, ensure_broker_async
+from daskinfer.exceptions import RequestTooLargeError, TopicFullError, TopicNotFoundError
 
 
 def _topic() -> str:
@@ -17,15 +18,15 @@ def _topic() -> str:
 
 @pytest.fixture
 def broker(client):
-    client.sync(_ensure_broker, client)
+    client.sync(ensure_broker_async, client)
     return BrokerRPC(client.scheduler)
 
 
 def test_put_get_commit_round_trip(client, broker):
     async def run():
         name = _topic()
-        assert await broker.create_topic(name, partitions=3) == 3
-        assert await broker.create_topic(name, partitions=5) == 3, "create is idempotent"
+        assert (await broker.create_topic(name, TopicSettings(partitions=3))).partitions == 3
+        assert (await broker.create_topic(name, TopicSettings(partitions=5))).partitions == 3, "create is idempotent"
         msgs = [(i % 3, b"m%d" % i) for i in range(3000)]
         assert await broker.put(name, msgs) == 3000
         got = {}
@@ -49,7 +50,7 @@ def test_put_get_commit_round_trip(client, broker):
 def test_long_poll_returns_as_soon_as_data_arrives(client, broker):
     async def run():
         name = _topic()
-        await broker.create_topic(name, partitions=1)
+        await broker.create_topic(name, TopicSettings(partitions=1))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         getter = asyncio.ensure_future(broker.get(name, 0, 0, 10, timeout=5.0))
@@ -67,7 +68,7 @@ def test_long_poll_returns_as_soon_as_data_arrives(client, broker):
 def test_full_topic_pushes_back_then_times_out_without_losing_anything(client, broker):
     async def run():
         name = _topic()
-        await broker.create_topic(name, partitions=1, max_messages=100)
+        await broker.create_topic(name, TopicSettings(partitions=1, max_messages=100))
         await broker.assign(name, 0, "g", epoch=1)
         await broker.put(name, [(0, b"%d" % i) for i in range(100)])
         with pytest.raises(TopicFullError, match=f"{name}.*partition 0.*100 messages"):
@@ -89,7 +90,7 @@ def test_full_topic_pushes_back_then_times_out_without_losing_anything(client, b
 def test_stale_epoch_is_revoked(client, broker):
     async def run():
         name = _topic()
-        await broker.create_topic(name, partitions=1)
+        await broker.create_topic(name, TopicSettings(partitions=1))
         await broker.assign(name, 0, "g", epoch=1)
         await broker.put(name, [(0, b"a")])
         await broker.assign(name, 0, "g", epoch=2)
@@ -109,8 +110,8 @@ def test_partition_for_is_stable_and_spreads():
 def test_a_fenced_runner_writes_no_results(client, broker):
     async def run():
         inbox, out = _topic(), _topic()
-        await broker.create_topic(inbox, partitions=1)
-        await broker.create_topic(out, partitions=1)
+        await broker.create_topic(inbox, TopicSettings(partitions=1))
+        await broker.create_topic(out, TopicSettings(partitions=1))
         await broker.assign(inbox, 0, "g", epoch=1)
         await broker.put(inbox, [(0, b"req")])
         await broker.assign(inbox, 0, "g", epoch=2)  # the partition moved on
@@ -124,3 +125,61 @@ def test_a_fenced_runner_writes_no_results(client, broker):
         assert list((await broker.get(out, 0, 0, 10))["messages"]) == [b"answer"]
 
     client.sync(run)
+
+
+def test_an_inbox_topic_is_bounded_in_bytes_too(client, broker):
+    async def run():
+        name = _topic()
+        await broker.create_topic(name, TopicSettings(partitions=1, max_messages=1_000_000, max_bytes=10_000))
+        await broker.assign(name, 0, "g", epoch=1)
+        block = b"x" * 4000
+        await broker.put(name, [(0, block), (0, block)])
+        with pytest.raises(TopicFullError, match="bytes"):
+            await broker.put(name, [(0, block), (0, block)], timeout=0.1)
+        info = await broker.info(name)
+        assert info["bytes"][0] <= 10_000, "the byte bound holds: producers wait instead"
+        await broker.commit(name, 0, "g", info["end"][0], epoch=1)
+        await broker.put(name, [(0, block)], timeout=1)  # room again
+
+    client.sync(run)
+
+
+def test_a_message_over_the_topic_limit_is_refused(client, broker):
+    async def run():
+        name = _topic()
+        await broker.create_topic(name, TopicSettings(partitions=1, max_message_size=1000))
+        with pytest.raises(RequestTooLargeError, match="1001 bytes is over the limit of 1000"):
+            await broker.put(name, [(0, b"x" * 1001)])
+
+    client.sync(run)
+
+
+def test_a_retained_topic_drops_oldest_and_never_blocks(client, broker):
+    async def run():
+        name = _topic()
+        await broker.create_topic(name, TopicSettings(partitions=1, max_messages=10, retain=True))
+        for i in range(5):  # nobody reads it: writes go on, the oldest go, counted
+            await broker.put(name, [(0, b"%d" % j) for j in range(i * 10, i * 10 + 10)], timeout=0.1)
+        info = await broker.info(name)
+        assert info["dropped"] == 40
+        assert list((await broker.get(name, 0, 0, 100))["messages"]) == [b"%d" % j for j in range(40, 50)]
+
+    client.sync(run)
+
+
+def test_a_reply_topic_nobody_reads_expires(client, broker):
+    def sweep(dask_scheduler=None):
+        import time
+
+        return dask_scheduler.extensions["daskinfer-broker"].sweep(time.monotonic() + 3600)
+
+    async def run():
+        name = _topic()
+        await broker.create_topic(name, TopicSettings(partitions=1, retain=True, ttl=60.0))
+        await broker.put(name, [(0, b"r")])
+        return name
+
+    name = client.sync(run)
+    assert name in client.run_on_scheduler(sweep)
+    with pytest.raises(TopicNotFoundError):
+        client.sync(broker.info, name)

@@ -22,15 +22,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy  # noqa: E402
 from daskinfer.cli.app import build_pipeline, deploy_app, load_app  # noqa: E402
-from daskinfer.connectors.base import PartitionRevoked  # noqa: E402
-from daskinfer.connectors.kafka import (  # noqa: E402
-    CORRELATION_HEADER,
-    KafkaConnector,
-    KafkaTransport,
-    Messages,
-    OutMessage,
-    prepare,
-)
+from daskinfer.connectors.base import OutMessage, PartitionRevoked  # noqa: E402
+from daskinfer.connectors.kafka import CORRELATION_HEADER, KafkaConnector, KafkaTransport, prepare  # noqa: E402
 from daskinfer.exceptions import ConfigError  # noqa: E402
 from daskinfer.testing import check_key_order, check_outputs, collect_results, random_rows, run_onnx_directly  # noqa: E402
 from daskinfer.wire.messages import Request, decode_result  # noqa: E402
@@ -59,7 +52,7 @@ def _pipeline(bootstrap: str, inbox: str, model: str, exactly_once: bool | str =
 
 
 def _spec(bootstrap: str, inbox: str, partitions: int = 1, exactly_once: bool | str = "auto") -> dict:
-    spec = _pipeline(bootstrap, inbox, "m", exactly_once, partitions=partitions).to_spec()
+    spec = _pipeline(bootstrap, inbox, "m", exactly_once, partitions=partitions).resolve().to_plain()
     asyncio.run(prepare(spec))
     return spec
 
@@ -79,6 +72,15 @@ def _committed(bootstrap: str, group: str, topic: str, partition: int = 0) -> in
         c.close()
 
 
+def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "ends"})
+    try:
+        parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+        return {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    finally:
+        c.close()
+
+
 # -- the connector on its own ------------------------------------------------------------------------
 
 def test_a_newer_runner_fences_the_older_whose_transaction_leaves_no_trace(kafka_bootstrap):
@@ -90,19 +92,19 @@ def test_a_newer_runner_fences_the_older_whose_transaction_leaves_no_trace(kafka
     async def run():
         old = KafkaConnector(spec, 0, epoch=1)
         await old.start()
-        first = await old.read_messages(2, 5.0)
+        first = await old.read(2, 5.0)
         assert first.payloads == [b"m0", b"m1"] and first.positions == (0, 1)
         await old.write_and_commit([OutMessage(spec["outbox"], "k", b"r0", "id-0"),
-                                    OutMessage(spec["outbox"], "k", b"r1", "id-1")], first)
-        rest = await old.read_messages(10, 5.0)  # m2..m4 read, not yet answered
+                                    OutMessage(spec["outbox"], "k", b"r1", "id-1")], [first])
+        rest = await old.read(10, 5.0)  # m2..m4 read, not yet answered
 
         new = KafkaConnector(spec, 0, epoch=2)
         await new.start()  # fences `old`
         with pytest.raises(PartitionRevoked, match="fenced by a newer runner"):
-            await old.write_and_commit([OutMessage(spec["outbox"], None, b"zombie")], rest)
-        again = await new.read_messages(10, 5.0)  # resumes after the last committed offset
+            await old.write_and_commit([OutMessage(spec["outbox"], None, b"zombie")], [rest])
+        again = await new.read(10, 5.0)  # resumes after the last committed offset
         assert again.payloads == [b"m2", b"m3", b"m4"]
-        await new.write_and_commit([OutMessage(spec["outbox"], "k", b"r%d" % i) for i in (2, 3, 4)], again)
+        await new.write_and_commit([OutMessage(spec["outbox"], "k", b"r%d" % i) for i in (2, 3, 4)], [again])
         assert await new.backlog() == 0
         for c in (old, new):
             await c.close()
@@ -125,15 +127,49 @@ def test_an_aborted_transaction_commits_neither_results_nor_offset(kafka_bootstr
     async def run():
         c = KafkaConnector(spec, 0, epoch=1)
         await c.start()
-        got = await c.read_messages(10, 5.0)
+        got = await c.read(10, 5.0)
         with pytest.raises(TypeError):  # a value that is not bytes fails inside the transaction
-            await c.write_and_commit([OutMessage(spec["outbox"], None, b"ok"), OutMessage(spec["outbox"], None, 42)], got)
-        await c.write_and_commit([OutMessage(spec["outbox"], None, b"later")], Messages([]))
+            await c.write_and_commit([OutMessage(spec["outbox"], None, b"ok"), OutMessage(spec["outbox"], None, 42)],
+                                     [got])
         await c.close()
 
     asyncio.run(run())
-    assert read_topic(kafka_bootstrap, spec["outbox"]) == [b"later"]
+    assert read_topic(kafka_bootstrap, spec["outbox"]) == [], "the aborted result is not visible"
     assert _committed(kafka_bootstrap, spec["name"], inbox) < 0, "no offset committed"
+
+
+def test_results_of_a_read_in_pieces_become_visible_with_its_offset(kafka_bootstrap):
+    """A read larger than a batch is answered in pieces: its results stay in the open transaction until
+    the piece that commits its offset, so a runner that dies in between leaves none of them visible."""
+    inbox = _inbox()
+    spec = _spec(kafka_bootstrap, inbox)
+    _produce(kafka_bootstrap, inbox, [b"a", b"b", b"c"])
+
+    async def run():
+        c = KafkaConnector(spec, 0, epoch=1)
+        await c.start()
+        read = await c.read(10, 5.0)
+        await c.write_and_commit([OutMessage(spec["outbox"], None, b"ra")], [])  # the first piece
+        assert read_topic(kafka_bootstrap, spec["outbox"], timeout=5) == [], "not visible before its offset"
+        await c.write_and_commit([OutMessage(spec["outbox"], None, b"rb"), OutMessage(spec["outbox"], None, b"rc")],
+                                 [read])
+        assert read_topic(kafka_bootstrap, spec["outbox"]) == [b"ra", b"rb", b"rc"]
+        # a runner that dies between pieces: its successor fences it, nothing of the open transaction shows
+        _produce(kafka_bootstrap, inbox, [b"d", b"e"])
+        read = await c.read(10, 5.0)
+        await c.write_and_commit([OutMessage(spec["outbox"], None, b"rd")], [])
+        new = KafkaConnector(spec, 0, epoch=2)
+        await new.start()
+        again = await new.read(10, 5.0)
+        assert again.payloads == [b"d", b"e"]
+        await new.write_and_commit([OutMessage(spec["outbox"], None, b"rd2"), OutMessage(spec["outbox"], None, b"re")],
+                                   [again])
+        for x in (c, new):
+            await x.close()
+
+    asyncio.run(run())
+    assert read_topic(kafka_bootstrap, spec["outbox"]) == [b"ra", b"rb", b"rc", b"rd2", b"re"]
+    assert _committed(kafka_bootstrap, spec["name"], inbox) == 5
 
 
 @pytest.mark.parametrize("exactly_once", [True, False])
@@ -149,10 +185,10 @@ def test_results_for_a_gone_reply_topic_are_dropped_and_keys_partition_like_java
         c = KafkaConnector(spec, 0, epoch=1)
         await c.start()
         assert await c.backlog() == 3
-        got = await c.read_messages(10, 5.0)
+        got = await c.read(10, 5.0)
         writes = [OutMessage(f"gone-{inbox}", None, b"lost"), OutMessage(keyed, "user-7", b"k1"),
                   OutMessage(keyed, "user-7", b"k2"), OutMessage(spec["outbox"], None, b"o")]
-        await c.write_and_commit(writes, got)
+        await c.write_and_commit(writes, [got])
         assert c.describe()["dropped"] == 1
         assert await c.backlog() == 0
         await c.close()
@@ -204,7 +240,7 @@ def test_prepare_checks_the_inbox_and_the_options(kafka_bootstrap):
     _spec(kafka_bootstrap, inbox, partitions=3)
     with pytest.raises(ConfigError, match=rf"kafka topic '{inbox}' exists with 3 partitions, not 2"):
         _spec(kafka_bootstrap, inbox, partitions=2)
-    bad = _pipeline(kafka_bootstrap, _inbox(), "m").to_spec()
+    bad = _pipeline(kafka_bootstrap, _inbox(), "m").resolve().to_plain()
     bad["connector_options"]["exactly_onse"] = True
     with pytest.raises(ConfigError, match=r"unknown kafka connector options \['exactly_onse'\]"):
         asyncio.run(prepare(bad))
@@ -276,7 +312,10 @@ def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
             check_key_order(results, order)
         st = handle.status()
         assert sum(x["answered"] for x in st["runners"]) == n + 2
-        assert sum(x["committed"] for x in st["runners"]) == n + 2, "every inbox offset committed"
+        ends = _end_offsets(kafka_bootstrap, inbox)
+        assert sorted((x["partition"], x["committed"]) for x in st["runners"]) == sorted(ends.items())
+        assert {p: _committed(kafka_bootstrap, handle.name, inbox, p) for p in ends} == ends, \
+            "every inbox message committed for the pipeline's consumer group"
     finally:
         handle.stop()
 
@@ -308,8 +347,8 @@ def test_consumer_lag_reaches_the_scaling_figures(client, kafka_bootstrap, poll)
 
 def test_a_pipeline_deployed_from_yaml_with_connector_kafka(client, mlp_path, kafka_bootstrap, tmp_path):
     spec = load_app(os.path.join(ROOT, "conf", "kafka.yaml"))  # the example file is valid
-    example = build_pipeline(spec["pipelines"][0], "conf/kafka.yaml").to_spec()
-    assert example["connector"] == "kafka"
+    example = build_pipeline(spec["pipelines"][0], "conf/kafka.yaml").resolve()
+    assert example.connector == "kafka"
     inbox = _inbox()
     path = tmp_path / "app.yaml"
     path.write_text(f"""
@@ -379,7 +418,7 @@ def test_exactly_once_50k_through_a_worker_kill_and_a_broker_kill(kafka_broker, 
         client.wait_for_workers(2)
         deploy(client, OnnxModel("mlp", mlp_path))
         handle = deploy_pipeline(client, _pipeline(kafka_bootstrap, inbox, "mlp", True, partitions=4, max_batch_size=256))
-        outbox = handle.spec["outbox"]
+        outbox = handle.spec.outbox
         reader.assign([TopicPartition(outbox, p, 0) for p in
                        reader.list_topics(outbox, timeout=10).topics[outbox].partitions])
         producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5,

@@ -6,6 +6,7 @@ import collections
 import time
 import uuid
 
+import dask
 import numpy as np
 import pytest
 
@@ -29,7 +30,7 @@ def _inbox() -> str:
 def _dead_letters(client, topic: str) -> list[dict]:
     async def read():
         b = BrokerRPC(client.scheduler)
-        n = await b.partitions(topic)
+        n = (await b.info(topic))["partitions"]
         msgs = []
         for p in range(n):
             msgs += (await b.get(topic, p, 0, 100_000))["messages"]
@@ -52,11 +53,11 @@ def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_
             for i in range(n_requests):
                 key = f"k{i % 7}"
                 if i % 500 == 250:  # malformed but decodable: the client is answered with an error
-                    kind = ("dtype", "shape", "missing")[(i // 500) % 3]
+                    kind = ("dtype", "shape", "extra")[(i // 500) % 3]
                     inputs = {
                         "dtype": {"x": np.zeros(16, np.float64)},
                         "shape": {"x": np.zeros(15, np.float32)},
-                        "missing": {"y": np.zeros(16, np.float32)},
+                        "extra": {"x": np.zeros(16, np.float32), "y": np.zeros(16, np.float32)},
                     }[kind]
                     rid = ic.send(inputs, key=key)
                     bad[rid] = kind
@@ -82,7 +83,7 @@ def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_
             check_outputs(by_id, sent, mlp_path)  # equal to onnxruntime run directly on the same rows
             assert all(by_id[rid].model == mlp and by_id[rid].version == "1" for rid in sent)
 
-            words = {"dtype": "float32", "shape": "shape", "missing": "missing input 'x'"}
+            words = {"dtype": "float32", "shape": "shape", "extra": "unexpected input 'y'"}
             for rid, kind in bad.items():
                 r = by_id[rid]
                 assert not r.ok and r.error_type == "InputValidationError"
@@ -138,33 +139,42 @@ def test_unknown_model_and_deadline_become_error_results(client, mlp):
         handle.stop()
 
 
-def test_fast_producer_is_pushed_back_and_memory_stays_bounded(client):
+@pytest.mark.parametrize("transport", ["direct", "topic"])
+def test_fast_producer_is_pushed_back_and_memory_stays_bounded(client, transport):
     def slow(x):
         time.sleep(0.002)
         return x * 2
 
     deploy(client, PythonModel("slow", slow))
     inbox = _inbox()
-    cap = 300
-    client.sync(BrokerRPC(client.scheduler).create_topic, inbox, 1, cap)
-    handle = deploy_pipeline(client, Pipeline(model="slow", inbox=inbox, partitions=1, max_batch_size=20))
+    cap = 20_000  # bytes: requests travel in frames, so the bounds that matter are in bytes
+    with dask.config.set({"daskinfer.direct.max-queued-bytes": cap, "daskinfer.direct.window": 2,
+                          "daskinfer.broker.max-bytes": cap, "daskinfer.client.flush-batch": 20}):
+        handle = deploy_pipeline(client, Pipeline(model="slow", inbox=inbox, partitions=1, max_batch_size=20))
+        ic = InferenceClient(client, inbox=inbox, max_pending=500, transport=transport)
+
+    def held() -> int:  # requests waiting in the partition's bounded queue (the inbox topic, or the worker's queue)
+        if transport == "topic":
+            return client.sync(BrokerRPC(client.scheduler).info, inbox)["bytes"][0]
+        return handle.status()["runners"][0]["direct_queued_bytes"]
+
     try:
-        with InferenceClient(client, inbox=inbox, max_pending=500) as ic:
+        with ic:
             n = 4000
-            lengths, pending = [], []
+            lengths, queued = [], []
             rows = np.arange(n, dtype=np.float32)[:, None]
             for i in range(n):
                 ic.send(rows[i], key="one")
                 if i % 200 == 0:
-                    info = client.sync(BrokerRPC(client.scheduler).info, inbox)
-                    lengths.append(info["end"][0] - info["start"][0])
-                    pending.append(len(ic._outq))
+                    lengths.append(held())
+                    queued.append(ic.queued)
             results = collect_results(ic, n)
         assert len({r.id for r in results}) == n
-        assert max(lengths) <= cap, "the inbox never holds more than its bound"
-        assert max(pending) <= 500, "the client buffers at most max_pending requests"
+        assert max(lengths) <= cap, "the partition's queue never holds more than its bound"
+        assert max(queued) <= 500, "the client buffers at most max_pending requests"
         assert max(lengths) >= cap // 2, "the producer really was faster than the model"
-        np.testing.assert_allclose(np.stack([r.value() for r in results]), rows * 2)
+        np.testing.assert_allclose(np.stack([r.value() for r in sorted(results, key=lambda r: int(r.id.rsplit("-", 1)[1]))]),
+                                   rows * 2)
     finally:
         handle.stop()
         undeploy(client, "slow")

@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"daskinfer run: {e}", file=sys.stderr)
             return 1
         print(f"daskinfer: {len(handles)} pipeline(s) running on {client.scheduler.address}: "
-              + ", ".join(f"{h.name} (inbox {h.spec['inbox']!r})" for h in handles), flush=True)
+              + ", ".join(f"{h.name} (inbox {h.inbox!r})" for h in handles), flush=True)
         try:
             stop.wait(args.duration)
         except KeyboardInterrupt:

@@ -1,13 +1,11 @@
-"""Inbox/outbox connectors: one module per broker.
+"""Inbox/outbox connectors: one module or subpackage per broker, each knowing nothing of the controller.
 
-- :mod:`daskinfer.connectors.log`: the pure partition log (offsets, commits, bounds).
-- :mod:`daskinfer.connectors.embedded`: the embedded broker hosted by the Dask scheduler.
-
-A connector gives the partition runners three things (see :class:`Connector`):
-``read`` a block of messages of one inbox partition, ``write`` encoded results to
-topics, and ``commit`` a partition's position once its results are written.
+- :mod:`daskinfer.connectors.base`: what a partition and a client need from a broker.
+- :mod:`daskinfer.connectors.direct`: client -> worker -> client over Dask's comms (the default path).
+- :mod:`daskinfer.connectors.embedded`: topics hosted by the Dask scheduler.
+- :mod:`daskinfer.connectors.redis`: Redis Streams (extra ``[redis]``).
 """
 
-from daskinfer.connectors.base import Connector, Envelope
+from daskinfer.connectors.base import ClientTransport, Connector, Messages, OutMessage, PartitionRevoked
 
-__all__ = ["Connector", "Envelope"]
+__all__ = ["ClientTransport", "Connector", "Messages", "OutMessage", "PartitionRevoked"]

@@ -1,68 +1,98 @@
-"""What a partition runner needs from a broker."""
+"""What a partition needs from a broker, and what a client needs from it.
+
+A :class:`Connector` serves one inbox partition on the worker that runs it: it reads
+raw messages in blocks (:class:`Messages`: no object per message but its bytes), and
+writes a batch's results (:class:`OutMessage`) before it commits the reads they
+answer.  A :class:`ClientTransport` is the client's side: send requests to inbox
+partitions, receive results from the client's reply target.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(slots=True)
-class Envelope:
-    """One raw message read from an inbox partition."""
+class Messages:
+    """The raw messages of one read of one inbox partition.
 
-    partition: int
-    offset: Any  # an int for the embedded broker, an entry id for Redis
-    data: bytes
+    Attributes
+    ----------
+    payloads : list of bytes
+        The messages, in inbox order.
+    positions : object
+        What the connector needs to commit them (an offset range, entry ids...).
+    """
+
+    payloads: list[bytes]
+    positions: Any = None
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+
+class OutMessage(NamedTuple):
+    """One message a partition writes."""
+
+    target: str  # a topic/stream: the outbox, the dead-letter topic, or a client's reply target
+    key: str | None  # partitioning key (None: the connector picks)
+    data: bytes  # an encoded result, result frame or dead letter
+    correlation_id: str | None = None  # the request id of a single result (brokers with headers use it)
 
 
 class PartitionRevoked(Exception):
-    """The partition was assigned elsewhere; the runner must stop."""
+    """The partition was assigned elsewhere; the partition's runner must stop."""
 
 
 class Connector:
-    """Broker access of one partition runner (inbox partition ``partition``).
+    """Broker access of one inbox partition.
 
-    Implementations: :class:`daskinfer.connectors.embedded.EmbeddedConnector`.
+    Implementations: :class:`daskinfer.connectors.embedded.EmbeddedConnector`,
+    :class:`daskinfer.connectors.redis.RedisConnector`.
     """
 
     async def start(self) -> None:
         """Connect; find the position to resume from."""
 
-    async def read(self, max_messages: int, timeout: float) -> list[Envelope]:
+    async def read(self, max_messages: int, timeout: float) -> Messages:
         """Up to ``max_messages`` new messages, waiting up to ``timeout`` s for the first.
 
         Raises :class:`PartitionRevoked` when this runner no longer owns the partition.
         """
         raise NotImplementedError
 
-    async def write(self, items: list[tuple[str, str | None, bytes]]) -> None:
-        """Append ``(topic, key, data)`` messages (results, dead letters)."""
+    async def write_and_commit(self, writes: Sequence[OutMessage], done: Sequence[Messages]) -> None:
+        """Write ``writes``, then commit the reads ``done`` (their requests are all answered).
+
+        Raises :class:`PartitionRevoked` when this runner no longer owns the partition (and
+        then writes nothing).
+        """
         raise NotImplementedError
 
-    async def commit(self, envelopes: list[Envelope]) -> None:
-        """Mark these messages as done (called once their results are written)."""
-        raise NotImplementedError
-
-    async def write_and_commit(self, items: list[tuple[str, str | None, bytes]], envelopes: list[Envelope]) -> None:
-        """:meth:`write` then :meth:`commit`; connectors may do both in one round trip."""
-        await self.write(items)
-        await self.commit(envelopes)
+    async def backlog(self) -> int:
+        """Messages waiting in this partition (read or not, not yet committed)."""
+        return 0
 
     async def close(self) -> None:
         """Release connections."""
 
     def describe(self) -> dict[str, Any]:
+        """Figures for the partition's status."""
         return {}
 
 
 class ClientTransport:
     """What :class:`~daskinfer.InferenceClient` needs from a broker.
 
-    Implementations: :class:`daskinfer.connectors.embedded.EmbeddedTransport`.
+    Implementations: :class:`daskinfer.connectors.direct.DirectTransport` (the default),
+    :class:`daskinfer.connectors.embedded.EmbeddedTransport`,
+    :class:`daskinfer.connectors.redis.RedisTransport`.
     """
 
-    async def start(self, inbox: str, reply_topic: str) -> int:
-        """Connect, make sure ``inbox`` exists, open ``reply_topic``; return the inbox's partitions."""
+    async def start(self, inbox: str, reply_target: str) -> int:
+        """Connect, find ``inbox``, open ``reply_target``; return the inbox's partitions."""
         raise NotImplementedError
 
     async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
@@ -70,11 +100,20 @@ class ClientTransport:
         raise NotImplementedError
 
     async def receive(self, timeout: float) -> list[bytes]:
-        """Next results on the reply topic, waiting up to ``timeout`` s for the first."""
+        """Next results on the reply target, waiting up to ``timeout`` s for the first."""
         raise NotImplementedError
 
     async def ack(self) -> None:
         """Everything :meth:`receive` returned so far is delivered."""
 
     async def close(self) -> None:
-        """Delete the reply topic and release connections."""
+        """Delete the reply target and release connections."""
+
+
+def partition_for(key: str | None, partitions: int, fallback: int = 0) -> int:
+    """The partition of a key (stable across processes); ``fallback`` for no key."""
+    if key is None:
+        return fallback % partitions
+    import zlib
+
+    return zlib.crc32(key.encode()) % partitions

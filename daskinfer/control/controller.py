@@ -1,9 +1,15 @@
 """Scheduler side of deployed pipelines: the control path.
 
-The controller assigns each inbox partition to a worker, starts a partition
-runner there, and re-assigns partitions when workers join or leave (with a new
-epoch, so a runner that lost its partition can no longer read or commit it).
-Requests never pass through here one by one.
+The controller assigns each inbox partition to a worker, starts a partition runner
+there, and moves partitions when workers join or leave (with a new epoch, so a runner
+that lost its partition can no longer read or commit its topic).  Clients of the direct
+transport ask it where each partition is (``daskinfer_routes``, a long-poll that returns
+when the routes change).  Requests never pass through here.
+
+A worker that is retiring (``client.retire_workers``, ``cluster.scale`` down) is no
+longer a place for partitions: its partitions are stopped there with a drain (what they
+read is answered; what they hold and did not take goes back to the clients) and started
+elsewhere.
 """
 
 from __future__ import annotations
@@ -23,18 +29,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+CONTROLLER = "daskinfer-controller"
+_PLACEABLE = (Status.running, Status.paused)
+
 
 class PipelineState:
+    """One deployed pipeline and where its partitions run."""
+
     def __init__(self, spec: dict[str, Any]):
         self.spec = spec
         self.name: str = spec["name"]
+        self.inbox: str = spec["inbox"]
         self.partitions: int = spec["partitions"]
+        self.connector: str = spec["connector"]
         self.assigned: dict[int, str] = {}
         self.epoch = 0
         self.lock = asyncio.Lock()
         self.moves = 0
         self.restarts = 0
         self.failures: dict[int, str] = {}
+        self.figures: dict[int, dict[str, Any]] = {}  # last status of each partition
 
     def next_epoch(self) -> int:
         self.epoch += 1
@@ -42,7 +56,7 @@ class PipelineState:
 
 
 class ControllerEvents(SchedulerPlugin):
-    """Worker join/leave hooks that trigger a reconcile."""
+    """Worker join/leave/status hooks that trigger a reconcile."""
 
     def __init__(self, controller: ControllerExtension):
         self.controller = controller
@@ -51,7 +65,11 @@ class ControllerEvents(SchedulerPlugin):
         self.controller.soon()
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self.controller.forget_worker(worker)
         self.controller.soon()
+
+    def update_graph(self, *args: Any, **kwargs: Any) -> None:  # pragma: no cover - not used
+        pass
 
     async def close(self) -> None:
         self.controller.close()
@@ -65,10 +83,12 @@ class ControllerExtension:
         self.pipelines: dict[str, PipelineState] = {}
         self.events = ControllerEvents(self)
         self.rpc_timeout = settings.get_seconds("pipeline.control-timeout")
-        self.busy: dict[tuple, float] = {}  # (pipeline, worker, partition, epoch) -> model seconds
-        # brokers other than the embedded one: what the runners report (describe()["backlog"])
-        self.lag: dict[tuple[str, int], int] = {}  # (pipeline, partition) -> messages not yet committed
-        self.answered: dict[tuple, int] = {}  # (pipeline, worker, partition, epoch) -> requests answered
+        self.interval = settings.get_seconds("pipeline.rebalance-interval")
+        self.poll_timeout = min(self.rpc_timeout, 2.0)
+        self.version = 0  # bumped whenever a route changes
+        self._retired_done = 0  # answered by partitions that moved or whose worker left (counters stay monotonic)
+        self._retired_busy = 0.0
+        self._route_waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._loop())
         scheduler.handlers.update(
@@ -78,20 +98,23 @@ class ControllerExtension:
                 "daskinfer_pipeline_status": self.pipeline_status,
                 "daskinfer_pipeline_list": self.list_pipelines,
                 "daskinfer_pipeline_load": self.load_figures,
+                "daskinfer_routes": self.routes,
             }
         )
 
     def soon(self) -> None:
         self._wake.set()
 
+    def soon_later(self, delay: float = 0.5) -> None:
+        asyncio.get_running_loop().call_later(delay, self._wake.set)
+
     def close(self) -> None:
         self._task.cancel()
 
     async def _loop(self) -> None:
-        interval = settings.get_seconds("pipeline.rebalance-interval")
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), interval)
+                await asyncio.wait_for(self._wake.wait(), self.interval)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
@@ -101,37 +124,85 @@ class ControllerExtension:
                 except Exception:  # pragma: no cover - keep the control loop alive
                     logger.exception("reconciling pipeline %r failed", name)
 
-    def _live_workers(self) -> list[str]:
-        return sorted(a for a, ws in self.scheduler.workers.items() if ws.status == Status.running)
+    # -- routes ---------------------------------------------------------------------------------
+    def _routes_changed(self) -> None:
+        self.version += 1
+        for f in self._route_waiters:
+            if not f.done():
+                f.set_result(None)
+        self._route_waiters.clear()
+
+    def _serving(self, inbox: str) -> PipelineState | None:
+        for state in self.pipelines.values():
+            if state.inbox == inbox and state.connector == "embedded":
+                return state
+        return None
+
+    async def routes(self, inbox: str, version: int | None = None, timeout: float = 0.0) -> dict[str, Any]:
+        """Where the partitions of the pipeline serving ``inbox`` run; waits up to ``timeout``
+        for a change when the caller already has ``version``."""
+        if version == self.version and timeout > 0:
+            fut = asyncio.get_running_loop().create_future()
+            self._route_waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except asyncio.TimeoutError:
+                pass
+        state = self._serving(inbox)
+        if state is None:
+            return {"version": self.version, "pipeline": None,
+                    "inboxes": sorted({s.inbox for s in self.pipelines.values()})}
+        return {"version": self.version, "pipeline": state.name, "partitions": state.partitions,
+                "owners": dict(state.assigned)}
+
+    # -- pipelines ------------------------------------------------------------------------------
+    def _placeable_workers(self) -> list[str]:
+        return sorted(a for a, ws in self.scheduler.workers.items() if ws.status in _PLACEABLE)
 
     async def start_pipeline(self, spec: dict[str, Any]) -> dict[str, Any]:
         name = spec["name"]
         if name in self.pipelines:
-            raise ValueError(f"pipeline {name!r} is already running; stop it first")
+            raise ValueError(f"pipeline {name!r} is already running; stop it first (PipelineHandle.stop())")
+        if spec["connector"] == "embedded":
+            other = self._serving(spec["inbox"])
+            if other is not None:
+                raise ValueError(f"inbox {spec['inbox']!r} is already served by pipeline {other.name!r}; "
+                                 "stop it first or use another inbox")
         self.pipelines[name] = PipelineState(spec)
         await self.reconcile(name)
         return self.pipeline_assignments(name)
 
-    async def stop_pipeline(self, name: str, drain: bool = True) -> None:
+    async def stop_pipeline(self, name: str, drain: bool = True) -> bool:
+        """Stop every partition of ``name``; False when it was not running."""
         state = self.pipelines.pop(name, None)
         if state is None:
-            raise KeyError(f"pipeline {name!r} is not running")
+            return False
         async with state.lock:
             workers = set(state.assigned.values()) & set(self.scheduler.workers)
             await asyncio.gather(
-                *(asyncio.wait_for(self.scheduler.rpc(addr=w).daskinfer_runner_stop(pipeline=name, drain=drain),
-                                   self.rpc_timeout + 30) for w in workers),
+                *(self._rpc_stop(w, name, None, drain, self.rpc_timeout + 60) for w in workers),
                 return_exceptions=True,
             )
+            state.assigned.clear()
+        self._routes_changed()
+        return True
+
+    async def _rpc_stop(self, worker: str, name: str, partition: int | None, drain: bool, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.scheduler.rpc(addr=worker).daskinfer_runner_stop(
+                pipeline=name, partition=partition, drain=drain), timeout)
+        except Exception as e:  # the worker may be leaving; a new epoch fences it anyway
+            logger.info("stopping pipeline %r partition %s on %s failed: %s", name, partition, worker, e)
 
     def pipeline_assignments(self, name: str) -> dict[str, Any]:
         state = self.pipelines[name]
-        return {"assigned": dict(state.assigned), "partitions": state.partitions, "moves": state.moves, "restarts": state.restarts,
-                "failures": dict(state.failures)}
+        return {"name": name, "state": "running", "inbox": state.inbox, "connector": state.connector,
+                "assigned": dict(state.assigned), "partitions": state.partitions, "moves": state.moves,
+                "restarts": state.restarts, "failures": dict(state.failures), "model": state.spec.get("model")}
 
     async def pipeline_status(self, name: str) -> dict[str, Any]:
         if name not in self.pipelines:
-            raise KeyError(f"pipeline {name!r} is not running")
+            return {"name": name, "state": "stopped", "partitions": 0, "runners": []}
         state = self.pipelines[name]
         out = self.pipeline_assignments(name)
         runners: list[dict[str, Any]] = []
@@ -147,31 +218,37 @@ class ControllerExtension:
 
     def load_figures(self) -> dict[str, Any]:
         """Totals over all pipelines for :class:`~daskinfer.control.scaling.InferenceAdaptive`:
-        inbox backlog (embedded broker; for other brokers, the lag their runners reported at
-        the last reconcile), requests answered, model busy seconds."""
-        broker = self.scheduler.extensions.get("daskinfer-broker")
+        backlog (requests waiting, every connector), requests answered, model busy seconds."""
         backlog = done = 0
+        busy = 0.0
         for state in self.pipelines.values():
-            if state.spec.get("connector", "embedded") != "embedded":
-                backlog += sum(v for (name, _), v in self.lag.items() if name == state.name)
-                done += sum(v for k, v in self.answered.items() if k[0] == state.name)
-                continue
-            topic = broker.topics.get(state.spec["inbox"]) if broker is not None else None
-            if topic is None:
-                continue
-            for log in topic.logs:
-                pos = log.committed.get(state.name, log.start)
-                backlog += log.end - pos
-                done += pos
-        busy = sum(self.busy.values())
-        return {"backlog": backlog, "done": done, "busy": busy}
+            for fig in state.figures.values():
+                backlog += fig.get("backlog", 0) + fig.get("queued_rows", 0)
+                done += fig.get("answered", 0)
+                busy += fig.get("busy", 0.0)
+        return {"backlog": backlog, "done": done + self._retired_done, "busy": busy + self._retired_busy}
 
-    def list_pipelines(self) -> list[str]:
-        return list(self.pipelines)
+    def list_pipelines(self) -> dict[str, dict[str, Any]]:
+        return {name: self.pipeline_assignments(name) for name in self.pipelines}
+
+    def forget_worker(self, worker: str) -> None:
+        """A worker left: what its partitions answered stays counted; its partitions get new owners."""
+        changed = False
+        for state in self.pipelines.values():
+            for p, w in list(state.assigned.items()):
+                if w == worker:
+                    del state.assigned[p]
+                    fig = state.figures.pop(p, {})
+                    self._retired_done += fig.get("answered", 0)
+                    self._retired_busy += fig.get("busy", 0.0)
+                    changed = True
+        if changed:
+            self._routes_changed()
 
     async def _start_on(self, state: PipelineState, partition: int, worker: str) -> bool:
         epoch = state.next_epoch()
         state.assigned[partition] = worker
+        self._routes_changed()
         try:
             await asyncio.wait_for(
                 self.scheduler.rpc(addr=worker).daskinfer_runner_start(spec=state.spec, partition=partition, epoch=epoch),
@@ -180,47 +257,65 @@ class ControllerExtension:
             state.failures.pop(partition, None)
             return True
         except Exception as e:
-            logger.warning("starting partition %d of %r on %s failed: %s", partition, state.name, worker, e)
+            logger.warning("starting partition %d of %r on %s failed: %r", partition, state.name, worker, e)
             state.failures[partition] = repr(e)
             state.assigned.pop(partition, None)
+            self._routes_changed()
             return False
 
-    async def _forget_stopped_runners(self, state: PipelineState) -> None:
-        """Unassign partitions whose runner stopped by itself (broker error, lost partition)."""
-        for w in set(state.assigned.values()):
-            try:
-                runners = await asyncio.wait_for(
-                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), self.rpc_timeout
-                )
+    async def _poll_runners(self, state: PipelineState) -> None:
+        """Read each partition's figures; unassign partitions whose runner stopped by itself."""
+        workers = [w for w in set(state.assigned.values()) if w in self.scheduler.workers]
+
+        async def poll(w: str) -> list[dict[str, Any]] | None:
+            try:  # a status call is quick; a worker that does not answer soon is leaving
+                return await asyncio.wait_for(
+                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), self.poll_timeout)
             except Exception:
-                continue  # the worker is leaving; the next round sees it gone
-            running = {r["partition"] for r in runners if r["state"] in ("starting", "running")}
+                return None
+
+        for w, runners in zip(workers, await asyncio.gather(*(poll(w) for w in workers))):
+            if runners is None:
+                continue  # the next round sees it gone
+            alive = {r["partition"]: r for r in runners if r["state"] in ("starting", "running")}
             for r in runners:
-                key = (state.name, w, r["partition"], r["epoch"])
-                self.busy[key] = r.get("busy", 0.0)
-                if r.get("backlog") is not None:
-                    self.lag[(state.name, r["partition"])] = r["backlog"]
-                    self.answered[key] = r.get("answered", 0)
+                if state.assigned.get(r["partition"]) == w:
+                    state.figures[r["partition"]] = r
             for p, addr in list(state.assigned.items()):
-                if addr == w and p not in running:
-                    logger.warning("partition %d of %r on %s stopped; restarting it", p, state.name, w)
-                    del state.assigned[p]
-                    state.restarts += 1
+                if addr != w or p in alive:
+                    continue
+                failed = next((r for r in runners if r["partition"] == p), None)
+                if failed is not None and failed.get("fatal"):
+                    state.failures[p] = failed.get("error") or "failed"
+                    continue  # a configuration error: restarting cannot mend it
+                logger.warning("partition %d of %r on %s stopped; restarting it", p, state.name, w)
+                del state.assigned[p]
+                state.restarts += 1
+                self._routes_changed()
 
     async def reconcile(self, name: str) -> None:
-        """Give every partition a live worker, then even out the partitions per worker."""
+        """Give every partition a placeable worker, then even out the partitions per worker."""
         state = self.pipelines.get(name)
         if state is None:
             return
         async with state.lock:
-            live = self._live_workers()
+            live = self._placeable_workers()
+            # partitions on workers that are leaving (retiring, closing): drain there, then move
+            leaving = [(p, w) for p, w in state.assigned.items() if w not in live]
+            if leaving:
+                await asyncio.gather(*(self._rpc_stop(w, name, p, True, self.rpc_timeout + 30)
+                                       for p, w in leaving if w in self.scheduler.workers))
+                for p, w in leaving:
+                    if state.assigned.get(p) == w:
+                        del state.assigned[p]
+                        fig = state.figures.pop(p, {})
+                        self._retired_done += fig.get("answered", 0)
+                        self._retired_busy += fig.get("busy", 0.0)
+                state.moves += len(leaving)
+                self._routes_changed()
             if not live:
-                state.assigned.clear()
                 return
-            for p, w in list(state.assigned.items()):
-                if w not in live:
-                    del state.assigned[p]
-            await self._forget_stopped_runners(state)
+            await self._poll_runners(state)
             load = Counter({w: 0 for w in live})
             load.update(state.assigned.values())
             missing = [p for p in range(state.partitions) if p not in state.assigned]
@@ -229,27 +324,20 @@ class ControllerExtension:
                 w = min(live, key=lambda a: (load[a], a))
                 load[w] += 1
                 starts.append(self._start_on(state, p, w))
-            if starts:
-                if not all(await asyncio.gather(*starts)):
-                    self.soon_later()
-            # one move per round towards balance (each move drains a runner)
+            if starts and not all(await asyncio.gather(*starts)):
+                self.soon_later()
+            # one move per round towards balance (each move drains a partition)
             load = Counter({w: 0 for w in live})
             load.update(state.assigned.values())
             busiest = max(live, key=lambda a: (load[a], a))
             idlest = min(live, key=lambda a: (load[a], a))
             if load[busiest] - load[idlest] > 1:
                 p = max(q for q, w in state.assigned.items() if w == busiest)
-                try:
-                    await asyncio.wait_for(
-                        self.scheduler.rpc(addr=busiest).daskinfer_runner_stop(pipeline=name, partition=p, drain=True),
-                        self.rpc_timeout,
-                    )
-                except Exception as e:  # the worker may be leaving; the new epoch fences it anyway
-                    logger.info("stopping partition %d on %s failed: %s", p, busiest, e)
+                await self._rpc_stop(busiest, name, p, True, self.rpc_timeout)
                 del state.assigned[p]
+                fig = state.figures.pop(p, {})
+                self._retired_done += fig.get("answered", 0)
+                self._retired_busy += fig.get("busy", 0.0)
                 state.moves += 1
                 if await self._start_on(state, p, idlest):
                     self.soon()
-
-    def soon_later(self, delay: float = 0.5) -> None:
-        asyncio.get_running_loop().call_later(delay, self._wake.set)

@@ -1,13 +1,16 @@
-"""Pipeline stages as streamz nodes: ``from_inbox`` (source) and ``to_outbox`` (sink).
+"""The streamz nodes of a partition's data path::
 
-With ``smart_batch`` and ``infer`` they make the graph each partition runner
-builds on its worker::
+    InboxSource(connector) -> smart_batch -> answer_batches(stages) -> write_results(connector)
 
-    Stream.from_inbox(connector).smart_batch().infer("mlp").to_outbox(connector, "results")
+- :class:`InboxSource` (a streamz ``Source``) reads the inbox partition and decodes each read
+  into an :class:`~daskinfer.dataflow.batch.InboxBatch` (columns; messages that do not
+  decode are kept apart as rejected);
+- ``smart_batch`` (:mod:`daskinfer.dataflow.streams`) groups what queued while the
+  batches in flight run;
+- :class:`answer_batches` runs the pipeline's stages and emits the answers in read order;
+- :class:`write_results` writes them, then commits the reads, in order.
 
-Items between ``from_inbox`` and ``to_outbox`` are :class:`~daskinfer.dataflow.grouping.Pending`
-requests; the source emits them in chunks (:class:`Items`) so that no stage does
-per-request streamz work.
+What the partition's runner needs from a node is a public attribute of that node.
 """
 
 from __future__ import annotations
@@ -15,60 +18,97 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from streamz import Stream
+from streamz.sources import Source
 
-from daskinfer import settings
-from daskinfer.wire import codec
 from daskinfer.connectors.base import Connector, PartitionRevoked
-from daskinfer.dataflow.grouping import Pending, decode_envelopes
+from daskinfer.dataflow.batch import InboxBatch, Origin, Rejected, RequestBatch, group_by_signature
+from daskinfer.dataflow.results import ResultWriter
+from daskinfer.dataflow.run import answer
+from daskinfer.dataflow.stages import Stage, StageContext
+from daskinfer.dataflow.streams import Items
+from daskinfer.wire.frames import decode_requests, peek_fields
 
 logger = logging.getLogger(__name__)
 
 
-class Items(list):
-    """A chunk of items emitted at once; ``smart_batch`` queues them one by one."""
+def decode_read(payloads: list[bytes], read: Any, max_request_size: int) -> InboxBatch:
+    """One read's messages as request batches by signature, and the messages that did not decode."""
+    now = time.time()
+    decoded = []
+    rejected = []
+    for data in payloads:
+        try:
+            cols = decode_requests(data, max_size=max_request_size)
+        except Exception as e:  # CodecError, RequestError: this message alone fails
+            rejected.append(Rejected(Origin(None, False, now, data), e, peek_fields(data)))
+            continue
+        decoded.append((cols, Origin(cols.reply_to, cols.framed, now, b"" if cols.framed else data)))
+    requests, n = group_by_signature(decoded)
+    return InboxBatch(requests, rejected, [read], sum(b.n_rows for b in requests) + len(rejected), n)
 
 
-@Stream.register_api(staticmethod)
-class from_inbox(Stream):
-    """Source: read the inbox partition of ``connector`` and emit decoded requests.
 
-    It waits on its downstream (back-pressure): no more is read while
-    ``smart_batch`` holds a full queue.  A message over ``max_request_size`` bytes
-    (config ``daskinfer.codec.max-message-size``) or one that does not decode becomes
-    an error result for that request alone.
+def merge(batches: Sequence[InboxBatch]) -> InboxBatch:
+    """Several reads as one batch (request batches of the same signature joined)."""
+    if len(batches) == 1:
+        return batches[0]
+    groups: dict[tuple, list[RequestBatch]] = {}
+    rejected: list[Rejected] = []
+    reads: list[Any] = []
+    seen = 0
+    for b in batches:
+        for rb in b.requests:
+            groups.setdefault(rb.signature(), []).append(rb.shift_seq(seen))
+        seen += b.seq_end
+        rejected += b.rejected
+        reads += b.reads
+    return InboxBatch([RequestBatch.concat(g) for g in groups.values()], rejected, reads,
+                      sum(b.n_rows for b in batches), seen)
+
+
+class InboxSource(Source):
+    """Read one inbox partition through ``connector``; emit an :class:`InboxBatch` per read.
+
+    It waits on its downstream (back-pressure): nothing more is read while ``smart_batch``
+    holds a full queue.
+
+    Attributes
+    ----------
+    read_count : int
+        Messages read so far.
+    error : BaseException or None
+        Why reading stopped, if it stopped by itself (the controller restarts the partition).
+    task : asyncio.Task or None
+        The reading task.
     """
 
-    def __init__(self, connector: Connector, max_messages: int | None = None, poll_timeout: float = 0.5,
-                 max_request_size: int | str | None = None, **kwargs):
+    def __init__(self, connector: Connector, *, max_messages: int, max_request_size: int, max_rows: int,
+                 poll_timeout: float = 0.5, **kwargs: Any):
         self.connector = connector
-        self.max_request_size = settings.get_bytes("codec.max-message-size", max_request_size)
-        self.max_messages = int(settings.get("broker.get-batch", max_messages))
+        self.max_rows = max_rows
+        self.max_messages = max_messages
+        self.max_request_size = max_request_size
         self.poll_timeout = poll_timeout
-        self.stopped = True
-        self.task: asyncio.Task | None = None
-        self.error: BaseException | None = None
         self.read_count = 0
+        self.error: BaseException | None = None
+        self.task: asyncio.Task | None = None
         kwargs.setdefault("asynchronous", True)
-        Stream.__init__(self, **kwargs)
+        super().__init__(**kwargs)
 
     def start(self) -> None:
         if self.stopped:
             self.stopped = False
-            self.task = asyncio.ensure_future(self._run())
+            self.started = True
+            self.task = asyncio.ensure_future(self.run())
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
         try:
             while not self.stopped:
-                envs = await self.connector.read(self.max_messages, self.poll_timeout)
-                if not envs:
-                    continue
-                self.read_count += len(envs)
-                pending = self._emit(Items(decode_envelopes(envs, self.max_request_size)))
-                if pending:
-                    await asyncio.gather(*pending)
+                await self._run()
         except PartitionRevoked as e:
             logger.info("%s", e)
             self.error = e
@@ -80,66 +120,133 @@ class from_inbox(Stream):
         finally:
             self.stopped = True
 
-    def stop(self) -> None:
-        self.stopped = True
+    async def _run(self) -> None:
+        msgs = await self.connector.read(self.max_messages, self.poll_timeout)
+        if not len(msgs):
+            return
+        self.read_count += len(msgs)
+        # a read larger than a batch goes on in pieces (its commit rides with the last one)
+        pieces = decode_read(msgs.payloads, msgs, self.max_request_size).split(self.max_rows)
+        pending = self._emit(pieces[0] if len(pieces) == 1 else Items(pieces))
+        if pending:
+            await asyncio.gather(*pending)
 
 
 @Stream.register_api()
-class to_outbox(Stream):
-    """Sink: write each request's result (to its ``reply_to`` topic, else ``outbox``),
-    raw failed requests to ``dead_letter``, then commit their inbox positions.
+class answer_batches(Stream):
+    """Run ``stages`` on each list of inbox batches from ``smart_batch``; emit the answers in order.
 
-    Writes keep the order of batches, so results with the same key keep request order.
-    If a write fails, nothing later is committed and ``on_error(exc)`` is called (the
-    runner then stops, and the controller restarts the partition).
+    Batches may finish out of order (several in flight); they are emitted in order, so
+    that results with the same key keep request order and commits only move forward.
+
+    Attributes
+    ----------
+    busy : float
+        Seconds spent in model calls.
+    batches, rows : int
+        Batches and rows answered so far.
+    running : int
+        Batches being answered now.
     """
 
-    def __init__(self, upstream, connector: Connector, outbox: str, dead_letter: str | None = None,
-                 on_error: Any = None, **kwargs):
+    def __init__(self, upstream: Stream, stages: Sequence[Stage], context: StageContext,
+                 outputs: Sequence[str] | None = None, **kwargs: Any):
+        self.stages = list(stages)
+        self.context = context
+        self.outputs = list(outputs) if outputs else None
+        self.batches = 0
+        self.rows = 0
+        self.running = 0
+        self._last_turn: asyncio.Future | None = None
+        self._tasks: set[asyncio.Task] = set()  # referenced until done, so none is collected mid-flight
+        super().__init__(upstream, **kwargs)
+
+    @property
+    def busy(self) -> float:
+        return self.context.model_seconds
+
+    def update(self, x: list[InboxBatch], who: Any = None, metadata: Any = None) -> asyncio.Task:
+        task = asyncio.ensure_future(self._answer(x, metadata))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _answer(self, batches: list[InboxBatch], metadata: Any) -> None:
+        self._retain_refs(metadata)
+        prev, turn = self._last_turn, asyncio.get_running_loop().create_future()
+        self._last_turn = turn
+        self.running += 1
+        try:
+            result = await answer(merge(batches), self.stages, self.context, self.outputs)
+            if prev is not None and not prev.done():
+                await asyncio.wait([prev])
+            self.batches += 1
+            self.rows += result.n_rows
+            pending = self._emit(result, metadata=metadata)
+            turn.set_result(None)
+            if pending:
+                await asyncio.gather(*pending)
+        finally:
+            self.running -= 1
+            if not turn.done():
+                turn.set_result(None)
+            self._release_refs(metadata)
+
+
+@Stream.register_api()
+class write_results(Stream):
+    """Sink: write each batch's answers, then commit the reads they answer, in batch order.
+
+    If a write fails nothing later is committed and ``on_error(exc)`` is called (the runner
+    then stops, and the controller restarts the partition; the uncommitted reads are redone).
+
+    Attributes
+    ----------
+    written, errors : int
+        Requests answered (and, of them, with an error) so far.
+    idle : bool
+        No write is pending.
+    error : BaseException or None
+        The write that failed.
+    """
+
+    def __init__(self, upstream: Stream, connector: Connector, writer: ResultWriter, on_error: Any = None,
+                 **kwargs: Any):
         self.connector = connector
+        self.writer = writer
         self.on_error = on_error
         self.error: BaseException | None = None
-        self.outbox = outbox
-        self.dead_letter = dead_letter
-        self._last: asyncio.Future | None = None
         self.written = 0
-        self.errors = 0
-        Stream.__init__(self, upstream, **kwargs)
+        self._last: asyncio.Future | None = None
+        super().__init__(upstream, **kwargs)
 
-    def update(self, x: list[Pending], who=None, metadata=None):
+    @property
+    def errors(self) -> int:
+        return self.writer.errors
+
+    @property
+    def idle(self) -> bool:
+        return self._last is None or self._last.done()
+
+    def update(self, x: Any, who: Any = None, metadata: Any = None) -> asyncio.Future:
         prev = self._last
         task = asyncio.ensure_future(self._write(x, prev))
         self._last = task
         return task
 
-    async def _write(self, batch: list[Pending], prev: asyncio.Future | None) -> None:
-        now = time.time()
-        items: list[tuple[str, Any, bytes]] = []
-        for p in batch:
-            r = p.result
-            assert r is not None, "infer left a request without result"
-            if r.error_type is not None:
-                self.errors += 1
-                if self.dead_letter:
-                    items.append((self.dead_letter, r.key, codec.encode({
-                        "id": r.id, "error_type": r.error_type, "error": r.error, "data": p.env.data,
-                        "partition": p.env.partition, "offset": p.env.offset, "at": now,
-                    })))
-            reply_to = p.req.reply_to if p.req is not None else p.fields.get("r")
-            items.append((reply_to if isinstance(reply_to, str) else self.outbox, r.key, r.encode()))
+    async def _write(self, result: Any, prev: asyncio.Future | None) -> None:
+        writes = self.writer.encode(result)
         if prev is not None and not prev.done():
             await asyncio.wait([prev])
         if self.error is not None:
             return  # an earlier write failed: nothing after it may be committed
         try:
-            await self.connector.write_and_commit(items, [p.env for p in batch])
+            await self.connector.write_and_commit(writes, result.reads)
         except Exception as e:
-            # the inbox position stays at the last committed batch: whoever serves the
-            # partition next redoes the rest (at-least-once)
             self.error = e
             if not isinstance(e, PartitionRevoked):
                 logger.error("writing results failed, stopping this partition: %s", e)
             if self.on_error is not None:
                 self.on_error(e)
             return
-        self.written += len(batch)
+        self.written += sum(len(p.batch) for p in result.parts if p.target is None) + len(result.rejected)

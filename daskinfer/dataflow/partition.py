@@ -1,11 +1,12 @@
-"""Worker side of a deployed pipeline: partition runners on the worker's event loop.
+"""One partition of a deployed pipeline, on the worker that serves it.
 
-The :class:`RuntimePlugin` (a worker plugin, so workers that join later have it
-too) adds RPC handlers that the scheduler-side controller calls to start, stop and
-inspect runners.  A :class:`PartitionRunner` builds the streamz graph
-``from_inbox -> smart_batch -> infer -> to_outbox`` for one inbox partition; the
-model runs in a thread so the loop stays free, and at most ``max-inflight``
-batches are in flight.
+:class:`PartitionRunner` builds the partition's dataflow (see :mod:`daskinfer.dataflow.nodes`)::
+
+    InboxSource(connector) -> smart_batch -> answer_batches(stages) -> write_results(connector)
+
+It waits for the pipeline's models to be loaded on this worker, checks what can be
+checked before traffic (declared model outputs), and then reads.  Models run in their
+own threads, user stage functions in the partition's thread, and the loop stays free.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
-from streamz import Stream
-
-from daskinfer.dataflow import streams  # noqa: F401  (registers smart_batch / infer)
-from daskinfer.dataflow import nodes  # noqa: F401  (registers from_inbox / to_outbox)
 from daskinfer.connectors.base import Connector
-from daskinfer.exceptions import ModelNotFoundError
+from daskinfer.dataflow import nodes, streams  # noqa: F401  (registers the streamz nodes)
+from daskinfer.dataflow.nodes import InboxSource
+from daskinfer.dataflow.pipeline import PipelineSpec
+from daskinfer.dataflow.results import ResultWriter
+from daskinfer.dataflow.stages import Infer, Stage, StageContext
+from daskinfer.exceptions import ConfigError, ModelNotFoundError
 from daskinfer.models.registry import registry_for
 
 if TYPE_CHECKING:
@@ -29,78 +31,126 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RUNTIME_PLUGIN = "daskinfer-runtime"
-EXTENSION = "daskinfer-runners"
 
+def make_connector(spec: PipelineSpec, worker: Worker, partition: int, epoch: int) -> Connector:
+    """The connector named by ``spec.connector`` for one inbox partition."""
+    if spec.connector == "embedded":
+        from daskinfer.connectors.direct.endpoint import endpoint_for
+        from daskinfer.connectors.embedded.connector import EmbeddedConnector
 
-def make_connector(spec: dict[str, Any], worker: Worker, partition: int, epoch: int) -> Connector:
-    """The connector named by ``spec["connector"]`` for one inbox partition."""
-    kind = spec.get("connector", "embedded")
-    if kind == "embedded":
-        from daskinfer.connectors.embedded import EmbeddedConnector
-
-        return EmbeddedConnector(worker.scheduler, spec["inbox"], partition, spec["name"], epoch)
-    if kind == "redis":
+        st = spec.settings
+        return EmbeddedConnector(worker.scheduler, endpoint_for(worker), spec.inbox, spec.name, partition, epoch,
+                                 max_queued_messages=st.direct_max_messages, max_queued_bytes=st.direct_max_bytes,
+                                 read_bytes=st.read_bytes)
+    if spec.connector == "redis":
         from daskinfer.connectors.redis import RedisConnector
 
-        return RedisConnector(spec, partition, epoch, consumer=f"{worker.address}/{partition}")
-    if kind == "kafka":
-        from daskinfer.connectors.kafka import KafkaConnector
+        return RedisConnector(spec.to_plain(), partition, epoch, consumer=f"{worker.address}/{partition}")
+    if spec.connector == "kafka":
+        from daskinfer.connectors.kafka import connector_for
 
-        return KafkaConnector(spec, partition, epoch, consumer=f"{worker.address}/{partition}")
-    raise ValueError(f"unknown connector {kind!r}")
+        return connector_for(spec.to_plain(), partition, epoch, worker)
+    raise ConfigError(f"unknown connector {spec.connector!r}")
+
+
+def _model_names(stages: list[Stage], default: str | None) -> list[str]:
+    names = []
+    for s in stages:
+        for m in s.models():
+            names.append(m if isinstance(m, str) else m.name)
+    if default is not None:
+        names.append(default)
+    return list(dict.fromkeys(names))
 
 
 class PartitionRunner:
-    """Runs one partition of a pipeline on this worker."""
+    """Runs one partition of a pipeline on this worker.
 
-    def __init__(self, worker: Worker, spec: dict[str, Any], partition: int, epoch: int):
+    Attributes
+    ----------
+    state : str
+        ``"starting"``, ``"running"``, ``"stopped"`` or ``"failed"``.
+    waiting_for : str or None
+        What a starting partition waits for (a model not loaded here yet).
+    """
+
+    def __init__(self, worker: Worker, spec: PipelineSpec, partition: int, epoch: int):
         self.worker = worker
         self.spec = spec
         self.partition = partition
         self.epoch = epoch
         self.connector: Connector | None = None
-        self.source: Any = None
+        self.source: InboxSource | None = None
         self.batcher: Any = None
+        self.answerer: Any = None
         self.sink: Any = None
-        self._infer: Any = None
         self.started_at = time.time()
         self.starting = True
+        self.waiting_for: str | None = None
         self.start_error: BaseException | None = None
+        self.fatal = False  # the start failed for a reason a restart cannot mend (configuration)
         self.start_task: asyncio.Future | None = None
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"daskinfer-{spec.name}-{partition}")
 
-    async def start(self, model_timeout: float = 60.0) -> None:
-        """Wait for the model, connect, build the graph and start reading."""
+    async def start(self) -> None:
+        """Wait for the models, connect, build the dataflow and start reading."""
         try:
-            await self._start(model_timeout)
+            await self._start()
         except Exception as e:
-            logger.error("partition %d of pipeline %r failed to start: %s", self.partition, self.spec["name"], e)
+            logger.error("partition %d of pipeline %r failed to start: %s", self.partition, self.spec.name, e)
             self.start_error = e
+            self.fatal = isinstance(e, (ConfigError, ModelNotFoundError))
+            if self.connector is not None:
+                await self.connector.close()
         finally:
             self.starting = False
+            self.waiting_for = None
 
-    async def _start(self, model_timeout: float) -> None:
-        model = self.spec.get("model")
-        deadline = time.monotonic() + model_timeout
-        while model is not None:
-            try:
-                registry_for(self.worker).get(model)
-                break
-            except ModelNotFoundError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
-        self.connector = make_connector(self.spec, self.worker, self.partition, self.epoch)
+    async def _wait_for_models(self, names: list[str]) -> None:
+        registry = registry_for(self.worker)
+        deadline = time.monotonic() + self.spec.settings.model_timeout
+        for name in names:
+            while True:
+                try:
+                    registry.get(name)
+                    break
+                except ModelNotFoundError:
+                    if time.monotonic() > deadline:
+                        raise ModelNotFoundError(name, list(registry.names())) from None
+                    self.waiting_for = f"model {name!r} to load on {self.worker.address}"
+                    await asyncio.sleep(0.05)
+        self.waiting_for = None
+
+    def _check_outputs(self, stages: list[Stage]) -> None:
+        registry = registry_for(self.worker)
+        for s in stages:
+            if isinstance(s, Infer) and s.outputs:
+                name = s.model_name or self.spec.model
+                dep = registry.get(name) if name else None
+                declared = [o.name for o in dep.outputs] if dep is not None and dep.outputs else None
+                missing = [o for o in s.outputs if declared is not None and o not in declared]
+                if missing:
+                    raise ConfigError(f"pipeline {self.spec.name!r}: model {name!r} has no output {missing[0]!r}; "
+                                      f"its outputs are {declared}")
+
+    async def _start(self) -> None:
+        spec, st = self.spec, self.spec.settings
+        stages = spec.load_stages()
+        await self._wait_for_models(_model_names(stages, spec.model))
+        self._check_outputs(stages)
+        self.connector = make_connector(spec, self.worker, self.partition, self.epoch)
         await self.connector.start()
-        spec = self.spec
-        self.source = Stream.from_inbox(
-            self.connector, max_messages=spec.get("read_batch"), max_request_size=spec.get("max_request_size")
+        context = StageContext(
+            registry_for(self.worker), default_model=spec.model, allowed_models=spec.models,
+            max_batch_size=st.max_batch_size, executor=self.executor, inline_rows=st.inline_rows,
+            max_bisect_calls=st.max_bisect_calls, install_models=False,
         )
-        self.batcher = self.source.smart_batch(spec.get("max_batch_size"), spec.get("max_delay"), spec.get("max_inflight"))
-        self._infer = self.batcher.infer(model, output=spec.get("outputs"), registry=registry_for(self.worker))
-        self.sink = self._infer.to_outbox(
-            self.connector, spec["outbox"], spec.get("dead_letter"), on_error=self._failed
-        )
+        writer = ResultWriter(spec.outbox, spec.dead_letter, spec.reply_prefixes)
+        self.source = InboxSource(self.connector, max_messages=st.read_batch, max_request_size=st.max_request_size,
+                                  max_rows=st.max_batch_size)
+        self.batcher = self.source.smart_batch(st.max_batch_size, st.max_delay, st.max_inflight)
+        self.answerer = self.batcher.answer_batches(stages, context, spec.outputs)
+        self.sink = self.answerer.write_results(self.connector, writer, on_error=self._failed)
         self.source.start()
 
     def _failed(self, exc: BaseException) -> None:
@@ -120,106 +170,61 @@ class PartitionRunner:
             return "running"
         return "failed" if (self.start_error or (self.source and self.source.error)) else "stopped"
 
-    async def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Stop reading; with ``drain``, finish and commit what was read."""
+    def idle(self) -> bool:
+        """Nothing read is still being answered or written."""
+        src = self.source
+        return ((src is None or src.task is None or src.task.done())
+                and (self.batcher is None or self.batcher.idle)
+                and (self.answerer is None or self.answerer.running == 0)
+                and (self.sink is None or self.sink.idle))
+
+    async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop reading; with ``drain``, finish and commit what was read first.  What was not
+        taken (and, without ``drain``, what was not answered) goes back to the clients."""
         if self.start_task is not None and not self.start_task.done():
             self.start_task.cancel()
-        if self.source is None:
-            return
-        self.source.stop()
-        task = self.source.task
-        if not drain:
-            if task is not None:
-                task.cancel()
-        else:
-            end = time.monotonic() + timeout
-            while time.monotonic() < end:
-                last = self.sink._last
-                if (
-                    (task is None or task.done())
-                    and not self.batcher._queue
-                    and self.batcher._inflight == 0
-                    and (last is None or last.done())
-                ):
-                    break
-                await asyncio.sleep(0.01)
+        if self.source is not None:
+            self.source.stop()
+            task = self.source.task
+            if not drain:
+                if task is not None:
+                    task.cancel()
+            else:
+                end = time.monotonic() + (self.spec.settings.drain_timeout if timeout is None else timeout)
+                while time.monotonic() < end and not self.idle():
+                    await asyncio.sleep(0.005)
         if self.connector is not None:
             await self.connector.close()
+        self.executor.shutdown(wait=False)
 
-    def status(self) -> dict[str, Any]:
-        src, b, sink = self.source, self.batcher, self.sink
+    async def status(self) -> dict[str, Any]:
+        src, b, ans, sink = self.source, self.batcher, self.answerer, self.sink
+        error = self.start_error or (src.error if src is not None else None)
+        backlog = 0
+        if self.connector is not None and self.state == "running":
+            try:
+                backlog = await self.connector.backlog()
+            except Exception:  # pragma: no cover - a broker hiccup must not break status
+                backlog = 0
         return {
-            "pipeline": self.spec["name"],
+            "pipeline": self.spec.name,
             "partition": self.partition,
             "epoch": self.epoch,
             "worker": self.worker.address,
             "running": self.running,
             "state": self.state,
+            "waiting_for": self.waiting_for,
+            "fatal": self.fatal,
             "read": src.read_count if src else 0,
             "answered": sink.written if sink else 0,
             "errors": sink.errors if sink else 0,
-            "queued_rows": b._queued_rows if b else 0,
-            "busy": self._infer._runner.busy if self._infer is not None and self._infer._runner else 0.0,
-            "inflight": b._inflight if b else 0,
-            "error": repr(self.start_error or (src.error if src is not None else None))
-            if (self.start_error or (src is not None and src.error is not None)) else None,
+            "batches": ans.batches if ans else 0,
+            "rows": ans.rows if ans else 0,
+            "queued_rows": b.queued_rows if b else 0,
+            "inflight": b.inflight if b else 0,
+            "busy": ans.busy if ans else 0.0,
+            "backlog": backlog,
+            "max_batch_size": self.spec.settings.max_batch_size,
+            "error": f"{type(error).__name__}: {error}" if error is not None else None,
             **(self.connector.describe() if self.connector else {}),
         }
-
-
-class RunnerExtension:
-    """The partition runners of one worker, and the RPC handlers to manage them."""
-
-    def __init__(self, worker: Worker):
-        self.worker = worker
-        self.runners: dict[tuple[str, int], PartitionRunner] = {}
-        worker.handlers.update(
-            {
-                "daskinfer_runner_start": self.start_runner,
-                "daskinfer_runner_stop": self.stop_runner,
-                "daskinfer_runner_status": self.runner_status,
-            }
-        )
-
-    async def start_runner(self, spec: dict[str, Any], partition: int, epoch: int) -> dict[str, Any]:
-        key = (spec["name"], partition)
-        old = self.runners.pop(key, None)
-        if old is not None:
-            await old.stop(drain=False)
-        runner = PartitionRunner(self.worker, spec, partition, epoch)
-        self.runners[key] = runner
-        # start in the background (it may wait for the model to load): the controller
-        # sees "starting", then "running" or "failed"
-        runner.start_task = asyncio.ensure_future(runner.start())
-        logger.info("started partition %d of pipeline %r (epoch %d)", partition, spec["name"], epoch)
-        return runner.status()
-
-    async def stop_runner(self, pipeline: str, partition: int | None = None, drain: bool = True) -> list[int]:
-        keys = [k for k in self.runners if k[0] == pipeline and (partition is None or k[1] == partition)]
-        await asyncio.gather(*(self.runners[k].stop(drain=drain) for k in keys))
-        for k in keys:
-            self.runners.pop(k, None)
-        return [k[1] for k in keys]
-
-    def runner_status(self, pipeline: str | None = None) -> list[dict[str, Any]]:
-        return [r.status() for (p, _), r in self.runners.items() if pipeline is None or p == pipeline]
-
-    async def close(self) -> None:
-        await asyncio.gather(*(r.stop(drain=False) for r in self.runners.values()), return_exceptions=True)
-        self.runners.clear()
-
-
-class RuntimePlugin(WorkerPlugin):
-    """Gives every worker (also later ones) the partition-runner handlers."""
-
-    name = RUNTIME_PLUGIN
-    idempotent = True
-
-    def setup(self, worker: Worker) -> None:
-        if EXTENSION not in worker.extensions:
-            worker.extensions[EXTENSION] = RunnerExtension(worker)
-
-    async def teardown(self, worker: Worker) -> None:
-        ext = worker.extensions.pop(EXTENSION, None)
-        if ext is not None:
-            await ext.close()

@@ -21,16 +21,24 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from distributed.client import default_client
 from streamz import Stream
 from streamz.dask import DaskStream
 
 from daskinfer.dataflow.batching import BatchPolicy
-from daskinfer.dataflow.nodes import Items
-from daskinfer.tensors import concat, rows_of, split
-from daskinfer.models.spec import Model
 from daskinfer.models.registry import local_registry, registry_for
-from daskinfer.dataflow.grouping import BatchRunner, Pending
+from daskinfer.models.spec import Model
+from daskinfer.tensors import concat, rows_of, split
+
+
+class Items(list):
+    """A chunk of items emitted at once; ``smart_batch`` queues them one by one."""
+
+
+def _rows(item: Any) -> int:
+    n = getattr(item, "n_rows", None)
+    return n if isinstance(n, int) else rows_of(item)
 
 
 @Stream.register_api()
@@ -63,6 +71,7 @@ class smart_batch(Stream):
         self._inflight = 0
         self._timer = None
         self._room: list[asyncio.Future] = []
+        self._tasks: set[asyncio.Task] = set()  # referenced until done, so none is collected mid-flight
         kwargs["ensure_io_loop"] = True
         Stream.__init__(self, upstream, **kwargs)
 
@@ -70,7 +79,7 @@ class smart_batch(Stream):
         now = self.loop.time()
         for item in (x if isinstance(x, Items) else (x,)):
             self._retain_refs(metadata)
-            rows = item.n_rows if isinstance(item, Pending) else rows_of(item)
+            rows = _rows(item)
             self._queue.append((item, rows, metadata, now))
             self._queued_rows += rows
         result = self._flush()
@@ -98,7 +107,9 @@ class smart_batch(Stream):
             pending = [r for r in out if asyncio.isfuture(r) or asyncio.iscoroutine(r)]
             if pending:
                 self._inflight += 1
-                asyncio.ensure_future(self._wait_downstream(pending))
+                task = asyncio.ensure_future(self._wait_downstream(pending))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             results.extend(out)
         self._wake_producers()
         return results
@@ -114,6 +125,21 @@ class smart_batch(Stream):
         self._timer = None
         self._flush()
 
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch."""
+        return self._queued_rows
+
+    @property
+    def inflight(self) -> int:
+        """Batches emitted and not yet taken by the downstream."""
+        return self._inflight
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing in flight."""
+        return not self._queue and self._inflight == 0
+
     def _wake_producers(self):
         if self._queued_rows < self.policy.max_batch_size * self.policy.max_inflight:
             for fut in self._room:
@@ -122,18 +148,12 @@ class smart_batch(Stream):
             self._room.clear()
 
 
-def _run_local(model: str | Model, x: Any, output: str | None) -> Any:
+def _run_local(model: str | Model, x: Any, output: str | None, registry: Any = None) -> Any:
     """Run ``model`` on an item or a list of items in this process (or worker)."""
     if isinstance(model, Model):
-        reg = local_registry()
-        try:
-            dep = reg.get(model.name)
-            if dep.version != model.version:
-                raise KeyError
-        except KeyError:
-            dep = reg.install_sync(model)
+        dep = (registry or local_registry()).get_or_install(model)
     else:
-        dep = registry_for().get(model)
+        dep = (registry or registry_for()).get(model)
     if isinstance(x, list):
         sizes = [rows_of(i) for i in x]
         outs = split(dep.predict(concat(x)), sizes)
@@ -165,37 +185,46 @@ class infer(Stream):
         self.model = model
         self.output = output
         self.registry = registry
-        self._runner = None
-        self._last_turn = None
         Stream.__init__(self, upstream, **kwargs)
 
     def update(self, x, who=None, metadata=None):
-        if isinstance(x, list) and x and isinstance(x[0], Pending):
-            return asyncio.ensure_future(self._run_requests(x, metadata))
-        return self._emit(_run_local(self.model, x, self.output), metadata=metadata)
+        return self._emit(_run_local(self.model, x, self.output, self.registry), metadata=metadata)
 
-    async def _run_requests(self, batch, metadata):
-        """Request mode (inside a pipeline): one result per request, errors per request."""
-        if self._runner is None:
-            outputs = [self.output] if isinstance(self.output, str) else self.output
-            name = self.model.name if isinstance(self.model, Model) else self.model
-            self._runner = BatchRunner(self.registry or registry_for(), name, outputs)
+
+@Stream.register_api()
+class run_pipeline(Stream):
+    """Run a :class:`~daskinfer.Pipeline`'s stages in this process on each item.
+
+    An item is a block (a dict of columns, or an array as column ``"x"``) or a list of
+    blocks from ``smart_batch``; each row is one request.  Emits the output columns (a list
+    of them for a list).  Rows that fail raise :class:`~daskinfer.exceptions.ResultError`
+    (``errors="raise"``) or get an ``"error"`` column (``errors="return"``).
+
+    Examples
+    --------
+    >>> source = Stream(asynchronous=True)                                   # doctest: +SKIP
+    >>> source.smart_batch().run_pipeline(pipe).flatten().sink(print)        # doctest: +SKIP
+    """
+
+    def __init__(self, upstream, pipeline, registry=None, errors="raise", **kwargs):
+        self.pipeline = pipeline
+        self.registry = registry
+        self.errors = errors
+        Stream.__init__(self, upstream, **kwargs)
+
+    def update(self, x, who=None, metadata=None):
+        return asyncio.ensure_future(self._run(x, metadata))
+
+    async def _run(self, x, metadata):
         self._retain_refs(metadata)
-        # batches may finish out of order (several in flight); they are emitted in order,
-        # so that results of one key keep request order
-        prev, turn = self._last_turn, asyncio.get_running_loop().create_future()
-        self._last_turn = turn
         try:
-            await self._runner.run(batch)
-            if prev is not None and not prev.done():
-                await asyncio.wait([prev])
-            pending = self._emit(batch, metadata=metadata)
-            turn.set_result(None)
-            if pending:
-                await asyncio.gather(*pending)
+            items = x if isinstance(x, list) else [x]
+            blocks = [i if isinstance(i, dict) else {"x": np.asarray(i)} for i in items]
+            sizes = [rows_of(b) for b in blocks]
+            out = await self.pipeline.arun(concat(blocks), registry=self.registry, errors=self.errors)
+            parts = split(out, sizes)
+            await asyncio.gather(*self._emit(parts if isinstance(x, list) else parts[0], metadata=metadata))
         finally:
-            if not turn.done():
-                turn.set_result(None)
             self._release_refs(metadata)
 
 

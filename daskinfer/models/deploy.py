@@ -20,7 +20,7 @@ def _scheduler_plugins(dask_scheduler=None) -> list[str]:
     return list(dask_scheduler.worker_plugins)
 
 
-async def _deployed(client: Client) -> dict[str, list[str]]:
+async def deployed_async(client: Client) -> dict[str, list[str]]:
     names = await client.run_on_scheduler(_scheduler_plugins)
     out: dict[str, list[str]] = {}
     for n in names:
@@ -34,7 +34,7 @@ async def _deploy(client: Client, model: Model, validate: bool) -> Model:
     if validate:
         await asyncio.to_thread(model.validate)
     model.deploy_seq = time.time_ns()
-    before = await _deployed(client)
+    before = await deployed_async(client)
     plugin = ModelPlugin(model)
     name = plugin.name
     try:
@@ -85,7 +85,7 @@ def deploy(client: Client, model: Model, *, validate: bool = True):
 
 
 async def _undeploy(client: Client, name: str, version: str | None) -> list[str]:
-    versions = (await _deployed(client)).get(name, [])
+    versions = (await deployed_async(client)).get(name, [])
     if version is not None:
         versions = [v for v in versions if v == str(version)]
     if not versions:
@@ -105,4 +105,4 @@ def undeploy(client: Client, name: str, version: str | None = None):
 
 def deployed_models(client: Client):
     """The deployed models: ``{name: [versions]}``."""
-    return client.sync(_deployed, client)
+    return client.sync(deployed_async, client)

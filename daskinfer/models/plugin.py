@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from daskinfer.models.registry import registry_for
@@ -41,6 +42,11 @@ class ModelPlugin(WorkerPlugin):
         await registry_for(worker).install(self.model)
 
     async def teardown(self, worker: Worker) -> None:
+        if worker.status in (Status.closing, Status.closing_gracefully):
+            # a closing worker drains its partitions first: keep the model until they are done
+            partitions = worker.extensions.get("daskinfer-partitions")
+            if partitions is not None:
+                await partitions.wait_drained()
         registry_for(worker).retire(self.model.name, self.model.version)
 
     def __repr__(self) -> str:

@@ -183,6 +183,13 @@ class ModelRegistry:
         except KeyError:
             raise ModelNotFoundError(name, list(self._current)) from None
 
+    def get_or_install(self, model: Model) -> Deployment:
+        """The current deployment of ``model``'s name at its version; loaded here (blocking) if missing."""
+        dep = self._current.get(model.name)
+        if dep is not None and dep.version == model.version:
+            return dep
+        return self.install_sync(model)
+
     def names(self) -> dict[str, str]:
         """Current version of every model here."""
         return {n: d.version for n, d in self._current.items()}

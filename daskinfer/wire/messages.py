@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -130,7 +130,6 @@ def peek_request_fields(data: bytes) -> dict[str, Any]:
     return {k: msg.get(k) for k in ("id", "r", "k", "t") if isinstance(msg.get(k), (str, int, float))}
 
 
-@dataclass(slots=True)
 class Result:
     """The answer to one request: outputs, or an error.
 
@@ -151,18 +150,47 @@ class Result:
         ``latency`` (s from ``sent_at`` to the result, when the request had it).
     key : str, optional
         The request's key.
+    sent_at : float, optional
+        Unix time the request was made.
+    latency : float, optional
+        Seconds from ``sent_at`` to delivery (set by the client).
     """
 
-    id: str
-    outputs: dict[str, np.ndarray] | None = None
-    error_type: str | None = None
-    error: str | None = None
-    model: str | None = None
-    version: str | None = None
-    batched: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    key: str | None = None
-    sent_at: float | None = None
+    __slots__ = ("id", "outputs", "error_type", "error", "model", "version", "batched", "_timings", "key",
+                 "sent_at", "latency")
+
+    def __init__(self, id: str, outputs: dict[str, np.ndarray] | None = None, error_type: str | None = None,
+                 error: str | None = None, model: str | None = None, version: str | None = None,
+                 batched: bool = False, timings: dict[str, float] | None = None, key: str | None = None,
+                 sent_at: float | None = None, latency: float | None = None):
+        self.id = id
+        self.outputs = outputs
+        self.error_type = error_type
+        self.error = error
+        self.model = model
+        self.version = version
+        self.batched = batched
+        self._timings = timings  # may be shared by the results of one frame: never mutated here
+        self.key = key
+        self.sent_at = sent_at
+        self.latency = latency
+
+    @property
+    def timings(self) -> dict[str, float]:
+        out = dict(self._timings) if self._timings else {}
+        if self.latency is not None:
+            out["latency"] = self.latency
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Result):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self.__slots__ if k != "outputs") and (
+            _same_outputs(self.outputs, other.outputs))
+
+    def __repr__(self) -> str:
+        what = f"error={self.error_type}: {self.error!r}" if self.error_type else f"outputs={list(self.outputs or {})}"
+        return f"Result(id={self.id!r}, {what}, model={self.model!r}, version={self.version!r})"
 
     @property
     def ok(self) -> bool:
@@ -188,17 +216,27 @@ class Result:
                 msg[k] = v
         if self.batched:
             msg["b"] = True
-        if self.timings:
-            msg["tm"] = self.timings
+        if self._timings:
+            msg["tm"] = self._timings
         return msg
 
     def encode(self) -> bytes:
         return codec.encode(self.to_wire())
 
 
+def _same_outputs(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
     """Decode a result's bytes."""
-    msg = codec.decode(data, max_size=max_size)
+    return result_from_wire(codec.decode(data, max_size=max_size))
+
+
+def result_from_wire(msg: Any) -> Result:
+    """Build a :class:`Result` from a decoded message; raise :class:`CodecError` if malformed."""
     if type(msg) is not dict or type(msg.get("id")) is not str:
         raise CodecError("a result must be a map with a string 'id'")
     err = msg.get("err")

@@ -32,11 +32,23 @@ worker dies or broker restarts.  A failed transaction is aborted and tried again
 ...                      transport=KafkaTransport("127.0.0.1:9092"))          # doctest: +SKIP
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from daskinfer.connectors.kafka.admin import prepare
 from daskinfer.connectors.kafka.consumer import KafkaConnector
 from daskinfer.connectors.kafka.link import KafkaOptions
-from daskinfer.connectors.kafka.messages import Messages, OutMessage
 from daskinfer.connectors.kafka.transport import KafkaTransport
 from daskinfer.connectors.kafka.writers import CORRELATION_HEADER
 
-__all__ = ["CORRELATION_HEADER", "KafkaConnector", "KafkaOptions", "KafkaTransport", "Messages", "OutMessage", "prepare"]
+if TYPE_CHECKING:
+    from distributed import Worker
+
+
+def connector_for(spec: dict[str, Any], partition: int, epoch: int, worker: Worker) -> KafkaConnector:
+    """The connector of one inbox partition on ``worker`` (what the partition runner asks for)."""
+    return KafkaConnector(spec, partition, epoch, consumer=f"{worker.address}/{partition}")
+
+
+__all__ = ["CORRELATION_HEADER", "KafkaConnector", "KafkaOptions", "KafkaTransport", "connector_for", "prepare"]

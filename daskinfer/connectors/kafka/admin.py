@@ -102,7 +102,7 @@ def _prepare(spec: dict[str, Any]) -> None:
     if have != n:
         raise ConfigError(f"pipeline {name!r}: kafka topic {inbox!r} exists with {have} partitions, not {n}; "
                           f"deploy with partitions={have} or use another inbox")
-    for topic in (spec["outbox"], spec["dead_letter"]):
+    for topic in (spec["outbox"], spec["dead_letter"], *(spec.get("record_topics") or ())):
         if topic:
             ensure_topic(admin, topic, opts.outbox_partitions, opts)
     exactly_once = opts.exactly_once
@@ -125,7 +125,7 @@ async def prepare(spec: dict[str, Any]) -> None:
     """Create (or check) a pipeline's topics and settle its delivery mode, before its runners start.
 
     The inbox gets ``spec["partitions"]`` partitions (an existing inbox must have as many);
-    the outbox and dead-letter topics are created with ``outbox_partitions``.  With
+    the outbox, dead-letter and record topics are created with ``outbox_partitions``.  With
     ``exactly_once`` ``"auto"`` (the default) the brokers are probed for transactions and the
     pipeline runs exactly once where they work, at least once where they do not.  The
     settings, resolved here from options and config, are written back into
@@ -134,7 +134,8 @@ async def prepare(spec: dict[str, Any]) -> None:
     Parameters
     ----------
     spec : dict
-        The pipeline spec (:meth:`daskinfer.Pipeline.to_spec`).
+        The pipeline spec in plain form (``PipelineSpec.to_plain()``); its
+        ``connector_options`` are replaced by the settled ones.
 
     Raises
     ------

@@ -13,10 +13,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
-from daskinfer.connectors.base import Connector, Envelope, PartitionRevoked
+from daskinfer.connectors.base import Connector, Messages, OutMessage, PartitionRevoked
 from daskinfer.connectors.kafka.admin import transactional_id
 from daskinfer.connectors.kafka.link import KafkaOptions, Lane, poll_messages, retry
-from daskinfer.connectors.kafka.messages import Messages, OutMessage
 from daskinfer.connectors.kafka.writers import AckedWriter, ResultWriter, TransactionalWriter
 from daskinfer.exceptions import BrokerError
 
@@ -36,8 +35,9 @@ class KafkaConnector(Connector):
     Parameters
     ----------
     spec : dict
-        The pipeline spec: ``name`` (the consumer group), ``inbox``, ``outbox``, ``dead_letter``
-        and ``connector_options`` (as settled by :func:`~daskinfer.connectors.kafka.prepare`).
+        The pipeline spec in plain form: ``name`` (the consumer group), ``inbox``, ``outbox``,
+        ``dead_letter``, ``record_topics`` and ``connector_options`` (as settled by
+        :func:`~daskinfer.connectors.kafka.prepare`).
     partition : int
         The inbox partition this runner serves.
     epoch : int
@@ -50,7 +50,7 @@ class KafkaConnector(Connector):
         self.opts = KafkaOptions.resolve(spec.get("connector_options"))
         self.group: str = spec["name"]
         self.inbox: str = spec["inbox"]
-        self.own_topics = {t for t in (spec["outbox"], spec["dead_letter"]) if t}
+        self.own_topics = {t for t in (spec["outbox"], spec["dead_letter"], *(spec.get("record_topics") or ())) if t}
         self.partition = partition
         self.epoch = epoch
         self.owner = consumer
@@ -107,17 +107,13 @@ class KafkaConnector(Connector):
                     "exactly once" if self.exactly_once else "at least once")
 
     # -- read ----------------------------------------------------------------------------------
-    async def read_messages(self, max_messages: int, timeout: float) -> Messages:
-        """Up to ``max_messages`` messages, waiting up to ``timeout`` s for the first."""
+    async def read(self, max_messages: int, timeout: float) -> Messages:
+        """Up to ``max_messages`` messages, waiting up to ``timeout`` s for the first; their
+        positions are the offsets ``(first, last)`` (offsets between may be transaction markers)."""
         msgs = await self._read(max_messages, timeout)
         if not msgs:
             return Messages([])
         return Messages([m.value() for m in msgs], (msgs[0].offset(), msgs[-1].offset()))
-
-    async def read(self, max_messages: int, timeout: float) -> list[Envelope]:
-        """Today's interface of :class:`~daskinfer.connectors.base.Connector`: one envelope a message."""
-        p = self.partition
-        return [Envelope(p, m.offset(), m.value()) for m in await self._read(max_messages, timeout)]
 
     async def _read(self, max_messages: int, timeout: float) -> list[Message]:
         if self._closed:
@@ -140,8 +136,8 @@ class KafkaConnector(Connector):
         return max(0, high - self.committed)
 
     # -- write ---------------------------------------------------------------------------------
-    async def write_and_commit(self, writes: Sequence[OutMessage | tuple], done: Messages | list[Envelope]) -> None:
-        """Write results and dead letters, then commit the inbox up to the end of ``done``.
+    async def write_and_commit(self, writes: Sequence[OutMessage], done: Sequence[Messages]) -> None:
+        """Write results and dead letters, then commit the inbox up to the end of the reads ``done``.
 
         Exactly once: one transaction (a failed one is aborted and made again until
         ``retry_timeout``).  Results for a client's reply topic that is gone are dropped.
@@ -156,7 +152,8 @@ class KafkaConnector(Connector):
         if self._closed:
             raise PartitionRevoked(f"{self.name}: connector closed")
         assert self.writer is not None, "KafkaConnector.start was not called"
-        upto = self._end_of(done)
+        # reads are written and committed in order: the last one's end is the new position
+        upto = max((m.positions[1] + 1 for m in done if m.positions is not None), default=None)
         if upto is not None and upto <= self.committed:
             upto = None
         if not writes and upto is None:
@@ -164,19 +161,6 @@ class KafkaConnector(Connector):
         await self.writer.write(writes, upto)
         if upto is not None:
             self.committed = upto
-
-    @staticmethod
-    def _end_of(done: Messages | list[Envelope]) -> int | None:
-        """The offset after the last message of ``done`` (batches are written and committed in order)."""
-        if isinstance(done, Messages):
-            return None if done.positions is None else done.positions[1] + 1
-        return max(e.offset for e in done) + 1 if done else None
-
-    async def write(self, items: Sequence[OutMessage | tuple]) -> None:
-        await self.write_and_commit(items, [])
-
-    async def commit(self, envelopes: list[Envelope]) -> None:
-        await self.write_and_commit([], envelopes)
 
     # -- the rest ------------------------------------------------------------------------------
     async def close(self) -> None:
@@ -196,10 +180,6 @@ class KafkaConnector(Connector):
             self.consumer.close()
 
     def describe(self) -> dict[str, Any]:
-        backlog = None
-        if self.consumer is not None and not self._closed:
-            high = self.consumer.get_watermark_offsets(self._tp, cached=True)[1]
-            backlog = max(0, high - self.committed) if high >= 0 else None
         writer = self.writer
         return {
             "topic": self.inbox,
@@ -208,7 +188,6 @@ class KafkaConnector(Connector):
             "transactional_id": self.transactional_id if self.exactly_once else None,
             "position": self.position,
             "committed": self.committed,
-            "backlog": backlog,
             "dropped": writer.dropped if writer else 0,
             "aborted": writer.aborted if writer else 0,
             "producers_replaced": writer.replaced if writer else 0,

@@ -14,9 +14,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from daskinfer.connectors.base import PartitionRevoked
+from daskinfer.connectors.base import OutMessage, PartitionRevoked
 from daskinfer.connectors.kafka.link import FENCED_CODES, GONE_CODES, KafkaOptions, Lane, kafka_error, retry
-from daskinfer.connectors.kafka.messages import OutMessage
 from daskinfer.exceptions import BrokerError
 
 logger = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ CORRELATION_HEADER = "correlation_id"
 HANG_GRACE = 5.0  # s past a call's own timeout after which a transactional call counts as hung
 WATCH_INTERVAL = 0.5  # s between two looks at a write in progress
 
-Writes = Sequence[OutMessage | tuple]
+Writes = Sequence[OutMessage]
 
 
 def _ms(seconds: float) -> int:
@@ -44,8 +43,8 @@ class ResultWriter:
     inbox, partition :
         What the offsets are of.
     own_topics : set of str
-        The outbox and dead-letter topics (any other target is a client's reply topic, which
-        may be gone).
+        The outbox, dead-letter and record topics (any other target is a client's reply topic,
+        which may be gone).
     consumer : confluent_kafka.Consumer
         The runner's consumer (its group commits the offsets).
     """
@@ -104,7 +103,7 @@ class ResultWriter:
     # -- helpers run on the lane -----------------------------------------------------------
     def live(self, producer: Producer, writes: Writes, recheck: bool = False) -> Writes:
         """``writes`` without those for reply topics that do not exist (clients that left)."""
-        targets = {w[0] for w in writes} - self.own_topics
+        targets = {w.target for w in writes} - self.own_topics
         if not targets:
             return writes
         now = time.monotonic()
@@ -121,7 +120,7 @@ class ResultWriter:
         return self.drop(writes, gone)
 
     def drop(self, writes: Writes, gone: set[str]) -> Writes:
-        live = [w for w in writes if w[0] not in gone]
+        live = [w for w in writes if w.target not in gone]
         self.dropped += len(writes) - len(live)
         self._reply_topics.update(dict.fromkeys(gone, (False, time.monotonic())))
         logger.warning("%s: %d results for reply topics %s dropped: the topics are gone (clients that left)",
@@ -141,34 +140,39 @@ class ResultWriter:
     @staticmethod
     def produce(producer: Producer, writes: Writes) -> None:
         produce = producer.produce
-        for w in writes:
-            cid = w[3] if len(w) > 3 else None
+        for target, key, data, cid in writes:
             while True:
                 try:
                     if cid:
-                        produce(w[0], w[2], w[1], headers=[(CORRELATION_HEADER, cid)])
+                        produce(target, data, key, headers=[(CORRELATION_HEADER, cid)])
                     else:
-                        produce(w[0], w[2], w[1])
+                        produce(target, data, key)
                     break
                 except BufferError:  # librdkafka's queue is full: let it send
                     producer.poll(0.01)
 
 
 class TransactionalWriter(ResultWriter):
-    """Exactly once: a batch's results and its inbox offset in one Kafka transaction.
+    """Exactly once: results and the inbox offset of the reads they answer in one Kafka transaction.
 
-    The producer's transactional id is the partition's: opening it fences every older runner of
-    the partition and aborts its open transaction.  A failed transaction is aborted and made
-    again until ``retry_timeout``.  A transactional call that hangs past its timeout (librdkafka
-    issues #5456 and #5511: ``send_offsets_to_transaction`` can wait forever after a broker
-    restart) is left behind: a new producer with the same id fences the hung one, and the batch
-    is written again with the new one.
+    A transaction stays open across writes without an offset (the pieces of a read larger
+    than a batch) and commits with the write that carries the read's offset, so no result is
+    visible before the offset that marks its request answered.  The producer's transactional
+    id is the partition's: opening it fences every older runner of the partition and aborts
+    its open transaction.  A failed transaction is aborted and made again, with every write
+    since the last commit, until ``retry_timeout``.  A transactional call that hangs past its
+    timeout (librdkafka issues #5456 and #5511: ``send_offsets_to_transaction`` can wait
+    forever after a broker restart) is left behind: a new producer with the same id fences the
+    hung one, and the transaction is made again with the new one.
     """
 
     def __init__(self, *args: Any, transactional_id: str, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.transactional_id = transactional_id
         self.group_metadata: Any = None
+        self._pending: list[OutMessage] = []  # written since the last commit (made again if it aborts)
+        self._produced = 0  # how many of them the open transaction holds
+        self._open_on: Producer | None = None  # the producer whose transaction is open
         self._hang_at: dict[int, float] = {}  # id(producer) -> when its call in progress counts as hung
         self._left_behind: list[tuple[Lane, Producer]] = []  # hung: never destroyed while a thread is inside
 
@@ -200,9 +204,11 @@ class TransactionalWriter(ResultWriter):
         return at is not None and time.monotonic() > at
 
     async def write(self, writes: Writes, upto: int | None) -> None:
+        """Write into the open transaction; with ``upto``, add the offset and commit it."""
+        self._pending += writes
         while True:
             producer = self.producer
-            job = asyncio.ensure_future(self.lane.run(self._transact, producer, writes, upto))
+            job = asyncio.ensure_future(self.lane.run(self._transact, producer, upto))
             while not job.done():
                 await asyncio.wait({job}, timeout=WATCH_INTERVAL)
                 if not job.done() and self._hung():
@@ -211,44 +217,57 @@ class TransactionalWriter(ResultWriter):
                 return job.result()
             job.add_done_callback(lambda f: f.cancelled() or f.exception())  # whatever it ends with, later
             logger.warning("%s: a transactional call of librdkafka hangs past its timeout; fencing it with a new "
-                           "producer and writing the batch again", self.name)
+                           "producer and making the transaction again", self.name)
             self._left_behind.append((self.lane, producer))
             self.lane = Lane(f"kafka-write-{self.inbox}-{self.partition}")
             self.replaced += 1
             await self.lane.run(self._open)
 
-    def _transact(self, producer: Producer, writes: Writes, upto: int | None) -> None:
+    def _transact(self, producer: Producer, upto: int | None) -> None:
         opts = self.opts
         deadline = time.monotonic() + opts.retry_timeout
         offsets = None if upto is None else [TopicPartition(self.inbox, self.partition, upto)]
         recheck = False
         while True:
-            live = self.live(producer, writes, recheck)
             try:
-                producer.begin_transaction()
-                self.produce(producer, live)
-                if offsets is not None:
-                    # not called again after a failure (a second call after a timed-out
-                    # AddOffsetsToTxn has waited forever): the transaction is made again instead
-                    self._guarded(producer, producer.send_offsets_to_transaction, opts.operation_timeout,
-                                  offsets, self.group_metadata)
+                if self._open_on is not producer:  # begin, with everything written since the last commit
+                    self._pending = list(self.live(producer, self._pending, recheck))
+                    self._produced = 0
+                    producer.begin_transaction()
+                    self._open_on = producer
+                else:
+                    self._pending[self._produced:] = self.live(producer, self._pending[self._produced:])
+                self.produce(producer, self._pending[self._produced:])
+                self._produced = len(self._pending)
+                if offsets is None:
+                    return  # stays open: it commits with the offset of the read these results answer
+                # not called again after a failure (a second call after a timed-out
+                # AddOffsetsToTxn has waited forever): the transaction is made again instead
+                self._guarded(producer, producer.send_offsets_to_transaction, opts.operation_timeout,
+                              offsets, self.group_metadata)
                 # a commit that timed out is resumed by calling it again, as librdkafka asks
                 retry(lambda timeout: self._guarded(producer, producer.commit_transaction, timeout), deadline, opts,
                       f"{self.name}: committing the transaction")
+                self._open_on, self._pending, self._produced = None, [], 0
                 return
             except KafkaException as e:
                 err = kafka_error(e)
+                if producer is not self.producer:  # left behind while hung: it must touch nothing
+                    raise self.failure("writing a transaction of results", e) from e
+                self._open_on = None
                 if err is None or err.code() in FENCED_CODES or err.fatal():
                     raise self.failure("writing a transaction of results", e) from e
                 self._abort(producer, e)
-                if self.closed or producer is not self.producer or time.monotonic() > deadline:
+                if self.closed or time.monotonic() > deadline:
                     raise self.failure("writing a transaction of results", e) from e
-                logger.warning("%s: transaction failed, aborted, trying again: %s", self.name, err.str())
+                logger.warning("%s: transaction failed, aborted, making it again: %s", self.name, err.str())
                 self.aborted += 1
                 recheck = True  # a reply topic may have gone meanwhile
                 time.sleep(opts.retry_backoff_max)
             except BaseException as e:  # not Kafka's doing (a value that is not bytes): nothing is committed
-                self._abort(producer, e)
+                if producer is self.producer:
+                    self._open_on = None
+                    self._abort(producer, e)
                 raise
 
     def _abort(self, producer: Producer, cause: BaseException) -> None:
@@ -261,6 +280,16 @@ class TransactionalWriter(ResultWriter):
             if err is not None and err.code() == KafkaError._STATE:  # no transaction was open
                 return
             raise self.failure(f"aborting a transaction that failed ({cause})", e) from e
+
+    def _flush(self) -> None:
+        """Abort a transaction left open (its reads were not committed: the next runner redoes them)."""
+        if self._open_on is not None and self._open_on is self.producer:
+            self._open_on = None
+            try:
+                self._abort(self.producer, RuntimeError("closing"))
+            except Exception as e:  # fenced or gone: nothing of it will be visible anyway
+                logger.debug("%s: %s", self.name, e)
+        super()._flush()
 
 
 class AckedWriter(ResultWriter):
@@ -295,7 +324,7 @@ class AckedWriter(ResultWriter):
         gone = {t for e, t in self._undelivered if e.code() in GONE_CODES and t not in self.own_topics}
         failed = [(e, t) for e, t in self._undelivered if t not in gone]
         if gone:  # a reply topic deleted after the check: its results are dropped
-            self.drop([(t, None, b"") for _, t in self._undelivered if t in gone], gone)
+            self.drop([OutMessage(t, None, b"") for _, t in self._undelivered if t in gone], gone)
         if failed:
             raise BrokerError(f"{self.name}: {len(failed)} results not delivered, e.g. to {failed[0][1]!r}: "
                               f"{failed[0][0].str()}; the offset stays uncommitted")

@@ -8,7 +8,9 @@ from typing import Any, TypeVar
 
 from redis.exceptions import ResponseError
 
-from daskinfer.connectors.base import Connector, Envelope, PartitionRevoked
+from collections.abc import Sequence
+
+from daskinfer.connectors.base import Connector, Messages, OutMessage, PartitionRevoked
 from daskinfer.connectors.redis.framing import (
     last_xread_id,
     pack_messages,
@@ -54,9 +56,10 @@ class RedisConnector(Connector):
         self.inbox: str = spec["inbox"]
         self.outbox: str = spec["outbox"]
         self.dead_letter: str | None = spec.get("dead_letter")
+        self.record_topics: set[str] = set(spec.get("record_topics") or ())
         self.partition = partition
         self.epoch = epoch
-        self.generation = int(spec.get("redis_generation") or 0)
+        self.generation = int(spec.get("redis_generation") or self.options.get("redis_generation") or 0)
         self.token = str(self.generation * 10**9 + epoch)
         self.owner = consumer
         self.stream = inbox_stream(self.inbox, partition)
@@ -121,20 +124,20 @@ class RedisConnector(Connector):
             raise
         return from_id, reply
 
-    async def read(self, max_messages: int, timeout: float) -> list[Envelope]:
+    async def read(self, max_messages: int, timeout: float) -> Messages:
         """Pending entries of this consumer first (taken over or possibly lost in a reply), then new ones."""
         if self.link.closed:
             raise PartitionRevoked(f"{self.consumer}: connector closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         link = self.link
-        p = self.partition
         while True:
             reply_id, reply = await link.retry("read", lambda: self._read_once(max_messages))
             history = None if reply_id == ">" else reply_id
             if reply == -1:
                 raise self._revoked()
-            envs: list[Envelope] = []
+            payloads: list[bytes] = []
+            ids: list[str] = []
             gone: list[str] = []
             inflight = self._inflight
             last = None
@@ -146,7 +149,8 @@ class RedisConnector(Connector):
                     gone.append(eid)
                     continue
                 inflight.add(eid)
-                envs.append(Envelope(p, eid, data))
+                payloads.append(data)
+                ids.append(eid)
             if history is not None:
                 self._history = last  # None when the history is exhausted: on to new entries
             elif last is not None:
@@ -154,41 +158,41 @@ class RedisConnector(Connector):
             if gone:
                 logger.warning("%s: %d pending entries of %r were deleted before they were processed: %s",
                                self.consumer, len(gone), self.stream, gone[:5])
-                await self.write_and_commit([], [Envelope(p, g, b"") for g in gone])
-            if envs:
-                self.read_count += len(envs)
-                return envs
+                await self.write_and_commit([], [Messages([], gone)])
+            if payloads:
+                self.read_count += len(payloads)
+                return Messages(payloads, ids)
             if last is not None or history is not None:
                 continue
             left = deadline - loop.time()
             if left <= 0:
-                return []
+                return Messages([], [])
             # wait for entries after the last one delivered to this group, without taking any
             cursor = self._cursor
             woke = await link.retry("wait", lambda: link.redis.xread({self.stream: cursor}, count=1,
                                                                       block=link.block_ms(left)))
             if not woke:
-                return []
+                return Messages([], [])
             self._cursor = last_xread_id(woke, self._cursor)  # (a '>' read always starts after it anyway)
 
-    async def write_and_commit(self, items: list[tuple[str, str | None, bytes]], envelopes: list[Envelope]) -> None:
-        """Append results and dead letters, then acknowledge and delete ``envelopes``' entries.
+    async def write_and_commit(self, writes: Sequence[OutMessage], done: Sequence[Messages]) -> None:
+        """Append results and dead letters, then acknowledge and delete the entries of the reads ``done``.
 
         One script, so one round trip, and atomic: the entries are acknowledged exactly when
         their results are written.  Results for a reply stream that is gone are dropped.
         """
-        if not items and not envelopes:
+        ids = [eid for m in done for eid in m.positions]
+        if not writes and not ids:
             return
         if self.link.closed:
             raise PartitionRevoked(f"{self.consumer}: connector closed")
         by_topic: dict[str, list[bytes]] = {}
-        for topic, _key, data in items:
-            by_topic.setdefault(topic, []).append(data)
-        ids = [e.offset for e in envelopes]
+        for w in writes:
+            by_topic.setdefault(w.target, []).append(w.data)
         keys: list[str] = [self.stream, self.fence]
         args: list[Any] = [self.group, self.token, " ".join(ids)]
         for topic, datas in by_topic.items():
-            if topic == self.outbox:
+            if topic == self.outbox or topic in self.record_topics:
                 maxlen, create = self.outbox_max_length, 1
             elif topic == self.dead_letter:
                 maxlen, create = self.dead_letter_max_length, 1
@@ -211,13 +215,10 @@ class RedisConnector(Connector):
             self._inflight.difference_update(ids)
             self.committed += len(ids)
 
-    async def write(self, items: list[tuple[str, str | None, bytes]]) -> None:
-        """Append results and dead letters, all topics in one round trip."""
-        await self.write_and_commit(items, [])
-
-    async def commit(self, envelopes: list[Envelope]) -> None:
-        """Acknowledge and delete these entries (their results are written)."""
-        await self.write_and_commit([], envelopes)
+    async def backlog(self) -> int:
+        """Entries waiting in this partition's stream (read or not, not yet acknowledged)."""
+        link = self.link
+        return int(await link.retry("xlen", lambda: link.redis.xlen(self.stream)))
 
     async def close(self) -> None:
         await self.link.aclose()
@@ -281,7 +282,7 @@ async def prepare_streams(spec: dict[str, Any]) -> None:
             except ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
-        topics = [t for t in (spec.get("outbox"), spec.get("dead_letter")) if t]
+        topics = [t for t in (spec.get("outbox"), spec.get("dead_letter"), *(spec.get("record_topics") or ())) if t]
         await link.retry("ensure", lambda: link.scripts([("ensure", (t,), ()) for t in topics]))
     finally:
         await link.aclose()

@@ -1,0 +1,323 @@
+"""The client side of the direct transport (:class:`DirectTransport`).
+
+The client learns from the scheduler which worker owns each partition of the inbox
+(and is told when that changes: a long-poll on the controller), keeps one comm per
+worker, and sends each partition's requests to its owner.  It keeps every send until
+the worker says it is fully answered; a send the worker hands back ("moved": the
+partition left it) or that was on a worker whose comm broke is sent again, first, to the
+partition's new owner.  Answers that arrive twice are dropped by request id in
+:class:`~daskinfer.InferenceClient`, so each request is answered once from the caller's view.
+
+Back-pressure: at most ``window`` sends per partition wait for the worker's "queued"
+acknowledgement, and :meth:`DirectTransport.send` waits while a partition holds more
+than that many sends not yet on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from distributed.comm import connect
+from distributed.comm.core import CommClosedError
+
+from daskinfer import settings
+from daskinfer.connectors.base import ClientTransport
+from daskinfer.connectors.direct.endpoint import REPLY_PREFIX
+from daskinfer.connectors.direct.link import CommWriter
+from daskinfer.connectors.embedded.broker import ensure_broker_async
+from daskinfer.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+
+_RECONNECT_WAIT = 0.2  # seconds before a worker whose comm failed is tried again
+
+
+class PipelineNotFoundError(ConfigError, LookupError):
+    """No pipeline serves the inbox a client sends to."""
+
+
+class _WorkerLink:
+    def __init__(self, address: str):
+        self.address = address
+        self.comm: Any = None
+        self.writer: CommWriter | None = None
+        self.reader: asyncio.Task | None = None
+        self.ready = asyncio.Event()
+        self.failed = False
+
+
+class _PartitionState:
+    def __init__(self) -> None:
+        self.pending: deque[int] = deque()  # seqs not on the wire, in send order
+        self.inflight: set[int] = set()  # on the wire, not yet acknowledged as queued
+        self.owner: str | None = None
+        self.room = asyncio.Event()
+        self.room.set()
+
+
+class DirectTransport(ClientTransport):
+    """Send requests straight to the workers that own their partitions.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The Dask client (its scheduler knows the routes; its security settings open the comms).
+    window : int, optional
+        Sends per partition awaiting the worker's acknowledgement; config ``daskinfer.direct.window``.
+    start_timeout : float, optional
+        How long :meth:`start` waits for a pipeline to serve the inbox; config
+        ``daskinfer.client.start-timeout``.
+    """
+
+    def __init__(self, client: Client, *, window: int | None = None, start_timeout: float | str | None = None):
+        self.client = client
+        self.window = int(settings.get("direct.window", window))
+        self.start_timeout = settings.get_seconds("client.start-timeout", start_timeout)
+        self.inbox: str | None = None
+        self.reply_target: str | None = None
+        self.client_id: str | None = None
+        self.partitions: list[_PartitionState] = []
+        self.sends: dict[int, tuple[int, list[bytes], str | None]] = {}  # seq -> (partition, payloads, worker)
+        self.links: dict[str, _WorkerLink] = {}
+        self.version = -1
+        self.resent = 0  # sends handed back (moved) or lost with a worker, and sent again
+        self._seq = itertools.count()
+        self._results: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        self._watcher: asyncio.Task | None = None
+        self._down: dict[str, float] = {}  # worker -> when its comm last failed (reconnects wait a little)
+        self._closed = False
+        self.error: BaseException | None = None
+
+    # -- routes ---------------------------------------------------------------------------------
+    async def _routes(self, timeout: float, version: int | None = None) -> dict[str, Any]:
+        return await self.client.scheduler.daskinfer_routes(inbox=self.inbox, version=version, timeout=timeout)
+
+    async def start(self, inbox: str, reply_target: str) -> int:
+        """Find the pipeline serving ``inbox`` (waiting up to ``start_timeout``); return its partitions."""
+        await ensure_broker_async(self.client)
+        self.inbox = inbox
+        self.client_id = reply_target[len(REPLY_PREFIX):] if reply_target.startswith(REPLY_PREFIX) else reply_target
+        self.reply_target = REPLY_PREFIX + self.client_id
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.start_timeout
+        routes = await self._routes(0)
+        while routes.get("pipeline") is None:
+            left = end - loop.time()
+            if left <= 0:
+                raise PipelineNotFoundError(
+                    f"no pipeline serves inbox {inbox!r} (waited {self.start_timeout:g}s); deploy one with "
+                    f"deploy_pipeline(client, Pipeline(..., inbox={inbox!r})); running pipelines serve "
+                    f"{routes.get('inboxes') or 'no inbox'}"
+                )
+            routes = await self._routes(min(left, 1.0), routes.get("version"))
+        self.partitions = [_PartitionState() for _ in range(routes["partitions"])]
+        self._apply(routes)
+        self._watcher = asyncio.ensure_future(self._watch())
+        return routes["partitions"]
+
+    def _apply(self, routes: dict[str, Any]) -> None:
+        self.version = routes["version"]
+        if routes.get("partitions") != len(self.partitions) and routes.get("pipeline") is not None:
+            logger.warning("pipeline of inbox %r now has %s partitions, this client was started with %d",
+                           self.inbox, routes.get("partitions"), len(self.partitions))
+        owners = routes.get("owners") or {}
+        moved: list[int] = []
+        for p, state in enumerate(self.partitions):
+            owner = owners.get(p, owners.get(str(p)))
+            if state.owner is not None and owner != state.owner:
+                # the partition left its worker: what went there unanswered goes again to the new owner (the
+                # old one may still answer it while it drains: the client drops the second answer)
+                moved += [seq for seq, (q, _, w) in self.sends.items() if q == p and w == state.owner]
+            state.owner = owner
+        if moved:
+            self._resend(moved)
+        for p in range(len(self.partitions)):
+            self._pump(p)
+
+    async def _watch(self) -> None:
+        while not self._closed:
+            try:
+                routes = await self._routes(5.0, self.version)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the scheduler is gone: nothing more can be routed
+                if not self._closed:
+                    logger.error("lost the routes of inbox %r: %s", self.inbox, e)
+                    self.error = e
+                    self._results.put_nowait([])
+                return
+            if routes["version"] != self.version:
+                self._apply(routes)
+
+    # -- sending -------------------------------------------------------------------------------
+    async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
+        """Queue ``(partition, data)`` messages, one send per partition; wait while a partition is backed up."""
+        by_part: dict[int, list[bytes]] = {}
+        n = len(self.partitions)
+        for p, data in items:
+            by_part.setdefault(p % n, []).append(data)
+        for p, payloads in by_part.items():
+            state = self.partitions[p]
+            while len(state.pending) >= self.window and not self._closed:
+                state.room.clear()
+                await state.room.wait()
+            seq = next(self._seq)
+            self.sends[seq] = (p, payloads, None)
+            state.pending.append(seq)
+            self._pump(p)
+
+    def _pump(self, p: int) -> None:
+        """Put partition ``p``'s pending sends on the wire to its owner, within the window."""
+        state = self.partitions[p]
+        owner = state.owner
+        if owner is None or not state.pending:
+            return
+        link = self.links.get(owner)
+        if link is None or link.failed:
+            down = self._down.get(owner)
+            if down is not None and asyncio.get_running_loop().time() - down < _RECONNECT_WAIT:
+                return  # _retry pumps again
+            link = self._connect(owner)
+        if not link.ready.is_set():
+            return  # _connect pumps again once connected
+        assert link.writer is not None
+        while state.pending and len(state.inflight) < self.window:
+            seq = state.pending.popleft()
+            entry = self.sends.get(seq)
+            if entry is None:
+                continue
+            self.sends[seq] = (p, entry[1], owner)
+            state.inflight.add(seq)
+            link.writer.send({"op": "send", "i": self.inbox, "p": p, "s": seq, "d": entry[1]})
+        if len(state.pending) < self.window:
+            state.room.set()
+
+    def _connect(self, address: str) -> _WorkerLink:
+        link = _WorkerLink(address)
+        self.links[address] = link
+        link.reader = asyncio.ensure_future(self._serve_link(link))
+        return link
+
+    async def _serve_link(self, link: _WorkerLink) -> None:
+        try:
+            comm = await connect(link.address, **self.client.connection_args)
+            await comm.write({"op": "daskinfer_direct", "client": self.client_id, "reply": False})
+            link.comm = comm
+            link.writer = CommWriter(comm, on_error=lambda e: self._lost(link, e))
+            link.ready.set()
+            for p, state in enumerate(self.partitions):
+                if state.owner == link.address:
+                    self._pump(p)
+            while True:
+                msgs = await comm.read()
+                for msg in msgs if isinstance(msgs, (list, tuple)) else [msgs]:
+                    self._on_message(msg)
+        except asyncio.CancelledError:
+            raise
+        except (CommClosedError, OSError, Exception) as e:  # noqa: B014 - any failure loses the link
+            self._lost(link, e)
+
+    def _on_message(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == "r":
+            if msg["d"]:
+                self._results.put_nowait(msg["d"])
+            for seq in msg["s"]:
+                entry = self.sends.pop(seq, None)
+                if entry is not None:
+                    self.partitions[entry[0]].inflight.discard(seq)
+        elif op == "q":
+            touched = set()
+            for seq in msg["s"]:
+                entry = self.sends.get(seq)
+                if entry is not None:
+                    self.partitions[entry[0]].inflight.discard(seq)
+                    touched.add(entry[0])
+            for p in touched:
+                self._pump(p)
+        elif op == "m":
+            self._resend(msg["s"])
+
+    def _resend(self, seqs: list[int]) -> None:
+        """Put sends back at the head of their partitions' queues (oldest first)."""
+        touched: dict[int, list[int]] = {}
+        for seq in seqs:
+            entry = self.sends.get(seq)
+            if entry is None or entry[2] is None:
+                continue  # answered, or already waiting to be sent
+            self.sends[seq] = (entry[0], entry[1], None)
+            self.partitions[entry[0]].inflight.discard(seq)
+            touched.setdefault(entry[0], []).append(seq)
+        for p, ss in touched.items():
+            state = self.partitions[p]
+            state.pending.extendleft(sorted(ss, reverse=True))
+            self.resent += len(ss)
+            self._pump(p)
+
+    def _lost(self, link: _WorkerLink, exc: BaseException) -> None:
+        if link.failed:
+            return
+        link.failed = True
+        link.ready.clear()
+        if self.links.get(link.address) is link:
+            del self.links[link.address]
+        if link.writer is not None:
+            link.writer.close()
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._down[link.address] = loop.time()
+        loop.call_later(_RECONNECT_WAIT, self._retry)
+        logger.info("connection to worker %s lost (%s); its unanswered requests will go to the new owners",
+                    link.address, exc)
+        self._resend([seq for seq, (_, _, w) in self.sends.items() if w == link.address])
+
+    def _retry(self) -> None:
+        if not self._closed:
+            for p in range(len(self.partitions)):
+                self._pump(p)
+
+    # -- receiving -----------------------------------------------------------------------------
+    async def receive(self, timeout: float) -> list[bytes]:
+        if self.error is not None:
+            raise self.error
+        try:
+            out = await asyncio.wait_for(self._results.get(), timeout)
+        except asyncio.TimeoutError:
+            return []
+        while not self._results.empty():
+            out = out + self._results.get_nowait()
+        if self.error is not None and not out:
+            raise self.error
+        return out
+
+    @property
+    def unanswered(self) -> int:
+        """Sends kept until answered."""
+        return len(self.sends)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for link in list(self.links.values()):
+            if link.reader is not None:
+                link.reader.cancel()
+            if link.writer is not None:
+                link.writer.close()
+            if link.comm is not None:
+                try:
+                    await link.comm.close()
+                except Exception:  # pragma: no cover - already broken
+                    pass
+        self.links.clear()
+        for state in self.partitions:
+            state.room.set()

@@ -1,0 +1,375 @@
+"""Frames: many requests (or results) in one message, in columns.
+
+A client that flushes N single-row requests to one partition sends them as one
+*request frame*: their ids, one stacked array per input, and the per-request
+fields as arrays.  The partition answers with one *result frame* per frame (or per
+part of it, when stages route its requests apart).  Each side decodes one message
+instead of N, and no Python object is made per request but the ids.
+
+Request frame (a msgpack map; arrays travel as raw numpy buffers, see :mod:`.codec`)::
+
+    {"f": 1,                    # frame version
+     "ids": [str, ...],         # n request ids
+     "in": {name: array},       # rows of all requests, stacked
+     "n": int64[n],             # rows of each request (absent: one row each)
+     "b": bool,                 # the requests are blocks (results keep the row dimension)
+     "k": [str | None, ...],    # keys (absent: none)
+     "m": str,                  # model (absent: the pipeline's)
+     "d": float64[n],           # deadlines, Unix seconds, NaN for none (absent: none)
+     "r": str,                  # reply target of every request of the frame
+     "t": float64[n]}           # times the requests were made (absent: unknown)
+
+Result frame::
+
+    {"f": 1, "ids": [...], "out": {name: array}, "n": int64[n], "b": bool, "k": [...],
+     "t": float64[n], "m": model, "v": version, "tm": {"queue": s, "infer": s, "batch": rows},
+     "eids": [...], "et": [...], "em": [...], "ek": [...]}   # requests in error: ids, types, messages, keys
+
+A single request or result message (:mod:`.messages`) stays valid everywhere:
+producers other than daskinfer's client send one request per message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from daskinfer.exceptions import CodecError, InputValidationError
+from daskinfer.wire import codec
+from daskinfer.wire.messages import Result, request_from_wire
+
+FRAME_VERSION = 1
+
+
+@dataclass(slots=True)
+class RequestColumns:
+    """The requests of one message, in columns (what a request frame or message decodes to).
+
+    Attributes
+    ----------
+    ids : list of str
+        Request ids.
+    inputs : dict of str to ndarray
+        Rows of all requests, stacked (rows first).
+    rows : ndarray of int64, optional
+        Rows of each request; ``None`` when each request is one row.
+    batched : bool
+        The requests are blocks (their results keep the row dimension).
+    keys : list, optional
+        Partitioning keys, one per request.
+    model : str, optional
+        Model named by the requests.
+    deadlines, sent_at : ndarray of float64, optional
+        Per-request deadline and send time (Unix seconds; NaN: none).
+    reply_to : str, optional
+        Where the results go.
+    framed : bool
+        True for a frame (results go back as a frame); False for a single request message.
+    """
+
+    ids: list[str]
+    inputs: dict[str, np.ndarray]
+    rows: np.ndarray | None = None
+    batched: bool = False
+    keys: list[Any] | None = None
+    model: str | None = None
+    deadlines: np.ndarray | None = None
+    sent_at: np.ndarray | None = None
+    reply_to: str | None = None
+    framed: bool = True
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.rows.sum()) if self.rows is not None else len(self.ids)
+
+
+def encode_request_frame(
+    ids: Sequence[str],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    rows: np.ndarray | None = None,
+    batched: bool = False,
+    keys: Sequence[Any] | None = None,
+    model: str | None = None,
+    deadlines: np.ndarray | None = None,
+    reply_to: str | None = None,
+    sent_at: np.ndarray | None = None,
+) -> bytes:
+    """Encode requests as one frame (see the module docstring for the fields)."""
+    msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids), "in": dict(inputs)}
+    if rows is not None:
+        msg["n"] = np.asarray(rows, dtype=np.int64)
+    if batched:
+        msg["b"] = True
+    if keys is not None and any(k is not None for k in keys):
+        msg["k"] = list(keys)
+    if model is not None:
+        msg["m"] = model
+    if deadlines is not None:
+        msg["d"] = np.asarray(deadlines, dtype=np.float64)
+    if reply_to is not None:
+        msg["r"] = reply_to
+    if sent_at is not None:
+        msg["t"] = np.asarray(sent_at, dtype=np.float64)
+    return codec.encode(msg)
+
+
+def _per_request(msg: dict[str, Any], key: str, n: int, dtype: type, what: str) -> np.ndarray | None:
+    v = msg.get(key)
+    if v is None:
+        return None
+    if type(v) is not np.ndarray or v.shape != (n,) or v.dtype.kind not in ("f" if dtype is float else "iu"):
+        raise CodecError(f"frame field {key!r} ({what}) must be an array of {n} numbers, got {_describe(v)}")
+    return v
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, np.ndarray):
+        return f"array of dtype {v.dtype} and shape {list(v.shape)}"
+    return type(v).__name__
+
+
+def _frame_from_wire(msg: dict[str, Any]) -> RequestColumns:
+    ids = msg.get("ids")
+    if type(ids) is not list or not ids or not all(type(i) is str and i for i in ids):
+        raise CodecError("a request frame needs 'ids': a non-empty list of non-empty strings")
+    n = len(ids)
+    inputs = msg.get("in")
+    if type(inputs) is not dict or not inputs:
+        raise CodecError("a request frame needs 'in': a map of input name to array")
+    rows = _per_request(msg, "n", n, int, "rows per request")
+    if rows is not None and (rows < 1).any():
+        raise CodecError("frame field 'n' (rows per request) must be >= 1 for every request")
+    total = int(rows.sum()) if rows is not None else n
+    for name, arr in inputs.items():
+        if type(name) is not str or type(arr) is not np.ndarray or arr.ndim == 0 or len(arr) != total:
+            raise CodecError(
+                f"frame input {name!r} must be an array of {total} rows, got {_describe(arr)}"
+            )
+    keys = msg.get("k")
+    if keys is not None and (type(keys) is not list or len(keys) != n):
+        raise CodecError(f"frame field 'k' (keys) must be a list of {n} keys")
+    for field_name in ("m", "r"):
+        v = msg.get(field_name)
+        if v is not None and type(v) is not str:
+            raise CodecError(f"frame field {field_name!r} must be a string, got {type(v).__name__}")
+    batched = msg.get("b", False)
+    if type(batched) is not bool:
+        raise CodecError("frame field 'b' must be a bool")
+    return RequestColumns(
+        ids=ids,
+        inputs=inputs,
+        rows=rows,
+        batched=batched,
+        keys=keys,
+        model=msg.get("m"),
+        deadlines=_per_request(msg, "d", n, float, "deadlines"),
+        sent_at=_per_request(msg, "t", n, float, "send times"),
+        reply_to=msg.get("r"),
+        framed=True,
+    )
+
+
+def _single_from_wire(msg: Any) -> RequestColumns:
+    req = request_from_wire(msg)
+    inputs = req.inputs if req.batched else {k: v[None] if v.ndim else v.reshape(1) for k, v in req.inputs.items()}
+    if not req.inputs:
+        raise InputValidationError(f"request {req.id}: empty request (no inputs)", request_id=req.id)
+    counts = {k: (len(v) if v.ndim else None) for k, v in inputs.items()}
+    if req.batched:
+        if None in counts.values():
+            raise InputValidationError(
+                f"request {req.id}: a batched request needs arrays with a row dimension, "
+                f"got shapes { {k: list(v.shape) for k, v in req.inputs.items()} }",
+                request_id=req.id,
+            )
+        if len(set(counts.values())) > 1:
+            raise InputValidationError(f"request {req.id}: inputs have different numbers of rows {counts}", request_id=req.id)
+        if not next(iter(counts.values())):
+            raise InputValidationError(f"request {req.id}: empty batch (0 rows)", request_id=req.id)
+    n_rows = next(iter(counts.values())) if req.batched else 1
+    return RequestColumns(
+        ids=[req.id],
+        inputs=inputs,
+        rows=np.array([n_rows], dtype=np.int64) if req.batched else None,
+        batched=req.batched,
+        keys=None if req.key is None else [req.key],
+        model=req.model,
+        deadlines=None if req.deadline is None else np.array([req.deadline], dtype=np.float64),
+        sent_at=None if req.sent_at is None else np.array([req.sent_at], dtype=np.float64),
+        reply_to=req.reply_to,
+        framed=False,
+    )
+
+
+def decode_requests(data: bytes, *, max_size: int | None = None) -> RequestColumns:
+    """Decode a request frame or a single request message.
+
+    Raises
+    ------
+    CodecError, RequestError, RequestTooLargeError
+        The bytes are not a valid request or frame; the error says what is wrong.
+    """
+    msg = codec.decode(data, max_size=max_size)
+    if type(msg) is dict and "f" in msg:
+        if msg["f"] != FRAME_VERSION:
+            raise CodecError(f"unknown frame version {msg['f']!r} (this daskinfer reads version {FRAME_VERSION})")
+        return _frame_from_wire(msg)
+    return _single_from_wire(msg)
+
+
+@dataclass(slots=True)
+class ErrorColumns:
+    """Requests answered with an error, in columns."""
+
+    ids: list[str] = field(default_factory=list)
+    types: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    keys: list[Any] | None = None
+
+
+def encode_result_frame(
+    ids: Sequence[str],
+    outputs: Mapping[str, np.ndarray] | None,
+    *,
+    rows: np.ndarray | None = None,
+    batched: bool = False,
+    keys: Sequence[Any] | None = None,
+    sent_at: np.ndarray | None = None,
+    model: str | None = None,
+    version: str | None = None,
+    timings: Mapping[str, float] | None = None,
+    errors: ErrorColumns | None = None,
+) -> bytes:
+    """Encode the results of a frame's requests (outputs of the good ones, errors of the rest)."""
+    msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids)}
+    if outputs is not None:
+        msg["out"] = dict(outputs)
+    if rows is not None:
+        msg["n"] = np.asarray(rows, dtype=np.int64)
+    if batched:
+        msg["b"] = True
+    if keys is not None and any(k is not None for k in keys):
+        msg["k"] = list(keys)
+    if sent_at is not None:
+        msg["t"] = np.asarray(sent_at, dtype=np.float64)
+    if model is not None:
+        msg["m"] = model
+    if version is not None:
+        msg["v"] = version
+    if timings:
+        msg["tm"] = dict(timings)
+    if errors is not None and errors.ids:
+        msg["eids"], msg["et"], msg["em"] = list(errors.ids), list(errors.types), list(errors.messages)
+        if errors.keys is not None and any(k is not None for k in errors.keys):
+            msg["ek"] = list(errors.keys)
+    return codec.encode(msg)
+
+
+@dataclass(slots=True)
+class ResultColumns:
+    """The results of one result frame (or one single result message), in columns."""
+
+    ids: list[str]
+    outputs: dict[str, np.ndarray]
+    rows: np.ndarray | None
+    batched: bool
+    keys: list[Any] | None
+    sent_at: np.ndarray | None
+    model: str | None
+    version: str | None
+    timings: dict[str, float]
+    errors: ErrorColumns
+
+    def results(self) -> list[Result]:
+        """One :class:`~daskinfer.wire.messages.Result` per request (the client's delivery step)."""
+        out: list[Result] = []
+        model, version, batched, timings = self.model, self.version, self.batched, self.timings
+        keys, sent = self.keys, self.sent_at
+        n = len(self.ids)
+        if n:
+            names = list(self.outputs)
+            arrays = [self.outputs[k] for k in names]
+            if self.rows is None:
+                cols = [list(a) for a in arrays]  # one view per row, made in C
+                rows_of = [dict(zip(names, vals)) for vals in zip(*cols)] if names else [{} for _ in range(n)]
+            else:
+                bounds = np.cumsum(self.rows)[:-1]
+                parts = [np.split(a, bounds) for a in arrays]
+                rows_of = [dict(zip(names, vals)) for vals in zip(*parts)] if names else [{} for _ in range(n)]
+            for i, rid in enumerate(self.ids):
+                out.append(Result(
+                    rid, rows_of[i], None, None, model, version, batched, timings,
+                    keys[i] if keys is not None else None,
+                    float(sent[i]) if sent is not None else None,
+                ))
+        e = self.errors
+        for i, rid in enumerate(e.ids):
+            out.append(Result(
+                rid, None, e.types[i], e.messages[i], model, version, batched, timings,
+                e.keys[i] if e.keys is not None else None, None,
+            ))
+        return out
+
+
+def _str_list(msg: dict[str, Any], key: str, n: int | None = None) -> list[Any]:
+    v = msg.get(key, [])
+    if type(v) is not list or (n is not None and len(v) != n):
+        raise CodecError(f"result frame field {key!r} must be a list" + (f" of {n} items" if n is not None else ""))
+    return v
+
+
+def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns:
+    """Decode a result frame or a single result message into columns."""
+    msg = codec.decode(data, max_size=max_size)
+    if type(msg) is not dict:
+        raise CodecError("a result must be a map")
+    if "f" not in msg:
+        from daskinfer.wire.messages import result_from_wire
+
+        r = result_from_wire(msg)
+        errors = ErrorColumns([r.id], [r.error_type], [r.error or ""], [r.key]) if not r.ok else ErrorColumns()
+        if r.ok:
+            outputs = r.outputs or {}
+            return ResultColumns(
+                [r.id], {k: (v if r.batched else v[None]) for k, v in outputs.items()},
+                None if not r.batched else np.array([len(next(iter(outputs.values())))] if outputs else [0]),
+                r.batched, [r.key], None if r.sent_at is None else np.array([r.sent_at]),
+                r.model, r.version, r.timings, errors,
+            )
+        return ResultColumns([], {}, None, r.batched, None, None, r.model, r.version, r.timings, errors)
+    ids = _str_list(msg, "ids")
+    outputs = msg.get("out") or {}
+    if type(outputs) is not dict or not all(type(v) is np.ndarray for v in outputs.values()):
+        raise CodecError("result frame field 'out' must be a map of arrays")
+    eids = _str_list(msg, "eids")
+    errors = ErrorColumns(eids, _str_list(msg, "et", len(eids)), _str_list(msg, "em", len(eids)),
+                          msg.get("ek"))
+    tm = msg.get("tm") or {}
+    if type(tm) is not dict:
+        raise CodecError("result frame field 'tm' must be a map")
+    return ResultColumns(
+        ids, outputs, msg.get("n"), bool(msg.get("b", False)), msg.get("k"), msg.get("t"),
+        msg.get("m"), msg.get("v"), tm, errors,
+    )
+
+
+def peek_fields(data: bytes) -> dict[str, Any]:
+    """Best effort: the id(s), reply target, key and send time of a message that failed to decode."""
+    try:
+        msg = codec.decode(data)
+    except Exception:
+        return {}
+    if type(msg) is not dict:
+        return {}
+    out = {k: msg.get(k) for k in ("id", "r", "k", "t") if isinstance(msg.get(k), (str, int, float))}
+    ids = msg.get("ids")
+    if type(ids) is list and all(type(i) is str for i in ids):
+        out["ids"] = ids
+    return out
