@@ -81,6 +81,30 @@ def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         c.close()
 
 
+# -- no broker needed ---------------------------------------------------------------------------------
+
+def test_a_frame_over_the_message_limit_is_cut_into_frames_that_fit():
+    from daskinfer.connectors.kafka.transport import fit_frames
+    from daskinfer.exceptions import RequestTooLargeError
+    from daskinfer.wire.frames import decode_requests, encode_request_frame
+
+    blocks = [random_rows(n, seed=n) for n in (300, 1, 700, 50, 900, 20, 2000)]
+    frame = encode_request_frame([f"b{i}" for i in range(len(blocks))], {"x": np.concatenate(blocks)},
+                                 rows=np.array([len(b) for b in blocks]), batched=True, keys=list("abcdefg"),
+                                 reply_to="daskinfer-replies-x", sent_at=np.arange(7.0))
+    parts = fit_frames(frame, 150_000)
+    assert len(parts) > 1 and all(len(p) <= 150_000 for p in parts)
+    cols = [decode_requests(p) for p in parts]
+    assert [i for c in cols for i in c.ids] == [f"b{i}" for i in range(7)]
+    assert [k for c in cols for k in c.keys] == list("abcdefg")
+    assert all(c.batched and c.reply_to == "daskinfer-replies-x" for c in cols)
+    np.testing.assert_array_equal(np.concatenate([c.inputs["x"] for c in cols]), np.concatenate(blocks))
+    np.testing.assert_array_equal(np.concatenate([c.sent_at for c in cols]), np.arange(7.0))
+    assert fit_frames(frame, len(frame)) == [frame], "a frame that fits is sent as it is"
+    with pytest.raises(RequestTooLargeError, match=r"request 'b6' is \d+ bytes, over kafka's message limit of 100000"):
+        fit_frames(frame, 100_000)  # the block of 2000 rows alone is 128 KB
+
+
 # -- the connector on its own ------------------------------------------------------------------------
 
 def test_a_newer_runner_fences_the_older_whose_transaction_leaves_no_trace(kafka_bootstrap):

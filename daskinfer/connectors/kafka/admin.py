@@ -48,7 +48,8 @@ def ensure_topic(admin: AdminClient, topic: str, partitions: int, opts: KafkaOpt
     have = topic_partitions(admin, topic, opts)
     if have is not None:
         return have
-    new = NewTopic(topic, num_partitions=partitions, replication_factor=opts.replication_factor, config=config or {})
+    new = NewTopic(topic, num_partitions=partitions, replication_factor=opts.replication_factor,
+                   config={**opts.topic_config(), **(config or {})})
     try:
         admin.create_topics([new], operation_timeout=opts.operation_timeout)[topic].result(opts.operation_timeout)
     except KafkaException as e:

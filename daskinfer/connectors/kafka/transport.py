@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
+
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -12,16 +14,52 @@ from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.kafka.admin import delete_topic, ensure_topic
 from daskinfer.connectors.kafka.link import KafkaOptions, Lane, kafka_error, poll_messages
-from daskinfer.exceptions import BrokerError, TopicFullError
+from daskinfer.exceptions import BrokerError, RequestTooLargeError, TopicFullError
+from daskinfer.wire.frames import RequestColumns, decode_requests, encode_request_frame
 
 logger = logging.getLogger(__name__)
+
+
+def fit_frames(data: bytes, limit: int) -> list[bytes]:
+    """``data`` (a request frame or message) as messages of at most ``limit`` bytes: a frame that
+    is larger is cut in halves, each encoded as a frame, until every part fits.
+
+    Raises
+    ------
+    RequestTooLargeError
+        One request alone is larger than ``limit``.
+    """
+    if len(data) <= limit:
+        return [data]
+    cols = decode_requests(data, max_size=len(data))
+    if not cols.framed or len(cols) == 1:
+        raise RequestTooLargeError(
+            f"request {cols.ids[0]!r} is {len(data)} bytes, over kafka's message limit of {limit} bytes "
+            f"(kafka.max-message-bytes); send its rows in smaller blocks, or raise the limit together with "
+            f"the topics' max.message.bytes", request_id=cols.ids[0])
+    half = len(cols) // 2
+    return fit_frames(_frame_of(cols, 0, half), limit) + fit_frames(_frame_of(cols, half, len(cols)), limit)
+
+
+def _frame_of(cols: RequestColumns, a: int, b: int) -> bytes:
+    """Requests ``a:b`` of ``cols`` as one frame."""
+    if cols.rows is None:
+        r0, r1, rows = a, b, None
+    else:
+        ends = np.cumsum(cols.rows)
+        r0, r1, rows = int(ends[a - 1]) if a else 0, int(ends[b - 1]), cols.rows[a:b]
+    cut = lambda v: None if v is None else v[a:b]  # noqa: E731
+    return encode_request_frame(cols.ids[a:b], {k: v[r0:r1] for k, v in cols.inputs.items()}, rows=rows,
+                                batched=cols.batched, keys=cut(cols.keys), model=cols.model,
+                                deadlines=cut(cols.deadlines), reply_to=cols.reply_to, sent_at=cut(cols.sent_at))
 
 
 class KafkaTransport(ClientTransport):
     """The client side of Kafka for :class:`~daskinfer.InferenceClient`.
 
     Requests go to the inbox topic's partitions (an idempotent producer; a send returns once
-    the brokers acknowledged every request).  Results come back on a reply topic of this
+    the brokers acknowledged every request); a frame of requests over ``max_message_bytes`` is
+    cut into frames that fit.  Results come back on a reply topic of this
     client's own (one partition, created by :meth:`start` with a retention, deleted by
     :meth:`close`): every request names it, as Kafka's request-reply pattern does, and each
     result carries the request id in its ``correlation_id`` header.
@@ -105,14 +143,12 @@ class KafkaTransport(ClientTransport):
         assert producer is not None, "KafkaTransport.start was not called"
         self._undelivered.clear()
         produce = producer.produce
+        limit = self.opts.max_message_bytes
         for p, data in items:
-            while True:
-                try:
-                    produce(inbox, data, partition=p)
-                    break
-                except BufferError:  # librdkafka's queue is full: let it send
-                    producer.poll(0.01)
+            for part in (fit_frames(data, limit) if len(data) > limit else (data,)):
+                self._produce(produce, inbox, part, p)
         left = producer.flush(self.send_timeout)
+
         if left:
             raise TopicFullError(f"kafka topic {inbox!r}: {left} of {len(items)} requests not acknowledged by "
                                  f"{self.opts.bootstrap_servers} within {self.send_timeout:g}s (kafka.send-timeout)")
@@ -120,6 +156,14 @@ class KafkaTransport(ClientTransport):
             err, msg = self._undelivered[0]
             raise BrokerError(f"kafka topic {inbox!r}: {len(self._undelivered)} of {len(items)} requests were not "
                               f"delivered, e.g. to partition {msg.partition()}: {err.str()}")
+
+    def _produce(self, produce: Any, inbox: str, data: bytes, partition: int) -> None:
+        while True:
+            try:
+                produce(inbox, data, partition=partition)
+                return
+            except BufferError:  # librdkafka's queue is full: let it send
+                self.producer.poll(0.01)
 
     async def receive(self, timeout: float) -> list[bytes]:
         """Results on the reply topic after the last one returned, waiting up to ``timeout`` s for the first."""

@@ -257,6 +257,10 @@ class TransactionalWriter(ResultWriter):
                 self._open_on = None
                 if err is None or err.code() in FENCED_CODES or err.fatal():
                     raise self.failure("writing a transaction of results", e) from e
+                if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:  # trying again cannot help
+                    self._abort(producer, e)
+                    raise self.failure(f"writing a result over {opts.max_message_bytes} bytes "
+                                       f"(kafka.max-message-bytes)", e) from e
                 self._abort(producer, e)
                 if self.closed or time.monotonic() > deadline:
                     raise self.failure("writing a transaction of results", e) from e
