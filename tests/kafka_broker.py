@@ -22,15 +22,11 @@ import time
 import uuid
 from collections.abc import Iterator
 
+from server_process import ServerProcess, free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.environ.get("DASKINFER_KAFKA_LIB") or os.path.join(ROOT, ".kafka", "lib")
 FETCH = "mvn -q -f tests/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory=../../.kafka/lib"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def missing() -> str | None:
@@ -109,7 +105,7 @@ logger.apache.level = WARN
 """
 
 
-class KafkaBroker:
+class KafkaBroker(ServerProcess):
     """One Kafka broker (KRaft, broker and controller in one JVM) on ``127.0.0.1:port``, data in ``directory``.
 
     Parameters
@@ -132,7 +128,7 @@ class KafkaBroker:
         self.quick_start = quick_start
         self.port = free_port()
         self.controller_port = free_port()
-        self.proc: subprocess.Popen | None = None
+        self.stop_timeout = 60.0
         self.log_path = os.path.join(directory, "server.log")
         self.config_path = os.path.join(directory, "server.properties")
         self.log4j_path = os.path.join(directory, "log4j2.properties")
@@ -191,28 +187,6 @@ class KafkaBroker:
         except Exception:
             return False
         return 1 in md.brokers
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, kill: bool = False) -> None:
-        """Stop the broker: ``kill`` sends SIGKILL (a crash), else SIGTERM (a clean shutdown)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def restart(self, kill: bool = True) -> None:
-        """Stop (by default as a crash) and start again on the same ports and data."""
-        self.stop(kill=kill)
-        self.start()
 
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 30.0, isolation_level: str = "read_committed",
