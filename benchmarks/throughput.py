@@ -4,16 +4,22 @@ Measured in one run, on the same model (the bundled MLP 16->64->64->2) and data:
 
 1. raw onnxruntime on the same 4096-row blocks in one process, one thread (the physical limit);
 2. end to end through the pipeline with columnar blocks (inferences/s), and the ratio to raw;
-3. end to end with one request per message (requests/s);
-4. latency p50/p99 end to end at 10%, 50% and 80% of the peak single-request rate of (3);
-5. a REST-per-request server (aiohttp + onnxruntime, one request per HTTP call, 64 concurrent
+3. end to end with single-row requests from ``--producers`` client processes (requests/s, the
+   aggregate), and from one client in this process;
+4. latency p50/p99 end to end at 10%, 50% and 80% of the peak of (3), measured in each producer
+   (an open loop at the same share of the load each);
+5. Python CPU per single-row request in the partition runners (worker CPU time during a burst,
+   minus the time in the model, per request);
+6. a dataflow pipeline (map_batches -> infer -> infer -> map_batches) against the single-model
+   pipeline, the same requests in the same run;
+7. a REST-per-request server (aiohttp + onnxruntime, one request per HTTP call, 64 concurrent
    clients on loopback), and the ratio of (3) to it.
 
 The cluster is a `dask scheduler` process and two one-thread `dask worker` processes, as in a
-deployment; the client runs in this process.  Everything shares this machine's cores, so read
-the ratios, not the absolute figures.  The last line printed is one JSON object.
+deployment; requests go straight from the clients to the workers.  Everything shares this
+machine's cores, so read the ratios, not the absolute figures.  The last line is one JSON object.
 
-    python benchmarks/throughput.py --quick
+    python benchmarks/throughput.py --quick [--producers 2]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _cluster import free_port, process_cluster  # noqa: E402
+from _load import run_producers  # noqa: E402
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline  # noqa: E402
 from daskinfer.testing import bundled_model_path, random_rows  # noqa: E402
@@ -82,7 +89,7 @@ def bench_latency(ic: InferenceClient, rows: np.ndarray, rate: float, seconds: f
             sent += 1
         time.sleep(0.0005)
     results = [f.result(120) for f in futures]
-    lat = np.array([r.timings["latency"] for r in results]) * 1e3
+    lat = np.array([r.latency for r in results]) * 1e3
     return float(np.percentile(lat, 50)), float(np.percentile(lat, 99)), sent / seconds
 
 
@@ -129,9 +136,34 @@ def bench_rest(rows: np.ndarray, seconds: float, concurrency: int = 64) -> float
         server.wait(10)
 
 
+def _worker_cpu(dask_worker=None) -> float:  # runs on each worker: its process CPU seconds
+    return time.process_time()
+
+
+def _model_seconds(handle) -> float:
+    return sum(r.get("busy", 0.0) for r in handle.status()["runners"])
+
+
+def runner_us_per_request(client, handle, ic: InferenceClient, rows: np.ndarray) -> float:
+    """Worker CPU per single-row request, not counting the time in the model (measured, not estimated)."""
+    cpu0, busy0 = sum(client.run(_worker_cpu).values()), _model_seconds(handle)
+    bench_single(ic, rows)
+    cpu1, busy1 = sum(client.run(_worker_cpu).values()), _model_seconds(handle)
+    return ((cpu1 - cpu0) - (busy1 - busy0)) / len(rows) * 1e6
+
+
+def _pre(cols):
+    return {"x": cols["x"] * 0.5}
+
+
+def _post(cols):
+    return {"label": cols["probabilities"].argmax(axis=1), "p": cols["probabilities"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (under 90 s)")
+    parser.add_argument("--producers", type=int, default=2, help="client processes sending single requests")
     args = parser.parse_args()
     q = args.quick
     n_single = 30_000 if q else 100_000
@@ -145,20 +177,39 @@ def main() -> None:
     print(f"raw onnxruntime, 1 process x 1 thread, blocks of {BLOCK}: {raw:,.0f} rows/s")
 
     with process_cluster(n_workers=2) as client:
+        address = client.scheduler.address
         deploy(client, OnnxModel("mlp", bundled_model_path()))
+        deploy(client, OnnxModel("mlp-b", bundled_model_path()))
         handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="bench", partitions=2))
-        with InferenceClient(client, inbox="bench") as ic:
+        flow = (Pipeline(inbox="bench-flow", partitions=2).map_batches(_pre).infer("mlp").infer("mlp-b")
+                .map_batches(_post))
+        flow_handle = deploy_pipeline(client, flow)
+        with InferenceClient(client, inbox="bench") as ic, InferenceClient(client, inbox="bench-flow") as fc:
             bench_single(ic, rows[:2000])  # warm up
+            bench_single(fc, rows[:2000])
             blocks = bench_blocks(ic, block, n_blocks)
             print(f"pipeline, columnar blocks of {BLOCK}: {blocks:,.0f} inferences/s ({blocks / raw:.2f}x raw)")
-            single, mean_batch = max(bench_single(ic, rows) for _ in range(2 if q else 3))
-            print(f"pipeline, one request per message: {single:,.0f} requests/s (mean batch {mean_batch:.0f} rows)")
-            lat = {}
-            for pct in (10, 50, 80):
-                p50, p99, achieved = bench_latency(ic, rows, single * pct / 100, lat_seconds)
-                lat[pct] = (p50, p99)
-                print(f"latency at {pct}% load ({achieved:,.0f} req/s): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+            in_process, mean_batch = max(bench_single(ic, rows) for _ in range(2 if q else 3))
+            print(f"pipeline, single-row requests from one client in this process: {in_process:,.0f} requests/s "
+                  f"(mean batch {mean_batch:.0f} rows)")
+            flow_rate = max(bench_single(fc, rows)[0] for _ in range(2 if q else 3))
+            print(f"dataflow pipeline (map_batches -> infer -> infer -> map_batches): {flow_rate:,.0f} requests/s, "
+                  f"{flow_rate / in_process:.2f}x the single-model pipeline")
+            runner_us = runner_us_per_request(client, handle, ic, rows)
+            print(f"partition runners: {runner_us:.1f} us of worker CPU per single-row request besides the model")
+        burst = run_producers(address, "bench", args.producers, mode="burst", n=n_single // args.producers)
+        single = burst["requests_s"]
+        print(f"pipeline, single-row requests from {args.producers} producer processes: {single:,.0f} requests/s "
+              f"(mean batch {burst['batch']:.0f} rows)")
+        lat = {}
+        for pct in (10, 50, 80):
+            r = run_producers(address, "bench", args.producers, mode="open", rate=single * pct / 100 / args.producers,
+                              seconds=lat_seconds)
+            lat[pct] = (r["p50_ms"], r["p99_ms"], r["p99_ms_each"])
+            print(f"latency at {pct}% load ({r['requests_s']:,.0f} req/s): p50 {r['p50_ms']:.1f} ms, "
+                  f"p99 {r['p99_ms']:.1f} ms (p99 in each producer: {r['p99_ms_each']})")
         handle.stop()
+        flow_handle.stop()
 
     rest = bench_rest(rows, 3.0 if q else 8.0)
     print(f"REST per request (aiohttp + onnxruntime, 64 concurrent clients): {rest:,.0f} requests/s; "
@@ -175,6 +226,11 @@ def main() -> None:
         "p99_ms_80pct": round(lat[80][1], 2),
         "rest_req_s": round(rest),
         "ratio_vs_rest": round(single / rest, 2),
+        "producers": args.producers,
+        "single_req_s_in_process": round(in_process),
+        "p99_ms_80pct_each_producer": lat[80][2],
+        "runner_us_per_req": round(runner_us, 2),
+        "dataflow_vs_single": round(flow_rate / in_process, 3),
     }))
 
 

@@ -36,20 +36,17 @@ class TensorSpec:
         return f"{self.name}: {self.dtype if self.dtype is not None else 'any'}{dims}"
 
 
-def block_rows(block: Block) -> int:
-    """Number of rows of a block (length of its arrays' first dimension)."""
-    for arr in block.values():
-        return 0 if np.ndim(arr) == 0 else len(arr)
-    return 0
-
-
 def rows_of(item: Item) -> int:
-    """Rows in a block (an array or a mapping of arrays with rows first)."""
+    """Rows in a block: the length of its (first) array's first dimension; 1 for a scalar, 0 for
+    an empty mapping.  Objects that know their rows (``n_rows``) say so."""
+    n = getattr(item, "n_rows", None)
+    if isinstance(n, int):
+        return n
     if isinstance(item, Mapping):
         for v in item.values():
-            return len(v)
+            return len(v) if np.ndim(v) else 1
         return 0
-    return len(item)
+    return len(item) if np.ndim(item) else 1
 
 
 def concat(items: Sequence[Item]) -> Item:

@@ -69,6 +69,16 @@ def negate_columns(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: -v for k, v in columns.items()}
 
 
+def all_finite(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """A filter for examples and tests: rows whose every numeric column value is finite."""
+    ok = None
+    for v in columns.values():
+        if v.dtype.kind in "fc":
+            row_ok = np.isfinite(v).reshape(len(v), -1).all(axis=1)
+            ok = row_ok if ok is None else ok & row_ok
+    return ok if ok is not None else np.ones(len(next(iter(columns.values()))), dtype=bool)
+
+
 def random_rows(n: int, n_in: int = 16, seed: int = 0) -> np.ndarray:
     """``n`` rows of float32 inputs for the bundled model."""
     return np.random.default_rng(seed).standard_normal((n, n_in)).astype(np.float32)
@@ -158,5 +168,5 @@ def check_key_order(results: list[Any], order: dict[str, list[str]]) -> None:
 
 
 __all__: list[Any] = ["bundled_model_path", "check_key_order", "check_outputs", "check_rows_and_blocks", "collect_results",
-                       "make_mlp_onnx",
-                       "negate_columns", "random_rows", "run_onnx_directly", "send_rows_and_blocks"]
+                       "make_mlp_onnx", "negate_columns", "all_finite", "random_rows", "run_onnx_directly",
+                       "send_rows_and_blocks"]

@@ -60,3 +60,7 @@ def mlp_deployed(client, mlp_path):
     yield "mlp"
     if "mlp" in daskinfer.deployed_models(client):
         daskinfer.undeploy(client, "mlp")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak-seconds", default="60", help="how long tests/test_soak.py runs (default 60 s)")

@@ -91,7 +91,7 @@ def test_cli_run_and_errors():
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "1 pipeline(s) running" in proc.stdout and "inbox 'requests'" in proc.stdout
+    assert "2 pipeline(s) running" in proc.stdout and "inbox 'requests'" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "daskinfer.cli", "run", "/no/such.yaml"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "cannot read deployment file" in proc.stderr
 

@@ -279,3 +279,17 @@ pipelines:
         for h in handles:
             h.stop()
     np.testing.assert_allclose(got, run_onnx_directly(mlp_path, {"x": -rows})["probabilities"], rtol=1e-5, atol=1e-6)
+
+
+def test_deploying_a_pipeline_whose_model_is_not_deployed_fails_at_once_naming_it(client):
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="model 'nowhere' is not deployed; deploy it first"):
+        deploy_pipeline(client, Pipeline(model="nowhere", inbox=f"nowhere-{uuid.uuid4().hex[:6]}"))
+    assert time.monotonic() - t0 < 10, "it fails at deploy, not after the partitions' model timeout"
+
+
+def test_an_output_the_model_does_not_have_fails_at_deploy(client, two_models):
+    with pytest.raises(ConfigError, match="model 'flow-a' has no output 'prob'; its outputs are \\['probabilities'\\]"):
+        deploy_pipeline(client, Pipeline(model=two_models[0], inbox=f"outs-{uuid.uuid4().hex[:6]}", outputs=["prob"]))

@@ -324,7 +324,7 @@ def test_slow_server_runs_into_the_deadline(protocol):
 MALFORMED = {
     ("kserve-grpc", "rows"): "output 'y' has 2 rows .* for a call of 3 rows",
     ("kserve-grpc", "dtype"): "output 'y' came back as int64, but the model's metadata declares float32",
-    ("kserve-grpc", "garbage"): "ModelInfer failed: malformed response: 37 bytes that are not a inference.ModelInferResponse .*Wire format was corrupt",
+    ("kserve-grpc", "garbage"): "ModelInfer failed: malformed response: 37 bytes that are not a inference.ModelInferResponse .*(Wire format was corrupt|Error parsing message)",  # protobuf 7 | 6
     ("kserve-rest", "rows"): "output 'y' has 2 rows .* for a call of 3 rows",
     ("kserve-rest", "dtype"): "tensor 'y' is declared FP32 but its data holds 'U'-kind values",
     ("kserve-rest", "garbage"): "malformed response: the body is not JSON",

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +22,8 @@ from daskinfer.exceptions import InputValidationError, RemoteModelError
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from daskinfer.testing import random_rows, run_onnx_directly
+
+from cli_process import serving
 
 
 def double(x):
@@ -190,7 +188,7 @@ def test_concurrent_callers_are_batched_together():
                 outs = await asyncio.gather(*[loaded.apredict(x) for x in xs])
             finally:
                 loaded.close()
-            batcher = server.core.models["slow"].batcher
+            batcher = server.core.models()["slow"].batcher
             return outs, batcher.batches, batcher.rows
 
     outs, batches, rows = asyncio.run(main())
@@ -255,21 +253,8 @@ def test_cli_serve(mlp_path, poll):
 
     assert main(["serve", "--onnx", "no-equals-sign"]) == 2
     assert main(["serve"]) == 2  # nothing to serve
-    cmd = [sys.executable, "-m", "daskinfer.cli", "serve", "--onnx", f"mlp={mlp_path}", "--grpc-port", "0", "--http-port", "0"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "daskinfer model server" in line:
-                break
-        m = re.search(r"gRPC grpc://127\.0\.0\.1:(\d+), REST http://127\.0\.0\.1:(\d+)", "".join(lines))
-        assert m, "".join(lines)
-        grpc_port, http_port = m.groups()
+    with serving(["serve", "--onnx", f"mlp={mlp_path}", "--grpc-port", "0", "--http-port", "0"],
+                 "daskinfer model server") as (grpc_port, http_port):
         assert _get(f"http://127.0.0.1:{http_port}/v2/health/ready")[0] == 200
         loaded = RemoteModel("mlp", f"127.0.0.1:{grpc_port}").load()
         try:
@@ -279,10 +264,3 @@ def test_cli_serve(mlp_path, poll):
             )
         finally:
             loaded.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()

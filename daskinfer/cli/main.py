@@ -46,10 +46,28 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-delay", default=None, help="longest wait for a batch to fill, e.g. 2ms (default 0)")
     p.add_argument("--max-inflight", type=int, default=None, help="model calls running at once per model")
     p.add_argument("--instances", type=int, default=None, help="model instances (parallel model calls)")
-    p.add_argument("--tls-cert", default=None, help="PEM server certificate: serve gRPC over TLS")
+    _front_door_arguments(p)
+
+
+def _front_door_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS and limits that ``serve`` and ``gateway`` share."""
+    p.add_argument("--max-concurrent-calls", type=int, default=None, help="inference calls in flight at once (more: 503)")
+    p.add_argument("--tls-cert", default=None, help="PEM server certificate: gRPC and REST over TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-    p.add_argument("--tls-client-ca", default=None, help="PEM roots for client certificates (mutual TLS)")
+    p.add_argument("--tls-client-ca", default=None, help="PEM roots for client certificates (mutual TLS, both ports)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def _serve_until_stopped(command: str, server: Any) -> int:
+    """Run a model server or gateway until SIGINT/SIGTERM; one clean line for what stops it."""
+    from daskinfer.exceptions import DaskInferError
+
+    try:
+        server.serve_forever()
+    except (DaskInferError, OSError) as e:
+        print(f"daskinfer {command}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_models(onnx: Sequence[str], python: Sequence[str], instances: int | None = None) -> list[Any]:
@@ -75,32 +93,79 @@ def build_models(onnx: Sequence[str], python: Sequence[str], instances: int | No
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from daskinfer.exceptions import DaskInferError
     from daskinfer.server import ModelServer
 
     try:
         models = build_models(args.onnx, args.python, args.instances)
-    except (argparse.ArgumentTypeError, ImportError, AttributeError) as e:
+    except (argparse.ArgumentTypeError, ImportError, AttributeError, DaskInferError, OSError) as e:
         print(f"daskinfer serve: {e}", file=sys.stderr)
         return 2
     if not models:
         print("daskinfer serve: give at least one --onnx NAME=PATH or --python NAME=MODULE:FUNCTION", file=sys.stderr)
         return 2
-    server = ModelServer(
-        models,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        serve_grpc=not args.no_grpc,
-        serve_http=not args.no_http,
-        max_batch_size=args.max_batch_size,
-        max_delay=args.max_delay,
-        max_inflight=args.max_inflight,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_client_ca=args.tls_client_ca,
-    )
-    server.serve_forever()
-    return 0
+    try:
+        server = ModelServer(
+            models,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            serve_grpc=not args.no_grpc,
+            serve_http=not args.no_http,
+            max_batch_size=args.max_batch_size,
+            max_delay=args.max_delay,
+            max_inflight=args.max_inflight,
+            max_concurrent_calls=args.max_concurrent_calls,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+        )
+    except (DaskInferError, OSError) as e:
+        print(f"daskinfer serve: {e}", file=sys.stderr)
+        return 2
+    return _serve_until_stopped("serve", server)
+
+
+def _gateway_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", required=True, help="address of the Dask scheduler the pipelines run on")
+    p.add_argument("--pipeline", action="append", default=[], metavar="NAME=INBOX[:MODEL]",
+                   help="v2 model NAME in front of the pipeline reading INBOX (MODEL: its deployed model, "
+                   "default NAME); repeatable")
+    p.add_argument("--host", default=None, help="interface to bind (default: daskinfer.gateway.host, 127.0.0.1)")
+    p.add_argument("--http-port", type=int, default=None, help="KServe v2 REST port (default 8080; 0: any free port)")
+    p.add_argument("--grpc-port", type=int, default=None, help="KServe v2 gRPC port (default 8081; 0: any free port)")
+    p.add_argument("--no-grpc", action="store_true", help="do not serve gRPC")
+    p.add_argument("--no-http", action="store_true", help="do not serve REST")
+    p.add_argument("--timeout", default=None, help="longest wait for a pipeline's answer, e.g. 5s (then 504)")
+    _front_door_arguments(p)
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from daskinfer.exceptions import DaskInferError
+    from daskinfer.server.gateway import Gateway
+
+    if not args.pipeline:
+        print("daskinfer gateway: give at least one --pipeline NAME=INBOX", file=sys.stderr)
+        return 2
+    try:
+        gateway = Gateway(
+            args.scheduler,
+            args.pipeline,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            serve_grpc=not args.no_grpc,
+            serve_http=not args.no_http,
+            timeout=args.timeout,
+            max_concurrent_calls=args.max_concurrent_calls,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+        )
+    except (DaskInferError, OSError, ValueError) as e:
+        print(f"daskinfer gateway: {e}", file=sys.stderr)
+        return 2
+    return _serve_until_stopped("gateway", gateway)
 
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
@@ -166,6 +231,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "serve": ("serve models over the KServe v2 protocol (gRPC and REST)", _serve_arguments, _serve),
+    "gateway": ("KServe v2 (REST and gRPC) in front of pipelines on a Dask cluster", _gateway_arguments, _gateway),
     "run": ("deploy the models and pipelines of a YAML file and run them", _run_arguments, _run),
     "quickstart": ("run the bundled model through a local pipeline and print throughput", _quickstart_arguments, _quickstart),
 }

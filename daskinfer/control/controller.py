@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER = "daskinfer-controller"
 _PLACEABLE = (Status.running, Status.paused)
+_COUNTERS = ("read", "answered", "errors", "batches", "rows", "busy", "claimed")
 
 
 class PipelineState:
@@ -49,10 +50,30 @@ class PipelineState:
         self.restarts = 0
         self.failures: dict[int, str] = {}
         self.figures: dict[int, dict[str, Any]] = {}  # last status of each partition
+        self.retired: Counter[str] = Counter()  # counters of partitions' earlier runners (moved, restarted)
 
     def next_epoch(self) -> int:
         self.epoch += 1
         return self.epoch
+
+    def retire_figures(self, partition: int) -> None:
+        """The partition's runner is gone: keep its counters in the totals."""
+        fig = self.figures.pop(partition, None)
+        if fig:
+            self.retired.update({k: fig.get(k, 0) or 0 for k in _COUNTERS})
+
+    def record(self, partition: int, status: dict[str, Any]) -> None:
+        old = self.figures.get(partition)
+        if old is not None and old.get("epoch") != status.get("epoch"):
+            self.retire_figures(partition)
+        self.figures[partition] = status
+
+    def totals(self) -> dict[str, float]:
+        """Counters over every runner the pipeline had (they only grow)."""
+        out = Counter(self.retired)
+        for fig in self.figures.values():
+            out.update({k: fig.get(k, 0) or 0 for k in _COUNTERS})
+        return {k: out.get(k, 0) for k in _COUNTERS}
 
 
 class ControllerEvents(SchedulerPlugin):
@@ -86,8 +107,6 @@ class ControllerExtension:
         self.interval = settings.get_seconds("pipeline.rebalance-interval")
         self.poll_timeout = min(self.rpc_timeout, 2.0)
         self.version = 0  # bumped whenever a route changes
-        self._retired_done = 0  # answered by partitions that moved or whose worker left (counters stay monotonic)
-        self._retired_busy = 0.0
         self._route_waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
         self._task = asyncio.ensure_future(self._loop())
@@ -214,6 +233,10 @@ class ControllerExtension:
             except Exception as e:
                 runners.append({"worker": w, "error": repr(e)})
         out["runners"] = sorted(runners, key=lambda r: r.get("partition", -1))
+        for r in out["runners"]:
+            if "partition" in r and state.assigned.get(r["partition"]) == r.get("worker"):
+                state.record(r["partition"], r)
+        out["totals"] = state.totals()
         return out
 
     def load_figures(self) -> dict[str, Any]:
@@ -224,9 +247,10 @@ class ControllerExtension:
         for state in self.pipelines.values():
             for fig in state.figures.values():
                 backlog += fig.get("backlog", 0) + fig.get("queued_rows", 0)
-                done += fig.get("answered", 0)
-                busy += fig.get("busy", 0.0)
-        return {"backlog": backlog, "done": done + self._retired_done, "busy": busy + self._retired_busy}
+            totals = state.totals()
+            done += totals["answered"]
+            busy += totals["busy"]
+        return {"backlog": backlog, "done": done, "busy": busy}
 
     def list_pipelines(self) -> dict[str, dict[str, Any]]:
         return {name: self.pipeline_assignments(name) for name in self.pipelines}
@@ -238,9 +262,7 @@ class ControllerExtension:
             for p, w in list(state.assigned.items()):
                 if w == worker:
                     del state.assigned[p]
-                    fig = state.figures.pop(p, {})
-                    self._retired_done += fig.get("answered", 0)
-                    self._retired_busy += fig.get("busy", 0.0)
+                    state.retire_figures(p)
                     changed = True
         if changed:
             self._routes_changed()
@@ -280,7 +302,7 @@ class ControllerExtension:
             alive = {r["partition"]: r for r in runners if r["state"] in ("starting", "running")}
             for r in runners:
                 if state.assigned.get(r["partition"]) == w:
-                    state.figures[r["partition"]] = r
+                    state.record(r["partition"], r)
             for p, addr in list(state.assigned.items()):
                 if addr != w or p in alive:
                     continue
@@ -308,9 +330,7 @@ class ControllerExtension:
                 for p, w in leaving:
                     if state.assigned.get(p) == w:
                         del state.assigned[p]
-                        fig = state.figures.pop(p, {})
-                        self._retired_done += fig.get("answered", 0)
-                        self._retired_busy += fig.get("busy", 0.0)
+                        state.retire_figures(p)
                 state.moves += len(leaving)
                 self._routes_changed()
             if not live:
@@ -335,9 +355,7 @@ class ControllerExtension:
                 p = max(q for q, w in state.assigned.items() if w == busiest)
                 await self._rpc_stop(busiest, name, p, True, self.rpc_timeout)
                 del state.assigned[p]
-                fig = state.figures.pop(p, {})
-                self._retired_done += fig.get("answered", 0)
-                self._retired_busy += fig.get("busy", 0.0)
+                state.retire_figures(p)
                 state.moves += 1
                 if await self._start_on(state, p, idlest):
                     self.soon()

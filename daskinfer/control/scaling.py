@@ -99,9 +99,13 @@ class InferenceAdaptive(Adaptive):
         self._prev: LoadSample | None = None
 
     async def target(self) -> int:
-        try:
-            figures = await self.cluster.scheduler_comm.daskinfer_pipeline_load()
-        except Exception:  # no pipeline deployed yet (no daskinfer extension on the scheduler)
+        figures = None
+        try:  # the controller says it is there (scheduler metadata) before it is asked: no error logged
+            if await self.cluster.scheduler_comm.get_metadata(keys=["daskinfer", "controller"], default=False):
+                figures = await self.cluster.scheduler_comm.daskinfer_pipeline_load()
+        except Exception:  # the scheduler is going away
+            figures = None
+        if not isinstance(figures, dict):
             return await super().target()
         workers = len(self.cluster.scheduler_info.get("workers", {})) or len(self.plan)
         cur = LoadSample(time.monotonic(), figures["backlog"], figures["done"], figures["busy"], workers)

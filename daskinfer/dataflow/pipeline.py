@@ -73,23 +73,35 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_config(cls, pipe: Pipeline) -> PipelineSettings:
+        """Resolve the settings from arguments and ``daskinfer.*`` config; raise :class:`ConfigError`
+        naming the setting when a value has the wrong type or is out of bounds."""
+        try:
+            return cls._from_config(pipe)
+        except (TypeError, ValueError, msgspec.ValidationError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"pipeline {pipe.name or pipe.inbox!r}: invalid setting: {e}") from e
+
+    @classmethod
+    def _from_config(cls, pipe: Pipeline) -> PipelineSettings:
         policy = BatchPolicy.from_config(pipe.max_batch_size, pipe.max_delay, pipe.max_inflight)
-        out = cls(
+        raw = dict(
             max_batch_size=policy.max_batch_size,
             max_delay=policy.max_delay,
             max_inflight=policy.max_inflight,
-            read_batch=int(settings.get("broker.get-batch", pipe.read_batch)),
+            read_batch=settings.get("broker.get-batch", pipe.read_batch),
             read_bytes=settings.get_bytes("broker.read-bytes"),
             max_request_size=settings.get_bytes("codec.max-message-size", pipe.max_request_size),
-            direct_max_messages=int(settings.get("direct.max-queued-messages")),
+            direct_max_messages=settings.get("direct.max-queued-messages"),
             direct_max_bytes=settings.get_bytes("direct.max-queued-bytes"),
-            inline_rows=int(settings.get("pipeline.inline-rows")),
-            max_bisect_calls=int(settings.get("pipeline.max-bisect-calls")),
+            inline_rows=settings.get("pipeline.inline-rows"),
+            max_bisect_calls=settings.get("pipeline.max-bisect-calls"),
             model_timeout=settings.get_seconds("pipeline.model-timeout"),
             drain_timeout=settings.get_seconds("pipeline.drain-timeout"),
             inbox_topic=dataclasses.asdict(TopicSettings.from_config("inbox", pipe.partitions)),
             retained_topic=dataclasses.asdict(TopicSettings.from_config("retained")),
         )
+        out = msgspec.convert(raw, cls, strict=True)  # types checked: "many" is not a count
         for k in ("read_batch", "read_bytes", "max_request_size", "direct_max_messages", "direct_max_bytes"):
             if getattr(out, k) < 1:
                 raise ConfigError(f"pipeline setting {k} must be >= 1, got {getattr(out, k)}")
@@ -391,16 +403,23 @@ class PipelineHandle:
 
 
 async def _deploy_models(client: Client, pipe: Pipeline) -> None:
-    """Deploy Model specs named in stages unless that name and version are deployed already."""
+    """Deploy Model specs named in stages unless that name and version are deployed already; check
+    that the models named by string are deployed (a missing one fails here, naming it)."""
     from daskinfer.models.deploy import _deploy, deployed_async
 
-    deployed = None
+    deployed = await deployed_async(client)
     for m in pipe.models_used():
         if isinstance(m, str):
             continue
-        deployed = deployed if deployed is not None else await deployed_async(client)
         if m.version not in deployed.get(m.name, []):
             await _deploy(client, m, True)
+            deployed.setdefault(m.name, []).append(m.version)
+    missing = [m for m in pipe.models_used() if isinstance(m, str) and m not in deployed]
+    if missing:
+        raise ConfigError(
+            f"pipeline {pipe.name or pipe.inbox!r}: model {missing[0]!r} is not deployed; deploy it first "
+            f"(daskinfer.deploy(client, OnnxModel({missing[0]!r}, path))) or give the stage a model spec "
+            f"(pipe.infer(OnnxModel(...))); deployed models: {sorted(deployed) or 'none'}")
 
 
 async def _prepare_embedded(client: Client, spec: PipelineSpec) -> None:

@@ -36,11 +36,6 @@ class Items(list):
     """A chunk of items emitted at once; ``smart_batch`` queues them one by one."""
 
 
-def _rows(item: Any) -> int:
-    n = getattr(item, "n_rows", None)
-    return n if isinstance(n, int) else rows_of(item)
-
-
 @Stream.register_api()
 class smart_batch(Stream):
     """Group items into batches that grow with the load.
@@ -79,7 +74,7 @@ class smart_batch(Stream):
         now = self.loop.time()
         for item in (x if isinstance(x, Items) else (x,)):
             self._retain_refs(metadata)
-            rows = _rows(item)
+            rows = rows_of(item)
             self._queue.append((item, rows, metadata, now))
             self._queued_rows += rows
         result = self._flush()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+from daskinfer.exceptions import ModelNotFoundError
 from daskinfer.models.plugin import ModelPlugin
 from daskinfer.models.spec import Model, parse_plugin_name, plugin_name
+from daskinfer.tensors import TensorSpec
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -106,3 +109,67 @@ def undeploy(client: Client, name: str, version: str | None = None):
 def deployed_models(client: Client):
     """The deployed models: ``{name: [versions]}``."""
     return client.sync(deployed_async, client)
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What a deployed model takes and returns, as loaded on a worker.
+
+    Attributes
+    ----------
+    name, version : str
+        The model and its current version on that worker.
+    kind : str
+        ``"onnx"``, ``"python"``, ``"remote"``...
+    inputs, outputs : list of TensorSpec, or None
+        Names, dtypes and shapes (row dimension first, ``None`` for dynamic dimensions);
+        ``None`` when the model does not declare them (a Python model without ``inputs=``).
+    """
+
+    name: str
+    version: str
+    kind: str
+    inputs: list[TensorSpec] | None
+    outputs: list[TensorSpec] | None
+
+
+def _worker_model_metadata(name: str, dask_worker: Any = None) -> tuple[int, ModelMetadata] | None:
+    from daskinfer.models.registry import registry_for
+
+    try:
+        dep = registry_for(dask_worker).get(name)
+    except ModelNotFoundError:
+        return None
+    meta = ModelMetadata(dep.name, dep.version, str(getattr(dep.model, "kind", "")),
+                         None if dep.inputs is None else list(dep.inputs),
+                         None if dep.outputs is None else list(dep.outputs))
+    return dep.seq, meta
+
+
+async def _model_metadata(client: Client, name: str) -> ModelMetadata:
+    found = await client.run(_worker_model_metadata, name, on_error="return")
+    loaded = [m for m in found.values() if isinstance(m, tuple)]
+    if not loaded:
+        deployed = await deployed_async(client)
+        raise ModelNotFoundError(name, list(deployed))
+    return max(loaded, key=lambda seq_meta: seq_meta[0])[1]  # the newest deployment while a swap runs
+
+
+def model_metadata(client: Client, name: str):
+    """The inputs and outputs of deployed model ``name``, read from a worker that holds it.
+
+    Returns
+    -------
+    ModelMetadata (or an awaitable of it for an asynchronous client)
+
+    Raises
+    ------
+    ModelNotFoundError
+        No worker holds a model of that name.
+
+    Examples
+    --------
+    >>> [s.describe() for s in model_metadata(client, "mlp").inputs]  # doctest: +SKIP
+    ['x: float32[N, 16]']
+    """
+    return client.sync(_model_metadata, client, name)

@@ -18,6 +18,7 @@ import numpy as np
 
 from daskinfer import settings
 from daskinfer.exceptions import ModelLoadError, ModelNotFoundError
+from daskinfer.tensors import rows_of
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -30,12 +31,6 @@ logger = logging.getLogger(__name__)
 EXTENSION_NAME = "daskinfer-models"
 
 
-def _rows(batch: Any) -> int:
-    if isinstance(batch, dict):
-        for v in batch.values():
-            return len(v) if np.ndim(v) else 1
-        return 0
-    return len(batch) if np.ndim(batch) else 1
 
 
 class Deployment:
@@ -100,7 +95,7 @@ class Deployment:
                 return await self.first.apredict(batch, deadline=deadline)
             finally:
                 self._exit()
-        if self.first.inline_rows and _rows(batch) <= self.first.inline_rows and self._pool_free():
+        if self.first.inline_rows and rows_of(batch) <= self.first.inline_rows and self._pool_free():
             # a few rows through a microsecond model: a thread hop would cost more than the call
             return self.predict(batch)
         loop = asyncio.get_running_loop()

@@ -39,10 +39,16 @@ from daskinfer.exceptions import ConfigError, RemoteModelError
 from daskinfer.models.contract import as_output_block
 from daskinfer.models.loaded import LoadedModel
 from daskinfer.models.spec import Model
-from daskinfer.tensors import block_rows
 from daskinfer.remote import PROTOCOLS, make_client
-from daskinfer.remote.base import CallStats, LoopThread, ModelSignature, RemoteClient, call_with_retries
+from daskinfer.remote.base import (
+    CallStats,
+    LoopThread,
+    ModelSignature,
+    RemoteClient,
+    call_with_retries,
+)
 from daskinfer.remote.retry import CircuitBreaker, RetryPolicy
+from daskinfer.tensors import rows_of
 
 logger = logging.getLogger(__name__)
 
@@ -211,7 +217,7 @@ class LoadedRemote(LoadedModel):
 
     async def _arun(self, block: dict[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
         end = deadline if deadline is not None else time.monotonic() + self.spec.deadline
-        rows = block_rows(block)
+        rows = rows_of(block)
         size = self.spec.max_batch_size
         if rows <= size:
             return await self._call(block, rows, end)

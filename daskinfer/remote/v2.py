@@ -7,16 +7,25 @@ and data, carried as
 - typed repeated fields (``InferTensorContents`` in gRPC), or
 - a JSON list (REST), flat or nested, row-major.
 
+Over REST, Triton's *binary tensor data* extension carries tensors as raw bytes after
+the JSON: the request or response body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by each binary tensor in order, each
+tensor marked with ``"parameters": {"binary_data_size": n}``
+(:func:`decode_rest_request`, :func:`encode_rest_response`).
+
 Client and server share these functions.  Everything that comes off the network is
-checked (datatype known, shape non-negative, element count and byte length equal to
-what the shape says) and a mismatch raises :class:`TensorDecodeError` naming the tensor;
-no bytes are ever unpickled.
+checked (datatype known, shape non-negative and not absurdly large, element count and
+byte length equal to what the shape says, integers within their datatype's range) and
+any mismatch raises :class:`TensorDecodeError` naming the tensor: that is the only
+exception the decoders raise for bad input.  No bytes are ever unpickled.
 """
 
 from __future__ import annotations
 
+import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +53,12 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 BYTES = "BYTES"
+
+INFERENCE_HEADER = "Inference-Header-Content-Length"
+"""HTTP header of the binary tensor extension: length of the JSON part of the body."""
+
+MAX_ELEMENTS = 2**48
+"""Most elements one tensor's shape may describe (far beyond any message size limit)."""
 
 # v2 datatype -> the InferTensorContents field that carries it
 CONTENTS_FIELD: dict[str, str] = {
@@ -98,7 +113,27 @@ def _check_shape(shape: Sequence[int], tensor: str) -> tuple[int, ...]:
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
         raise TensorDecodeError(f"tensor {tensor!r} has a negative dimension in shape {list(shape)}")
+    if len(shape) > 32:
+        raise TensorDecodeError(f"tensor {tensor!r} has {len(shape)} dimensions; at most 32 are supported")
+    extent = 1
+    for d in shape:
+        extent *= max(d, 1)
+    if extent > MAX_ELEMENTS:
+        raise TensorDecodeError(f"tensor {tensor!r}: shape {list(shape)} is too large (more than 2**48 elements)")
     return shape
+
+
+def _check_range(values: np.ndarray, dtype: np.dtype, tensor: str) -> None:
+    """Integers that ``dtype`` cannot hold are an error, not a silent wrap-around."""
+    if dtype.kind not in "iu" or values.size == 0 or values.dtype.kind not in "iub":
+        return
+    info = np.iinfo(dtype)
+    lo, hi = values.min(), values.max()
+    if lo < info.min or hi > info.max:
+        bad = lo if lo < info.min else hi
+        raise TensorDecodeError(
+            f"tensor {tensor!r}: value {int(bad)} is outside the range of {datatype_of(dtype)} [{info.min}, {info.max}]"
+        )
 
 
 def _count(shape: tuple[int, ...]) -> int:
@@ -206,6 +241,10 @@ def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequen
         )
     if dtype is None:
         return _bytes_array(list(values), shape)
+    if dtype.kind in "iu":
+        wide = np.array(values, dtype=np.uint64 if field == "uint64_contents" else np.int64)
+        _check_range(wide, dtype, tensor)
+        return wide.astype(dtype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
 
 
@@ -224,14 +263,10 @@ def from_json_tensor(obj: Any, where: str = "tensor") -> tuple[str, np.ndarray]:
     """Decode a v2 REST tensor object; returns ``(name, array)``."""
     if not isinstance(obj, dict):
         raise TensorDecodeError(f"{where} is a {type(obj).__name__}, expected an object")
-    name = obj.get("name")
-    datatype = obj.get("datatype")
-    shape = obj.get("shape")
     data = obj.get("data")
-    if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
-        raise TensorDecodeError(f"{where} needs string 'name' and 'datatype' and a list 'shape', got keys {sorted(obj)}")
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise TensorDecodeError(f"tensor {name!r}: shape {shape} is not a list of integers")
+    name, datatype, shape = _tensor_header(obj, where)
+    if data is None:
+        raise TensorDecodeError(f"tensor {name!r} has no 'data' (and no binary_data_size parameter)")
     return name, json_data_to_array(data, datatype, shape, name)
 
 
@@ -254,5 +289,185 @@ def json_data_to_array(data: Any, datatype: str, shape: Sequence[int], tensor: s
             f"(numpy {parsed.dtype}), e.g. {parsed.ravel()[0]!r}"
         )
     if dtype is None:
-        return _bytes_array([v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in parsed.ravel().tolist()], shape)
-    return parsed.astype(dtype, copy=False).reshape(shape)
+        items = parsed.ravel().tolist()
+        if not all(isinstance(v, str) for v in items):
+            raise TensorDecodeError(f"tensor {tensor!r} is declared BYTES but its data holds values that are not strings")
+        return _bytes_array([v.encode("utf-8") for v in items], shape)
+    _check_range(parsed, dtype, tensor)
+    with np.errstate(over="ignore"):  # floats beyond FP16/FP32 become inf, as on every v2 server
+        return parsed.astype(dtype, copy=False).reshape(shape)
+
+
+# -- REST bodies, with Triton's binary tensor data extension ---------------------------------
+@dataclass
+class RestInferRequest:
+    """A decoded v2 REST inference request.
+
+    Attributes
+    ----------
+    inputs : dict of str to ndarray
+        The input tensors by name.
+    id : str, optional
+        The request's ``id``, echoed in the response.
+    outputs : list of str, optional
+        Requested output names (``None``: all).
+    binary_outputs, json_outputs : set of str
+        Outputs to send as binary data, or as JSON (their ``parameters.binary_data``).
+    binary_default : bool
+        Send unlisted outputs as binary data (top-level ``parameters.binary_data_output``).
+    parameters : dict
+        The request's top-level parameters.
+    """
+
+    inputs: dict[str, np.ndarray]
+    id: str | None = None
+    outputs: list[str] | None = None
+    binary_outputs: set[str] = field(default_factory=set)
+    json_outputs: set[str] = field(default_factory=set)
+    binary_default: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def wants_binary(self, output: str) -> bool:
+        """Whether ``output`` goes back as binary data."""
+        return output in self.binary_outputs or (self.binary_default and output not in self.json_outputs)
+
+
+def _parameters(obj: dict[str, Any], where: str) -> dict[str, Any]:
+    params = obj.get("parameters", {})
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise TensorDecodeError(f"{where}: 'parameters' is a {type(params).__name__}, expected an object")
+    return params
+
+
+def _flag(params: dict[str, Any], key: str, where: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise TensorDecodeError(f"{where}: parameter {key!r} is {value!r}, expected true or false")
+    return value
+
+
+def _header_length(value: Any, size: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise TensorDecodeError(f"{INFERENCE_HEADER} is {value!r}, expected a number of bytes") from None
+    if not 0 <= n <= size:
+        raise TensorDecodeError(f"{INFERENCE_HEADER} is {n} but the body has {size} bytes")
+    return n
+
+
+def _load_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise TensorDecodeError(f"the request body is not JSON: {e}") from None
+
+
+def decode_rest_request(body: bytes, header_length: Any = None) -> RestInferRequest:
+    """Decode a v2 REST inference request body (JSON, or JSON plus binary tensor data).
+
+    Parameters
+    ----------
+    body : bytes
+        The whole HTTP body.
+    header_length : str or int, optional
+        The ``Inference-Header-Content-Length`` header: the JSON part's length; the rest
+        of the body is the inputs' binary data in order.
+
+    Raises
+    ------
+    TensorDecodeError
+        For anything that is not a well-formed request, naming the part at fault.
+    """
+    n = _header_length(header_length, len(body))
+    obj = _load_json(body if n is None else body[:n])
+    if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), list):
+        raise TensorDecodeError("expected a JSON object with an 'inputs' list")
+    binary = memoryview(body)[len(body) if n is None else n:]
+    pos = 0
+    inputs: dict[str, np.ndarray] = {}
+    for i, t in enumerate(obj["inputs"]):
+        where = f"input {i}"
+        if not isinstance(t, dict):
+            raise TensorDecodeError(f"{where} is a {type(t).__name__}, expected an object")
+        size = _parameters(t, where).get("binary_data_size")
+        if size is None:
+            name, arr = from_json_tensor(t, where)
+        else:
+            name, datatype, shape = _tensor_header(t, where)
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise TensorDecodeError(f"tensor {name!r}: binary_data_size is {size!r}, expected a byte count")
+            if pos + size > len(binary):
+                raise TensorDecodeError(
+                    f"tensor {name!r}: binary_data_size {size} runs past the {len(binary)} bytes of binary data"
+                )
+            arr = from_raw(bytes(binary[pos:pos + size]), datatype, shape, name)
+            pos += size
+        if name in inputs:
+            raise TensorDecodeError(f"input {name!r} is given twice")
+        inputs[name] = arr
+    if pos != len(binary):
+        raise TensorDecodeError(f"the body has {len(binary) - pos} bytes of binary data that no input claims")
+    request_id = obj.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise TensorDecodeError(f"'id' is a {type(request_id).__name__}, expected a string")
+    params = _parameters(obj, "the request")
+    req = RestInferRequest(inputs, request_id, parameters=params,
+                           binary_default=_flag(params, "binary_data_output", "the request"))
+    outputs = obj.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise TensorDecodeError(f"'outputs' is a {type(outputs).__name__}, expected a list")
+        names = []
+        for i, o in enumerate(outputs):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise TensorDecodeError(f"output {i}: expected an object with a string 'name'")
+            names.append(o["name"])
+            oparams = _parameters(o, f"output {o['name']!r}")
+            if "binary_data" in oparams:
+                (req.binary_outputs if _flag(oparams, "binary_data", f"output {o['name']!r}") else req.json_outputs).add(o["name"])
+        req.outputs = names or None
+    return req
+
+
+def _tensor_header(obj: dict[str, Any], where: str) -> tuple[str, str, list[int]]:
+    name, datatype, shape = obj.get("name"), obj.get("datatype"), obj.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+        raise TensorDecodeError(f"{where} needs string 'name' and 'datatype' and a list 'shape', got keys {sorted(obj)}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise TensorDecodeError(f"tensor {name!r}: shape {shape} is not a list of integers")
+    return name, datatype, shape
+
+
+def encode_rest_response(
+    model_name: str,
+    model_version: str,
+    request_id: str | None,
+    outputs: dict[str, np.ndarray],
+    binary: Callable[[str], bool] = lambda name: False,
+) -> tuple[bytes, int | None]:
+    """The body of a v2 REST inference response, and its JSON length when it carries binary data.
+
+    ``binary(name)`` says which outputs go as binary data (Triton's extension); the
+    length is then the ``Inference-Header-Content-Length`` header's value.
+    """
+    tensors, raw = [], []
+    for name, arr in outputs.items():
+        if binary(name):
+            data = to_raw(arr)
+            tensors.append({"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape),
+                            "parameters": {"binary_data_size": len(data)}})
+            raw.append(data)
+        else:
+            tensors.append(to_json_tensor(name, arr))
+    resp: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
+    if request_id is not None:
+        resp["id"] = request_id
+    head = json.dumps(resp, separators=(",", ":")).encode()
+    if not raw:
+        return head, None
+    return b"".join([head, *raw]), len(head)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from daskinfer.dataflow.batching import BatchPolicy
+from daskinfer.server.errors import Overloaded
 from daskinfer.tensors import concat, split
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class ServerOverloaded(Exception):
+class ServerOverloaded(Overloaded):
     """The model's queue is full: the caller should back off and retry."""
 
 
@@ -68,6 +69,9 @@ class ServerBatcher:
         self._tasks: set[asyncio.Task] = set()
         self.batches = 0
         self.rows = 0
+        self.timed_calls = 0  # calls whose queue and model time are summed below
+        self.queue_ns = 0
+        self.infer_ns = 0
 
     async def submit(self, block: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         """Queue a validated block of ``rows`` rows; return its outputs."""
@@ -120,10 +124,15 @@ class ServerBatcher:
     async def _run(self, items: list[_Item]) -> None:
         try:
             block = concat([it.block for it in items]) if len(items) > 1 else items[0].block
+            loop = asyncio.get_running_loop()
+            start = loop.time()
             out = await self.deployment.apredict(block)
             pieces = split(out, [it.rows for it in items])
             self.batches += 1
             self.rows += sum(it.rows for it in items)
+            self.timed_calls += len(items)
+            self.queue_ns += int(sum(start - it.enqueued for it in items) * 1e9)
+            self.infer_ns += int((loop.time() - start) * len(items) * 1e9)
             for it, piece in zip(items, pieces):
                 if not it.future.done():
                     it.future.set_result(piece)

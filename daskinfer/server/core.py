@@ -1,101 +1,79 @@
-"""What the gRPC and REST front ends of the model server share: models, metadata, inference."""
+"""The model server's back end: daskinfer models loaded in this process, batched across callers."""
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from daskinfer.dataflow.batching import BatchPolicy
-from daskinfer.models.spec import Model
-from daskinfer.tensors import TensorSpec
 from daskinfer.models.registry import Deployment
-from daskinfer.remote import v2
+from daskinfer.models.spec import Model
 from daskinfer.server.batcher import ServerBatcher
+from daskinfer.server.service import CallStats, V2Model, V2Service, model_config, tensor_metadata, v2_metadata
 
-logger = logging.getLogger(__name__)
-
-PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "daskinfer_python", "remote": "daskinfer_remote"}
-
-
-class ModelNotServed(LookupError):
-    """No model of that name (and version) is served here."""
+__all__ = ["ServedModel", "ServerCore", "load_models", "tensor_metadata"]
 
 
-def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-    """v2 metadata of one tensor: name, datatype, shape with -1 for variable dimensions."""
-    datatype = v2.BYTES if spec.dtype is None else v2.datatype_of(spec.dtype)
-    shape = [-1] if spec.shape is None else [-1 if d is None else int(d) for d in spec.shape]
-    return {"name": spec.name, "datatype": datatype, "shape": shape}
-
-
-@dataclass
-class ServedModel:
+class ServedModel(V2Model):
     """One model behind the server: its deployment, batcher and v2 metadata."""
 
-    deployment: Deployment
-    batcher: ServerBatcher
+    def __init__(self, deployment: Deployment, batcher: ServerBatcher):
+        self.deployment = deployment
+        self.batcher = batcher
+        self.name = deployment.name
+        self.version = deployment.version
+        self.stats = CallStats()
 
     @property
-    def name(self) -> str:
-        return self.deployment.name
-
-    @property
-    def version(self) -> str:
-        return self.deployment.version
+    def kind(self) -> str:
+        return getattr(self.deployment.model, "kind", "")
 
     def metadata(self) -> dict[str, Any]:
         dep = self.deployment
-        return {
-            "name": dep.name,
-            "versions": [dep.version],
-            "platform": PLATFORMS.get(getattr(dep.model, "kind", ""), "daskinfer"),
-            "inputs": [tensor_metadata(s) for s in dep.inputs or []],
-            "outputs": [tensor_metadata(s) for s in dep.outputs or []],
-        }
+        return v2_metadata(dep.name, dep.version, self.kind, list(dep.inputs or []), list(dep.outputs or []))
 
-    async def infer(self, block: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Validate ``block`` against the model, batch it with other callers' and run it.
+    def config(self) -> dict[str, Any]:
+        dep = self.deployment
+        return model_config(
+            dep.name, self.kind, list(dep.inputs or []), list(dep.outputs or []), self.batcher.policy.max_batch_size
+        )
+
+    def statistics(self) -> dict[str, Any]:
+        b = self.batcher
+        self.stats.executions, self.stats.timed_count = b.batches, b.timed_calls
+        self.stats.queue_ns, self.stats.infer_ns = b.queue_ns, b.infer_ns
+        return super().statistics()
+
+    async def run(self, inputs: dict[str, np.ndarray], timeout: float | None) -> dict[str, np.ndarray]:
+        """Validate ``inputs`` against the model, batch them with other callers' and run them.
 
         Raises :class:`~daskinfer.exceptions.InputValidationError` for a bad request,
         :class:`~daskinfer.server.batcher.ServerOverloaded` when the queue is full and
         whatever the model raises.
         """
-        block, rows = self.deployment.first.prepare(block)
-        out = await self.batcher.submit(block, rows)
-        if outputs:
-            missing = [o for o in outputs if o not in out]
-            if missing:
-                raise KeyError(f"model {self.name!r} has no output {missing[0]!r}; outputs: {sorted(out)}")
-            out = {o: out[o] for o in outputs}
-        return out
+        block, rows = self.deployment.first.prepare(inputs)
+        return await self.batcher.submit(block, rows)
 
 
-class ServerCore:
-    """The models of one server, by name."""
+class ServerCore(V2Service):
+    """The models of one model server, by name."""
 
-    def __init__(self, deployments: list[Deployment], policy: BatchPolicy, max_queue_rows: int):
-        self.models: dict[str, ServedModel] = {}
+    def __init__(self, deployments: list[Deployment], policy: BatchPolicy, max_queue_rows: int,
+                 max_concurrent_calls: int = 0, retry_after: float = 1.0):
+        super().__init__(max_concurrent_calls, retry_after)
+        self._models: dict[str, ServedModel] = {}
         for dep in deployments:
-            if dep.name in self.models:
+            if dep.name in self._models:
                 raise ValueError(f"model {dep.name!r} is given twice; serve one version per name")
-            self.models[dep.name] = ServedModel(dep, ServerBatcher(dep, policy, max_queue_rows))
-        self.ready = False
+            self._models[dep.name] = ServedModel(dep, ServerBatcher(dep, policy, max_queue_rows))
 
-    def get(self, name: str, version: str = "") -> ServedModel:
-        """The served model ``name``; ``version`` "" means the one served."""
-        m = self.models.get(name)
-        if m is None:
-            raise ModelNotServed(f"model {name!r} is not served here; models: {sorted(self.models)}")
-        if version and version != m.version:
-            raise ModelNotServed(f"model {name!r} version {version!r} is not served here; versions: [{m.version!r}]")
-        return m
+    def models(self) -> dict[str, ServedModel]:
+        return self._models
 
     def close(self) -> None:
         self.ready = False
-        for m in self.models.values():
+        for m in self._models.values():
             m.batcher.close()
             m.deployment.retire()
 

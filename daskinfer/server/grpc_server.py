@@ -1,27 +1,32 @@
-"""KServe v2 gRPC front end of the model server (``grpc.aio``).
+"""KServe v2 gRPC front end (``grpc.aio``) of the model server and the gateway.
 
 Serves ``inference.GRPCInferenceService``: ServerLive, ServerReady, ModelReady,
-ServerMetadata, ModelMetadata and ModelInfer.  Inputs are read from
-``raw_input_contents`` or typed contents; outputs are sent as ``raw_output_contents``
-(as Triton does).  Status codes: NOT_FOUND for an unknown model, INVALID_ARGUMENT for a
-request that does not match the model, RESOURCE_EXHAUSTED when the queue is full,
-UNAVAILABLE while the server starts or stops, INTERNAL when the model fails.
+ServerMetadata, ModelMetadata and ModelInfer, plus Triton's ModelConfig,
+ModelStatistics and RepositoryIndex.  Inputs are read from ``raw_input_contents`` or
+typed contents; outputs are sent as ``raw_output_contents`` (as Triton does).  Status
+codes follow :mod:`daskinfer.server.errors`; RESOURCE_EXHAUSTED carries a
+``retry-after`` trailer; bytes that are not a valid request message are
+INVALID_ARGUMENT (grpcio alone would answer INTERNAL).  The port is bound exclusively (no ``SO_REUSEPORT``), so a
+second server on a port in use fails instead of sharing it.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
-from daskinfer.exceptions import RequestError
 from daskinfer.remote import v2
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from daskinfer.server.batcher import ServerOverloaded
-from daskinfer.server.core import ModelNotServed, ServerCore, ServedModel
+from daskinfer.server.errors import BadRequest, ServerBindError, ServiceError
+from daskinfer.server.service import V2Model, V2Service
 
 logger = logging.getLogger(__name__)
 
@@ -39,79 +44,149 @@ def decode_request(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return block
 
 
-def encode_response(model: ServedModel, request_id: str, out: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+def request_timeout(req: pb.ModelInferRequest, context: Any) -> float | None:
+    """Seconds the caller waits: its gRPC deadline, or Triton's ``timeout`` parameter (us)."""
+    remaining = context.time_remaining()
+    timeout = None if remaining is None else max(float(remaining), 0.0)
+    if "timeout" in req.parameters:
+        us = req.parameters["timeout"].int64_param
+        if us <= 0:
+            raise BadRequest(f"parameter 'timeout' is {us}, expected a positive number of microseconds")
+        timeout = us / 1e6 if timeout is None else min(timeout, us / 1e6)
+    return timeout
+
+
+def encode_response(model: V2Model, request_id: str, out: dict[str, np.ndarray]) -> pb.ModelInferResponse:
     resp = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request_id)
     v2.add_raw_tensors(resp.outputs, resp.raw_output_contents, out)
     return resp
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The v2 service over a :class:`ServerCore`."""
+async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> NoReturn:
+    if e.retry_after is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(e.retry_after)))),))
+    await context.abort(e.grpc_code, e.message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
-    def __init__(self, core: ServerCore, server_name: str = "daskinfer", server_version: str = ""):
-        self.core = core
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The v2 service (and Triton's extensions) over a :class:`V2Service`."""
+
+    def __init__(self, service: V2Service, server_name: str = "daskinfer", server_version: str = ""):
+        self.service = service
         self.server_name = server_name
         self.server_version = server_version
 
-    async def _model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ServedModel:
+    async def _model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> V2Model:
         try:
-            return self.core.get(name, version)
-        except ModelNotServed as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-            raise  # abort raises; this line is for type checkers
+            return self.service.get(name, version)
+        except ServiceError as e:
+            await _abort(context, e)
 
     async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.core.ready)
+        return pb.ServerReadyResponse(ready=self.service.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         try:
-            self.core.get(request.name, request.version)
-        except ModelNotServed:
+            self.service.get(request.name, request.version)
+        except ServiceError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.core.ready)
+        return pb.ModelReadyResponse(ready=self.service.ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=self.server_name, version=self.server_version, extensions=[])
+        return pb.ServerMetadataResponse(
+            name=self.server_name, version=self.server_version,
+            extensions=["model_configuration", "model_repository", "statistics"],
+        )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         model = await self._model(request.name, request.version, context)
-        md = model.metadata()
-        resp = pb.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"])
-        for key in ("inputs", "outputs"):
-            for t in md[key]:
-                getattr(resp, key).add(name=t["name"], datatype=t["datatype"], shape=t["shape"])
-        return resp
+        return json_format.ParseDict(model.metadata(), pb.ModelMetadataResponse())
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        model = await self._model(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(model.config(), pb.ModelConfig()))
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        try:
+            stats = self.service.statistics(request.name, request.version)
+        except ServiceError as e:
+            await _abort(context, e)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        index = self.service.repository_index()
+        if request.ready:
+            index = [m for m in index if m["state"] == "READY"]
+        return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        if not self.core.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is not ready (starting or stopping)")
         model = await self._model(request.model_name, request.model_version, context)
         try:
-            block = decode_request(request)
-        except v2.TensorDecodeError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model {model.name!r}: {e}")
-        requested = [o.name for o in request.outputs] or None
+            try:
+                block = decode_request(request)
+            except v2.TensorDecodeError as e:
+                raise BadRequest(f"model {model.name!r}: {e}") from None
+            requested = [o.name for o in request.outputs] or None
+            out = await self.service.infer(model, block, requested, request_timeout(request, context))
+            try:
+                return encode_response(model, request.id, out)
+            except v2.TensorDecodeError as e:
+                raise BadRequest(f"model {model.name!r}: its outputs cannot be sent over v2: {e}") from None
+        except ServiceError as e:
+            await _abort(context, e)
+
+
+SERVICE = "inference.GRPCInferenceService"
+
+
+class UndecodableRequest:
+    """Stands for request bytes that do not parse as the method's message."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _lenient_parser(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
         try:
-            out = await model.infer(block, requested)
-        except (RequestError, KeyError) as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e.args[0]) if isinstance(e, KeyError) else str(e))
-        except ServerOverloaded as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except Exception as e:
-            logger.warning("model %s failed on a batch: %s: %s", model.name, type(e).__name__, e)
-            await context.abort(grpc.StatusCode.INTERNAL, f"model {model.name!r} failed: {type(e).__name__}: {e}")
-        try:
-            return encode_response(model, request.id, out)
-        except v2.TensorDecodeError as e:
-            await context.abort(grpc.StatusCode.INTERNAL, f"model {model.name!r}: cannot encode its outputs: {e}")
-            raise
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as e:
+            return UndecodableRequest(f"the request is not a valid {message_class.DESCRIPTOR.name} message: {e}")
+
+    return parse
+
+
+def _checked(method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: Any) -> Any:
+        if isinstance(request, UndecodableRequest):
+            await _abort(context, BadRequest(request.message))
+        return await method(request, context)
+
+    return handle
+
+
+def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer``'s methods (the generated registration, with lenient request parsing)."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            _checked(getattr(servicer, m.name)),
+            request_deserializer=_lenient_parser(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+
+
+def _grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def start_grpc_server(
-    core: ServerCore,
+    service: V2Service,
     host: str,
     port: int,
     *,
@@ -119,25 +194,34 @@ async def start_grpc_server(
     tls_cert: bytes | None = None,
     tls_key: bytes | None = None,
     tls_client_ca: bytes | None = None,
+    server_name: str = "daskinfer",
     server_version: str = "",
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server on ``host:port`` (0: a free port); return it and its port."""
+    """Start the gRPC server on ``host:port`` (0: a free port); return it and its port.
+
+    Raises :class:`~daskinfer.server.errors.ServerBindError` when the address is taken.
+    """
     server = grpc.aio.server(
         options=[
             ("grpc.max_send_message_length", max_message_size),
             ("grpc.max_receive_message_length", max_message_size),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, server_version=server_version), server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if tls_cert is not None:
-        creds = grpc.ssl_server_credentials(
-            [(tls_key, tls_cert)], root_certificates=tls_client_ca, require_client_auth=tls_client_ca is not None
-        )
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
+    servicer = InferenceServicer(service, server_name=server_name, server_version=server_version)
+    add_servicer(servicer, server)
+    address = _grpc_address(host, port)
+    try:
+        if tls_cert is not None:
+            creds = grpc.ssl_server_credentials(
+                [(tls_key, tls_cert)], root_certificates=tls_client_ca, require_client_auth=tls_client_ca is not None
+            )
+            bound = server.add_secure_port(address, creds)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio >= 1.5x raises where older releases returned 0
+        bound = 0
     if not bound:
-        raise OSError(f"cannot bind the gRPC server to {address}")
+        raise ServerBindError(f"cannot bind the gRPC front end to {address}: the port is in use or the host is not local")
     await server.start()
     return server, bound

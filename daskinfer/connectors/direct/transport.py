@@ -142,18 +142,36 @@ class DirectTransport(ClientTransport):
         for p in range(len(self.partitions)):
             self._pump(p)
 
+    def _fail(self, exc: BaseException) -> None:
+        """Nothing more can be answered: the client's pending requests fail with ``exc``."""
+        if not self._closed and self.error is None:
+            logger.error("%s", exc)
+            self.error = exc
+            self._results.put_nowait([])
+            for state in self.partitions:
+                state.room.set()
+
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        gone_since: float | None = None
         while not self._closed:
             try:
-                routes = await self._routes(5.0, self.version)
+                routes = await self._routes(min(5.0, self.start_timeout), self.version)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the scheduler is gone: nothing more can be routed
-                if not self._closed:
-                    logger.error("lost the routes of inbox %r: %s", self.inbox, e)
-                    self.error = e
-                    self._results.put_nowait([])
+                self._fail(ConnectionError(f"lost the routes of inbox {self.inbox!r}: {e}"))
                 return
+            if routes.get("pipeline") is None:
+                # stopped: a pipeline deployed again soon takes over; past start_timeout, requests fail
+                gone_since = loop.time() if gone_since is None else gone_since
+                if self.sends and loop.time() - gone_since > self.start_timeout:
+                    self._fail(PipelineNotFoundError(
+                        f"the pipeline of inbox {self.inbox!r} stopped and none took its place within "
+                        f"{self.start_timeout:g}s; {len(self.sends)} sends of requests are unanswered"))
+                    return
+            else:
+                gone_since = None
             if routes["version"] != self.version:
                 self._apply(routes)
 
@@ -166,7 +184,9 @@ class DirectTransport(ClientTransport):
             by_part.setdefault(p % n, []).append(data)
         for p, payloads in by_part.items():
             state = self.partitions[p]
-            while len(state.pending) >= self.window and not self._closed:
+            if self.error is not None:
+                raise self.error
+            while len(state.pending) >= self.window and not self._closed and self.error is None:
                 state.room.clear()
                 await state.room.wait()
             seq = next(self._seq)
@@ -290,11 +310,11 @@ class DirectTransport(ClientTransport):
         if self.error is not None:
             raise self.error
         try:
-            out = await asyncio.wait_for(self._results.get(), timeout)
+            out = list(await asyncio.wait_for(self._results.get(), timeout))
         except asyncio.TimeoutError:
             return []
         while not self._results.empty():
-            out = out + self._results.get_nowait()
+            out.extend(self._results.get_nowait())
         if self.error is not None and not out:
             raise self.error
         return out

@@ -349,6 +349,7 @@ class BrokerPlugin(SchedulerPlugin):
             controller = ControllerExtension(scheduler)
             scheduler.extensions[CONTROLLER] = controller
             scheduler.add_plugin(controller.events, name="daskinfer-controller-events")
+            scheduler.set_metadata(keys=["daskinfer", "controller"], value=True)  # for InferenceAdaptive
 
     async def close(self) -> None:
         pass

@@ -152,7 +152,10 @@ local missing = {}
 local a = 4
 for k = 1, #KEYS - 2 do
   local key, maxlen, create, nbig = KEYS[k + 2], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  if create == '0' and redis.call('EXISTS', key) == 0 then
+  local kind = redis.call('TYPE', key)['ok']
+  if (create == '0' and kind == 'none') or (kind ~= 'none' and kind ~= 'stream') then
+    -- a reply stream that is gone, or a key that is not a stream: its results are dropped (and
+    -- counted), never a failure after the acknowledgement above
     missing[#missing + 1] = k
     a = a + 4 + nbig
   elseif maxlen == '0' then

@@ -1,0 +1,190 @@
+"""The gateway in front of a pipeline vs a FastAPI + uvicorn + onnxruntime per-request server.
+
+The same model (the bundled MLP 16->64->64->2) and the same v2 REST requests, sent by a
+load generator in its own process (``_loadgen.py``, aiohttp client) to
+
+(a) ``daskinfer gateway`` (its own process) in front of a pipeline on a ``dask
+    scheduler`` and two one-thread ``dask worker`` processes;
+(b) ``fastapi_server.py`` under uvicorn (its own process): one onnxruntime call per
+    HTTP request, the way such a server is usually written.
+
+For each: a closed loop with 64 connections (peak req/s), then open loops at 10% and 50%
+of that peak (p99 latency from each request's scheduled time).  Then (a) again with
+binary-tensor requests (Triton's extension) of 64 rows each.  Everything shares this
+machine's cores, so read the ratios, measured side by side in one run.  The last line
+printed is one JSON object.
+
+    python benchmarks/gateway.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _cluster import free_port, process_cluster  # noqa: E402
+
+from daskinfer import OnnxModel, Pipeline, deploy, deploy_pipeline  # noqa: E402
+from daskinfer.remote import v2  # noqa: E402
+from daskinfer.testing import bundled_model_path, random_rows, run_onnx_directly  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = dict(os.environ, PYTHONWARNINGS="ignore")
+BLOCK_ROWS = 64
+
+
+def json_bodies(n: int, rows: int = 1) -> list[dict]:
+    out = []
+    for i in range(n):
+        x = random_rows(rows, seed=i)
+        body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                       "data": x.ravel().tolist()}]}).encode()
+        out.append({"body": base64.b64encode(body).decode(), "headers": {"Content-Type": "application/json"}})
+    return out
+
+
+def binary_bodies(n: int, rows: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        x = random_rows(rows, seed=i)
+        head = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": x.nbytes}}],
+                           "parameters": {"binary_data_output": True}}).encode()
+        out.append({"body": base64.b64encode(head + x.tobytes()).decode(),
+                    "headers": {"Content-Type": "application/octet-stream", v2.INFERENCE_HEADER: str(len(head))}})
+    return out
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > end:
+            raise RuntimeError(f"{url} did not become ready")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def started(cmd: list[str], url: str, env: dict | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or ENV, cwd=HERE)
+    try:
+        wait_ready(url, proc)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def load(url: str, bodies_file: str, mode: str, duration: float, rate: float = 0.0) -> dict:
+    cmd = [sys.executable, os.path.join(HERE, "_loadgen.py"), url, bodies_file, "--mode", mode,
+           "--duration", str(duration), "--concurrency", "64", "--rate", str(max(rate, 1.0))]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=duration + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_answer(url: str, rows: int) -> None:
+    """One request by hand: the server answers what onnxruntime computes."""
+    x = random_rows(rows, seed=99)
+    body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                   "data": x.ravel().tolist()}]}).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        out = json.loads(r.read())["outputs"][0]
+    got = np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+    np.testing.assert_allclose(got, run_onnx_directly(bundled_model_path(), {"x": x})["probabilities"], rtol=1e-5)
+
+
+def measure(name: str, url: str, bodies_file: str, duration: float) -> dict:
+    peak = load(url, bodies_file, "closed", duration)
+    figures = {"peak": peak}
+    for pct in (10, 50):
+        figures[f"open_{pct}pct"] = load(url, bodies_file, "open", duration, rate=peak["req_s"] * pct / 100)
+    print(f"{name}: {json.dumps(figures)}", flush=True)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs (under 90 s in all)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per load run (default 10; --quick 3)")
+    args = p.parse_args(argv)
+    duration = args.duration or (3.0 if args.quick else 10.0)
+    started_at = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for key, bodies in (("single", json_bodies(256)), ("blocks", binary_bodies(64, BLOCK_ROWS))):
+            files[key] = os.path.join(tmp, f"{key}.json")
+            with open(files[key], "w") as f:
+                json.dump(bodies, f)
+
+        results = {}
+        with process_cluster(n_workers=2) as client:
+            deploy(client, OnnxModel("mlp", bundled_model_path()))
+            deploy_pipeline(client, Pipeline(model="mlp", inbox="gateway-bench", partitions=2))
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            gateway_cmd = [sys.executable, "-m", "daskinfer.cli", "gateway", "--scheduler", client.scheduler.address,
+                           "--pipeline", "mlp=gateway-bench", "--http-port", str(port), "--no-grpc",
+                           "--log-level", "WARNING"]
+            with started(gateway_cmd, url):
+                infer = f"{url}/v2/models/mlp/infer"
+                check_answer(infer, 1)
+                check_answer(infer, BLOCK_ROWS)
+                results["gateway"] = measure("gateway", infer, files["single"], duration)
+                results["gateway_blocks"] = measure("gateway, 64-row binary blocks", infer, files["blocks"], duration)
+
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        fastapi_cmd = [sys.executable, "-m", "uvicorn", "fastapi_server:app", "--app-dir", HERE, "--host", "127.0.0.1",
+                       "--port", str(port), "--log-level", "warning", "--no-access-log"]
+        with started(fastapi_cmd, url, env=dict(ENV, DASKINFER_BENCH_MODEL=bundled_model_path())):
+            infer = f"{url}/v2/models/mlp/infer"
+            check_answer(infer, 1)
+            results["fastapi"] = measure("fastapi", infer, files["single"], duration)
+
+    g, gb, f = results["gateway"], results["gateway_blocks"], results["fastapi"]
+    summary = {
+        "gateway_req_s": g["peak"]["req_s"],
+        "fastapi_req_s": f["peak"]["req_s"],
+        "gateway_vs_fastapi": round(g["peak"]["req_s"] / f["peak"]["req_s"], 2),
+        "gateway_p99_ms_50pct": g["open_50pct"]["p99_ms"],
+        "fastapi_p99_ms_50pct": f["open_50pct"]["p99_ms"],
+        "gateway_p99_ms_10pct": g["open_10pct"]["p99_ms"],
+        "fastapi_p99_ms_10pct": f["open_10pct"]["p99_ms"],
+        "gateway_rows_s_blocks": round(gb["peak"]["req_s"] * BLOCK_ROWS, 1),
+        "gateway_p99_ms_50pct_blocks": gb["open_50pct"]["p99_ms"],
+        "blocks_vs_fastapi_rows": round(gb["peak"]["req_s"] * BLOCK_ROWS / f["peak"]["req_s"], 1),
+        "errors": sum(r[k]["errors"] for r in results.values() for k in r),
+        "seconds": round(time.monotonic() - started_at, 1),
+    }
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The official Triton client against ``daskinfer serve`` (ModelServer) and the gateway.
+
+Both speak the KServe v2 protocol with Triton's extensions; these tests use
+``tritonclient`` (HTTP and gRPC, binary tensor data and JSON, sync and async) exactly as
+a Triton user would and compare every answer with onnxruntime run directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+
+from daskinfer import ModelServer, OnnxModel, Pipeline, deploy, deploy_pipeline, undeploy
+from daskinfer.testing import random_rows, run_onnx_directly
+
+from optional import require
+
+tritonclient = require("tritonclient", "tritonclient[all]")
+import tritonclient.grpc as triton_grpc  # noqa: E402
+import tritonclient.grpc.aio as triton_grpc_aio  # noqa: E402
+import tritonclient.http as triton_http  # noqa: E402
+import tritonclient.http.aio as triton_http_aio  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+
+class Target:
+    """Where a v2 server listens, and the model it serves."""
+
+    def __init__(self, kind: str, http: str, grpc: str, model: str):
+        self.kind, self.http, self.grpc, self.model = kind, http, grpc, model
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http}"
+
+
+@pytest.fixture(scope="module")
+def model_server(mlp_path):
+    with ModelServer(OnnxModel("mlp", mlp_path), grpc_port=0, http_port=0) as s:
+        yield Target("server", f"127.0.0.1:{s.http_port}", f"127.0.0.1:{s.grpc_port}", "mlp")
+
+
+@pytest.fixture(scope="module")
+def gateway(cluster, client, mlp_path):
+    from daskinfer.server.gateway import Gateway
+
+    name = f"triton-{uuid.uuid4().hex[:6]}"
+    deploy(client, OnnxModel(name, mlp_path))
+    handle = deploy_pipeline(client, Pipeline(model=name, inbox=f"{name}-in", partitions=2))
+    try:
+        with Gateway(cluster, {name: f"{name}-in"}, grpc_port=0, http_port=0) as gw:
+            yield Target("gateway", f"127.0.0.1:{gw.http_port}", f"127.0.0.1:{gw.grpc_port}", name)
+    finally:
+        handle.stop()
+        undeploy(client, name)
+
+
+@pytest.fixture(params=["server", "gateway"])
+def target(request) -> Target:
+    return request.getfixturevalue("model_server" if request.param == "server" else "gateway")
+
+
+def expected(mlp_path, x):
+    return run_onnx_directly(mlp_path, {"x": x})["probabilities"]
+
+
+@pytest.mark.parametrize("binary_in", [True, False], ids=["binary-in", "json-in"])
+@pytest.mark.parametrize("binary_out", [True, False], ids=["binary-out", "json-out"])
+def test_http_infer(target, mlp_path, binary_in, binary_out):
+    x = random_rows(7, seed=11)
+    with triton_http.InferenceServerClient(target.http) as tc:
+        inp = triton_http.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary_in)
+        out = triton_http.InferRequestedOutput("probabilities", binary_data=binary_out)
+        result = tc.infer(target.model, [inp], outputs=[out], request_id="req-7")
+        np.testing.assert_allclose(result.as_numpy("probabilities"), expected(mlp_path, x), rtol=1e-6)
+        assert result.get_response()["id"] == "req-7"
+        # no outputs named: tritonclient asks for every output as binary data
+        result = tc.infer(target.model, [inp])
+        np.testing.assert_array_equal(result.as_numpy("probabilities"), expected(mlp_path, x))
+
+
+def test_grpc_infer(target, mlp_path):
+    x = random_rows(5, seed=12)
+    with triton_grpc.InferenceServerClient(target.grpc) as tc:
+        inp = triton_grpc.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = tc.infer(target.model, [inp], outputs=[triton_grpc.InferRequestedOutput("probabilities")],
+                          request_id="g-5")
+        np.testing.assert_array_equal(result.as_numpy("probabilities"), expected(mlp_path, x))
+        assert result.get_response().id == "g-5"
+
+
+def test_async_clients_many_calls_at_once(target, mlp_path):
+    """Concurrent callers over both protocols each get their own rows back."""
+    xs = [random_rows(i + 1, seed=100 + i) for i in range(8)]
+
+    async def main():
+        async with triton_http_aio.InferenceServerClient(target.http) as hc:
+            hc_grpc = triton_grpc_aio.InferenceServerClient(target.grpc)
+            try:
+                calls = []
+                for i, x in enumerate(xs):
+                    if i % 2:
+                        inp = triton_grpc_aio.InferInput("x", list(x.shape), "FP32")
+                        inp.set_data_from_numpy(x)
+                        calls.append(hc_grpc.infer(target.model, [inp]))
+                    else:
+                        inp = triton_http_aio.InferInput("x", list(x.shape), "FP32")
+                        inp.set_data_from_numpy(x, binary_data=i % 4 == 0)
+                        calls.append(hc.infer(target.model, [inp]))
+                assert await hc.is_server_ready() and await hc_grpc.is_model_ready(target.model)
+                return await asyncio.gather(*calls)
+            finally:
+                await hc_grpc.close()
+
+    results = asyncio.run(main())
+    for x, r in zip(xs, results):
+        np.testing.assert_array_equal(r.as_numpy("probabilities"), expected(mlp_path, x))
+
+
+def test_metadata_config_index_and_statistics(target):
+    with triton_http.InferenceServerClient(target.http) as hc, triton_grpc.InferenceServerClient(target.grpc) as gc:
+        gmd = gc.get_model_metadata(target.model, as_json=True)
+        for t in gmd["inputs"] + gmd["outputs"]:
+            t["shape"] = [int(d) for d in t["shape"]]  # protobuf's JSON writes int64 as strings
+        for md in (hc.get_model_metadata(target.model), gmd):
+            assert md["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 16]}]
+            assert md["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}]
+        config = hc.get_model_config(target.model)
+        assert config["max_batch_size"] > 0 and config["platform"] == "onnxruntime_onnx"
+        assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "format": "FORMAT_NONE", "dims": [16]}]
+        assert config["output"] == [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [2]}]
+        gconfig = gc.get_model_config(target.model, as_json=True)["config"]
+        assert gconfig["input"][0]["dims"] == ["16"] and gconfig["output"][0]["data_type"] == "TYPE_FP32"
+        index = hc.get_model_repository_index()
+        assert {"name": target.model, "version": "1", "state": "READY", "reason": ""} in index
+        gindex = gc.get_model_repository_index(as_json=True)["models"]
+        assert any(m["name"] == target.model and m["state"] == "READY" for m in gindex)
+
+        def inference_count() -> int:
+            (stats,) = hc.get_inference_statistics(target.model)["model_stats"]
+            (gstats,) = gc.get_inference_statistics(target.model, as_json=True)["model_stats"]
+            assert int(gstats.get("inference_count", 0)) == stats["inference_count"]
+            return stats["inference_count"]
+
+        before = inference_count()
+        x = random_rows(3, seed=1)
+        inp = triton_http.InferInput("x", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        hc.infer(target.model, [inp])
+        assert inference_count() == before + 3
+        all_stats = hc.get_inference_statistics()["model_stats"]
+        assert target.model in {s["name"] for s in all_stats}
+
+
+def test_errors_are_json_with_the_right_status(target):
+    with triton_http.InferenceServerClient(target.http) as hc, triton_grpc.InferenceServerClient(target.grpc) as gc:
+        with pytest.raises(InferenceServerException) as info:
+            hc.get_model_config("no-such-model")
+        assert info.value.status() == "404" and "'no-such-model'" in info.value.message()
+        with pytest.raises(InferenceServerException) as info:
+            gc.get_model_config("no-such-model")
+        assert info.value.status() == "StatusCode.NOT_FOUND"
+        x = random_rows(2).astype(np.float64)
+        for client_module, tc, want in ((triton_http, hc, "400"), (triton_grpc, gc, "StatusCode.INVALID_ARGUMENT")):
+            inp = client_module.InferInput("x", list(x.shape), "FP64")
+            inp.set_data_from_numpy(x)
+            with pytest.raises(InferenceServerException) as info:
+                tc.infer(target.model, [inp])
+            assert info.value.status() == want and "float32" in info.value.message()
+    for method, path, status in (("GET", "/v2/no/such/route", 404), ("POST", "/v2/health/live", 405),
+                                 ("GET", f"/v2/models/{target.model}/infer", 405)):
+        req = urllib.request.Request(target.http_url + path, method=method, data=b"" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        assert info.value.code == status
+        assert info.value.headers["Content-Type"].startswith("application/json")
+        assert path in json.loads(info.value.read())["error"]
