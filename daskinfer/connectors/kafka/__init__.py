@@ -13,13 +13,17 @@ Layout, for a pipeline named ``name`` with inbox ``inbox`` and ``n`` partitions:
   requests' raw bytes go to the dead-letter topic.
 
 **Exactly once** (``exactly_once``: ``"auto"`` by default, on where the brokers run
-transactions).  Each batch's results and its inbox offset are one Kafka transaction
-(``send_offsets_to_transaction``).  The runners of partition ``p`` share the transactional
-id ``daskinfer.{name}.{inbox}.{p}``: a new runner's ``init_transactions`` fences every older
+transactions).  Results and the inbox offset of the reads they answer are one Kafka
+transaction (``send_offsets_to_transaction``; a read answered in several batches is one
+transaction).  The runners of partition ``p`` share the transactional id
+``daskinfer.{name}.{inbox}.{p}``: a new runner's ``init_transactions`` fences every older
 one (it can commit nothing more, and its open transaction is aborted), so a consumer of the
 outbox with ``isolation.level=read_committed`` sees each result exactly once, whatever
-worker dies or broker restarts.  A failed transaction is aborted and tried again until
-``kafka.retry-timeout``.
+worker dies or broker restarts.  A failed transaction is aborted and made again until
+``kafka.retry-timeout`` (see :mod:`~daskinfer.connectors.kafka.writers`).
+
+Messages are at most ``kafka.max-message-bytes`` (the topics daskinfer creates allow that
+size): a client's request frame over it is cut into frames that fit.
 
 **At least once** (``exactly_once: false``): results are written (idempotent producer,
 ``acks=all``), then the offset is committed; after a failure, results may repeat and

@@ -48,8 +48,9 @@ def kafka_error(exc: BaseException) -> KafkaError | None:
     return None
 
 
-def _ms(seconds: float) -> int:
-    return max(0, int(round(seconds * 1000)))
+def millis(seconds: float) -> int:
+    """A duration as librdkafka's milliseconds (at least 1)."""
+    return max(1, int(round(seconds * 1000)))
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,9 @@ class KafkaOptions:
             "bootstrap.servers": self.bootstrap_servers,
             # librdkafka's 100 ms default backoff adds ~100 ms to every transaction (its
             # AddPartitionsToTxn meets CONCURRENT_TRANSACTIONS while the last one ends)
-            "retry.backoff.ms": max(1, _ms(self.retry_backoff)),
-            "retry.backoff.max.ms": max(1, _ms(self.retry_backoff_max)),
-            "reconnect.backoff.max.ms": max(1, _ms(self.reconnect_backoff_max)),
+            "retry.backoff.ms": millis(self.retry_backoff),
+            "retry.backoff.max.ms": millis(self.retry_backoff_max),
+            "reconnect.backoff.max.ms": millis(self.reconnect_backoff_max),
             # TCP_NODELAY, as Kafka's Java clients have it: with Nagle's algorithm a small request
             # waits for the previous one's ACK (measured here: produce-to-consume p50 4.2 -> 2.3 ms)
             "socket.nagle.disable": True,
@@ -154,7 +155,7 @@ class KafkaOptions:
         return self.librdkafka(**{
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": _ms(self.linger),
+            "linger.ms": round(self.linger * 1000),
             "partitioner": "murmur2_random",
             "allow.auto.create.topics": False,
             "message.max.bytes": self.max_message_bytes,

@@ -13,7 +13,7 @@ from confluent_kafka.admin import AdminClient
 from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.kafka.admin import delete_topic, ensure_topic
-from daskinfer.connectors.kafka.link import KafkaOptions, Lane, kafka_error, poll_messages
+from daskinfer.connectors.kafka.link import KafkaOptions, Lane, kafka_error, millis, poll_messages
 from daskinfer.exceptions import BrokerError, RequestTooLargeError, TopicFullError
 from daskinfer.wire.frames import RequestColumns, decode_requests, encode_request_frame
 
@@ -116,10 +116,10 @@ class KafkaTransport(ClientTransport):
         opts = self.opts
         self.admin = AdminClient(opts.librdkafka())
         n = ensure_topic(self.admin, inbox, int(settings.get("pipeline.partitions", self.partitions)), opts)
-        ensure_topic(self.admin, reply_topic, 1, opts, config={"retention.ms": str(int(self.reply_retention * 1000))})
+        ensure_topic(self.admin, reply_topic, 1, opts, config={"retention.ms": str(millis(self.reply_retention))})
         self.reply_topic = reply_topic
         self.producer = Producer(opts.producer_config(**{
-            "message.timeout.ms": max(1, int(self.send_timeout * 1000)),
+            "message.timeout.ms": millis(self.send_timeout),
             "on_delivery": self._on_delivery,
         }))
         self.consumer = Consumer(opts.librdkafka(**{

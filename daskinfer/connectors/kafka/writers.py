@@ -15,7 +15,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from daskinfer.connectors.base import OutMessage, PartitionRevoked
-from daskinfer.connectors.kafka.link import FENCED_CODES, GONE_CODES, KafkaOptions, Lane, kafka_error, retry
+from daskinfer.connectors.kafka.link import FENCED_CODES, GONE_CODES, KafkaOptions, Lane, kafka_error, millis, retry
 from daskinfer.exceptions import BrokerError
 
 logger = logging.getLogger(__name__)
@@ -25,10 +25,6 @@ HANG_GRACE = 5.0  # s past a call's own timeout after which a transactional call
 WATCH_INTERVAL = 0.5  # s between two looks at a write in progress
 
 Writes = Sequence[OutMessage]
-
-
-def _ms(seconds: float) -> int:
-    return max(1, int(seconds * 1000))
 
 
 class ResultWriter:
@@ -180,7 +176,7 @@ class TransactionalWriter(ResultWriter):
         opts = self.opts
         producer = Producer(opts.producer_config(**{
             "transactional.id": self.transactional_id,
-            "transaction.timeout.ms": _ms(opts.transaction_timeout),
+            "transaction.timeout.ms": millis(opts.transaction_timeout),
         }))
         try:
             retry(lambda timeout: self._guarded(producer, producer.init_transactions, timeout),
@@ -305,7 +301,7 @@ class AckedWriter(ResultWriter):
 
     def _open(self) -> None:
         self.producer = Producer(self.opts.producer_config(**{
-            "message.timeout.ms": _ms(self.opts.retry_timeout),
+            "message.timeout.ms": millis(self.opts.retry_timeout),
             "on_delivery": self._on_delivery,
         }))
 
