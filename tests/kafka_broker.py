@@ -117,9 +117,12 @@ class KafkaBroker(ServerProcess):
     quick_start : bool
         Compile with the JVM's first tier only: it starts in about half the time and runs
         slower (tests: yes; benchmarks: no).
+    properties : dict, optional
+        More (or other) ``server.properties`` settings.
     """
 
-    def __init__(self, directory: str, heap: str = "768m", quick_start: bool = True):
+    def __init__(self, directory: str, heap: str = "768m", quick_start: bool = True,
+                 properties: dict[str, str] | None = None):
         reason = missing()
         if reason is not None:
             raise RuntimeError(reason)
@@ -135,6 +138,7 @@ class KafkaBroker(ServerProcess):
         with open(self.config_path, "w") as f:
             f.write(SERVER_PROPERTIES.format(port=self.port, controller_port=self.controller_port,
                                              data=os.path.join(directory, "data")))
+            f.writelines(f"{k}={v}\n" for k, v in (properties or {}).items())  # (the last one of a key counts)
         with open(self.log4j_path, "w") as f:
             f.write(LOG4J2.format(log=self.log_path))
         self._formatted = False

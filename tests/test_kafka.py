@@ -273,6 +273,32 @@ def test_prepare_checks_the_inbox_and_the_options(kafka_bootstrap):
     assert spec["connector_options"]["retry_timeout"] == 120.0, "settings travel resolved in the spec"
 
 
+def test_exactly_once_auto_falls_back_where_the_brokers_cannot_run_transactions(tmp_path, caplog):
+    """A single broker left with the default transaction log replication (3) cannot run transactions:
+    ``auto`` delivers at least once (and says so), ``true`` refuses to deploy, naming the problem."""
+    from kafka_broker import KafkaBroker, require_kafka
+
+    require_kafka()
+    broker = KafkaBroker(str(tmp_path), properties={"transaction.state.log.replication.factor": "3",
+                                                    "transaction.state.log.min.isr": "2"})
+    broker.start()
+    try:
+        def spec(exactly_once):
+            return Pipeline(model="m", inbox=_inbox(), connector="kafka", connector_options={
+                "bootstrap_servers": broker.bootstrap, "exactly_once": exactly_once, "operation_timeout": "3s",
+            }).resolve().to_plain()
+
+        auto = spec("auto")
+        with caplog.at_level("WARNING", logger="daskinfer.connectors.kafka.admin"):
+            asyncio.run(prepare(auto))
+        assert auto["connector_options"]["exactly_once"] is False
+        assert "cannot run transactions" in caplog.text and "delivering at least once" in caplog.text
+        with pytest.raises(ConfigError, match=r"exactly_once is set but kafka at .* cannot run transactions"):
+            asyncio.run(prepare(spec(True)))
+    finally:
+        broker.stop()
+
+
 def test_transport_round_trip_and_close_deletes_the_reply_topic(kafka_bootstrap):
     inbox = _inbox()
 
