@@ -61,7 +61,7 @@ class _Outgoing:
         self.sent_at = sent_at
         # requests that can share one frame: same partition, model, form, input names, dtypes and row shape
         self.group = (partition, model, batched,
-                      tuple((k, v.dtype.str, v.shape[1:] if batched else v.shape) for k, v in inputs.items()))
+                      tuple((k, v.dtype, v.shape[1:] if batched else v.shape) for k, v in inputs.items()))
 
 
 def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
