@@ -37,10 +37,20 @@ from daskinfer.exceptions import (
 from daskinfer.models import LoadedModel, Model, ModelPlugin, OnnxModel, PythonModel, RemoteModel, TensorSpec
 from daskinfer.models.deploy import deploy, deployed_models, undeploy
 from daskinfer.server import ModelServer
+from daskinfer import convert  # noqa: F401  (daskinfer.convert.to_onnx; converters load on use)
 from daskinfer.testing import bundled_model_path
 from daskinfer.wire.messages import Request, Result
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # daskinfer.predict imports dask.dataframe (and pyarrow): only when it is first used
+    if name == "predict":
+        from daskinfer.scoring import predict
+
+        return predict
+    raise AttributeError(f"module 'daskinfer' has no attribute {name!r}")
 
 __all__ = [
     "BatchPolicy",
@@ -75,6 +85,7 @@ __all__ = [
     "deployed_models",
     "get_pipeline",
     "pipelines",
+    "predict",
     "topics",
     "undeploy",
 ]

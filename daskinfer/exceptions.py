@@ -16,12 +16,14 @@ The tree::
     │   ├── ModelNotAllowedError    the request names a model the pipeline does not serve
     │   └── ReplyTargetError        the request's reply target is not a client reply target
     ├── ModelError                  the model failed on a batch
-    │   └── OutputCountError        the model returned a different number of results than rows
+    │   ├── OutputCountError        the model returned a different number of results than rows
+    │   └── ScoringError            batch scoring failed on a row or a partition (names both)
     ├── BrokerError                 broker problems
     │   ├── TopicNotFoundError
     │   └── TopicFullError          producer pushed back longer than its timeout
     ├── RemoteModelError            a remote model service failed (names service and call)
-    └── ResultError                 raised by ``Result.value()`` / futures for an error result
+    ├── ResultError                 raised by ``Result.value()`` / futures for an error result
+    └── ConversionError             a model converted to ONNX gives other outputs than the original
 
 Every exception carries the fields that locate the problem (``model``, ``request_id``,
 ``path``...) as attributes, and a message that says what was expected and what came instead.
@@ -171,7 +173,22 @@ class TopicFullError(BrokerError):
 
 
 class RemoteModelError(ModelError):
-    """A call to a remote model service failed."""
+    """A call to a remote model service failed.
+
+    ``fault`` says what failed, which decides retries and the circuit breaker:
+
+    - ``"unavailable"``: down, overloaded or too slow (gRPC UNAVAILABLE, HTTP 503, timeouts):
+      retried; counts against the service.
+    - ``"server"``: the service reported an internal error (HTTP 500, gRPC INTERNAL): retried
+      a bounded number of times (``server_error_retries``); counts against the service.
+    - ``"response"``: the service answered something malformed: not retried; counts against it.
+    - ``"request"``: the service refused this request (HTTP 4xx, INVALID_ARGUMENT), or it could
+      not be sent: not retried; says nothing about the service's health.
+
+    ``retryable`` is true for the first two (``retryable=True`` alone means ``"unavailable"``).
+    """
+
+    FAULTS = ("unavailable", "server", "response", "request")
 
     def __init__(
         self,
@@ -181,11 +198,20 @@ class RemoteModelError(ModelError):
         call: str | None = None,
         model: str | None = None,
         retryable: bool = False,
+        fault: str | None = None,
     ):
         super().__init__(message, model=model)
         self.service = service
         self.call = call
-        self.retryable = retryable
+        self.fault = fault or ("unavailable" if retryable else "request")
+        if self.fault not in self.FAULTS:
+            raise ValueError(f"fault must be one of {self.FAULTS}, got {fault!r}")
+        self.retryable = self.fault in ("unavailable", "server")
+
+    @property
+    def service_fault(self) -> bool:
+        """Does this error say the service is unwell?  (It counts against the circuit breaker.)"""
+        return self.fault != "request"
 
 
 class ResultError(DaskInferError):
@@ -195,3 +221,35 @@ class ResultError(DaskInferError):
         super().__init__(message)
         self.error_type = error_type
         self.request_id = request_id
+
+
+class ScoringError(ModelError):
+    """Batch scoring (:func:`daskinfer.predict`) failed.
+
+    ``partition`` is the number of the partition (or array block); ``row`` the row's
+    position in it and ``index`` its index label, both None when the failure is not
+    one row's fault (the model is missing, or broke its contract on the whole block).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        partition: int | None = None,
+        row: int | None = None,
+        index: object = None,
+    ):
+        super().__init__(message, model=model)
+        self.partition = partition
+        self.row = row
+        self.index = index
+
+
+class ConversionError(DaskInferError):
+    """A converted ONNX model does not reproduce the original model's outputs (or cannot be made)."""
+
+    def __init__(self, message: str, *, output: str | None = None, max_difference: float | None = None):
+        super().__init__(message)
+        self.output = output
+        self.max_difference = max_difference

@@ -293,3 +293,17 @@ def test_deploying_a_pipeline_whose_model_is_not_deployed_fails_at_once_naming_i
 def test_an_output_the_model_does_not_have_fails_at_deploy(client, two_models):
     with pytest.raises(ConfigError, match="model 'flow-a' has no output 'prob'; its outputs are \\['probabilities'\\]"):
         deploy_pipeline(client, Pipeline(model=two_models[0], inbox=f"outs-{uuid.uuid4().hex[:6]}", outputs=["prob"]))
+
+
+def test_run_works_where_an_event_loop_is_running_as_in_jupyter(mlp_path):
+    import asyncio
+
+    rows = random_rows(8, seed=20)
+    pipe = Pipeline().infer(OnnxModel("j-m", mlp_path))
+
+    async def cell():  # a notebook cell runs inside the kernel's event loop
+        return pipe.run({"x": rows}, registry=ModelRegistry())
+
+    out = asyncio.run(cell())
+    np.testing.assert_allclose(out["probabilities"], run_onnx_directly(mlp_path, {"x": rows})["probabilities"],
+                               rtol=1e-5, atol=1e-6)

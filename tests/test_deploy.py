@@ -81,6 +81,39 @@ def test_broken_model_without_client_validation_fails_on_the_workers_and_leaves_
     assert all(p == [] for p in plugins.values())
 
 
+def test_a_python_model_that_fails_on_its_sample_fails_at_deploy_and_leaves_nothing(client):
+    model = PythonModel("divides-by-zero", lambda x: 1 / 0, sample=np.ones((2, 4), np.float32))
+    with pytest.raises(ModelLoadError, match=r"model 'divides-by-zero' version '1' failed its warm-up batch: ZeroDivisionError"):
+        daskinfer.deploy(client, model)
+    assert "divides-by-zero" not in daskinfer.deployed_models(client)
+    assert all("divides-by-zero" not in names for names in client.run(worker_models).values())
+
+
+def output_on_worker(name, x, dask_worker=None):
+    from daskinfer.models.registry import registry_for
+
+    return registry_for(dask_worker).get(name).predict(x)["output"].tolist()
+
+
+def _sibling_code(root, offset: int):
+    root.mkdir(parents=True)
+    (root / "helpers.py").write_text(f"OFFSET = {offset}\n")
+    (root / "handler.py").write_text("from helpers import OFFSET\n\ndef predict(x):\n    return x + OFFSET\n")
+    return root
+
+
+def test_a_new_version_of_a_directory_model_runs_its_own_sibling_modules_on_the_workers(client, tmp_path):
+    x = np.zeros((2, 3))
+    daskinfer.deploy(client, PythonModel("sibs", directory=_sibling_code(tmp_path / "v1", 100), module="handler"))
+    try:
+        assert list(client.run(output_on_worker, "sibs", x).values()) == [[[100.0] * 3] * 2] * 2
+        daskinfer.deploy(client, PythonModel("sibs", directory=_sibling_code(tmp_path / "v2", 200), module="handler",
+                                             version=2))
+        assert list(client.run(output_on_worker, "sibs", x).values()) == [[[200.0] * 3] * 2] * 2
+    finally:
+        daskinfer.undeploy(client, "sibs")
+
+
 class Constant:
     """A model that answers every row with ``value``: which version ran is visible in the output."""
 

@@ -3,14 +3,8 @@ and every way to get them wrong gives an error that names the model, input or fi
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import importlib.util
-import os
 import pickle
 import sys
-import textwrap
-import zipfile
 
 import dask
 import numpy as np
@@ -25,6 +19,7 @@ from daskinfer.exceptions import (
     ModelLoadError,
     ModelNotFoundError,
     OutputCountError,
+    RemoteModelError,
     ResultError,
 )
 from daskinfer.models.registry import ModelRegistry, load_deployment
@@ -84,7 +79,7 @@ def test_onnx_tensor_specs_are_read_from_the_model(mlp):
         pytest.param(random_rows(4).astype(np.float64), "x", r"model 'mlp': input 'x' expects dtype float32, got float64", id="dtype"),
         pytest.param(random_rows(4)[:, :15], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[4, 15\]", id="shape"),
         pytest.param(random_rows(1)[0], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[16\]", id="no row dim"),
-        pytest.param({"y": random_rows(4)}, "x", r"model 'mlp': missing input 'x'; expected inputs \['x: float32\[N, 16\]'\], got \['y'\]", id="missing"),
+        pytest.param({"y": random_rows(4), "z": random_rows(4)}, "x", r"model 'mlp': missing input 'x'; expected inputs \['x: float32\[N, 16\]'\], got \['y', 'z'\]", id="missing"),
         pytest.param({"x": random_rows(4), "y": random_rows(4)}, "y", r"model 'mlp': unexpected input 'y'; expected inputs \['x'\]", id="extra"),
         pytest.param(np.float32(1.0), "x", r"model 'mlp': input 'x' is a scalar; expected an array with a row dimension", id="scalar"),
         pytest.param(np.zeros((0, 16), np.float32), "x", r"model 'mlp' got an empty batch: input 'x' has 0 rows", id="empty"),
@@ -129,7 +124,7 @@ def test_bad_graph_optimization_level_raises_config_error(mlp_path):
 
 @pytest.mark.parametrize("name", ["", "a:b", None])
 def test_bad_model_name_raises_config_error(mlp_path, name):
-    with pytest.raises(ConfigError, match="model name must be a non-empty string"):
+    with pytest.raises(ConfigError, match="model name must be a plain name"):
         OnnxModel(name, mlp_path)
 
 
@@ -308,165 +303,6 @@ def test_class_whose_load_fails_raises_model_load_error():
         PythonModel("broken", Broken).load()
 
 
-# -- handler directories -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def clean_imports(monkeypatch):
-    """Undo what loading a directory model does to ``sys.path`` and ``sys.modules``."""
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    before = set(sys.modules)
-    yield
-    for name in set(sys.modules) - before:
-        if name.startswith(("_daskinfer_handler_", "daskinfer_tinydep", "helpers")):
-            del sys.modules[name]
-
-
-def _write(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(text))
-
-
-def test_handler_module_in_a_directory(tmp_path, clean_imports):
-    code = tmp_path / "code"
-    _write(code / "helpers.py", "OFFSET = 100\n")
-    _write(
-        code / "handler.py",
-        """
-        import numpy as np
-        from helpers import OFFSET
-
-        def predict(x):
-            return x.sum(axis=1) + OFFSET
-        """,
-    )
-    model = PythonModel("handled", directory=code, module="handler", function="predict")
-    x = np.arange(6, dtype=np.float64).reshape(2, 3)
-    np.testing.assert_allclose(model.load(base_dir=str(tmp_path / "work")).predict(x)["output"], [103.0, 112.0])
-
-
-def test_handler_class_in_a_package_module(tmp_path, clean_imports):
-    code = tmp_path / "code"
-    _write(code / "pkg" / "__init__.py", "")
-    _write(
-        code / "pkg" / "serve.py",
-        """
-        class Model:
-            def load(self):
-                self.scale = 10
-
-            def predict(self, x):
-                return x * self.scale
-        """,
-    )
-    model = PythonModel("pkgmodel", directory=code, module="pkg.serve", function="Model")
-    np.testing.assert_allclose(model.load(base_dir=str(tmp_path / "work")).predict(np.ones(3))["output"], [10.0] * 3)
-
-
-def test_handler_directory_missing_raises_model_load_error(tmp_path):
-    path = str(tmp_path / "no-such-dir")
-    with pytest.raises(ModelLoadError, match="code directory .* does not exist") as info:
-        PythonModel("h", directory=path, module="handler")
-    assert path in str(info.value) and info.value.path == path
-
-
-def test_handler_module_missing_raises_model_load_error(tmp_path):
-    with pytest.raises(ModelLoadError, match=r"model 'h': handler module 'handler' not found in") as info:
-        PythonModel("h", directory=tmp_path, module="handler")
-    assert str(tmp_path) in str(info.value) and info.value.path == str(tmp_path)
-
-
-def test_handler_function_missing_raises_model_load_error(tmp_path, clean_imports):
-    code = tmp_path / "code"
-    _write(code / "handler.py", "def other(x):\n    return x\n")
-    model = PythonModel("h", directory=code, module="handler", function="predict")
-    with pytest.raises(ModelLoadError, match=r"model 'h': handler module .* has no 'predict'") as info:
-        model.load(base_dir=str(tmp_path / "work"))
-    assert info.value.path.endswith(os.path.join("code", "handler.py"))
-    assert info.value.path in str(info.value)
-
-
-def test_handler_import_error_raises_model_load_error(tmp_path, clean_imports):
-    code = tmp_path / "code"
-    _write(code / "handler.py", "import daskinfer_module_that_does_not_exist\n\ndef predict(x):\n    return x\n")
-    model = PythonModel("h", directory=code, module="handler")
-    with pytest.raises(ModelLoadError, match=r"importing handler .* failed: ModuleNotFoundError") as info:
-        model.load(base_dir=str(tmp_path / "work"))
-    assert info.value.path.endswith("handler.py") and info.value.path in str(info.value)
-
-
-# -- requirements ------------------------------------------------------------------------------
-
-
-def _record_line(name: str, data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-    return f"{name},sha256={digest},{len(data)}"
-
-
-def build_tiny_wheel(folder) -> str:
-    """A pure-Python wheel of ``daskinfer_tinydep`` 0.1, made by hand."""
-    files = {
-        "daskinfer_tinydep/__init__.py": b"def triple(x):\n    return x * 3\n",
-        "daskinfer_tinydep-0.1.dist-info/METADATA": b"Metadata-Version: 2.1\nName: daskinfer_tinydep\nVersion: 0.1\n",
-        "daskinfer_tinydep-0.1.dist-info/WHEEL": (
-            b"Wheel-Version: 1.0\nGenerator: daskinfer-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-        ),
-    }
-    record = "\n".join([_record_line(n, d) for n, d in files.items()] + ["daskinfer_tinydep-0.1.dist-info/RECORD,,"]) + "\n"
-    files["daskinfer_tinydep-0.1.dist-info/RECORD"] = record.encode()
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "daskinfer_tinydep-0.1-py3-none-any.whl")
-    with zipfile.ZipFile(path, "w") as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return path
-
-
-def test_requirements_from_a_local_wheel_folder(tmp_path, clean_imports):
-    assert importlib.util.find_spec("daskinfer_tinydep") is None  # only the model's own dir will have it
-    wheels = tmp_path / "wheels"
-    build_tiny_wheel(wheels)
-    code = tmp_path / "code"
-    _write(
-        code / "handler.py",
-        """
-        import daskinfer_tinydep
-
-        def predict(x):
-            return daskinfer_tinydep.triple(x)
-        """,
-    )
-    model = PythonModel("needsdep", directory=code, module="handler", requirements=["daskinfer_tinydep"], wheels=wheels)
-    work = tmp_path / "work"
-    loaded = model.load(base_dir=str(work))
-    np.testing.assert_allclose(loaded.predict(np.arange(4.0))["output"], [0.0, 3.0, 6.0, 9.0])
-    # installed into the model's own directory, not into the environment
-    installed = list(work.glob("*/site/daskinfer_tinydep/__init__.py"))
-    assert len(installed) == 1
-    assert sys.modules["daskinfer_tinydep"].__file__ == str(installed[0])
-
-
-def test_missing_requirement_raises_model_load_error_mentioning_pip(tmp_path, clean_imports):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    model = PythonModel(
-        "needsmissing",
-        lambda x: x,
-        requirements=["daskinfer-no-such-distribution-xyz"],
-        wheels=wheels,
-    )
-    with pytest.raises(ModelLoadError, match=r"model 'needsmissing': pip could not install requirements") as info:
-        model.load(base_dir=str(tmp_path / "work"))
-    assert "daskinfer-no-such-distribution-xyz" in str(info.value)
-
-
-def test_missing_wheel_folder_raises_model_load_error(tmp_path):
-    path = str(tmp_path / "no-wheels")
-    with pytest.raises(ModelLoadError, match="wheel folder .* does not exist") as info:
-        PythonModel("x", lambda b: b, requirements=["anything"], wheels=path)
-    assert info.value.path == path
-
-
 # -- registry in this process ------------------------------------------------------------------
 
 
@@ -502,6 +338,7 @@ def test_registry_get_unknown_model_lists_deployed_models(mlp_path):
         ModelLoadError("cannot load", model="mlp", path="/models/mlp.onnx"),
         ModelError("failed", model="mlp", version="2"),
         ResultError("request r1 failed", error_type="ModelError", request_id="r1"),
+        RemoteModelError("HTTP 500", service="http://127.0.0.1:1", call="ModelInfer", model="mlp", fault="server"),
     ],
     ids=lambda e: type(e).__name__,
 )
@@ -528,3 +365,239 @@ def test_onnx_threads_and_providers_follow_dask_config(mlp_path):
     with dask.config.set({"daskinfer.onnx.providers": ["NoSuchExecutionProvider"]}):
         with pytest.raises(ConfigError, match="NoSuchExecutionProvider"):
             OnnxModel("mlp", mlp_path)
+
+
+def test_the_inline_path_never_waits_on_the_event_loop_for_an_instance_a_thread_holds():
+    """A small batch runs inline on the event loop only with an instance in hand.
+
+    A thread keeps taking the only instance, and each of its calls holds it until the event
+    loop has run once more.  Were the loop ever to wait for the instance (having seen it free,
+    then lost it to the thread), neither could go on: the thread's call times out and says so.
+    A very short thread switch interval makes that race common (it showed within a few hundred
+    iterations before the fix).
+    """
+    import asyncio
+    import threading
+    import time
+
+    loop_ran = threading.Event()
+    stalls = []
+    hammer_thread: list[threading.Thread] = []
+
+    def predict(x):
+        if threading.current_thread() in hammer_thread:  # hold the instance until the loop runs
+            loop_ran.clear()
+            if not loop_ran.wait(1.0):
+                stalls.append("the event loop stalled waiting for the instance")
+        return x
+
+    dep = load_deployment(PythonModel("racy", predict, warmup=False))
+    for inst in dep.instances:
+        inst.inline_rows = 16  # as a microsecond (ONNX) model has it
+    x = np.ones((1, 2))
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set() and not stalls:
+            dep.predict(x)
+            time.sleep(0)
+
+    async def main():
+        beating = True
+
+        async def heartbeat():
+            while beating:
+                loop_ran.set()
+                await asyncio.sleep(0)
+
+        hb = asyncio.ensure_future(heartbeat())
+        hammer_thread.append(threading.Thread(target=hammer))
+        hammer_thread[0].start()
+        end = time.monotonic() + 4
+        n = 0
+        while n < 8000 and time.monotonic() < end and not stalls:
+            np.testing.assert_array_equal((await dep.apredict(x))["output"], x)
+            n += 1
+            await asyncio.sleep(0)
+        beating = False
+        stop.set()
+        await asyncio.to_thread(hammer_thread[0].join, 5)
+        await hb
+        return n
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        n = asyncio.run(main())
+    finally:
+        sys.setswitchinterval(old)
+        dep.retire()
+    assert stalls == [] and n > 0
+
+
+# -- what a new user passes: casting, one input by any name, method=, outputs=, sample= ----------
+
+
+def test_cast_inputs_takes_float64_rows_and_python_lists_for_a_float32_model(mlp_path):
+    x = random_rows(5, seed=4)
+    want = run_onnx_directly(mlp_path, {"x": x})["probabilities"]
+    model = OnnxModel("mlp", mlp_path, cast_inputs=True).load()
+    for given in (x.astype(np.float64), x.tolist(), {"x": x.astype(np.float64).tolist()}):
+        np.testing.assert_allclose(model.predict(given)["probabilities"], want, rtol=1e-6, atol=1e-7)
+    # never a cast that changes the kind of the values
+    with pytest.raises(InputValidationError, match=r"input 'x' expects dtype float32, got <U1"):
+        model.predict(np.full((2, 16), "a"))
+
+
+def test_without_cast_inputs_a_dtype_mismatch_says_how_to_cast(mlp_path):
+    with pytest.raises(InputValidationError, match=r"expects dtype float32, got float64; send float32, or give the model cast_inputs=True"):
+        OnnxModel("mlp", mlp_path).load().predict(random_rows(2).astype(np.float64))
+    with dask.config.set({"daskinfer.models.cast-inputs": True}):
+        model = OnnxModel("mlp", mlp_path)
+    assert model.cast_inputs and model.load().predict(random_rows(2).astype(np.float64))["probabilities"].shape == (2, 2)
+
+
+def test_cast_inputs_for_a_python_model_with_declared_inputs():
+    seen = []
+    model = PythonModel("sum", lambda x: seen.append(x.dtype) or x.sum(axis=1), inputs={"x": ("float32", (None, 3))},
+                        cast_inputs=True).load()
+    np.testing.assert_array_equal(model.predict([[1, 2, 3], [4, 5, 6]])["output"], [6.0, 15.0])
+    assert seen == [np.dtype("float32")]
+
+
+def test_a_one_input_model_takes_a_bare_array_or_a_dict_with_another_name(mlp_path):
+    x = random_rows(3, seed=5)
+    want = run_onnx_directly(mlp_path, {"x": x})["probabilities"]
+    model = OnnxModel("mlp", mlp_path).load()
+    for given in (x, {"x": x}, {"X": x}, {"input": x}):
+        np.testing.assert_allclose(model.predict(given)["probabilities"], want, rtol=1e-6, atol=1e-7)
+    two = PythonModel("two", lambda b: b["a"] + b["b"], inputs=["a", "b"], batch_format="dict").load()
+    with pytest.raises(InputValidationError, match=r"model 'two': missing input 'a'"):
+        two.predict({"x": np.ones(2), "b": np.ones(2)})  # several inputs: names must match
+
+
+def test_a_ragged_list_is_an_input_validation_error():
+    with pytest.raises(InputValidationError, match=r"model 'm': input 'input' is not a regular array"):
+        PythonModel("m", lambda x: x).load().predict([[1.0, 2.0], [3.0]])
+
+
+@pytest.fixture(scope="module")
+def logreg():
+    sklearn_linear = pytest.importorskip("sklearn.linear_model", reason="scikit-learn is not installed")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 4))
+    y = (X[:, 0] + X[:, 1] > 0).astype(int)
+    return sklearn_linear.LogisticRegression().fit(X, y), X
+
+
+def test_method_picks_what_an_estimator_runs(logreg):
+    clf, X = logreg
+    model = PythonModel("clf", clf, method="predict_proba", outputs=["probabilities"]).load()
+    out = model.predict(X)
+    assert list(out) == ["probabilities"]
+    np.testing.assert_allclose(out["probabilities"], clf.predict_proba(X))
+    np.testing.assert_array_equal(PythonModel("clf", clf).load().predict(X)["output"], clf.predict(X))  # default
+
+
+def test_method_a_model_lacks_is_refused_before_shipping(logreg):
+    clf, _ = logreg
+    with pytest.raises(ConfigError, match=r"model 'clf': LogisticRegression has no method 'predict_probability'"):
+        PythonModel("clf", clf, method="predict_probability")
+    with pytest.raises(ConfigError, match=r"model 'f': method='predict_proba' needs an object or a class"):
+        PythonModel("f", lambda x: x, method="predict_proba")
+    with pytest.raises(ConfigError, match=r"model 'c': Scaler has no method 'transform'"):
+        PythonModel("c", Scaler, method="transform")
+
+
+def test_method_of_a_class_is_called_on_each_instance():
+    class Model:
+        def load(self):
+            self.k = 10
+
+        def score(self, x):
+            return x * self.k
+
+    np.testing.assert_array_equal(PythonModel("s", Model, method="score").load().predict(np.ones(2))["output"], [10.0, 10.0])
+
+
+def test_outputs_selects_and_orders_the_entries_of_a_dict_result():
+    fn = lambda x: {"a": x, "b": x * 2, "c": x * 3}  # noqa: E731
+    out = PythonModel("sel", fn, outputs=["c", "a"]).load().predict(np.ones(2))
+    assert list(out) == ["c", "a"]
+    np.testing.assert_array_equal(out["c"], [3.0, 3.0])
+    with pytest.raises(ModelError, match=r"model 'miss' returned outputs \['a', 'b', 'c'\], without 'z' asked for by outputs="):
+        PythonModel("miss", fn, outputs=["a", "z"]).load().predict(np.ones(2))
+    with pytest.raises(ConfigError, match="outputs must be a list of distinct output names"):
+        PythonModel("dup", fn, outputs=["a", "a"])
+
+
+def zipmap_classifier() -> bytes:
+    """What skl2onnx makes of a classifier by default: a label tensor and a ZipMap (list of dicts)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    map_type = helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    graph = helper.make_graph(
+        [
+            helper.make_node("Softmax", ["X"], ["probabilities"], axis=1),
+            helper.make_node("ArgMax", ["probabilities"], ["output_label"], axis=1, keepdims=0),
+            helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
+                             classlabels_int64s=[0, 1]),
+        ],
+        "zipmap-classifier",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2])],
+        [
+            helper.make_tensor_value_info("output_label", TensorProto.INT64, ["N"]),
+            helper.make_value_info("output_probability", helper.make_sequence_type_proto(map_type)),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def test_a_zipmap_output_is_refused_at_load_with_the_conversion_option_that_avoids_it():
+    model = OnnxModel("clf", zipmap_classifier())
+    for call in (model.load, model.validate):
+        with pytest.raises(ModelLoadError) as info:
+            call()
+        msg = str(info.value)
+        assert "output 'output_probability' is seq(map(int64,tensor(float)))" in msg
+        assert "options={'zipmap': False}" in msg
+        assert "outputs=['output_label']" in msg
+
+
+def test_onnx_outputs_keeps_only_the_outputs_asked_for():
+    x = np.array([[1.0, 2.0], [3.0, 0.0]], np.float32)
+    loaded = OnnxModel("clf", zipmap_classifier(), outputs=["output_label"]).load()
+    out = loaded.predict({"input": x})  # the one input by another name
+    assert list(out) == ["output_label"]
+    np.testing.assert_array_equal(out["output_label"], [1, 0])
+    assert [s.name for s in loaded.outputs] == ["output_label"]
+    with pytest.raises(ModelLoadError, match=r"has no output 'proba' asked for by outputs=; its outputs: \['output_label', 'output_probability'\]"):
+        OnnxModel("clf", zipmap_classifier(), outputs=["proba"]).validate()
+
+
+def test_sample_is_the_warm_up_batch_and_a_failing_model_fails_to_load():
+    seen = []
+    sample = np.arange(8, dtype=np.float32).reshape(2, 4)
+    dep = load_deployment(PythonModel("sampled", lambda x: seen.append(x.copy()) or x, sample=sample))
+    try:
+        assert len(seen) == 1
+        np.testing.assert_array_equal(seen[0], sample)
+    finally:
+        dep.retire()
+    with pytest.raises(ModelLoadError, match=r"model 'broken' version '1' failed its warm-up batch: ZeroDivisionError"):
+        load_deployment(PythonModel("broken", lambda x: 1 / 0, sample=sample))
+
+
+def test_deploy_warns_when_a_python_model_cannot_be_run_before_traffic(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="daskinfer"):
+        PythonModel("unchecked", lambda x: 1 / 0).validate()
+        PythonModel("checked", lambda x: x, sample=np.ones((1, 2))).validate()
+        PythonModel("declared", lambda x: x, inputs={"x": ("float32", (None, 2))}).validate()
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "model 'unchecked': no sample= and no inputs=" in warned[0]

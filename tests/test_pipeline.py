@@ -213,3 +213,26 @@ def test_async_client_api(cluster, mlp, mlp_path):
     np.testing.assert_allclose(np.stack([r.value() for r in many]), expected[:100], rtol=1e-5, atol=1e-6)
     assert len(streamed) == 10
     np.testing.assert_allclose(np.stack([r.value() for r in streamed]), expected[100:110], rtol=1e-5, atol=1e-6)
+
+
+def test_a_pipeline_with_a_max_delay_answers_and_batches_within_it(client, mlp, mlp_path):
+    """max_delay > 0 holds a batch up to that long for more rows, then sends it (it never sent it)."""
+    inbox = _inbox()
+    handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=inbox, partitions=1, max_delay="50ms"))
+    try:
+        with InferenceClient(client, inbox=inbox) as ic:
+            rows = random_rows(40, seed=41)
+            t0 = time.monotonic()
+            first = ic.submit(rows[0]).result(10)
+            assert first.ok and time.monotonic() - t0 < 5
+            futures = []
+            for r in rows[1:]:  # a trickle: each flushed alone, gathered by the delay into a few batches
+                futures.append(ic.submit(r))
+                time.sleep(0.002)
+            results = [f.result(10) for f in futures]
+    finally:
+        handle.stop()
+    assert all(r.ok for r in results)
+    np.testing.assert_allclose([r.value() for r in [first, *results]],
+                               run_onnx_directly(mlp_path, {"x": rows})["probabilities"], rtol=1e-5, atol=1e-6)
+    assert max(r.timings["batch"] for r in results) > 1, "the delay let batches fill"

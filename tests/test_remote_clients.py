@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from daskinfer import RemoteModel
-from daskinfer.exceptions import InputValidationError, RemoteModelError
+from daskinfer.exceptions import InputValidationError, ModelLoadError, RemoteModelError
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.testing import bundled_model_path, random_rows, run_onnx_directly
 
@@ -112,6 +112,7 @@ class Faults:
 
     def __init__(self, mode: str = "ok"):
         self.mode = mode
+        self.ready = True  # what ModelReady answers ("unimplemented": the call does not exist)
         self.calls: dict[str, int] = {}
 
     def count(self, method: str) -> None:
@@ -132,6 +133,12 @@ async def start_fault_grpc(faults: Faults) -> tuple[grpc.aio.Server, int]:
         faults.count("ModelMetadata")
         return _metadata_response()
 
+    async def ready(request, context):
+        faults.count("ModelReady")
+        if faults.ready == "unimplemented":
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        return pb.ModelReadyResponse(ready=faults.ready)
+
     async def infer(request, context):
         faults.count("ModelInfer")
         mode = faults.mode
@@ -139,6 +146,8 @@ async def start_fault_grpc(faults: Faults) -> tuple[grpc.aio.Server, int]:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "input 'x' is not what I want")
         if mode == "unavailable":
             await context.abort(grpc.StatusCode.UNAVAILABLE, "overloaded, come back later")
+        if mode == "internal":
+            await context.abort(grpc.StatusCode.INTERNAL, "backend crashed on this batch")
         if mode == "garbage":
             return b"\xff\xfe\x00 this is not a protobuf message \x07\x07"
         if mode == "slow":
@@ -164,6 +173,9 @@ async def start_fault_grpc(faults: Faults) -> tuple[grpc.aio.Server, int]:
             "ModelMetadata": grpc.unary_unary_rpc_method_handler(
                 metadata, request_deserializer=pb.ModelMetadataRequest.FromString, response_serializer=ser
             ),
+            "ModelReady": grpc.unary_unary_rpc_method_handler(
+                ready, request_deserializer=pb.ModelReadyRequest.FromString, response_serializer=ser
+            ),
             "ModelInfer": grpc.unary_unary_rpc_method_handler(
                 infer, request_deserializer=pb.ModelInferRequest.FromString, response_serializer=ser
             ),
@@ -184,6 +196,10 @@ def fault_rest_app(faults: Faults) -> web.Application:
         t = lambda n: {"name": n, "datatype": "FP32", "shape": [-1, 4]}  # noqa: E731
         return web.json_response({"name": "double", "versions": ["1"], "platform": "test", "inputs": [t("x")], "outputs": [t("y")]})
 
+    async def ready(request):
+        faults.count("ModelReady")
+        return web.json_response({"ready": bool(faults.ready)}, status=200 if faults.ready else 400)
+
     async def infer(request):
         faults.count("ModelInfer")
         mode = faults.mode
@@ -191,6 +207,8 @@ def fault_rest_app(faults: Faults) -> web.Application:
             return web.json_response({"error": "input 'x' is not what I want"}, status=400)
         if mode == "unavailable":
             return web.json_response({"error": "overloaded, come back later"}, status=503)
+        if mode == "internal":
+            return web.json_response({"error": "backend crashed on this batch"}, status=500)
         if mode == "garbage":
             return web.Response(body=b"\xff\xfe\x00<html>oops", content_type="application/octet-stream")
         if mode == "slow":
@@ -207,6 +225,7 @@ def fault_rest_app(faults: Faults) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/v2/models/double", metadata)
+    app.router.add_get("/v2/models/double/ready", ready)
     app.router.add_post("/v2/models/double/infer", infer)
     return app
 
@@ -287,9 +306,10 @@ def test_retryable_error_is_retried_up_to_the_limit(protocol):
     assert ("UNAVAILABLE" if protocol == "kserve-grpc" else "HTTP 503") in str(err)
 
 
+@pytest.mark.parametrize("mode", ["unavailable", "internal"])  # an outage, a transient server error
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_a_retry_that_succeeds_answers_once(protocol):
-    faults = Faults("unavailable")
+def test_a_retry_that_succeeds_answers_once(protocol, mode):
+    faults = Faults(mode)
 
     async def body(loaded):
         await loaded.ensure_signature()
@@ -459,10 +479,11 @@ def test_inputs_are_checked_before_anything_is_sent():
         with pytest.raises(InputValidationError, match="expects shape"):
             await loaded.apredict(np.zeros((2, 5), dtype=np.float32))
         with pytest.raises(InputValidationError, match="missing input 'x'"):
-            await loaded.apredict({"z": X})
+            await loaded.apredict({"z": X, "w": X})
+        np.testing.assert_array_equal((await loaded.apredict({"z": X}))["y"], X * 2)  # its one input, by any name
 
     run_against("kserve-grpc", faults, body)
-    assert faults.calls == {"ModelMetadata": 1}
+    assert faults.calls == {"ModelMetadata": 1, "ModelInfer": 1}
 
 
 def test_bounded_inflight_calls_and_row_order():
@@ -537,3 +558,150 @@ def test_sync_predict_from_a_plain_thread():
     np.testing.assert_array_equal(result["out"]["y"], X * 2)
     assert loaded._private is None  # closed with the model
     assert json.dumps(faults.calls) == json.dumps({"ModelMetadata": 1, "ModelInfer": 1})
+
+
+# -- what counts against the service: server errors and bad answers, never a refused request ------
+SERVER_ERROR = {"kserve-grpc": "INTERNAL: backend crashed on this batch", "kserve-rest": "HTTP 500: backend crashed on this batch"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_server_error_is_retried_a_bounded_number_of_times(protocol):
+    faults = Faults("internal")
+
+    async def body(loaded):
+        return await _outcome(loaded.apredict(X))
+
+    err = run_against(protocol, faults, body, retries=3, server_error_retries=1, breaker_failures=100)
+    assert isinstance(err, RemoteModelError) and err.fault == "server" and err.retryable
+    assert faults.calls["ModelInfer"] == 2  # one retry, however many the policy allows for an outage
+    assert SERVER_ERROR[protocol] in str(err) and "gave up after 2 attempts" in str(err)
+
+
+@pytest.mark.parametrize("mode", ["internal", "garbage"])
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_service_that_keeps_failing_opens_the_breaker(protocol, mode):
+    faults = Faults(mode)
+
+    async def body(loaded):
+        await loaded.ensure_signature()
+        return [await _outcome(loaded.apredict(X)) for _ in range(20)], loaded.breaker
+
+    errors, breaker = run_against(protocol, faults, body, retries=3, server_error_retries=1, breaker_failures=3,
+                                  breaker_reset=60)
+    assert all(isinstance(e, RemoteModelError) for e in errors)
+    assert breaker.state == "open" and breaker.times_opened == 1
+    assert faults.calls["ModelInfer"] == 3  # then every call failed fast, without reaching the service
+    assert all("circuit is open" in str(e) for e in errors[-15:])
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_refused_request_is_no_success_for_the_breaker(protocol):
+    faults = Faults("unavailable")
+
+    async def body(loaded):
+        await loaded.ensure_signature()
+        await _outcome(loaded.apredict(X))  # 2 failed attempts
+        faults.mode = "invalid"
+        refused = await _outcome(loaded.apredict(X))  # the service is up, but says nothing of its health
+        faults.mode = "unavailable"
+        await _outcome(loaded.apredict(X))  # the third consecutive failure opens the circuit
+        return refused, loaded.breaker
+
+    refused, breaker = run_against(protocol, faults, body, retries=1, breaker_failures=3, breaker_reset=60)
+    assert isinstance(refused, RemoteModelError) and refused.fault == "request" and not refused.retryable
+    assert breaker.state == "open"
+    assert faults.calls["ModelInfer"] == 4  # 2 + 1 + 1: the last call's retry was refused by the open circuit
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_refused_probe_frees_the_half_open_circuit_for_the_next_probe(protocol):
+    faults = Faults("unavailable")
+
+    async def body(loaded):
+        await loaded.ensure_signature()
+        await _outcome(loaded.apredict(X))
+        assert loaded.breaker.state == "open"
+        faults.mode = "invalid"
+        deadline = time.monotonic() + 5
+        while True:  # poll until the probe goes through (after breaker_reset)
+            probe = await _outcome(loaded.apredict(X))
+            if "circuit is open" not in str(probe):
+                break
+            assert time.monotonic() < deadline, "no probe was let through"
+            await asyncio.sleep(0.02)
+        faults.mode = "ok"
+        return probe, await loaded.apredict(X), loaded.breaker
+
+    probe, out, breaker = run_against(protocol, faults, body, retries=0, breaker_failures=1, breaker_reset=0.2)
+    assert isinstance(probe, RemoteModelError) and probe.fault == "request"
+    np.testing.assert_array_equal(out["y"], X * 2)  # the next call was the next probe, and it closed the circuit
+    assert breaker.state == "closed"
+
+
+# -- what deploy checks on the client: the service answers --------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_deploy_check_asks_whether_the_model_is_ready_and_reads_its_metadata(protocol):
+    faults = Faults("ok")
+
+    async def body(loaded):
+        await loaded.acheck_service()
+        return loaded
+
+    loaded = run_against(protocol, faults, body)
+    assert faults.calls == {"ModelReady": 1, "ModelMetadata": 1}
+    assert [s.describe() for s in loaded.inputs] == ["x: float32[N, 4]"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_deploy_check_says_when_the_model_is_not_ready(protocol):
+    faults = Faults("ok")
+    faults.ready = False
+
+    async def body(loaded):
+        with pytest.raises(ModelLoadError, match=r"answers, but says model 'double' is not ready or not known there") as info:
+            await loaded.acheck_service()
+        return info.value
+
+    err = run_against(protocol, faults, body)
+    assert err.path.startswith(("127.0.0.1:", "http://127.0.0.1:")) and err.path in str(err)
+    assert "ModelMetadata" not in faults.calls
+
+
+def test_the_deploy_check_reads_the_metadata_of_a_service_without_model_readiness():
+    faults = Faults("ok")
+    faults.ready = "unimplemented"
+
+    async def body(loaded):
+        await loaded.acheck_service()
+
+    run_against("kserve-grpc", faults, body)
+    assert faults.calls == {"ModelReady": 1, "ModelMetadata": 1}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_deploy_check_refuses_outputs_the_model_lacks(protocol):
+    async def body(loaded):
+        with pytest.raises(ModelLoadError, match=r"model 'double' has no output 'z' asked for by outputs=; its outputs: \['y'\]"):
+            await loaded.acheck_service()
+
+    run_against(protocol, Faults("ok"), body, outputs=["z"])
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_deploying_a_remote_model_nobody_serves_fails_naming_the_url(protocol):
+    port = _closed_port()
+    url = f"127.0.0.1:{port}" if protocol == "kserve-grpc" else f"http://127.0.0.1:{port}"
+    model = RemoteModel("ghost", url, protocol=protocol, timeout=2)
+    with pytest.raises(ModelLoadError, match=r"remote model 'ghost': the service at .*127\.0\.0\.1:\d+ .* did not answer") as info:
+        model.validate()
+    assert f"127.0.0.1:{port}" in str(info.value) and "validate=False" in str(info.value)

@@ -90,3 +90,25 @@ def test_pipeline_request_deadline_bounds_a_remote_call(client, mlp_path):
         finally:
             handle.stop()
             daskinfer.undeploy(client, "slow-remote")
+
+
+def test_deploy_checks_that_the_service_answers_and_leaves_nothing_when_it_does_not(client, model_server):
+    import socket
+
+    from daskinfer.exceptions import ModelLoadError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ModelLoadError, match=rf"the service at 127\.0\.0\.1:{port} \(kserve-grpc\) did not answer"):
+        daskinfer.deploy(client, RemoteModel("nobody-home", f"127.0.0.1:{port}", timeout=2))
+    with pytest.raises(ModelLoadError, match=r"says model 'no-such-model' is not ready or not known there"):
+        daskinfer.deploy(client, RemoteModel("unknown-remote", model_server.grpc_address, remote_name="no-such-model"))
+    assert "nobody-home" not in daskinfer.deployed_models(client)
+    assert "unknown-remote" not in daskinfer.deployed_models(client)
+    # deploying before the service is up stays possible
+    daskinfer.deploy(client, RemoteModel("later", f"127.0.0.1:{port}"), validate=False)
+    try:
+        assert daskinfer.deployed_models(client)["later"] == ["1"]
+    finally:
+        daskinfer.undeploy(client, "later")

@@ -97,3 +97,30 @@ def test_breaker_frees_a_cancelled_probe():
     assert b.allow(1) and not b.allow(1)
     b.release()
     assert b.allow(1)
+
+
+def test_server_errors_get_their_own_smaller_retry_budget():
+    p = RetryPolicy(retries=3, backoff_base=0.1, backoff_max=1.0, jitter=0.0, server_error_retries=1)
+    assert p.next_delay(1, retryable=True, time_left=100, u=0, server_error=True) == pytest.approx(0.1)
+    assert p.next_delay(2, retryable=True, time_left=100, u=0, server_error=True) is None  # one retry only
+    assert p.next_delay(3, retryable=True, time_left=100, u=0) == pytest.approx(0.4)  # an outage gets all 3
+    # never more than ``retries``
+    assert RetryPolicy(retries=0, server_error_retries=5).next_delay(1, True, 100, 0, server_error=True) is None
+    with pytest.raises(ConfigError, match="server_error_retries -1"):
+        RetryPolicy(server_error_retries=-1)
+
+
+def test_remote_errors_say_whether_the_service_is_at_fault():
+    from daskinfer.exceptions import RemoteModelError
+
+    faults = {f: RemoteModelError("x", fault=f) for f in RemoteModelError.FAULTS}
+    assert {f: (e.retryable, e.service_fault) for f, e in faults.items()} == {
+        "unavailable": (True, True),
+        "server": (True, True),
+        "response": (False, True),
+        "request": (False, False),
+    }
+    assert RemoteModelError("x", retryable=True).fault == "unavailable"
+    assert RemoteModelError("x").fault == "request"
+    with pytest.raises(ValueError, match="fault must be one of"):
+        RemoteModelError("x", fault="cosmic rays")

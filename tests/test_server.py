@@ -63,9 +63,23 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-def test_binds_loopback_by_default(mlp_path):
-    s = ModelServer(OnnxModel("mlp", mlp_path))
-    assert s.host == "127.0.0.1"
+def test_binds_loopback_by_default(server):
+    """The sockets the server (made without ``host``) listens on are bound to 127.0.0.1 only."""
+    import ipaddress
+
+    import psutil
+
+    ports = {int(server.grpc_address.rsplit(":", 1)[1]), int(server.http_url.rsplit(":", 1)[1])}
+    proc = psutil.Process()
+    conns = proc.net_connections("inet") if hasattr(proc, "net_connections") else proc.connections("inet")
+    listening = {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN and c.laddr.port in ports}
+    assert {port for _, port in listening} == ports
+
+    def loopback(ip: str) -> bool:  # gRPC listens on a dual-stack socket: ::ffff:127.0.0.1
+        addr = ipaddress.ip_address(ip)
+        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+    assert all(loopback(ip) for ip, _ in listening), listening  # not 0.0.0.0 / ::
 
 
 @pytest.mark.parametrize("protocol", ["kserve-grpc", "kserve-rest"])

@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from daskinfer.cli import predict
+
 logger = logging.getLogger(__name__)
 
 
@@ -234,6 +236,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "gateway": ("KServe v2 (REST and gRPC) in front of pipelines on a Dask cluster", _gateway_arguments, _gateway),
     "run": ("deploy the models and pipelines of a YAML file and run them", _run_arguments, _run),
     "quickstart": ("run the bundled model through a local pipeline and print throughput", _quickstart_arguments, _quickstart),
+    "predict": ("score a parquet dataset with a model and write the scores as parquet", predict.add_arguments, predict.run),
 }
 """name -> (help, add_arguments(parser), run(args) -> exit status)."""
 

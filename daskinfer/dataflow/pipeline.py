@@ -329,8 +329,17 @@ class Pipeline:
 
     def run(self, inputs: Mapping[str, Any] | np.ndarray, *, registry: ModelRegistry | None = None,
             errors: str = "raise") -> dict[str, np.ndarray]:
-        """Synchronous :meth:`arun` (not from inside a running event loop)."""
-        return asyncio.run(self.arun(inputs, registry=registry, errors=errors))
+        """Synchronous :meth:`arun`; also from a thread whose event loop runs (a Jupyter cell)."""
+        coro = self.arun(inputs, registry=registry, errors=errors)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(coro)
+        # an event loop runs here (Jupyter): run ours in a thread of its own and wait for it
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, coro).result()
 
 
 class PipelineHandle:

@@ -17,6 +17,7 @@ rows first, or a dict of such arrays.  ``smart_batch`` emits a list of items;
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -70,8 +71,19 @@ class smart_batch(Stream):
         kwargs["ensure_io_loop"] = True
         Stream.__init__(self, upstream, **kwargs)
 
+    def _now(self) -> float:
+        return time.monotonic()
+
+    def _call_later(self, delay: float, fn) -> Any:
+        # the loop that runs us: a partition's nodes run on the worker's asyncio loop, which is not
+        # always the loop streamz picked for the node (a timer there would never fire)
+        try:
+            return asyncio.get_running_loop().call_later(delay, fn)
+        except RuntimeError:  # a synchronous local stream: its own IO loop runs the node
+            return self.loop.call_later(delay, fn)
+
     def update(self, x, who=None, metadata=None):
-        now = self.loop.time()
+        now = self._now()
         for item in (x if isinstance(x, Items) else (x,)):
             self._retain_refs(metadata)
             rows = rows_of(item)
@@ -87,11 +99,11 @@ class smart_batch(Stream):
     def _flush(self):
         results = []
         while True:
-            oldest_wait = self.loop.time() - self._queue[0][3] if self._queue else 0.0
+            oldest_wait = self._now() - self._queue[0][3] if self._queue else 0.0
             decision = self.policy.decide([q[1] for q in self._queue], self._inflight, oldest_wait)
             if decision.take == 0:
                 if decision.wait is not None and self._timer is None:
-                    self._timer = self.loop.call_later(decision.wait, self._on_timer)
+                    self._timer = self._call_later(decision.wait, self._on_timer)
                 break
             taken = [self._queue.popleft() for _ in range(decision.take)]
             self._queued_rows -= sum(t[1] for t in taken)

@@ -16,24 +16,62 @@ from daskinfer.exceptions import InputValidationError, ModelError, OutputCountEr
 from daskinfer.tensors import TensorSpec
 
 
+def _array(value: Any, name: str, model: str) -> np.ndarray:
+    if type(value) is np.ndarray:
+        return value
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged lists, mixed types
+        raise InputValidationError(
+            f"model {model!r}: input {name!r} is not a regular array ({e})", model=model, input_name=name
+        ) from None
+
+
 def as_block(batch: Any, input_names: list[str] | None, model: str) -> dict[str, np.ndarray]:
-    """Turn what a user passes (an array, or a mapping of arrays) into a block dict."""
+    """Turn what a user passes (an array, a list, or a mapping of them) into a block dict.
+
+    A model with exactly one input takes it under any name: a bare array, or a mapping
+    with one differently named entry, goes to that input.
+    """
+    single = input_names[0] if input_names is not None and len(input_names) == 1 else None
     if isinstance(batch, Mapping):
-        return {str(k): np.asarray(v) for k, v in batch.items()}
-    if input_names is not None and len(input_names) != 1:
+        if single is not None and len(batch) == 1:
+            ((key, value),) = batch.items()
+            return {single: _array(value, str(key), model)}
+        return {str(k): _array(v, str(k), model) for k, v in batch.items()}
+    if input_names is not None and single is None:
         raise InputValidationError(
             f"model {model!r} has {len(input_names)} inputs {input_names}; "
             "pass a dict of arrays keyed by input name",
             model=model,
         )
-    name = input_names[0] if input_names else "input"
-    return {name: np.asarray(batch)}
+    name = single or "input"
+    return {name: _array(batch, name, model)}
 
 
-def validate_block(block: Mapping[str, np.ndarray], specs: list[TensorSpec] | None, model: str) -> int:
+def cast_block(block: dict[str, np.ndarray], specs: list[TensorSpec] | None) -> dict[str, np.ndarray]:
+    """Cast inputs to their declared dtypes where no value changes kind (float64 -> float32,
+    int -> float; not float -> int, nor text -> numbers); others are left for validation to refuse."""
+    if not specs:
+        return block
+    want = {s.name: s.dtype for s in specs if s.dtype is not None}
+    out = block
+    for name, arr in block.items():
+        dtype = want.get(name)
+        if dtype is not None and arr.dtype != dtype and np.can_cast(arr.dtype, dtype, casting="same_kind"):
+            if out is block:
+                out = dict(block)
+            out[name] = arr.astype(dtype)
+    return out
+
+
+def validate_block(
+    block: Mapping[str, np.ndarray], specs: list[TensorSpec] | None, model: str, *, casting: bool = False
+) -> int:
     """Check a block against input specs; return its number of rows.
 
-    Raises :class:`InputValidationError` naming the model, the input and what was expected.
+    Raises :class:`InputValidationError` naming the model, the input and what was expected
+    (``casting``: whether the model casts inputs, for the hint on a dtype mismatch).
     """
     if not block:
         raise InputValidationError(f"model {model!r} got an empty request (no inputs)", model=model)
@@ -83,8 +121,11 @@ def validate_block(block: Mapping[str, np.ndarray], specs: list[TensorSpec] | No
     for name, arr in block.items():
         spec = expected[name]
         if spec.dtype is not None and arr.dtype != spec.dtype:
+            hint = ""
+            if not casting and np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+                hint = f"; send {spec.dtype}, or give the model cast_inputs=True to cast such inputs"
             raise InputValidationError(
-                f"model {model!r}: input {name!r} expects dtype {spec.dtype}, got {arr.dtype}",
+                f"model {model!r}: input {name!r} expects dtype {spec.dtype}, got {arr.dtype}{hint}",
                 model=model,
                 input_name=name,
             )
@@ -100,9 +141,24 @@ def validate_block(block: Mapping[str, np.ndarray], specs: list[TensorSpec] | No
     return rows
 
 
-def as_output_block(result: Any, output_names: list[str], rows: int, model: str) -> dict[str, np.ndarray]:
-    """Turn what a model returned into a block of outputs and check it has ``rows`` rows."""
+def as_output_block(
+    result: Any, output_names: list[str], rows: int, model: str, *, select: list[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Turn what a model returned into a block of outputs and check it has ``rows`` rows.
+
+    ``select``: the outputs to keep, in this order, when the model returns a mapping
+    (a name it did not return is a :class:`ModelError`).
+    """
     if isinstance(result, Mapping):
+        if select is not None:
+            missing = [n for n in select if n not in result]
+            if missing:
+                raise ModelError(
+                    f"model {model!r} returned outputs {sorted(map(str, result))}, without {missing[0]!r} "
+                    f"asked for by outputs={select}",
+                    model=model,
+                )
+            result = {n: result[n] for n in select}
         out = {str(k): np.asarray(v) for k, v in result.items()}
     elif isinstance(result, (list, tuple)) and len(output_names) > 1 and len(result) == len(output_names):
         out = {n: np.asarray(v) for n, v in zip(output_names, result)}
@@ -135,3 +191,13 @@ def check_finite(block: Mapping[str, np.ndarray], model: str) -> None:
             )
 
 
+def zero_block(specs: list[TensorSpec] | None, rows: int) -> dict[str, np.ndarray] | None:
+    """A batch of ``rows`` zero rows for these inputs, or None unless each has a dtype and full shape."""
+    if not specs:
+        return None
+    block = {}
+    for spec in specs:
+        if spec.shape is None or spec.dtype is None or any(d is None for d in spec.shape[1:]):
+            return None
+        block[spec.name] = np.zeros((rows, *spec.shape[1:]), dtype=spec.dtype)
+    return block

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from daskinfer.models.contract import as_block, as_output_block, check_finite, validate_block
+from daskinfer.models.contract import as_block, as_output_block, cast_block, check_finite, validate_block, zero_block
 from daskinfer.tensors import TensorSpec
 
 
@@ -16,10 +16,14 @@ class LoadedModel:
 
     Subclasses implement :meth:`_run` (or :meth:`_arun` for models that are
     natively asynchronous, such as remote services) and may fill ``inputs``/``outputs``.
+    ``allow_nan``, ``cast_inputs`` and ``select_outputs`` come from the :class:`Model`
+    that loaded it.
     """
 
     is_async: ClassVar[bool] = False
-    allow_nan: bool = True  # set from the Model when it is loaded
+    allow_nan: bool = True  # False: float inputs with NaN/inf are refused
+    cast_inputs: bool = False  # True: inputs are cast to the declared dtypes where safe
+    select_outputs: list[str] | None = None  # outputs kept, in this order, from a model that returns a mapping
     inline_rows: int = 0  # batches up to this many rows may run on the event loop (fast models only)
 
     def __init__(
@@ -45,7 +49,9 @@ class LoadedModel:
     def prepare(self, batch: Any) -> tuple[dict[str, np.ndarray], int]:
         """Normalise and validate a batch; return the block and its row count."""
         block = as_block(batch, self.input_names, self.name)
-        rows = validate_block(block, self.inputs, self.name)
+        if self.cast_inputs:
+            block = cast_block(block, self.inputs)
+        rows = validate_block(block, self.inputs, self.name, casting=self.cast_inputs)
         if not self.allow_nan:
             check_finite(block, self.name)
         return block, rows
@@ -53,7 +59,7 @@ class LoadedModel:
     def predict(self, batch: Any) -> dict[str, np.ndarray]:
         """Run one batch (array or dict of arrays); return a dict of output arrays."""
         block, rows = self.prepare(batch)
-        return as_output_block(self._run(block), self.output_names, rows, self.name)
+        return self.finish(self._run(block), rows)
 
     async def apredict(self, batch: Any, *, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Asynchronous :meth:`predict`; runs :meth:`_arun` for async models.
@@ -66,18 +72,15 @@ class LoadedModel:
             result = await self._arun(block)
         else:
             result = await asyncio.to_thread(self._run, block)
-        return as_output_block(result, self.output_names, rows, self.name)
+        return self.finish(result, rows)
 
-    def warmup_block(self, rows: int) -> dict[str, np.ndarray] | None:
+    def finish(self, result: Any, rows: int) -> dict[str, np.ndarray]:
+        """What the model returned for ``rows`` rows as a checked block of the outputs asked for."""
+        return as_output_block(result, self.output_names, rows, self.name, select=self.select_outputs)
+
+    def warmup_block(self, rows: int) -> Any:
         """A zero batch of ``rows`` rows matching the inputs, or None if shapes are unknown."""
-        if not self.inputs:
-            return None
-        block = {}
-        for spec in self.inputs:
-            if spec.shape is None or spec.dtype is None or any(d is None for d in spec.shape[1:]):
-                return None
-            block[spec.name] = np.zeros((rows, *spec.shape[1:]), dtype=spec.dtype)
-        return block
+        return zero_block(self.inputs, rows)
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
         raise NotImplementedError

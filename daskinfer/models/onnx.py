@@ -51,18 +51,54 @@ def _spec(arg: Any) -> TensorSpec:
     return TensorSpec(arg.name, None if dtype is None or dtype is np.str_ else np.dtype(dtype), shape)
 
 
-class LoadedOnnx(LoadedModel):
-    """An onnxruntime session plus the model's signature."""
+def _is_tensor(arg: Any) -> bool:
+    return str(arg.type).startswith("tensor(")
 
-    def __init__(self, name: str, version: str, session: ort.InferenceSession):
+
+def check_outputs(model: str, source: str, session: ort.InferenceSession, selected: list[str] | None) -> list[Any]:
+    """The session's outputs to run (``selected``, or all); raise :class:`ModelLoadError` for an
+    unknown name or an output that is not a tensor (skl2onnx's ZipMap), with what to do."""
+    outputs = session.get_outputs()
+    by_name = {o.name: o for o in outputs}
+    tensors = [o.name for o in outputs if _is_tensor(o)]
+    if selected is not None:
+        unknown = [n for n in selected if n not in by_name]
+        if unknown:
+            raise ModelLoadError(
+                f"ONNX model {source} (model {model!r}) has no output {unknown[0]!r} asked for by outputs=; "
+                f"its outputs: {list(by_name)}",
+                model=model,
+            )
+    chosen = [by_name[n] for n in selected] if selected is not None else outputs
+    for o in chosen:
+        if not _is_tensor(o):
+            zipmap = "map(" in str(o.type)
+            why = (
+                "a skl2onnx ZipMap (a list of dicts, about 3x slower); convert the classifier with "
+                "options={'zipmap': False} (skl2onnx.to_onnx(clf, X, options={'zipmap': False})) to get a "
+                "probability tensor" if zipmap else "not a tensor"
+            )
+            keep = f"; or keep only tensor outputs with outputs={tensors}" if tensors else ""
+            raise ModelLoadError(
+                f"ONNX model {source} (model {model!r}): output {o.name!r} is {o.type}: {why}{keep}",
+                model=model,
+            )
+    return chosen
+
+
+class LoadedOnnx(LoadedModel):
+    """An onnxruntime session plus the model's signature (``outputs``: the ones it runs)."""
+
+    def __init__(self, name: str, version: str, session: ort.InferenceSession, outputs: list[Any] | None = None):
+        outputs = session.get_outputs() if outputs is None else outputs
         super().__init__(
             name,
             version,
             inputs=[_spec(i) for i in session.get_inputs()],
-            outputs=[_spec(o) for o in session.get_outputs()],
+            outputs=[_spec(o) for o in outputs],
         )
         self.session = session
-        self._output_names = [o.name for o in session.get_outputs()]
+        self._output_names = [o.name for o in outputs]
         self.inline_rows = int(settings.get("onnx.inline-rows"))
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
@@ -79,7 +115,11 @@ class OnnxModel(Model):
         Model name.
     model : str, os.PathLike or bytes
         Path to an ``.onnx`` file, or its bytes.
-    version, instances, warmup, allow_nan
+    outputs : list of str, optional
+        The graph outputs to run and return (default: all); a name the graph lacks is a
+        ``ModelLoadError`` at deploy.  Every output returned must be a tensor: a skl2onnx
+        classifier's default ZipMap output is refused with the conversion option that avoids it.
+    version, instances, warmup, allow_nan, cast_inputs
         See :class:`~daskinfer.models.spec.Model`.
     intra_op_num_threads, inter_op_num_threads : int, optional
         onnxruntime threads; config ``daskinfer.onnx.*`` (1 suits one-thread Dask workers).
@@ -105,12 +145,22 @@ class OnnxModel(Model):
         instances: int | None = None,
         warmup: bool | None = None,
         allow_nan: bool | None = None,
+        cast_inputs: bool | None = None,
+        outputs: list[str] | None = None,
         intra_op_num_threads: int | None = None,
         inter_op_num_threads: int | None = None,
         providers: list[str] | None = None,
         graph_optimization_level: str | None = None,
     ):
-        super().__init__(name, version=version, instances=instances, warmup=warmup, allow_nan=allow_nan)
+        super().__init__(
+            name,
+            version=version,
+            instances=instances,
+            warmup=warmup,
+            allow_nan=allow_nan,
+            cast_inputs=cast_inputs,
+            outputs=outputs,
+        )
         if isinstance(model, (bytes, bytearray, memoryview)):
             self.path = None
             self.model_bytes = bytes(model)
@@ -164,7 +214,8 @@ class OnnxModel(Model):
                 model=self.name,
                 path=self.path,
             ) from e
-        return LoadedOnnx(self.name, self.version, session)
+        outputs = check_outputs(self.name, self.source, session, self.selected_outputs)
+        return self._configure(LoadedOnnx(self.name, self.version, session, outputs))
 
     def validate(self) -> None:
         self.load().close()

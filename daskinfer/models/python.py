@@ -4,29 +4,27 @@ module in a code directory (with its requirements) shipped to every worker.
 A directory model is zipped when the :class:`PythonModel` is made; each worker
 unpacks it under its local directory, installs the requirements there with pip
 (``--target``, so the worker's own environment is left alone), and imports the
-handler.  Workers that join later do the same when the plugin reaches them.
+handler so that each version runs its own modules (:mod:`daskinfer.models.code`).
+Workers that join later do the same when the plugin reaches them.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
-import importlib.util
-import io
 import logging
 import os
-import subprocess
-import sys
 import tempfile
-import threading
-import zipfile
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from daskinfer import settings
 from daskinfer.exceptions import ConfigError, ModelLoadError
+from daskinfer.models import code
+from daskinfer.models.contract import zero_block
 from daskinfer.models.loaded import LoadedModel
 from daskinfer.models.spec import Model
 from daskinfer.tensors import TensorSpec
@@ -34,20 +32,6 @@ from daskinfer.tensors import TensorSpec
 logger = logging.getLogger(__name__)
 
 BATCH_FORMATS = ("numpy", "dict", "pandas", "list")
-_install_lock = threading.Lock()
-
-
-def _zip_directory(path: str) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for root, dirs, files in os.walk(path):
-            dirs[:] = [d for d in dirs if d not in ("__pycache__", ".git")]
-            for f in files:
-                if f.endswith(".pyc"):
-                    continue
-                full = os.path.join(root, f)
-                zf.write(full, os.path.relpath(full, path))
-    return buf.getvalue()
 
 
 def _specs(value: Any) -> list[TensorSpec] | None:
@@ -65,11 +49,21 @@ def _specs(value: Any) -> list[TensorSpec] | None:
 class LoadedPython(LoadedModel):
     """A loaded Python model: a callable and the batch format it wants."""
 
-    def __init__(self, name, version, fn: Callable[[Any], Any], batch_format: str, inputs, outputs):
+    def __init__(self, name, version, fn: Callable[[Any], Any], batch_format: str, inputs, outputs, sample=None):
         super().__init__(name, version, inputs=inputs, outputs=outputs)
         self.fn = fn
         self.batch_format = batch_format
-        self._closer = None
+        self.sample = sample
+        self._closers: list[Callable[[], Any]] = []
+
+    def warmup_block(self, rows: int) -> Any:
+        """The model's ``sample``, else zeros from its declared inputs (None: neither)."""
+        return self.sample if self.sample is not None else super().warmup_block(rows)
+
+    def add_closer(self, closer: Callable[[], Any] | None) -> None:
+        """Call ``closer`` when this instance is closed (in reverse order of adding)."""
+        if closer is not None:
+            self._closers.append(closer)
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
         fmt = self.batch_format
@@ -100,16 +94,18 @@ class LoadedPython(LoadedModel):
         return result
 
     def close(self) -> None:
-        if self._closer is not None:
-            self._closer()
+        closers, self._closers = self._closers[::-1], []
+        for closer in closers:
+            closer()
 
 
 class PythonModel(Model):
     """A Python model held by every worker.
 
     Give exactly one of ``predict`` (a callable ``f(batch) -> outputs``, a class
-    with ``predict`` and optional ``load``/``close``, or such an instance) or
-    ``directory`` (a code directory with a handler ``module`` and ``function``).
+    with ``predict`` and optional ``load``/``close``, or such an instance, e.g. a fitted
+    scikit-learn estimator) or ``directory`` (a code directory with a handler ``module``
+    and ``function``).
 
     Parameters
     ----------
@@ -118,14 +114,20 @@ class PythonModel(Model):
     predict : callable, class or object, optional
         What runs a batch.
     directory : str, optional
-        Code directory shipped to every worker (added to ``sys.path`` there).
+        Code directory shipped to every worker (see the handler contract below).
     module : str, optional
         Dotted name of the handler module inside ``directory``.
     function : str
         Name of the handler in ``module``: a function ``f(batch) -> outputs``, or a
         class with ``predict`` (and optional ``load``), instantiated once per instance.
+    method : str, optional
+        The method of an object or class that runs a batch, e.g. ``"predict_proba"`` or
+        ``"transform"`` for a scikit-learn estimator (default ``"predict"``).  A name the
+        object lacks is a ``ConfigError`` (``ModelLoadError`` for a handler class).
     requirements : list of str, optional
-        pip requirements installed on each worker (into the model's own directory).
+        pip requirements installed on each worker (into the model's own directory),
+        with progress log lines (``daskinfer.models.code`` logger, INFO) and credentials
+        in URLs masked.
     pip_options : list of str, optional
         Extra pip arguments, e.g. ``["--index-url", URL]``.
     wheels : str, optional
@@ -135,18 +137,58 @@ class PythonModel(Model):
         Declared inputs: ``{"x": ("float32", (None, 16))}`` or a list of names.
         Batches are checked against it; ``None`` checks only row counts.
     outputs : list of str, optional
-        Output names when the model returns an array or a tuple (default ``["output"]``).
+        Output names: of the arrays when the model returns an array or a tuple (default
+        ``["output"]``), or the entries kept (in this order) when it returns a dict.
+    sample : array or dict of arrays, optional
+        A small batch of real inputs (rows first): the warm-up batch that deploy runs
+        through each new instance, so a model that fails on real data fails at deploy.
     batch_format : {"numpy", "dict", "pandas", "list"}
         What the model receives: an array (single input) or dict, always a dict,
         a ``pandas.DataFrame``, or a list of rows (Jet's ``handle(list) -> list``).
-    version, instances, warmup, allow_nan
+    version, instances, warmup, allow_nan, cast_inputs
         See :class:`~daskinfer.models.spec.Model`.
+
+    Notes
+    -----
+    **When a Python model is checked.** ``deploy`` runs one batch through every new
+    instance (``warmup=True``, the default) when it can form one: the ``sample``, or
+    else zeros made from ``inputs`` that give every input's dtype and full shape.  A
+    model that raises on it fails ``deploy`` with a ``ModelLoadError`` and nothing stays
+    deployed.  Without either, nothing can be run before traffic comes: ``deploy`` logs
+    a warning, and a broken model fails on its first batch (an error result per request).
+
+    **The handler contract** (``directory=``).  On each worker the directory is unpacked
+    once per version, ``requirements`` are installed next to it, and ``module`` is
+    imported with the directory first on ``sys.path`` for the import only: import
+    sibling modules at the top of the handler module (a sibling first imported inside a
+    function, at call time, is not found).  Each version runs its own modules, even when
+    two versions both have a ``helpers.py``; requirements are shared by name within a
+    worker process, as Python imports are.  ``function`` names either
+
+    - a function ``f(batch) -> outputs``, called once per batch, or
+    - a class, created once per instance with no arguments; its ``load()`` (optional)
+      runs once before any batch, its ``predict(batch)`` (or ``method``) once per batch,
+      and its ``close()`` (optional) when the version is replaced or undeployed.
+
+    ``batch`` is what ``batch_format`` says.  Return an array with one row per input
+    row, a tuple of such arrays (named by ``outputs``), or a dict of them; any other
+    number of rows is an ``OutputCountError``.  One instance runs one batch at a time;
+    ``instances=n`` runs up to n batches at once, each on its own instance.  An exception
+    fails that batch only (an error result for each of its requests); raised while
+    importing, in ``load()`` or in the warm-up, it fails ``deploy``.
 
     Examples
     --------
-    >>> model = PythonModel("double", lambda x: x * 2)
-    >>> model = PythonModel("clf", directory="models/clf", module="handler",
-    ...                     function="predict", requirements=["scikit-learn"])
+    >>> import numpy as np
+    >>> from daskinfer import PythonModel
+    >>> model = PythonModel("double", lambda x: x * 2, sample=np.ones((1, 4), np.float32))
+    >>> model.load().predict(np.arange(4.0).reshape(2, 2))["output"].tolist()
+    [[0.0, 2.0], [4.0, 6.0]]
+    >>> from sklearn.linear_model import LogisticRegression  # doctest: +SKIP
+    >>> clf = LogisticRegression().fit(X, y)  # doctest: +SKIP
+    >>> PythonModel("clf", clf, method="predict_proba", outputs=["probabilities"])  # doctest: +SKIP
+    >>> PythonModel("clf", directory="models/clf", module="handler",  # doctest: +SKIP
+    ...             function="predict", requirements=["scikit-learn"])
     """
 
     kind = "python"
@@ -159,24 +201,39 @@ class PythonModel(Model):
         directory: str | os.PathLike | None = None,
         module: str | None = None,
         function: str = "predict",
+        method: str | None = None,
         requirements: Sequence[str] | None = None,
         pip_options: Sequence[str] | None = None,
         wheels: str | os.PathLike | None = None,
         inputs: Mapping[str, Any] | Sequence[Any] | None = None,
         outputs: Sequence[str] | None = None,
+        sample: Any = None,
         batch_format: str = "numpy",
         version: str | int = "1",
         instances: int | None = None,
         warmup: bool | None = None,
         allow_nan: bool | None = None,
+        cast_inputs: bool | None = None,
     ):
-        super().__init__(name, version=version, instances=instances, warmup=warmup, allow_nan=allow_nan)
+        output_specs = _specs(outputs)
+        super().__init__(
+            name,
+            version=version,
+            instances=instances,
+            warmup=warmup,
+            allow_nan=allow_nan,
+            cast_inputs=cast_inputs,
+            outputs=None if output_specs is None else [s.name for s in output_specs],
+        )
         if (predict is None) == (directory is None):
             raise ConfigError(f"model {name!r}: give exactly one of predict= or directory=")
         if batch_format not in BATCH_FORMATS:
             raise ConfigError(f"model {name!r}: batch_format must be one of {BATCH_FORMATS}, got {batch_format!r}")
+        if method is not None and (not isinstance(method, str) or not method.isidentifier()):
+            raise ConfigError(f"model {name!r}: method must be the name of a method, got {method!r}")
         self.predict_obj = predict
         self.function = function
+        self.method = method
         self.module = module
         self.path: str | None = None
         self.code_zip: bytes | None = None
@@ -194,9 +251,9 @@ class PythonModel(Model):
                     model=name,
                     path=self.path,
                 )
-            self.code_zip = _zip_directory(self.path)
-        elif not callable(predict) and not hasattr(predict, "predict"):
-            raise ConfigError(f"model {name!r}: predict= must be callable or have a predict() method, got {type(predict).__name__}")
+            self.code_zip = code.zip_directory(self.path)
+        else:
+            _check_target(name, predict, method)
         self.requirements = list(requirements or [])
         self.pip_options = list(pip_options or [])
         self.wheels_zip: bytes | None = None
@@ -204,11 +261,21 @@ class PythonModel(Model):
             wheels = os.fspath(wheels)
             if not os.path.isdir(wheels):
                 raise ModelLoadError(f"model {name!r}: wheel folder {wheels!r} does not exist", model=name, path=wheels)
-            self.wheels_zip = _zip_directory(wheels)
+            self.wheels_zip = code.zip_directory(wheels)
         self.inputs = _specs(inputs)
-        self.outputs = _specs(outputs)
+        self.outputs = output_specs
+        self.sample = _sample(name, sample)
         self.batch_format = batch_format
         self._workdir: str | None = None
+
+    def validate(self) -> None:
+        """On the deploying client: warn when deploy cannot run the model before traffic comes."""
+        if self.warmup and self.sample is None and zero_block(self.inputs, 1) is None:
+            logger.warning(
+                "model %r: no sample= and no inputs= with every dtype and shape, so deploy cannot run it "
+                "before it takes traffic; a broken model will fail on its first batch instead",
+                self.name,
+            )
 
     # -- where code lives on the worker ---------------------------------------------------
     def _digest(self) -> str:
@@ -217,72 +284,17 @@ class PythonModel(Model):
             h.update(part or b"")
         return h.hexdigest()[:12]
 
-    def _prepare_directory(self, base: str) -> str:
-        """Unpack code and wheels and install requirements under ``base``; return the code dir."""
-        root = os.path.join(base, f"{self.name}-{self.version}-{self._digest()}")
-        done = os.path.join(root, ".ready")
-        with _install_lock:
-            if os.path.exists(done):
-                return root
-            os.makedirs(root, exist_ok=True)
-            code = os.path.join(root, "code")
-            if self.code_zip:
-                zipfile.ZipFile(io.BytesIO(self.code_zip)).extractall(code)
-            if self.requirements:
-                self._pip_install(root)
-            open(done, "w").close()
-        return root
+    def _root(self, base: str) -> str:
+        """This version's folder under ``base`` (name and version are plain names: see :class:`Model`)."""
+        return os.path.join(base, f"{self.name}-{self.version}-{self._digest()}")
 
-    def _pip_install(self, root: str) -> None:
-        site = os.path.join(root, "site")
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-               "--no-warn-script-location", "--target", site]
-        if self.wheels_zip:
-            wheels = os.path.join(root, "wheels")
-            zipfile.ZipFile(io.BytesIO(self.wheels_zip)).extractall(wheels)
-            cmd += ["--no-index", "--find-links", wheels]
-        cmd += self.pip_options + self.requirements
-        timeout = settings.get_seconds("models.pip-timeout")
-        logger.info("installing requirements of model %s: %s", self.name, self.requirements)
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise ModelLoadError(
-                f"model {self.name!r}: installing requirements {self.requirements} took over {timeout:g}s",
-                model=self.name,
-            ) from e
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-            raise ModelLoadError(
-                f"model {self.name!r}: pip could not install requirements {self.requirements}: " + " | ".join(tail),
-                model=self.name,
-            )
-
-    def _activate(self, root: str) -> str:
-        for sub in ("site", "code"):
-            p = os.path.join(root, sub)
-            if os.path.isdir(p) and p not in sys.path:
-                sys.path.insert(0, p)
-        return os.path.join(root, "code")
-
-    def _import_handler(self, code_dir: str) -> Any:
+    def _import_handler(self, env: code.CodeEnv) -> Any:
         assert self.module
-        rel = self.module.replace(".", os.sep)
-        file = os.path.join(code_dir, rel + ".py")
-        if not os.path.isfile(file):
-            file = os.path.join(code_dir, rel, "__init__.py")
-        unique = f"_daskinfer_handler_{self.name}_{self.version}_{self._digest()}".replace("-", "_").replace(".", "_")
+        rel = os.path.join(env.code_dir, self.module.replace(".", os.sep))
+        file = rel + ".py" if os.path.isfile(rel + ".py") else os.path.join(rel, "__init__.py")
         try:
-            if unique in sys.modules:
-                mod = sys.modules[unique]
-            else:
-                spec = importlib.util.spec_from_file_location(unique, file)
-                assert spec and spec.loader
-                mod = importlib.util.module_from_spec(spec)
-                sys.modules[unique] = mod
-                spec.loader.exec_module(mod)
+            mod = env.handler_module(self.module)
         except Exception as e:
-            sys.modules.pop(unique, None)
             raise ModelLoadError(
                 f"model {self.name!r}: importing handler {file!r} failed: {type(e).__name__}: {e}",
                 model=self.name,
@@ -292,9 +304,9 @@ class PythonModel(Model):
             return getattr(mod, self.function)
         except AttributeError:
             raise ModelLoadError(
-                f"model {self.name!r}: handler module {file!r} has no {self.function!r}",
+                f"model {self.name!r}: handler module {mod.__file__!r} has no {self.function!r}",
                 model=self.name,
-                path=file,
+                path=mod.__file__,
             ) from None
 
     def _base_dir(self) -> str:
@@ -309,33 +321,79 @@ class PythonModel(Model):
 
     def load(self, base_dir: str | None = None) -> LoadedPython:
         target: Any = self.predict_obj
+        env = None
         if self.code_zip is not None or self.requirements:
-            root = self._prepare_directory(base_dir or self._base_dir())
-            code_dir = self._activate(root)
-            if self.code_zip is not None:
-                target = self._import_handler(code_dir)
-        fn, closer = self._bind(target)
-        loaded = LoadedPython(self.name, self.version, fn, self.batch_format, self.inputs, self.outputs)
-        loaded._closer = closer
+            root = self._root(base_dir or self._base_dir())
+            code.prepare(root, model=self.name, code_zip=self.code_zip, wheels_zip=self.wheels_zip,
+                         requirements=self.requirements, pip_options=self.pip_options)
+            env = code.CodeEnv.acquire(root)
+        try:
+            if env is not None and self.code_zip is not None:
+                target = self._import_handler(env)
+            fn, closer = self._bind(target)
+        except BaseException:
+            if env is not None:
+                env.release()
+            raise
+        loaded = LoadedPython(self.name, self.version, fn, self.batch_format, self.inputs, self.outputs, self.sample)
+        self._configure(loaded)
+        loaded.add_closer(closer)
+        if env is not None:
+            loaded.add_closer(env.release)
         return loaded
 
     def _bind(self, target: Any) -> tuple[Callable[[Any], Any], Callable[[], None] | None]:
-        """Turn a function, class or instance into a bound predict callable (and close)."""
+        """Turn a function, class or instance into a bound batch callable (and its close)."""
+        method = self.method or "predict"
         obj = target
         if isinstance(target, type):
             try:
                 obj = target()
             except Exception as e:
                 raise ModelLoadError(f"model {self.name!r}: creating {target.__name__}() failed: {type(e).__name__}: {e}", model=self.name) from e
-        elif hasattr(target, "predict"):
+        elif hasattr(target, method):
             obj = copy.deepcopy(target) if self.instances > 1 else target
-        if hasattr(obj, "predict"):
+        if hasattr(obj, method) and not _is_function(obj):
             if hasattr(obj, "load"):
                 try:
                     obj.load()
                 except Exception as e:
                     raise ModelLoadError(f"model {self.name!r}: load() failed: {type(e).__name__}: {e}", model=self.name) from e
-            return obj.predict, getattr(obj, "close", None)
+            return getattr(obj, method), getattr(obj, "close", None)
+        if self.method is not None:
+            raise ModelLoadError(
+                f"model {self.name!r}: {type(obj).__name__} has no method {self.method!r} (method=)", model=self.name
+            )
         if callable(obj):
             return obj, None
         raise ModelLoadError(f"model {self.name!r}: {obj!r} is neither callable nor has predict()", model=self.name)
+
+
+def _is_function(obj: Any) -> bool:
+    return isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial))
+
+
+def _check_target(name: str, target: Any, method: str | None) -> None:
+    """Refuse a ``predict=`` that cannot run a batch, before it is shipped."""
+    if method is None:
+        if not callable(target) and not hasattr(target, "predict"):
+            raise ConfigError(
+                f"model {name!r}: predict= must be callable or have a predict() method, got {type(target).__name__}"
+            )
+        return
+    if _is_function(target):
+        raise ConfigError(f"model {name!r}: method={method!r} needs an object or a class, but predict= is a function")
+    if not callable(getattr(target, method, None)):
+        what = target.__name__ if isinstance(target, type) else type(target).__name__
+        raise ConfigError(f"model {name!r}: {what} has no method {method!r} (method=)")
+
+
+def _sample(name: str, sample: Any) -> dict[str, np.ndarray] | np.ndarray | None:
+    if sample is None:
+        return None
+    try:
+        if isinstance(sample, Mapping):
+            return {str(k): np.asarray(v) for k, v in sample.items()}
+        return np.asarray(sample)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model {name!r}: sample= must be an array or a dict of arrays ({e})") from None

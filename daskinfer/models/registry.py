@@ -75,13 +75,16 @@ class Deployment:
         """Run a batch on a free instance (blocking; call from a thread)."""
         self._enter()
         try:
-            inst = self._pool.get()
-            try:
-                return inst.predict(batch)
-            finally:
-                self._pool.put(inst)
+            return self._run_on(self._pool.get(), batch)
         finally:
             self._exit()
+
+    def _run_on(self, inst: LoadedModel, batch: Any) -> dict[str, np.ndarray]:
+        """Run a batch on ``inst``, taken from the pool, and give it back."""
+        try:
+            return inst.predict(batch)
+        finally:
+            self._pool.put(inst)
 
     async def apredict(self, batch: Any, deadline: float | None = None) -> dict[str, np.ndarray]:
         """Run a batch without blocking the event loop.
@@ -95,14 +98,21 @@ class Deployment:
                 return await self.first.apredict(batch, deadline=deadline)
             finally:
                 self._exit()
-        if self.first.inline_rows and rows_of(batch) <= self.first.inline_rows and self._pool_free():
-            # a few rows through a microsecond model: a thread hop would cost more than the call
-            return self.predict(batch)
+        if self.first.inline_rows and rows_of(batch) <= self.first.inline_rows:
+            # a few rows through a microsecond model: a thread hop would cost more than the call.
+            # Only with an instance in hand: the event loop must never wait for one.
+            self._enter()
+            try:
+                try:
+                    inst = self._pool.get_nowait()
+                except queue.Empty:
+                    pass  # every instance is busy on a thread: queue behind them there
+                else:
+                    return self._run_on(inst, batch)
+            finally:
+                self._exit()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.predict, batch)
-
-    def _pool_free(self) -> bool:
-        return not self._pool.empty()
 
     def retire(self) -> None:
         """Stop taking new batches; close once the running ones return."""
@@ -201,8 +211,6 @@ class ModelRegistry:
 def load_deployment(model: Model) -> Deployment:
     """Load ``model.instances`` instances and warm them up."""
     instances = [model.load() for _ in range(model.instances)]
-    for inst in instances:
-        inst.allow_nan = getattr(model, "allow_nan", True)
     if model.warmup:
         rows = int(settings.get("models.warmup-rows"))
         for inst in instances:

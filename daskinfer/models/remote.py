@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 
 from daskinfer import settings
-from daskinfer.exceptions import ConfigError, RemoteModelError
-from daskinfer.models.contract import as_output_block
+from daskinfer.exceptions import ConfigError, ModelLoadError, RemoteModelError
 from daskinfer.models.loaded import LoadedModel
 from daskinfer.models.spec import Model
 from daskinfer.remote import PROTOCOLS, make_client
@@ -113,7 +112,9 @@ class LoadedRemote(LoadedModel):
     def __init__(self, spec: RemoteModel):
         super().__init__(spec.name, spec.version)
         self.spec = spec
-        self.policy = RetryPolicy(spec.retries, spec.backoff_base, spec.backoff_max, spec.backoff_jitter)
+        self.policy = RetryPolicy(
+            spec.retries, spec.backoff_base, spec.backoff_max, spec.backoff_jitter, spec.server_error_retries
+        )
         self.breaker = CircuitBreaker(spec.breaker_failures, spec.breaker_reset)
         self.stats = CallStats()
         self.signature: ModelSignature | None = None
@@ -213,7 +214,7 @@ class LoadedRemote(LoadedModel):
         await self.ensure_signature(end)
         block, rows = self.prepare(batch)
         result = await self._arun(block, end)
-        return as_output_block(result, self.output_names, rows, self.name)
+        return self.finish(result, rows)
 
     async def _arun(self, block: dict[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
         end = deadline if deadline is not None else time.monotonic() + self.spec.deadline
@@ -281,6 +282,47 @@ class LoadedRemote(LoadedModel):
         except RemoteModelError:
             return False
 
+    async def acheck_service(self) -> None:
+        """Ask the service whether the model is ready and read its metadata (what deploy checks).
+
+        Raises
+        ------
+        ModelLoadError
+            Naming the URL and what failed: no answer, the model not ready or unknown there,
+            unusable metadata, or ``outputs=`` naming an output the model lacks.
+        """
+        spec = self.spec
+        where = f"remote model {self.name!r}: the service at {spec.url} ({spec.protocol})"
+        model = repr(spec.remote_name) + (f" version {spec.remote_version!r}" if spec.remote_version else "")
+        st = await self._state()
+        try:
+            ready: bool | None = await st.client.ready(spec.timeout)
+        except RemoteModelError as e:
+            if e.fault != "request":
+                raise ModelLoadError(
+                    f"{where} did not answer ({e}); start it first, or deploy with validate=False to deploy "
+                    "before it is up (its first batch is then the first call)",
+                    model=self.name,
+                    path=spec.url,
+                ) from e
+            ready = None  # no readiness call for models there: its metadata tells
+        if ready is False:
+            raise ModelLoadError(
+                f"{where} answers, but says model {model} is not ready or not known there", model=self.name, path=spec.url
+            )
+        try:
+            sig = await self.ensure_signature()
+        except RemoteModelError as e:
+            raise ModelLoadError(f"{where}: reading the metadata of model {model} failed ({e})", model=self.name, path=spec.url) from e
+        declared = [o.name for o in (sig.outputs or [])] if sig is not None else []
+        missing = [n for n in self.select_outputs or [] if declared and n not in declared]
+        if missing:
+            raise ModelLoadError(
+                f"{where}: model {model} has no output {missing[0]!r} asked for by outputs=; its outputs: {declared}",
+                model=self.name,
+                path=spec.url,
+            )
+
     # -- synchronous callers ------------------------------------------------------------
     def _runner(self) -> LoopThread:
         with self._lock:
@@ -306,6 +348,10 @@ class LoadedRemote(LoadedModel):
     def ready(self, timeout: float | None = None) -> bool:
         """Blocking :meth:`aready`."""
         return self._runner().run(self.aready(timeout), (timeout or self.spec.timeout) + 5)
+
+    def check_service(self) -> None:
+        """Blocking :meth:`acheck_service`."""
+        self._runner().run(self.acheck_service(), self.spec.timeout + self.spec.deadline + 5)
 
     def warmup_block(self, rows: int) -> None:
         """None: a remote model is not called at load time (the service may start later)."""
@@ -377,13 +423,18 @@ class RemoteModel(Model):
     deadline : float or str, optional
         Longest a batch may take, all its calls and retries included. Config ``daskinfer.remote.deadline``.
     retries : int, optional
-        Extra attempts after a retryable failure. Config ``daskinfer.remote.retries``.
+        Extra attempts after the service was unavailable or too slow. Config ``daskinfer.remote.retries``.
+    server_error_retries : int, optional
+        Extra attempts after the service reported an internal error (HTTP 500, gRPC INTERNAL;
+        at most ``retries``). Config ``daskinfer.remote.server-error-retries``.
     backoff_base, backoff_max : float or str, optional
         First and longest wait between attempts. Config ``daskinfer.remote.backoff-*``.
     backoff_jitter : float, optional
         Fraction of each wait drawn at random. Config ``daskinfer.remote.backoff-jitter``.
     breaker_failures : int, optional
-        Consecutive retryable failures that open the circuit. Config ``daskinfer.remote.breaker-failures``.
+        Consecutive failed attempts that open the circuit: unavailable, timed out, HTTP 5xx,
+        gRPC INTERNAL or a malformed answer (a refused request, HTTP 4xx or INVALID_ARGUMENT,
+        counts neither way). Config ``daskinfer.remote.breaker-failures``.
     breaker_reset : float or str, optional
         Time the circuit stays open before a probe. Config ``daskinfer.remote.breaker-reset``.
     check_inputs : bool
@@ -402,8 +453,14 @@ class RemoteModel(Model):
         TF Serving signature (default ``serving_default``).
     max_message_size : int or str, optional
         Largest gRPC message. Config ``daskinfer.remote.max-message-size``.
-    version, warmup
-        See :class:`~daskinfer.models.spec.Model` (a remote model is not called at load time).
+    outputs : list of str, optional
+        The outputs to keep from each answer, in this order (default: all); checked against
+        the service's metadata at deploy.
+    version, warmup, cast_inputs
+        See :class:`~daskinfer.models.spec.Model`.  ``deploy`` (with ``validate=True``, the
+        default) checks on the client that the service answers: the model is ready and its
+        metadata can be read, else a ``ModelLoadError`` naming the URL; ``validate=False``
+        deploys before the service is up.  Workers do not call it when they load the model.
 
     Examples
     --------
@@ -428,6 +485,7 @@ class RemoteModel(Model):
         timeout: float | str | None = None,
         deadline: float | str | None = None,
         retries: int | None = None,
+        server_error_retries: int | None = None,
         backoff_base: float | str | None = None,
         backoff_max: float | str | None = None,
         backoff_jitter: float | None = None,
@@ -443,10 +501,12 @@ class RemoteModel(Model):
         tfserving_format: str = "row",
         signature_name: str | None = None,
         max_message_size: int | str | None = None,
+        outputs: list[str] | None = None,
+        cast_inputs: bool | None = None,
         version: str | int = "1",
         warmup: bool | None = None,
     ):
-        super().__init__(name, version=version, instances=1, warmup=warmup)
+        super().__init__(name, version=version, instances=1, warmup=warmup, cast_inputs=cast_inputs, outputs=outputs)
         if protocol not in PROTOCOLS:
             raise ConfigError(f"remote model {name!r}: protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
         if not isinstance(url, str) or not url:
@@ -467,6 +527,7 @@ class RemoteModel(Model):
         self.timeout = settings.get_seconds("remote.timeout", timeout)
         self.deadline = settings.get_seconds("remote.deadline", deadline)
         self.retries = int(settings.get("remote.retries", retries))
+        self.server_error_retries = int(settings.get("remote.server-error-retries", server_error_retries))
         self.backoff_base = settings.get_seconds("remote.backoff-base", backoff_base)
         self.backoff_max = settings.get_seconds("remote.backoff-max", backoff_max)
         self.backoff_jitter = float(settings.get("remote.backoff-jitter", backoff_jitter))
@@ -478,12 +539,15 @@ class RemoteModel(Model):
             ("max_inflight", self.max_inflight, 1),
             ("breaker_failures", self.breaker_failures, 1),
             ("retries", self.retries, 0),
+            ("server_error_retries", self.server_error_retries, 0),
         ):
             if value < low:
                 raise ConfigError(f"remote model {name!r}: {what} must be >= {low}, got {value}")
         if self.timeout <= 0 or self.deadline <= 0:
             raise ConfigError(f"remote model {name!r}: timeout and deadline must be > 0, got {self.timeout} and {self.deadline}")
-        RetryPolicy(self.retries, self.backoff_base, self.backoff_max, self.backoff_jitter)  # checks the values
+        RetryPolicy(  # checks the values
+            self.retries, self.backoff_base, self.backoff_max, self.backoff_jitter, self.server_error_retries
+        )
         self.check_inputs = bool(check_inputs)
         self.tls = bool(tls)
         self.tls_ca = _pem(tls_ca, "tls_ca", name)
@@ -510,14 +574,20 @@ class RemoteModel(Model):
         }
 
     def validate(self) -> None:
-        """Check that the protocol's client library is installed (no network call)."""
+        """On the deploying client: the protocol's client library is installed, and the service
+        answers that the model is ready and gives its metadata (see :meth:`LoadedRemote.acheck_service`)."""
         if self.protocol.endswith("-rest") and importlib.util.find_spec("aiohttp") is None:
             raise ConfigError(
                 f"remote model {self.name!r}: protocol {self.protocol!r} needs aiohttp; pip install 'daskinfer[http]'"
             )
+        loaded = self.load()
+        try:
+            loaded.check_service()
+        finally:
+            loaded.close()
 
     def load(self) -> LoadedRemote:
-        return LoadedRemote(self)
+        return self._configure(LoadedRemote(self))
 
     def __repr__(self) -> str:
         return f"RemoteModel(name={self.name!r}, version={self.version!r}, url={self.url!r}, protocol={self.protocol!r})"

@@ -7,6 +7,8 @@ in a process (``load``); it knows nothing of workers or registries.  On a cluste
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from daskinfer import settings
@@ -26,6 +28,10 @@ class Model:
     version : str
         Version label; deploying another version of the same name swaps it in
         once loaded and warmed up, with no downtime.
+
+        Names and versions are plain names (they become directory and plugin names):
+        1 to 128 letters, digits, ``_``, ``.``, ``+`` or ``-``, starting with a letter,
+        digit or ``_``, without ``..``; anything else is a :class:`ConfigError`.
     instances : int, optional
         Instances loaded per worker (parallel calls). Config ``daskinfer.models.instances``.
     warmup : bool, optional
@@ -34,6 +40,20 @@ class Model:
     allow_nan : bool, optional
         False rejects float inputs holding NaN or infinity (an error result for those
         requests). Config ``daskinfer.models.allow-nan``.
+    cast_inputs : bool, optional
+        True casts inputs to the dtypes the model declares where no value changes kind
+        (float64 rows or Python lists to float32, ints to floats; never floats to ints or
+        text to numbers). False refuses a mismatch with an ``InputValidationError`` that
+        says so. Config ``daskinfer.models.cast-inputs``.
+    outputs : list of str, optional
+        The outputs to return, in this order (others are dropped; a name the model does
+        not have is an error at deploy where the model declares its outputs, else on the
+        first batch). Default: all.
+
+    Notes
+    -----
+    A model with exactly one input takes it under any name: a bare array, or a dict with
+    one entry, goes to that input.
     """
 
     kind: ClassVar[str] = "model"
@@ -46,16 +66,18 @@ class Model:
         instances: int | None = None,
         warmup: bool | None = None,
         allow_nan: bool | None = None,
+        cast_inputs: bool | None = None,
+        outputs: Sequence[str] | None = None,
     ):
-        if not isinstance(name, str) or not name or ":" in name:
-            raise ConfigError(f"model name must be a non-empty string without ':', got {name!r}")
-        self.name = name
-        self.version = str(version)
+        self.name = check_plain_name("name", name)
+        self.version = check_plain_name("version", version if isinstance(version, str) else str(version))
         self.instances = int(settings.get("models.instances", instances))
         if self.instances < 1:
             raise ConfigError(f"model {name!r}: instances must be >= 1, got {self.instances}")
         self.warmup = bool(settings.get("models.warmup", warmup))
         self.allow_nan = bool(settings.get("models.allow-nan", allow_nan))
+        self.cast_inputs = bool(settings.get("models.cast-inputs", cast_inputs))
+        self.selected_outputs = _output_names(name, outputs)
         self.deploy_seq = 0  # set by deploy(); newer deployments win on every worker
 
     @property
@@ -66,12 +88,41 @@ class Model:
         """Build one runnable instance in this process."""
         raise NotImplementedError
 
+    def _configure(self, loaded: LoadedModel) -> LoadedModel:
+        """Give a freshly built instance this spec's input and output handling."""
+        loaded.allow_nan = self.allow_nan
+        loaded.cast_inputs = self.cast_inputs
+        loaded.select_outputs = self.selected_outputs
+        return loaded
+
     def validate(self) -> None:
         """Cheap checks run by ``deploy`` on the client before shipping the model."""
 
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+
+
+def _output_names(model: str, outputs: Sequence[str] | None) -> list[str] | None:
+    if outputs is None:
+        return None
+    names = [outputs] if isinstance(outputs, str) else list(outputs)
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ConfigError(f"model {model!r}: outputs must be a list of distinct output names, got {outputs!r}")
+    return names
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}")
+
+
+def check_plain_name(what: str, value: object) -> str:
+    """``value`` if it is a plain model name or version (see :class:`Model`); else a :class:`ConfigError`."""
+    if not isinstance(value, str) or not _PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise ConfigError(
+            f"model {what} must be a plain name: 1 to 128 letters, digits, '_', '.', '+' or '-', "
+            f"starting with a letter, digit or '_', without '..' (it names a directory on each worker), got {value!r}"
+        )
+    return value
 
 
 PLUGIN_PREFIX = "daskinfer-model:"

@@ -5,8 +5,10 @@ its channel or session in the running event loop (:meth:`RemoteClient.open`), re
 the model's signature (:meth:`RemoteClient.metadata`) and sends one call of rows
 (:meth:`RemoteClient.infer`).  It turns every failure into a
 :class:`~daskinfer.exceptions.RemoteModelError` that names the service, the call and
-why, with ``retryable`` set for failures that a later attempt may not meet
-(unavailable, timed out, connection reset, 429/502/503/504).
+why, with its ``fault`` (see :class:`~daskinfer.exceptions.RemoteModelError`):
+``"unavailable"`` (timed out, connection reset, 429/502/503/504, UNAVAILABLE),
+``"server"`` (HTTP 500, INTERNAL), ``"response"`` (a malformed answer) or
+``"request"`` (4xx, INVALID_ARGUMENT).
 
 :func:`call_with_retries` runs one call under a per-attempt timeout, a deadline, the
 :class:`~daskinfer.remote.retry.RetryPolicy` and the
@@ -94,15 +96,20 @@ class RemoteClient(ABC):
         """The service as named in errors."""
         return self.url
 
-    def error(self, call: str, why: str, *, retryable: bool = False) -> RemoteModelError:
-        """A :class:`RemoteModelError` for ``call`` on this service."""
+    def error(self, call: str, why: str, *, retryable: bool = False, fault: str | None = None) -> RemoteModelError:
+        """A :class:`RemoteModelError` for ``call`` on this service (``fault`` as it documents)."""
         return RemoteModelError(
             f"remote model {self.model_name!r} at {self.service} ({self.protocol}): {call} failed: {why}",
             service=self.service,
             call=call,
             model=self.model_name,
             retryable=retryable,
+            fault=fault,
         )
+
+    def bad_answer(self, call: str, why: str) -> RemoteModelError:
+        """The service answered something unusable: not retried, counts against the service."""
+        return self.error(call, why, fault="response")
 
     @abstractmethod
     async def open(self) -> None:
@@ -128,19 +135,19 @@ class RemoteClient(ABC):
     def check_outputs(self, outputs: dict[str, np.ndarray], rows: int, call: str = "ModelInfer") -> dict[str, np.ndarray]:
         """Check that every output has ``rows`` rows and the dtype the signature declares."""
         if not outputs:
-            raise self.error(call, f"the response holds no outputs for a call of {rows} rows")
+            raise self.bad_answer(call, f"the response holds no outputs for a call of {rows} rows")
         declared = {s.name: s for s in (self.signature.outputs or [])} if self.signature else {}
         for name, arr in outputs.items():
             n = 1 if arr.ndim == 0 else arr.shape[0]
             if arr.ndim == 0 or n != rows:
-                raise self.error(
+                raise self.bad_answer(
                     call,
                     f"output {name!r} has {0 if arr.ndim == 0 else n} rows (shape {list(arr.shape)}) "
                     f"for a call of {rows} rows; every output needs one row per input row",
                 )
             spec = declared.get(name)
             if spec is not None and spec.dtype is not None and arr.dtype != spec.dtype:
-                raise self.error(
+                raise self.bad_answer(
                     call,
                     f"output {name!r} came back as {arr.dtype}, but the model's metadata declares {spec.dtype}",
                 )
@@ -216,7 +223,9 @@ async def call_with_retries(
     policy : RetryPolicy
         Which failures are retried and after how long.
     breaker : CircuitBreaker or None
-        Refuses calls while the service is down (a refused call fails at once).
+        Refuses calls while the service is down (a refused call fails at once).  Errors
+        that say the service is unwell count as failures; a refused request counts as
+        nothing (neither a failure nor a success).
     deadline : float
         ``time.monotonic()`` by which the call must have ended, retries included.
     timeout : float
@@ -261,25 +270,27 @@ async def call_with_retries(
         except asyncio.TimeoutError:
             err = client.error(call, f"no answer within {t:.3g}s", retryable=True)
         except Exception as e:  # a bug or an unexpected response: never retried
-            err = client.error(call, f"{type(e).__name__}: {e}")
+            err = client.bad_answer(call, f"{type(e).__name__}: {e}")
             err.__cause__ = e
         else:
             if breaker is not None:
                 breaker.record_success(time.monotonic())
             return result
         if breaker is not None:
-            if err.retryable:
+            if err.service_fault:
                 breaker.record_failure(time.monotonic())
-            else:  # the service answered, it is only this request that is wrong
-                breaker.record_success(time.monotonic())
+            else:  # only this request is wrong: no news of the service's health
+                breaker.release()
         if stats is not None:
             stats.failures += 1
         last = err
-        delay = policy.next_delay(n, err.retryable, deadline - time.monotonic(), rng())
+        server_error = err.fault == "server"
+        delay = policy.next_delay(n, err.retryable, deadline - time.monotonic(), rng(), server_error=server_error)
         if delay is None:
-            if not err.retryable or n == 1 and policy.retries == 0:
+            allowed = policy.retries_for(server_error)
+            if not err.retryable or n == 1 and allowed == 0:
                 raise err
-            if n > policy.retries:
+            if n > allowed:
                 raise _with_attempts(err, n) from err
             raise _deadline_error(client, call, n, err)
         logger.debug("%s attempt %d failed (%s); retrying in %.3fs", call, n, _why(err), delay)
@@ -297,7 +308,7 @@ def _with_attempts(err: RemoteModelError, n: int) -> RemoteModelError:
         service=err.service,
         call=err.call,
         model=err.model,
-        retryable=err.retryable,
+        fault=err.fault,
     )
 
 

@@ -32,6 +32,9 @@ RETRYABLE_CODES = frozenset(
     }
 )
 
+# the service reports an internal error (Triton: INTERNAL for transient backend errors too):
+# retried at most ``server_error_retries`` times, and counted against the service
+SERVER_ERROR_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
 
 SERVICE = "inference.GRPCInferenceService"
 RESPONSES = {
@@ -166,7 +169,13 @@ class KServeGrpcClient(RemoteClient):
         code = e.code() if hasattr(e, "code") else None
         details = e.details() if hasattr(e, "details") else str(e)
         name = code.name if code is not None else "UNKNOWN"
-        return self.error(call, f"{name}: {details}", retryable=code in RETRYABLE_CODES)
+        if code in RETRYABLE_CODES:
+            fault = "unavailable"
+        elif code in SERVER_ERROR_CODES or code is None:
+            fault = "server"
+        else:  # INVALID_ARGUMENT, NOT_FOUND, UNAUTHENTICATED...: this request is refused
+            fault = "request"
+        return self.error(call, f"{name}: {details}", fault=fault)
 
     async def _unary(self, call: str, request: Any, timeout: float) -> Any:
         if self._channel is None:
@@ -178,7 +187,7 @@ class KServeGrpcClient(RemoteClient):
         try:
             return RESPONSES[call].FromString(raw)
         except Exception as e:  # DecodeError, or bytes of the wrong message type
-            raise self.error(
+            raise self.bad_answer(
                 call,
                 f"malformed response: {len(raw)} bytes that are not a {RESPONSES[call].DESCRIPTOR.full_name} "
                 f"({type(e).__name__}: {e}); starts with {bytes(raw[:16])!r}",
@@ -206,7 +215,7 @@ class KServeGrpcClient(RemoteClient):
                 platform=resp.platform,
             )
         except v2.TensorDecodeError as e:
-            raise self.error("ModelMetadata", f"malformed metadata: {e}") from None
+            raise self.bad_answer("ModelMetadata", f"malformed metadata: {e}") from None
         self.signature = sig
         return sig
 
@@ -218,9 +227,9 @@ class KServeGrpcClient(RemoteClient):
             raise self.error("ModelInfer", f"cannot encode the request: {e}") from None
         resp = await self._unary("ModelInfer", req, timeout)
         if request_id and resp.id and resp.id != request_id:
-            raise self.error("ModelInfer", f"the response is for request id {resp.id!r}, expected {request_id!r}")
+            raise self.bad_answer("ModelInfer", f"the response is for request id {resp.id!r}, expected {request_id!r}")
         try:
             outputs = decode_outputs(resp)
         except v2.TensorDecodeError as e:
-            raise self.error("ModelInfer", f"malformed response: {e}") from None
+            raise self.bad_answer("ModelInfer", f"malformed response: {e}") from None
         return self.check_outputs(outputs, rows)

@@ -107,7 +107,12 @@ class HttpClient(RemoteClient):
             raise self.error(call, f"connection failed: {type(e).__name__}: {e}", retryable=True) from None
 
     def parse_json(self, call: str, status: int, body: bytes) -> Any:
-        """JSON of a 2xx body; an error for other statuses (retryable for 408/429/502/503/504)."""
+        """JSON of a 2xx body; an error for other statuses.
+
+        408/429/502/503/504 say the service is unavailable (retried), other 5xx that it
+        failed (retried ``server_error_retries`` times), other statuses that the request
+        was refused (not retried; no news of the service's health).
+        """
         if status // 100 != 2:
             why = body.decode("utf-8", errors="replace").strip()
             try:
@@ -116,11 +121,17 @@ class HttpClient(RemoteClient):
                     why = str(obj["error"])
             except ValueError:
                 pass
-            raise self.error(call, f"HTTP {status}: {why[:500] or '(empty body)'}", retryable=status in RETRYABLE_STATUS)
+            if status in RETRYABLE_STATUS:
+                fault = "unavailable"
+            elif status >= 500:
+                fault = "server"
+            else:
+                fault = "request"
+            raise self.error(call, f"HTTP {status}: {why[:500] or '(empty body)'}", fault=fault)
         try:
             return json.loads(body)
         except ValueError:
-            raise self.error(call, f"malformed response: the body is not JSON: {snippet(body)}") from None
+            raise self.bad_answer(call, f"malformed response: the body is not JSON: {snippet(body)}") from None
 
 
 class KServeRestClient(HttpClient):
@@ -157,7 +168,7 @@ class KServeRestClient(HttpClient):
                 platform=str(obj.get("platform", "")),
             )
         except (v2.TensorDecodeError, AttributeError, TypeError, KeyError) as e:
-            raise self.error(call, f"malformed metadata: {type(e).__name__}: {e}") from None
+            raise self.bad_answer(call, f"malformed metadata: {type(e).__name__}: {e}") from None
         self.signature = sig
         return sig
 
@@ -173,16 +184,16 @@ class KServeRestClient(HttpClient):
         status, raw = await self.request(call, "POST", self.model_path + "/infer", timeout, body)
         obj = self.parse_json(call, status, raw)
         if not isinstance(obj, dict) or not isinstance(obj.get("outputs"), list):
-            raise self.error(call, f"malformed response: expected an object with an 'outputs' list, got {snippet(raw)}")
+            raise self.bad_answer(call, f"malformed response: expected an object with an 'outputs' list, got {snippet(raw)}")
         if request_id and obj.get("id") not in (None, "", request_id):
-            raise self.error(call, f"the response is for request id {obj.get('id')!r}, expected {request_id!r}")
+            raise self.bad_answer(call, f"the response is for request id {obj.get('id')!r}, expected {request_id!r}")
         out = {}
         try:
             for i, t in enumerate(obj["outputs"]):
                 name, arr = v2.from_json_tensor(t, f"output {i}")
                 out[name] = arr
         except v2.TensorDecodeError as e:
-            raise self.error(call, f"malformed response: {e}") from None
+            raise self.bad_answer(call, f"malformed response: {e}") from None
         return self.check_outputs(out, rows)
 
 

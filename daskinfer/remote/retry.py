@@ -34,16 +34,22 @@ class RetryPolicy:
     jitter : float
         Fraction of the delay drawn at random, in ``[0, 1]``: the delay is
         ``d * (1 - jitter * u)`` for a uniform draw ``u`` (1 is "full jitter").
+    server_error_retries : int
+        Extra attempts after the service reported an internal error (HTTP 500, gRPC
+        INTERNAL), at most ``retries``.  Triton answers INTERNAL for transient backend
+        errors, which one retry often gets past; but the same error may come from one
+        request's content, and then every retry is a wasted call: the default is 1.
     """
 
     retries: int = 3
     backoff_base: float = 0.05
     backoff_max: float = 2.0
     jitter: float = 0.5
+    server_error_retries: int = 1
 
     def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ConfigError(f"retries must be >= 0, got {self.retries}")
+        if self.retries < 0 or self.server_error_retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {self.retries} and server_error_retries {self.server_error_retries}")
         if self.backoff_base < 0 or self.backoff_max < 0:
             raise ConfigError(f"backoff times must be >= 0, got {self.backoff_base} and {self.backoff_max}")
         if not 0 <= self.jitter <= 1:
@@ -56,6 +62,7 @@ class RetryPolicy:
         backoff_base: float | str | None = None,
         backoff_max: float | str | None = None,
         jitter: float | None = None,
+        server_error_retries: int | None = None,
     ) -> RetryPolicy:
         """A policy with ``None`` arguments read from ``daskinfer.remote.*``."""
         return cls(
@@ -63,6 +70,7 @@ class RetryPolicy:
             backoff_base=settings.get_seconds("remote.backoff-base", backoff_base),
             backoff_max=settings.get_seconds("remote.backoff-max", backoff_max),
             jitter=float(settings.get("remote.backoff-jitter", jitter)),
+            server_error_retries=int(settings.get("remote.server-error-retries", server_error_retries)),
         )
 
     def delay(self, attempt: int, u: float) -> float:
@@ -70,13 +78,20 @@ class RetryPolicy:
         d = min(self.backoff_max, self.backoff_base * (2 ** max(0, attempt - 1)))
         return d * (1.0 - self.jitter * u)
 
-    def next_delay(self, attempt: int, retryable: bool, time_left: float, u: float) -> float | None:
+    def retries_for(self, server_error: bool) -> int:
+        """Extra attempts allowed after an error of this kind."""
+        return min(self.retries, self.server_error_retries) if server_error else self.retries
+
+    def next_delay(
+        self, attempt: int, retryable: bool, time_left: float, u: float, *, server_error: bool = False
+    ) -> float | None:
         """Delay before attempt ``attempt + 1``, or ``None`` to give up.
 
-        Gives up when the error is not retryable, when ``retries`` are used up, or when
+        Gives up when the error is not retryable, when the retries for its kind are used
+        up (``server_error_retries`` after a server error, ``retries`` otherwise), or when
         the delay would leave no time before the deadline (``time_left`` seconds).
         """
-        if not retryable or attempt > self.retries:
+        if not retryable or attempt > self.retries_for(server_error):
             return None
         d = self.delay(attempt, u)
         if d >= time_left:
@@ -97,9 +112,11 @@ class CircuitBreaker:
     opened; then it is ``half-open`` and lets exactly one probe call through.  The
     probe's success closes it, its failure opens it again for another ``reset_timeout``.
 
-    Only failures that say the service is unwell (the retryable ones: unavailable,
-    timed out, connection reset, 5xx) should be recorded with :meth:`record_failure`;
-    a bad request (400, INVALID_ARGUMENT) is the caller's fault and counts as an answer.
+    Failures that say the service is unwell (unavailable, timed out, connection reset,
+    HTTP 5xx, gRPC INTERNAL, a malformed answer) are recorded with :meth:`record_failure`.
+    A refused request (HTTP 4xx, INVALID_ARGUMENT) is the caller's fault and says nothing
+    of the service's health: it is neither a failure nor a success, and a probe that gets
+    one only frees the probe slot (:meth:`release`), so the next call probes again.
 
     The state is guarded by a lock, so callers on several threads or event loops may
     share one breaker; it never blocks for longer than a few attribute updates.
@@ -177,7 +194,8 @@ class CircuitBreaker:
                 self._probe_out = False
 
     def release(self) -> None:
-        """A call that was allowed ended without telling anything (cancelled): free the probe slot."""
+        """A call that was allowed ended without telling anything of the service's health
+        (cancelled, or refused as a bad request): free the probe slot."""
         with self._lock:
             self._probe_out = False
 

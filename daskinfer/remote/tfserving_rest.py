@@ -104,7 +104,7 @@ class TFServingRestClient(HttpClient):
             inputs = [_tf_spec(name, info) for name, info in sorted(sd.get("inputs", {}).items())]
             outputs = [_tf_spec(name, info) for name, info in sorted(sd.get("outputs", {}).items())]
         except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise self.error(call, f"malformed metadata: no usable signature_def ({type(e).__name__}: {e})") from None
+            raise self.bad_answer(call, f"malformed metadata: no usable signature_def ({type(e).__name__}: {e})") from None
         versions = [str(obj.get("model_spec", {}).get("version", ""))] if isinstance(obj.get("model_spec"), dict) else []
         self.signature = ModelSignature(inputs or None, outputs or None, [v for v in versions if v], "tensorflow")
         return self.signature
@@ -133,11 +133,11 @@ class TFServingRestClient(HttpClient):
         obj = self.parse_json(call, status, raw)
         key = "predictions" if self.format == "row" else "outputs"
         if not isinstance(obj, dict) or key not in obj:
-            raise self.error(call, f"malformed response: expected an object with {key!r}, got {snippet(raw)}")
+            raise self.bad_answer(call, f"malformed response: expected an object with {key!r}, got {snippet(raw)}")
         try:
             out = self._decode(obj[key], rows)
         except v2.TensorDecodeError as e:
-            raise self.error(call, f"malformed response: {e}") from None
+            raise self.bad_answer(call, f"malformed response: {e}") from None
         return self.check_outputs(out, rows, call)
 
     def _decode(self, value: Any, rows: int) -> dict[str, np.ndarray]:

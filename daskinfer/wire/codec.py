@@ -5,10 +5,16 @@ Arrays travel as msgpack extension type 1 whose payload is a small msgpack heade
 the dtype against an allow-list (no object, void or structured dtypes), the shape
 against the byte count, and the message against a size limit; anything wrong
 raises :class:`~daskinfer.exceptions.CodecError`, never anything worse.
+
+Headers repeat (the same dtype and shape for every request of a model), so each side
+keeps a least-recently-used cache of ``HEADER_CACHE_SIZE`` headers: junk headers from
+a hostile or broken sender evict each other, never a header in steady use, and only
+headers that parsed are kept.  :func:`header_cache_info` reports their sizes and hits.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import threading
@@ -23,11 +29,9 @@ from daskinfer.exceptions import CodecError, RequestTooLargeError
 ARRAY_EXT = 1
 _ALLOWED_KINDS = set("biufcUSMm")  # bool, ints, floats, complex, str, bytes, datetimes
 _HEADER_LEN = struct.Struct("<H")
-# Headers repeat (same dtype and shape for every request of a model): parse each once.
-_CACHE_SIZE = 4096
+HEADER_CACHE_SIZE = 4096  # headers kept per side (encoding, decoding); least recently used go first
+MAX_HEADER_BYTES = 1024  # a real header ([dtype, up to 32 dims]) is a few hundred bytes at most
 _new_ext = tuple.__new__
-_ENCODED_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-_DECODED_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
 
 
 def _default(obj: Any) -> Any:
@@ -40,22 +44,24 @@ def _default(obj: Any) -> Any:
     raise TypeError(f"cannot encode object of type {type(obj).__name__}")
 
 
+@functools.lru_cache(maxsize=HEADER_CACHE_SIZE)
+def _array_prefix(dtype_str: str, shape: tuple[int, ...]) -> bytes:
+    """Length-prefixed header of arrays of this dtype and shape (checked once, then cached)."""
+    dtype = np.dtype(dtype_str)  # a structured dtype's str is "|V<n>": refused below as kind "V"
+    if dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None:
+        raise TypeError(f"cannot encode arrays of dtype {dtype} (object/structured dtypes are not allowed)")
+    header = msgpack.packb([dtype_str, list(shape)])
+    return _HEADER_LEN.pack(len(header)) + header
+
+
 def _encode_array(arr: np.ndarray) -> msgpack.ExtType:
-    dtype = arr.dtype
-    key = (dtype.str, arr.shape)
-    prefix = _ENCODED_HEADERS.get(key)  # a cached header was checked when it was made
-    if prefix is None:
-        if dtype.kind not in _ALLOWED_KINDS or dtype.fields is not None:
-            raise TypeError(f"cannot encode arrays of dtype {dtype} (object/structured dtypes are not allowed)")
-        header = msgpack.packb([dtype.str, list(arr.shape)])
-        prefix = _HEADER_LEN.pack(len(header)) + header
-        if len(_ENCODED_HEADERS) < _CACHE_SIZE:
-            _ENCODED_HEADERS[key] = prefix
+    prefix = _array_prefix(arr.dtype.str, arr.shape)
     # tobytes() is C order for any layout; the ExtType is made without its Python-level
     # argument checks (the code and the bytes are ours), which cost more than the copy
     return _new_ext(msgpack.ExtType, (ARRAY_EXT, prefix + arr.tobytes()))
 
 
+@functools.lru_cache(maxsize=HEADER_CACHE_SIZE)  # errors are not cached: only good headers take room
 def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     try:
         dtype_str, shape = msgpack.unpackb(header)
@@ -75,17 +81,26 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if len(data) < _HEADER_LEN.size:
         raise CodecError("truncated array header")
     (hlen,) = _HEADER_LEN.unpack_from(data)
-    header = data[2 : 2 + hlen]
-    parsed = _DECODED_HEADERS.get(header)
-    if parsed is None:
-        parsed = _parse_header(header)
-        if len(_DECODED_HEADERS) < _CACHE_SIZE:
-            _DECODED_HEADERS[header] = parsed
-    dtype, shape, expected = parsed
+    if hlen > MAX_HEADER_BYTES:
+        raise CodecError(f"array header of {hlen} bytes is over the limit of {MAX_HEADER_BYTES} bytes")
+    dtype, shape, expected = _parse_header(data[2 : 2 + hlen])
     nbytes = len(data) - 2 - hlen
     if nbytes != expected:
         raise CodecError(f"array of dtype {dtype} and shape {list(shape)} needs {expected} bytes, got {nbytes}")
     return np.frombuffer(data, dtype=dtype, offset=2 + hlen).reshape(shape)
+
+
+def header_cache_info() -> dict[str, int]:
+    """Sizes and hit counts of the header caches (``encoded``/``decoded`` entries, ``*_hits``, ``*_misses``)."""
+    enc, dec = _array_prefix.cache_info(), _parse_header.cache_info()
+    return {
+        "encoded": enc.currsize,
+        "encoded_hits": enc.hits,
+        "encoded_misses": enc.misses,
+        "decoded": dec.currsize,
+        "decoded_hits": dec.hits,
+        "decoded_misses": dec.misses,
+    }
 
 
 _local = threading.local()

@@ -153,8 +153,9 @@ def _frame_from_wire(msg: dict[str, Any]) -> RequestColumns:
                 f"frame input {name!r} must be an array of {total} rows, got {_describe(arr)}"
             )
     keys = msg.get("k")
-    if keys is not None and (type(keys) is not list or len(keys) != n):
-        raise CodecError(f"frame field 'k' (keys) must be a list of {n} keys")
+    if keys is not None and (type(keys) is not list or len(keys) != n
+                             or not all(k is None or type(k) is str for k in keys)):
+        raise CodecError(f"frame field 'k' (keys) must be a list of {n} keys (strings, or None for no key)")
     for field_name in ("m", "r"):
         v = msg.get(field_name)
         if v is not None and type(v) is not str:
@@ -318,11 +319,38 @@ class ResultColumns:
         return out
 
 
-def _str_list(msg: dict[str, Any], key: str, n: int | None = None) -> list[Any]:
+def _str_list(msg: dict[str, Any], key: str, n: int | None = None, *, optional: bool = False) -> list[Any]:
+    """A list of strings (``optional``: or None) of ``n`` items, else a :class:`CodecError`."""
     v = msg.get(key, [])
-    if type(v) is not list or (n is not None and len(v) != n):
-        raise CodecError(f"result frame field {key!r} must be a list" + (f" of {n} items" if n is not None else ""))
+    if (type(v) is not list or (n is not None and len(v) != n)
+            or not all(type(i) is str or (optional and i is None) for i in v)):
+        raise CodecError(f"result frame field {key!r} must be a list of strings" + (f" of {n} items" if n is not None else ""))
     return v
+
+
+def _check_result_frame(msg: dict[str, Any], n: int, outputs: Any) -> None:
+    """The fields of a result frame of ``n`` results agree in types and lengths, else a :class:`CodecError`."""
+    if msg["f"] != FRAME_VERSION:
+        raise CodecError(f"unknown frame version {msg['f']!r} (this daskinfer reads version {FRAME_VERSION})")
+    if type(outputs) is not dict or not all(type(k) is str and type(v) is np.ndarray and v.ndim for k, v in outputs.items()):
+        raise CodecError("result frame field 'out' must be a map of names to arrays with rows")
+    rows = _per_request(msg, "n", n, int, "rows per result")
+    if rows is not None and (rows < 0).any():
+        raise CodecError("result frame field 'n' (rows per result) must be >= 0 for every result")
+    total = int(rows.sum()) if rows is not None else n
+    for name, arr in outputs.items():
+        if len(arr) != total:
+            raise CodecError(f"result frame output {name!r} must have {total} rows, got {_describe(arr)}")
+    _per_request(msg, "t", n, float, "send times")
+    if msg.get("k") is not None:
+        _str_list(msg, "k", n, optional=True)
+    for key, typ in (("m", str), ("v", str), ("b", bool)):
+        v = msg.get(key)
+        if v is not None and type(v) is not typ:
+            raise CodecError(f"result frame field {key!r} must be a {typ.__name__}, got {type(v).__name__}")
+    tm = msg.get("tm")
+    if tm is not None and not (type(tm) is dict and all(type(k) is str and type(v) in (int, float) for k, v in tm.items())):
+        raise CodecError("result frame field 'tm' must be a map of names to numbers")
 
 
 def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns:
@@ -346,14 +374,11 @@ def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns
         return ResultColumns([], {}, None, r.batched, None, None, r.model, r.version, r.timings, errors)
     ids = _str_list(msg, "ids")
     outputs = msg.get("out") or {}
-    if type(outputs) is not dict or not all(type(v) is np.ndarray for v in outputs.values()):
-        raise CodecError("result frame field 'out' must be a map of arrays")
+    _check_result_frame(msg, len(ids), outputs)
     eids = _str_list(msg, "eids")
-    errors = ErrorColumns(eids, _str_list(msg, "et", len(eids)), _str_list(msg, "em", len(eids)),
-                          msg.get("ek"))
+    ek = None if msg.get("ek") is None else _str_list(msg, "ek", len(eids), optional=True)
+    errors = ErrorColumns(eids, _str_list(msg, "et", len(eids)), _str_list(msg, "em", len(eids)), ek)
     tm = msg.get("tm") or {}
-    if type(tm) is not dict:
-        raise CodecError("result frame field 'tm' must be a map")
     return ResultColumns(
         ids, outputs, msg.get("n"), bool(msg.get("b", False)), msg.get("k"), msg.get("t"),
         msg.get("m"), msg.get("v"), tm, errors,

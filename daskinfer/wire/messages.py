@@ -97,7 +97,7 @@ def request_from_wire(msg: Any) -> Request:
             )
     for k, typ in _REQUEST_FIELDS:
         v = msg.get(k)
-        if v is not None and not isinstance(v, typ):
+        if v is not None and (not isinstance(v, typ) or type(v) is bool):
             raise RequestError(f"request {rid}: field {k!r} has wrong type {type(v).__name__}", request_id=rid)
     batched = msg.get("b", False)
     if not isinstance(batched, bool):
@@ -231,8 +231,20 @@ def _same_outputs(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | No
 
 
 def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
-    """Decode a result's bytes."""
+    """Decode a result's bytes; raise :class:`CodecError` (or :class:`RequestTooLargeError`) if malformed."""
     return result_from_wire(codec.decode(data, max_size=max_size))
+
+
+_RESULT_FIELDS = (("m", str), ("v", str), ("k", str), ("t", (int, float)), ("b", bool))
+
+
+def _result_field_problem(msg: dict) -> str:
+    """What is wrong with a result's optional fields (the slow path of :func:`result_from_wire`)."""
+    for k, typ in _RESULT_FIELDS:
+        v = msg.get(k)
+        if v is not None and (not isinstance(v, typ) or (type(v) is bool and typ is not bool)):
+            return f"field {k!r} has wrong type {type(v).__name__}"
+    return "'tm' must be a map of names to numbers"
 
 
 def result_from_wire(msg: Any) -> Result:
@@ -243,19 +255,35 @@ def result_from_wire(msg: Any) -> Result:
     if err is not None and not (type(err) is list and len(err) == 2 and all(type(e) is str for e in err)):
         raise CodecError(f"result {msg['id']}: 'err' must be [type, message], got {err!r}")
     outputs = msg.get("out")
-    if outputs is not None and not (type(outputs) is dict and all(type(v) is np.ndarray for v in outputs.values())):
-        raise CodecError(f"result {msg['id']}: 'out' must be a map of arrays")
+    if outputs is not None and not (
+        type(outputs) is dict and all(type(k) is str and type(v) is np.ndarray for k, v in outputs.items())
+    ):
+        raise CodecError(f"result {msg['id']}: 'out' must be a map of names to arrays")
+    model, version, key, sent_at, batched, timings = (
+        msg.get("m"), msg.get("v"), msg.get("k"), msg.get("t"), msg.get("b", False), msg.get("tm")
+    )
+    if not (
+        (model is None or type(model) is str)
+        and (version is None or type(version) is str)
+        and (key is None or type(key) is str)
+        and (sent_at is None or type(sent_at) is float or type(sent_at) is int)
+        and type(batched) is bool
+        and (timings is None or (type(timings) is dict and all(
+            type(k) is str and (type(v) is float or type(v) is int) for k, v in timings.items()
+        )))
+    ):
+        raise CodecError(f"result {msg['id']}: {_result_field_problem(msg)}")
     return Result(
         id=msg["id"],
-        outputs=msg.get("out"),
+        outputs=outputs,
         error_type=err[0] if err else None,
         error=err[1] if err else None,
-        model=msg.get("m"),
-        version=msg.get("v"),
-        batched=bool(msg.get("b", False)),
-        timings=msg.get("tm") or {},
-        key=msg.get("k"),
-        sent_at=msg.get("t"),
+        model=model,
+        version=version,
+        batched=batched,
+        timings=timings or {},
+        key=key,
+        sent_at=sent_at,
     )
 
 
