@@ -53,6 +53,25 @@ def millis(seconds: float) -> int:
     return max(1, int(round(seconds * 1000)))
 
 
+# option (a field of KafkaOptions, a key of connector_options) -> its default's key under daskinfer.kafka
+CONFIG_KEYS = {
+    "bootstrap_servers": "bootstrap-servers",
+    "exactly_once": "exactly-once",
+    "replication_factor": "replication-factor",
+    "outbox_partitions": "outbox-partitions",
+    "transaction_timeout": "transaction-timeout",
+    "retry_timeout": "retry-timeout",
+    "operation_timeout": "operation-timeout",
+    "linger": "linger",
+    "retry_backoff": "retry-backoff",
+    "retry_backoff_max": "retry-backoff-max",
+    "reconnect_backoff_max": "reconnect-backoff-max",
+    "reply_check_interval": "reply-check-interval",
+    "max_message_bytes": "max-message-bytes",
+    "client_config": "client-config",
+}
+
+
 @dataclass(frozen=True)
 class KafkaOptions:
     """The Kafka settings of one pipeline or client, resolved from options and config ``daskinfer.kafka.*``.
@@ -91,17 +110,17 @@ class KafkaOptions:
             raise ConfigError(f"unknown kafka connector options {sorted(unknown)}; expected some of {sorted(known)}")
 
         def get(name: str) -> Any:
-            return settings.get(f"kafka.{name.replace('_', '-')}", opts.get(name))
+            return settings.get(f"kafka.{CONFIG_KEYS[name]}", opts.get(name))
 
         def seconds(name: str) -> float:
-            return settings.get_seconds(f"kafka.{name.replace('_', '-')}", opts.get(name))
+            return settings.get_seconds(f"kafka.{CONFIG_KEYS[name]}", opts.get(name))
 
         exactly_once = get("exactly_once")
         if isinstance(exactly_once, str) and exactly_once.lower() in ("true", "false"):
             exactly_once = exactly_once.lower() == "true"
         if exactly_once not in (True, False, "auto"):
             raise ConfigError(f"kafka exactly_once must be true, false or 'auto', got {exactly_once!r}")
-        client_config = dict(settings.get("kafka.client-config") or {})
+        client_config = dict(get("client_config") or {})
         client_config.update(opts.get("client_config") or {})
         out = cls(
             bootstrap_servers=str(get("bootstrap_servers")),
@@ -116,7 +135,8 @@ class KafkaOptions:
             retry_backoff_max=seconds("retry_backoff_max"),
             reconnect_backoff_max=seconds("reconnect_backoff_max"),
             reply_check_interval=seconds("reply_check_interval"),
-            max_message_bytes=settings.get_bytes("kafka.max-message-bytes", opts.get("max_message_bytes")),
+            max_message_bytes=settings.get_bytes(f"kafka.{CONFIG_KEYS['max_message_bytes']}",
+                                                 opts.get("max_message_bytes")),
             client_config=client_config,
         )
         if not out.bootstrap_servers:
