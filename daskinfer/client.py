@@ -67,7 +67,10 @@ class _Outgoing:
 def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
     first = reqs[0]
     names = list(first.inputs)
-    if first.batched:
+    if first.batched and len(reqs) == 1:
+        inputs = first.inputs  # one block: encoded as it is (no copy to join it with nothing)
+        rows = np.array([len(first.inputs[names[0]])], dtype=np.int64)
+    elif first.batched:
         inputs = {k: np.concatenate([r.inputs[k] for r in reqs]) for k in names}
         rows = np.array([len(r.inputs[names[0]]) for r in reqs], dtype=np.int64)
     else:

@@ -6,6 +6,7 @@ Users override any key with their own Dask config files, environment variables
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -38,3 +39,8 @@ def get_bytes(key: str, value: Any = None) -> int:
     """Like :func:`get` for a size; strings such as ``"64MiB"`` become bytes."""
     v = get(key, value)
     return int(parse_bytes(v) if isinstance(v, str) else v)
+
+
+def metrics_enabled() -> bool:
+    """Prometheus metrics are on (``daskinfer.metrics.enabled``) and ``prometheus_client`` is installed."""
+    return bool(get("metrics.enabled")) and importlib.util.find_spec("prometheus_client") is not None

@@ -11,8 +11,16 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+from typing import NoReturn
 
 import pytest
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the test (or test module) for ``reason``; fail it instead where ``CI`` is set."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def require(module: str, install: str) -> ModuleType:
@@ -20,7 +28,4 @@ def require(module: str, install: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        reason = f"{module} is not installed ({e}); pip install {install!r} (or daskinfer[test])"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip", pytrace=False)
-        pytest.skip(reason, allow_module_level=True)
+        missing(f"{module} is not installed ({e}); pip install {install!r} (or daskinfer[test])")

@@ -175,6 +175,32 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None, help="scheduler address (overrides the file's; none: a LocalCluster)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--report-interval", default=None,
+                   help="print each pipeline's figures this often, e.g. 5s (default: daskinfer.dashboard.report-interval;"
+                   " 0: never)")
+
+
+def _report_until(client: Any, stop: Any, duration: float | None, interval: float) -> None:
+    """Wait for ``stop`` or ``duration`` seconds, printing every pipeline's line of figures each ``interval``."""
+    import time
+
+    from daskinfer.cli.status import figures_line, history
+
+    end = None if duration is None else time.monotonic() + duration
+    while True:
+        left = None if end is None else max(end - time.monotonic(), 0.0)
+        if interval <= 0 or (left is not None and left <= interval):
+            stop.wait(left)
+            return
+        if stop.wait(interval):
+            return
+        try:
+            pipelines = history(client)
+        except Exception as e:  # a slow or restarting scheduler must not end the run
+            logger.warning("cannot read the pipelines' figures: %s", e)
+            continue
+        for name, h in pipelines.items():
+            print(f"daskinfer: {figures_line(name, h)}", flush=True)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -185,6 +211,7 @@ def _run(args: argparse.Namespace) -> int:
     import dask
     from distributed import Client, LocalCluster
 
+    from daskinfer import settings
     from daskinfer.cli.app import deploy_app, flat_config, load_app
     from daskinfer.exceptions import DaskInferError
 
@@ -211,12 +238,58 @@ def _run(args: argparse.Namespace) -> int:
         print(f"daskinfer: {len(handles)} pipeline(s) running on {client.scheduler.address}: "
               + ", ".join(f"{h.name} (inbox {h.inbox!r})" for h in handles), flush=True)
         try:
-            stop.wait(args.duration)
+            _report_until(client, stop, args.duration, settings.get_seconds("dashboard.report-interval",
+                                                                             args.report_interval))
         except KeyboardInterrupt:
             pass
         for h in handles:
             h.stop()
     return 0
+
+
+def _status_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", required=True, help="address of the Dask scheduler the pipelines run on")
+    p.add_argument("--pipeline", default=None, help="show only this pipeline")
+    p.add_argument("--watch", action="store_true", help="redraw every --interval until Ctrl-C")
+    p.add_argument("--interval", default=None, help="seconds between redraws (default: daskinfer.dashboard.refresh)")
+    p.add_argument("--count", type=int, default=None, help="with --watch: stop after this many redraws")
+    p.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+
+
+def _status(args: argparse.Namespace) -> int:
+    import time
+
+    from distributed import Client
+
+    from daskinfer import settings
+    from daskinfer.cli.status import NoController, history, status_table
+
+    interval = settings.get_seconds("dashboard.refresh", args.interval)
+    try:
+        client = Client(args.scheduler, timeout=settings.get_seconds("pipeline.control-timeout") * 2)
+    except (OSError, ValueError) as e:
+        print(f"daskinfer status: cannot reach the scheduler {args.scheduler}: {e}", file=sys.stderr)
+        return 1
+    with client:
+        shown = 0
+        try:
+            while True:
+                pipelines = history(client, args.pipeline)
+                if args.watch and sys.stdout.isatty():
+                    print("\x1b[H\x1b[2J", end="")
+                if args.watch:
+                    print(time.strftime("%H:%M:%S"), args.scheduler)
+                print(status_table(pipelines) if pipelines else
+                      f"no pipeline {args.pipeline!r}" if args.pipeline else "no pipelines", flush=True)
+                shown += 1
+                if not args.watch or (args.count is not None and shown >= args.count):
+                    return 0 if pipelines or not args.pipeline else 1
+                time.sleep(interval)
+        except NoController as e:
+            print(f"daskinfer status: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
 
 
 def _quickstart_arguments(p: argparse.ArgumentParser) -> None:
@@ -235,6 +308,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "serve": ("serve models over the KServe v2 protocol (gRPC and REST)", _serve_arguments, _serve),
     "gateway": ("KServe v2 (REST and gRPC) in front of pipelines on a Dask cluster", _gateway_arguments, _gateway),
     "run": ("deploy the models and pipelines of a YAML file and run them", _run_arguments, _run),
+    "status": ("the pipelines on a scheduler: partitions, owners, rows/s, lag, p99, errors", _status_arguments, _status),
     "quickstart": ("run the bundled model through a local pipeline and print throughput", _quickstart_arguments, _quickstart),
     "predict": ("score a parquet dataset with a model and write the scores as parquet", predict.add_arguments, predict.run),
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from daskinfer import settings
+from daskinfer.control.series import PipelineSeries
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -37,7 +39,7 @@ _COUNTERS = ("read", "answered", "errors", "batches", "rows", "busy", "claimed")
 class PipelineState:
     """One deployed pipeline and where its partitions run."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], history: int = 600):
         self.spec = spec
         self.name: str = spec["name"]
         self.inbox: str = spec["inbox"]
@@ -51,6 +53,7 @@ class PipelineState:
         self.failures: dict[int, str] = {}
         self.figures: dict[int, dict[str, Any]] = {}  # last status of each partition
         self.retired: Counter[str] = Counter()  # counters of partitions' earlier runners (moved, restarted)
+        self.series = PipelineSeries(history)  # figures over time, one point per control loop tick
 
     def next_epoch(self) -> int:
         self.epoch += 1
@@ -106,6 +109,8 @@ class ControllerExtension:
         self.rpc_timeout = settings.get_seconds("pipeline.control-timeout")
         self.interval = settings.get_seconds("pipeline.rebalance-interval")
         self.poll_timeout = min(self.rpc_timeout, 2.0)
+        self.history = int(settings.get("dashboard.history"))
+        self._sampled_at = 0.0
         self.version = 0  # bumped whenever a route changes
         self._route_waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
@@ -117,9 +122,18 @@ class ControllerExtension:
                 "daskinfer_pipeline_status": self.pipeline_status,
                 "daskinfer_pipeline_list": self.list_pipelines,
                 "daskinfer_pipeline_load": self.load_figures,
+                "daskinfer_pipeline_history": self.history_of,
                 "daskinfer_routes": self.routes,
             }
         )
+        if settings.metrics_enabled():
+            from daskinfer.control.metrics import watch_controller
+
+            watch_controller(self)
+        if settings.get("dashboard.enabled"):
+            from daskinfer.control.dashboard import add_page
+
+            add_page(scheduler, self)
 
     def soon(self) -> None:
         self._wake.set()
@@ -142,6 +156,17 @@ class ControllerExtension:
                     await self.reconcile(name)
                 except Exception:  # pragma: no cover - keep the control loop alive
                     logger.exception("reconciling pipeline %r failed", name)
+            self.sample()
+
+    def sample(self, now: float | None = None) -> None:
+        """Add a point to every pipeline's time series from its partitions' latest figures (at most
+        one per half control interval: extra wake-ups do not make short, noisy intervals)."""
+        now = time.time() if now is None else now
+        if now - self._sampled_at < self.interval / 2:
+            return
+        self._sampled_at = now
+        for state in self.pipelines.values():
+            state.series.sample(now, state.figures)
 
     # -- routes ---------------------------------------------------------------------------------
     def _routes_changed(self) -> None:
@@ -187,7 +212,7 @@ class ControllerExtension:
             if other is not None:
                 raise ValueError(f"inbox {spec['inbox']!r} is already served by pipeline {other.name!r}; "
                                  "stop it first or use another inbox")
-        self.pipelines[name] = PipelineState(spec)
+        self.pipelines[name] = PipelineState(spec, self.history)
         await self.reconcile(name)
         return self.pipeline_assignments(name)
 
@@ -251,6 +276,23 @@ class ControllerExtension:
             done += totals["answered"]
             busy += totals["busy"]
         return {"backlog": backlog, "done": done, "busy": busy}
+
+    def history_of(self, name: str | None = None, last: int | None = None) -> dict[str, dict[str, Any]]:
+        """Figures over time of pipeline ``name`` (all when None): the latest ``last`` points of
+        the pipeline and of each partition, each partition's owner and state, and the totals."""
+        out = {}
+        for pname, state in self.pipelines.items():
+            if name is not None and pname != name:
+                continue
+            owners = {}
+            for p, w in sorted(state.assigned.items()):
+                fig = state.figures.get(p) or {}
+                owners[p] = {"worker": w, "state": fig.get("state", "starting"), "answered": fig.get("answered", 0),
+                             "errors": fig.get("errors", 0)}
+            out[pname] = {**state.series.to_plain(last), "owners": owners, "totals": state.totals(),
+                          "partitions": state.partitions, "failures": dict(state.failures),
+                          "inbox": state.inbox, "model": state.spec.get("model")}
+        return out
 
     def list_pipelines(self) -> dict[str, dict[str, Any]]:
         return {name: self.pipeline_assignments(name) for name in self.pipelines}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from daskinfer import settings
 from daskinfer.connectors.direct.endpoint import endpoint_for
 from daskinfer.dataflow.partition import PartitionRunner
 from daskinfer.dataflow.pipeline import PipelineSpec
@@ -42,6 +43,10 @@ class PartitionsExtension:
                 "daskinfer_runner_status": self.runner_status,
             }
         )
+        if settings.metrics_enabled():
+            from daskinfer.control.metrics import watch_worker
+
+            watch_worker(self)
 
     async def start_runner(self, spec: dict[str, Any], partition: int, epoch: int) -> dict[str, Any]:
         pspec = PipelineSpec.from_plain(spec)

@@ -199,6 +199,8 @@ class RequestBatch:
         if len(requests) == len(self.ids) and (requests == np.arange(len(requests))).all():
             return RequestBatch(self.ids, dict(cols), self.offsets, self.batched, self.keys, self.model,
                                 self.deadlines, self.sent_at, self.origin, self.origins, self.seq)
+        if len(requests) and requests[-1] - requests[0] == len(requests) - 1 and (np.diff(requests) == 1).all():
+            return self.slice(int(requests[0]), int(requests[-1]) + 1, cols)
         rows = self.row_index(requests)
         offsets = None
         if self.offsets is not None:
@@ -219,6 +221,17 @@ class RequestBatch:
             self.origin[requests],
             self.origins,
             self.seq[requests],
+        )
+
+    def slice(self, start: int, end: int, columns: Mapping[str, np.ndarray] | None = None) -> RequestBatch:
+        """Requests ``start:end``, as views (no copy of their rows)."""
+        cols = self.columns if columns is None else columns
+        r0, r1 = self.request_rows(start, end)
+        offsets = None if self.offsets is None else self.offsets[start:end + 1] - self.offsets[start]
+        return RequestBatch(
+            self.ids[start:end], {k: v[r0:r1] for k, v in cols.items()}, offsets, self.batched[start:end],
+            None if self.keys is None else self.keys[start:end], self.model, self.deadlines[start:end],
+            self.sent_at[start:end], self.origin[start:end], self.origins, self.seq[start:end],
         )
 
     def with_columns(self, columns: dict[str, np.ndarray]) -> RequestBatch:

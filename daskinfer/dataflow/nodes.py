@@ -29,6 +29,7 @@ from daskinfer.dataflow.batch import InboxBatch, Origin, Rejected, RequestBatch,
 from daskinfer.dataflow.results import ResultWriter
 from daskinfer.dataflow.run import answer
 from daskinfer.dataflow.stages import Stage, StageContext
+from daskinfer.dataflow.stats import PartitionStats, arrivals
 from daskinfer.dataflow.streams import Items
 from daskinfer.wire.frames import decode_requests, peek_fields
 
@@ -147,6 +148,9 @@ class answer_batches(Stream):
         Batches and rows answered so far.
     running : int
         Batches being answered now.
+    stats : PartitionStats
+        Histograms (batch size, queue wait, inference time, latency until written) and errors
+        by type, updated once per batch.
     """
 
     def __init__(self, upstream: Stream, stages: Sequence[Stage], context: StageContext,
@@ -157,6 +161,7 @@ class answer_batches(Stream):
         self.batches = 0
         self.rows = 0
         self.running = 0
+        self.stats = PartitionStats()
         self._last_turn: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()  # referenced until done, so none is collected mid-flight
         super().__init__(upstream, **kwargs)
@@ -177,7 +182,9 @@ class answer_batches(Stream):
         self._last_turn = turn
         self.running += 1
         try:
+            started = time.time()
             result = await answer(merge(batches), self.stages, self.context, self.outputs)
+            answered = time.time()
             if prev is not None and not prev.done():
                 await asyncio.wait([prev])
             self.batches += 1
@@ -185,7 +192,10 @@ class answer_batches(Stream):
             pending = self._emit(result, metadata=metadata)
             turn.set_result(None)
             if pending:
-                await asyncio.gather(*pending)
+                await asyncio.gather(*pending)  # written and committed (write_results' task)
+            received, requests = arrivals(batches)
+            self.stats.record_batch(received, requests, started, answered, time.time(), result.n_rows)
+            self.stats.record_errors(result)
         finally:
             self.running -= 1
             if not turn.done():

@@ -23,6 +23,7 @@ from daskinfer.dataflow.nodes import InboxSource
 from daskinfer.dataflow.pipeline import PipelineSpec
 from daskinfer.dataflow.results import ResultWriter
 from daskinfer.dataflow.stages import Infer, Stage, StageContext
+from daskinfer.dataflow.stats import PartitionStats
 from daskinfer.exceptions import ConfigError, ModelNotFoundError
 from daskinfer.models.registry import registry_for
 
@@ -72,6 +73,9 @@ class PartitionRunner:
         ``"starting"``, ``"running"``, ``"stopped"`` or ``"failed"``.
     waiting_for : str or None
         What a starting partition waits for (a model not loaded here yet).
+    backlog : int
+        Inbox messages not yet taken, as of the last :meth:`status` call (the controller asks
+        every control loop tick).
     """
 
     def __init__(self, worker: Worker, spec: PipelineSpec, partition: int, epoch: int):
@@ -90,6 +94,7 @@ class PartitionRunner:
         self.start_error: BaseException | None = None
         self.fatal = False  # the start failed for a reason a restart cannot mend (configuration)
         self.start_task: asyncio.Future | None = None
+        self.backlog = 0
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"daskinfer-{spec.name}-{partition}")
 
     async def start(self) -> None:
@@ -159,6 +164,11 @@ class PartitionRunner:
             self.source.stop()
 
     @property
+    def stats(self) -> PartitionStats | None:
+        """The data path's histograms and errors by type (None until the partition runs)."""
+        return self.answerer.stats if self.answerer is not None else None
+
+    @property
     def running(self) -> bool:
         return self.source is not None and not self.source.stopped
 
@@ -197,15 +207,33 @@ class PartitionRunner:
             await self.connector.close()
         self.executor.shutdown(wait=False)
 
-    async def status(self) -> dict[str, Any]:
+    def counters(self) -> dict[str, Any]:
+        """The partition's counters and gauges now, without I/O (``backlog`` as of the last
+        :meth:`status` call); metrics collectors read them at scrape time."""
         src, b, ans, sink = self.source, self.batcher, self.answerer, self.sink
+        return {
+            "read": src.read_count if src else 0,
+            "answered": sink.written if sink else 0,
+            "errors": sink.errors if sink else 0,
+            "batches": ans.batches if ans else 0,
+            "rows": ans.rows if ans else 0,
+            "queued_rows": b.queued_rows if b else 0,
+            "inflight": b.inflight if b else 0,
+            "busy": ans.busy if ans else 0.0,
+            "backlog": self.backlog,
+        }
+
+    async def status(self) -> dict[str, Any]:
+        src = self.source
         error = self.start_error or (src.error if src is not None else None)
-        backlog = 0
         if self.connector is not None and self.state == "running":
             try:
-                backlog = await self.connector.backlog()
+                self.backlog = await self.connector.backlog()
             except Exception:  # pragma: no cover - a broker hiccup must not break status
-                backlog = 0
+                self.backlog = 0
+        else:
+            self.backlog = 0
+        stats = self.stats
         return {
             "pipeline": self.spec.name,
             "partition": self.partition,
@@ -215,16 +243,9 @@ class PartitionRunner:
             "state": self.state,
             "waiting_for": self.waiting_for,
             "fatal": self.fatal,
-            "read": src.read_count if src else 0,
-            "answered": sink.written if sink else 0,
-            "errors": sink.errors if sink else 0,
-            "batches": ans.batches if ans else 0,
-            "rows": ans.rows if ans else 0,
-            "queued_rows": b.queued_rows if b else 0,
-            "inflight": b.inflight if b else 0,
-            "busy": ans.busy if ans else 0.0,
-            "backlog": backlog,
+            **self.counters(),
             "max_batch_size": self.spec.settings.max_batch_size,
             "error": f"{type(error).__name__}: {error}" if error is not None else None,
+            **(stats.snapshot() if stats is not None else {}),
             **(self.connector.describe() if self.connector else {}),
         }

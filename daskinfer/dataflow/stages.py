@@ -106,6 +106,16 @@ class Live:
                     kw.get("version", self.version), kw.get("timings", self.timings))
 
 
+_RNG: list[np.random.Generator] = []
+
+
+def _shared_rng() -> np.random.Generator:
+    """One generator per process for route draws (making one per batch costs more than the draws)."""
+    if not _RNG:
+        _RNG.append(np.random.default_rng())
+    return _RNG[0]
+
+
 class StageContext:
     """What stages need where they run: the models, the thread for user code, and where failures go.
 
@@ -141,7 +151,7 @@ class StageContext:
         self.inline_rows = inline_rows
         self.max_bisect_calls = max_bisect_calls
         self.install_models = install_models  # load Model specs named by stages here (in-process runs)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed) if seed is not None else _shared_rng()
         self.failed: list[ResultPart] = []  # requests answered with an error
         self.recorded: list[ResultPart] = []  # results for other topics (shadow, copies)
         self.model_seconds = 0.0

@@ -11,6 +11,7 @@ Routes (Triton's, so that ``tritonclient.http`` works unchanged)::
     GET  /v2/models/{name}[/versions/{v}]/config        Triton model configuration
     GET  /v2/models/{name}[/versions/{v}]/stats         Triton statistics
     POST /v2/models/{name}[/versions/{v}]/infer         inference, JSON or binary tensor data
+    GET  /metrics                                       Prometheus metrics (with prometheus_client installed)
 
 Inference takes JSON tensors and Triton's binary tensor data extension
 (``Inference-Header-Content-Length``) and answers in kind.  Every error, unknown routes
@@ -30,6 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daskinfer import settings
 from daskinfer.remote import v2
 from daskinfer.server.errors import BadRequest, ServerBindError, ServiceError, internal_error
 from daskinfer.server.service import V2Model, V2Service
@@ -104,6 +106,17 @@ class RestApp:
             r.add_get(base + "/config", self.model_config)
             r.add_get(base + "/stats", self.model_statistics)
             r.add_post(base + "/infer", self.infer)
+        if settings.metrics_enabled():
+            from daskinfer.server.metrics import MetricsEndpoint
+
+            endpoint = MetricsEndpoint(self.service)
+
+            async def metrics(request: web.Request) -> web.Response:
+                resp = web.Response(body=endpoint.render())
+                resp.headers["Content-Type"] = endpoint.content_type
+                return resp
+
+            r.add_get("/metrics", metrics)
         return app
 
     def _model(self, request: web.Request) -> V2Model:

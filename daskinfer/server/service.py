@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import abc
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from daskinfer.dataflow.stats import SECONDS_BUCKETS, Histogram
 from daskinfer.remote import v2
 from daskinfer.server.errors import (
     BadRequest,
@@ -97,8 +99,10 @@ class CallStats:
     timed_count: int = 0
     executions: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)  # failed calls by ServiceError kind (BadRequest, ...)
+    latency: Histogram = field(default_factory=lambda: Histogram(SECONDS_BUCKETS))  # seconds per call
 
-    def record(self, ok: bool, seconds: float, rows: int) -> None:
+    def record(self, ok: bool, seconds: float, rows: int, error: str | None = None) -> None:
         ns = int(seconds * 1e9)
         if ok:
             self.success_count += 1
@@ -107,6 +111,8 @@ class CallStats:
         else:
             self.fail_count += 1
             self.fail_ns += ns
+            self.errors[error or "InternalError"] += 1
+        self.latency.observe(seconds)
         self.last_inference_ms = int(time.time() * 1000)
 
     def triton(self, name: str, version: str) -> dict[str, Any]:
@@ -204,20 +210,29 @@ class V2Service(abc.ABC):
         models = [self.get(name, version)] if name else list(self.models().values())
         return {"model_stats": [m.statistics() for m in models]}
 
+    def _refusal(self) -> ServiceError | None:
+        """Why a new call is refused at once (not ready, too many in flight), or None."""
+        if not self.ready:
+            return Unavailable("the server is not ready (starting or stopping)")
+        if self.max_concurrent_calls and self.inflight >= self.max_concurrent_calls:
+            return Overloaded(
+                f"{self.inflight} calls are in flight (limit {self.max_concurrent_calls}); try again later",
+                retry_after=self.retry_after,
+            )
+        return None
+
     async def infer(
         self, model: V2Model, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, timeout: float | None = None
     ) -> dict[str, np.ndarray]:
         """Run one inference call; raise a :class:`ServiceError` for any failure."""
-        if not self.ready:
-            raise Unavailable("the server is not ready (starting or stopping)")
-        if self.max_concurrent_calls and self.inflight >= self.max_concurrent_calls:
-            raise Overloaded(
-                f"{self.inflight} calls are in flight (limit {self.max_concurrent_calls}); try again later",
-                retry_after=self.retry_after,
-            )
+        refusal = self._refusal()
+        if refusal is not None:
+            model.stats.record(False, 0.0, 0, type(refusal).__name__)
+            raise refusal
         self.inflight += 1
         start = time.perf_counter()
         ok = False
+        error: str | None = None
         try:
             try:
                 out = await model.run(inputs, timeout)
@@ -234,7 +249,10 @@ class V2Service(abc.ABC):
                 out = {o: out[o] for o in outputs}
             ok = True
             return out
+        except ServiceError as e:
+            error = type(e).__name__
+            raise
         finally:
             self.inflight -= 1
-            model.stats.record(ok, time.perf_counter() - start, rows_of(inputs))
+            model.stats.record(ok, time.perf_counter() - start, rows_of(inputs), error)
 
