@@ -100,6 +100,48 @@ def collect_results(client: Any, n: int, timeout: float = 60.0) -> list[Any]:
     return out
 
 
+def send_rows_and_blocks(client: Any, n: int, keys: int = 7, big_block: int = 2000,
+                         seed: int = 0) -> tuple[dict[str, tuple[np.ndarray, bool]], dict[str, list[str]]]:
+    """Send ``n`` requests with ``InferenceClient.send``: single rows, and every tenth a block (of
+    1 to 16 rows, every thousandth of ``big_block`` rows), with ``keys`` keys in turn.
+
+    Returns ``sent`` (request id -> ``(inputs, batched)``, for :func:`check_outputs`) and
+    ``order`` (key -> ids as sent, for :func:`check_key_order`).
+    """
+    rng = np.random.default_rng(seed)
+    sent: dict[str, tuple[np.ndarray, bool]] = {}
+    order: dict[str, list[str]] = {}
+    for i in range(n):
+        key = f"k{i % keys}"
+        if i % 10 == 0:
+            block = random_rows(big_block if i % 1000 == 0 else int(rng.integers(1, 17)), seed=i)
+            rid = client.send(block, batched=True, key=key)
+            sent[rid] = (block, True)
+        else:
+            row = random_rows(1, seed=i)[0]
+            rid = client.send(row, key=key)
+            sent[rid] = (row, False)
+        order.setdefault(key, []).append(rid)
+    return sent, order
+
+
+def check_rows_and_blocks(client: Any, n: int, model: str | bytes) -> list[Any]:
+    """Send ``n`` rows and blocks (:func:`send_rows_and_blocks`) and two requests with futures
+    through an ``InferenceClient``; assert that each is answered exactly once, with the ONNX
+    ``model``'s output run directly, and in request order per key.  Returns the ``n`` results."""
+    sent, order = send_rows_and_blocks(client, n)
+    one = client.submit(random_rows(1, seed=99)[0])  # futures work too
+    five = client.submit_many(random_rows(5, seed=98))
+    results = collect_results(client, n)
+    assert one.result(30).ok and len(five.result(30).value()) == 5
+    ids = [r.id for r in results]
+    assert len(ids) == len(set(ids)) == n and set(ids) == set(sent), "every request answered exactly once"
+    assert client.duplicates == 0
+    check_outputs({r.id: r for r in results}, sent, model)
+    check_key_order(results, order)
+    return results
+
+
 def check_outputs(results_by_id: dict[str, Any], sent: dict[str, tuple[np.ndarray, bool]], model: str | bytes,
                   input_name: str = "x", output: str | None = None, rtol: float = 1e-5, atol: float = 1e-6) -> None:
     """Assert that each request's answer equals the ONNX model run directly on its rows.
@@ -125,5 +167,6 @@ def check_key_order(results: list[Any], order: dict[str, list[str]]) -> None:
         assert arrival.get(key, []) == ids_in_order, f"key {key} answered out of order"
 
 
-__all__: list[Any] = ["bundled_model_path", "check_key_order", "check_outputs", "collect_results", "make_mlp_onnx",
-                       "negate_columns", "all_finite", "random_rows", "run_onnx_directly"]
+__all__: list[Any] = ["bundled_model_path", "check_key_order", "check_outputs", "check_rows_and_blocks", "collect_results",
+                       "make_mlp_onnx", "negate_columns", "all_finite", "random_rows", "run_onnx_directly",
+                       "send_rows_and_blocks"]

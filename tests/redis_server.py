@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -17,11 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server_process import ServerProcess, free_port
 
 
 def redis_server_binary() -> str:
@@ -37,7 +32,7 @@ def redis_server_binary() -> str:
     return path
 
 
-class RedisServer:
+class RedisServer(ServerProcess):
     """One ``redis-server`` process on ``127.0.0.1:port`` with its files in ``directory``.
 
     Parameters
@@ -94,24 +89,6 @@ class RedisServer:
                 return s.recv(64).startswith(b"+PONG")
         except OSError:
             return False
-
-    def stop(self, kill: bool = False) -> None:
-        """Stop the server: ``kill`` sends SIGKILL (a crash), else SIGTERM (a clean shutdown)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def restart(self, kill: bool = True) -> None:
-        """Stop (by default as a crash) and start again on the same port and directory."""
-        self.stop(kill=kill)
-        self.start()
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from daskinfer.wire import codec
 from daskinfer.connectors.embedded import BrokerRPC
 from daskinfer.wire.messages import Request
 from daskinfer.testing import random_rows, run_onnx_directly
+from kafka_broker import kafka_bootstrap, kafka_broker, read_topic  # noqa: F401  (fixtures: a real Kafka broker)
 from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 LIMIT = 4096  # bytes: the pipeline's max_request_size
@@ -50,13 +51,15 @@ def strict_mlp(client, mlp_path):
     undeploy(client, "strict-mlp")
 
 
-def _read_topic(client, topic: str, redis_url: str | None) -> list[bytes]:
-    """Every message of a topic (embedded broker) or stream (Redis)."""
-    if redis_url is not None:
+def _read_topic(client, topic: str, broker: str, url: str | None) -> list[bytes]:
+    """Every message of a topic (embedded broker, Kafka) or stream (Redis)."""
+    if broker == "redis":
         import redis
 
-        with redis.Redis.from_url(redis_url) as r:
+        with redis.Redis.from_url(url) as r:
             return [fields[b"d"] for _, fields in r.xrange(topic)]
+    if broker == "kafka":
+        return read_topic(url, topic)
 
     async def read():
         b = BrokerRPC(client.scheduler)
@@ -68,7 +71,7 @@ def _read_topic(client, topic: str, redis_url: str | None) -> list[bytes]:
     return client.sync(read)
 
 
-@pytest.mark.parametrize("broker", ["embedded", "redis"])
+@pytest.mark.parametrize("broker", ["embedded", "redis", "kafka"])
 def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, client, strict_mlp, mlp_path, request):
     tag = uuid.uuid4().hex[:6]
     inbox, outbox, dead = f"bad-in-{tag}", f"bad-out-{tag}", f"bad-dead-{tag}"
@@ -81,6 +84,13 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, c
         url = request.getfixturevalue("redis_url")
         transport = RedisTransport(url)
         kw = {"connector": "redis", "connector_options": {"url": url}}
+    elif broker == "kafka":
+        request.getfixturevalue("kafka_broker")  # skips (fails in CI) without java, jars or the extra
+        from daskinfer.connectors.kafka import KafkaTransport
+
+        url = request.getfixturevalue("kafka_bootstrap")
+        transport = KafkaTransport(url)
+        kw = {"connector": "kafka", "connector_options": {"bootstrap_servers": url}}
     handle = deploy_pipeline(client, Pipeline(model=strict_mlp, inbox=inbox, outbox=outbox, dead_letter=dead,
                                               partitions=2, max_request_size=LIMIT, **kw))
     pids_before = client.run(os.getpid)
@@ -129,14 +139,14 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, c
         assert len(seen) == len(KINDS)
 
         # requests that could not even be decoded are answered on the pipeline's outbox
-        undecodable = [r for r in map(codec.decode, _read_topic(client, outbox, url))]
+        undecodable = [r for r in map(codec.decode, _read_topic(client, outbox, broker, url))]
         n_undecodable = sum(1 for m in messages if m[0] in UNDECODABLE)
         assert len(undecodable) == n_undecodable
         odd = [u["err"] for u in undecodable if u["err"][0] != "CodecError" or not any(
             w in u["err"][1] for w in ("malformed", "must be a map", "array"))]
         assert not odd, odd[:5]
 
-        letters = [codec.decode(m) for m in _read_topic(client, dead, url)]
+        letters = [codec.decode(m) for m in _read_topic(client, dead, broker, url)]
         assert len(letters) == 1000, "every malformed request is in the dead-letter topic"
         raw = {m[2] for m in messages if m[0] != "good"}
         assert {bytes(d["data"]) for d in letters} == raw, "dead letters keep the raw request bytes"

@@ -1,6 +1,6 @@
 """Chaos: 50,000 requests through each broker while a worker process is SIGKILLed (and its
-nanny starts another) and, for Redis, the Redis server crashes and restarts (append-only
-persistence).  Every request must be answered once, with the right output.
+nanny starts another) and, for Redis and Kafka, the broker crashes and restarts (Redis with
+append-only persistence).  Every request must be answered once, with the right output.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from distributed import Client, LocalCluster
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline
 from daskinfer.testing import random_rows, run_onnx_directly
+from kafka_broker import kafka_bootstrap, kafka_broker  # noqa: F401  (fixtures: a real Kafka broker on loopback)
 from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 N = 50_000
@@ -30,20 +31,29 @@ def own_cluster():
 
 
 
-@pytest.mark.parametrize("broker", ["embedded", "redis"])
+@pytest.mark.parametrize("broker", ["embedded", "redis", "kafka-at-least-once"])
 def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_cluster, mlp_path, request, poll):
+    """(Kafka exactly once: ``tests/test_kafka.py``, read back by an independent read_committed consumer.)"""
     client = own_cluster
     deploy(client, OnnxModel("mlp", mlp_path))
-    transport, redis_server, kw = None, None, {}
+    transport, server, kw = None, None, {}
     if broker == "redis":
         if not os.environ.get("CI"):  # in CI a missing redis extra must fail, not skip
             pytest.importorskip("redis", reason="the redis extra is not installed")
-        redis_server = request.getfixturevalue("redis_server")
+        server = request.getfixturevalue("redis_server")
         url = request.getfixturevalue("redis_url")
         from daskinfer.connectors.redis import RedisTransport
 
         transport = RedisTransport(url)
         kw = {"connector": "redis", "connector_options": {"url": url}, "outbox": f"out-chaos-{os.getpid()}"}
+    elif broker.startswith("kafka"):
+        server = request.getfixturevalue("kafka_broker")  # skips (fails in CI) without java, jars or the extra
+        bootstrap = request.getfixturevalue("kafka_bootstrap")
+        from daskinfer.connectors.kafka import KafkaTransport
+
+        transport = KafkaTransport(bootstrap)
+        kw = {"connector": "kafka", "connector_options": {"bootstrap_servers": bootstrap, "exactly_once": False},
+              "outbox": f"out-chaos-{os.getpid()}"}
     inbox = f"chaos-{broker}-{time.monotonic_ns()}"
     handle = deploy_pipeline(client, Pipeline(model="mlp", inbox=inbox, partitions=4, max_batch_size=256, **kw))
     rows = random_rows(N, seed=3)
@@ -69,9 +79,9 @@ def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_clu
         os.kill(pid, signal.SIGKILL)  # mid-stream: its nanny starts another worker
         for i in range(N // 2, N):
             ic.send(rows[i], key=f"k{i % 13}", request_id=f"r{i}")
-        if redis_server is not None:
+        if server is not None:
             drain(ic, N // 2, 60)
-            redis_server.restart(kill=True)  # a crash; the append-only file keeps acknowledged writes
+            server.restart(kill=True)  # a crash; Redis's append-only file or Kafka's log keeps acknowledged writes
         drain(ic, N, 120)
         lost = N - len(results)
         print(f"\nchaos ({broker}): sent {N}, answered {len(results)}, lost {lost}, delivered twice "

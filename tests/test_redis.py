@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import threading
 import time
@@ -30,7 +29,7 @@ from daskinfer.connectors.redis import (  # noqa: E402
 )
 from daskinfer.exceptions import TopicFullError  # noqa: E402
 from daskinfer.wire.frames import peek_fields  # noqa: E402
-from daskinfer.testing import check_key_order, check_outputs, collect_results, random_rows, run_onnx_directly  # noqa: E402
+from daskinfer.testing import check_rows_and_blocks, collect_results, random_rows, run_onnx_directly  # noqa: E402
 from redis_server import redis_server, redis_url  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
@@ -239,33 +238,11 @@ def test_rediss_urls_use_tls_and_urls_in_errors_hide_the_password():
 def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(client, mlp, mlp_path, redis_url, r, poll):
     inbox = _inbox()
     handle = deploy_pipeline(client, _pipeline(redis_url, inbox, mlp, partitions=3, max_batch_size=2048))
-    rng = np.random.default_rng(0)
     try:
         with InferenceClient(client, inbox=inbox, transport=RedisTransport(redis_url)) as ic:
-            sent: dict[str, tuple[np.ndarray, bool]] = {}
-            order: dict[str, list[str]] = collections.defaultdict(list)
             n = 3000
-            for i in range(n):
-                key = f"k{i % 7}"
-                if i % 10 == 0:  # a block in one message; some over 8 KiB each way (sent apart from small ones)
-                    block = random_rows(2000 if i % 1000 == 0 else int(rng.integers(1, 17)), seed=i)
-                    rid = ic.send(block, batched=True, key=key)
-                    sent[rid] = (block, True)
-                else:
-                    row = random_rows(1, seed=i)[0]
-                    rid = ic.send(row, key=key)
-                    sent[rid] = (row, False)
-                order[key].append(rid)
-            f1 = ic.submit(random_rows(1, seed=99)[0])  # futures work too
-            f2 = ic.submit_many(random_rows(5, seed=98))
-            results = collect_results(ic, n)
-            assert f1.result(30).ok and f2.result(30).value().shape == (5, 2)
-
-            ids = [res.id for res in results]
-            assert len(ids) == len(set(ids)) == n and set(ids) == set(sent), "every request answered exactly once"
-            assert ic.duplicates == 0
-            check_outputs({res.id: res for res in results}, sent, mlp_path)
-            check_key_order(results, order)
+            # single rows and blocks (some of 2000 rows: 128 KiB each way, over Redis's 8 KiB small-message size)
+            check_rows_and_blocks(ic, n, mlp_path)
             poll(lambda: r.xlen(ic.reply_target) == 0, timeout=5, what="the client deleting what it received")
         assert not r.exists(ic.reply_target), "closing the client deletes its reply stream"
         st = handle.status()

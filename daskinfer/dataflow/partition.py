@@ -47,8 +47,8 @@ def make_connector(spec: PipelineSpec, worker: Worker, partition: int, epoch: in
         from daskinfer.connectors.redis import RedisConnector
 
         return RedisConnector(spec.to_plain(), partition, epoch, consumer=f"{worker.address}/{partition}")
-    if spec.connector == "kafka":  # pragma: no cover - its own module says what it needs
-        from daskinfer.connectors.kafka import connector_for  # type: ignore[import-not-found]
+    if spec.connector == "kafka":
+        from daskinfer.connectors.kafka import connector_for
 
         return connector_for(spec.to_plain(), partition, epoch, worker)
     raise ConfigError(f"unknown connector {spec.connector!r}")

@@ -467,10 +467,12 @@ async def _deploy_pipeline(client: Client, pipeline: Pipeline, wait: bool, timeo
         await prepare_streams(plain, timeout=timeout)
         spec = msgspec.structs.replace(spec, connector_options={
             **spec.connector_options, "redis_generation": plain["redis_generation"]})
-    elif spec.connector == "kafka":  # pragma: no cover - its own module says what it needs
-        from daskinfer.connectors.kafka import prepare  # type: ignore[import-not-found]
+    elif spec.connector == "kafka":
+        from daskinfer.connectors.kafka import prepare
 
-        await prepare(spec.to_plain())
+        plain = spec.to_plain()
+        await prepare(plain)  # settles the options (exactly once where the brokers run transactions)
+        spec = msgspec.structs.replace(spec, connector_options=plain["connector_options"])
     await client.scheduler.daskinfer_pipeline_start(spec=spec.to_plain())
     handle = PipelineHandle(client, spec)
     if wait:
