@@ -75,6 +75,8 @@ def _scan_package():
                 else:
                     continue
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    if prefix and not arg.value.startswith(prefix):
+                        continue  # one of Dask's own keys (e.g. scheduler-address), not ours
                     key = arg.value if prefix == "" else arg.value.removeprefix(prefix)
                     reads.setdefault(f"daskinfer.{key}", set()).add(name)
                 elif isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
