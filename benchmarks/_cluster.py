@@ -30,10 +30,14 @@ def process_cluster(n_workers: int = 2, threads: int = 1) -> Iterator[Client]:
     port = free_port()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     py = sys.executable
-    procs = [subprocess.Popen(
-        [py, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )]
+    procs = [
+        subprocess.Popen(
+            [py, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    ]
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -45,11 +49,25 @@ def process_cluster(n_workers: int = 2, threads: int = 1) -> Iterator[Client]:
                     raise RuntimeError("dask scheduler did not start") from None
                 time.sleep(0.1)
         for _ in range(n_workers):
-            procs.append(subprocess.Popen(
-                [py, "-m", "distributed.cli.dask_worker", f"127.0.0.1:{port}", "--nthreads", str(threads),
-                 "--no-nanny", "--no-dashboard", "--host", "127.0.0.1"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        py,
+                        "-m",
+                        "distributed.cli.dask_worker",
+                        f"127.0.0.1:{port}",
+                        "--nthreads",
+                        str(threads),
+                        "--no-nanny",
+                        "--no-dashboard",
+                        "--host",
+                        "127.0.0.1",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=env,
+                )
+            )
         with Client(f"127.0.0.1:{port}") as client:
             client.wait_for_workers(n_workers, timeout=60)
             yield client

@@ -15,8 +15,18 @@ from typing import Any
 import numpy as np
 
 
-def _produce(address: str, inbox: str, mode: str, n: int, rate: float, seconds: float, block: int, seed: int,
-             start_at: float, out: Any) -> None:
+def _produce(
+    address: str,
+    inbox: str,
+    mode: str,
+    n: int,
+    rate: float,
+    seconds: float,
+    block: int,
+    seed: int,
+    start_at: float,
+    out: Any,
+) -> None:
     from distributed import Client
 
     from daskinfer import InferenceClient
@@ -49,12 +59,29 @@ def _produce(address: str, inbox: str, mode: str, n: int, rate: float, seconds: 
     lat = np.array([r.latency for r in results if r.latency is not None]) * 1e3
     rows_done = ok * (block if mode == "blocks" else 1)
     batch = float(np.mean([r.timings.get("batch", 0) for r in results])) if results else 0.0
-    out.put({"requests": len(results), "ok": ok, "rows": rows_done, "seconds": t1 - t0, "lat_ms": lat.tolist(),
-             "batch": batch})
+    out.put(
+        {
+            "requests": len(results),
+            "ok": ok,
+            "rows": rows_done,
+            "seconds": t1 - t0,
+            "lat_ms": lat.tolist(),
+            "batch": batch,
+        }
+    )
 
 
-def run_producers(address: str, inbox: str, producers: int, *, mode: str = "burst", n: int = 0, rate: float = 0.0,
-                  seconds: float = 0.0, block: int = 4096) -> dict[str, Any]:
+def run_producers(
+    address: str,
+    inbox: str,
+    producers: int,
+    *,
+    mode: str = "burst",
+    n: int = 0,
+    rate: float = 0.0,
+    seconds: float = 0.0,
+    block: int = 4096,
+) -> dict[str, Any]:
     """Run ``producers`` processes at once; return the aggregate and each one's latency percentiles.
 
     ``mode``: ``"burst"`` (``n`` single rows each, as fast as possible), ``"blocks"`` (``n`` blocks of
@@ -63,8 +90,10 @@ def run_producers(address: str, inbox: str, producers: int, *, mode: str = "burs
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 8.0  # every producer connected by then
-    procs = [ctx.Process(target=_produce, args=(address, inbox, mode, n, rate, seconds, block, i, start_at, out))
-             for i in range(producers)]
+    procs = [
+        ctx.Process(target=_produce, args=(address, inbox, mode, n, rate, seconds, block, i, start_at, out))
+        for i in range(producers)
+    ]
     for p in procs:
         p.start()
     reports = [out.get(timeout=600) for _ in procs]

@@ -100,8 +100,10 @@ def main(argv=None) -> None:
         x = da.random.default_rng(1).standard_normal((n_rows, N_FEATURES), chunks=(args.partition_rows, N_FEATURES))
         ddf = dd.from_dask_array(x.astype(np.float32), columns=FEATURES).persist()
         wait(ddf)
-        print(f"{n_rows:,} rows x {N_FEATURES} float32 columns in {ddf.npartitions} partitions on 2 workers "
-              f"(ready at {time.perf_counter() - t_start:.0f}s)")
+        print(
+            f"{n_rows:,} rows x {N_FEATURES} float32 columns in {ddf.npartitions} partitions on 2 workers "
+            f"(ready at {time.perf_counter() - t_start:.0f}s)"
+        )
 
         meta = pd.DataFrame({"p0": np.float32(), "p1": np.float32()}, index=[])
         ways = {
@@ -123,23 +125,29 @@ def main(argv=None) -> None:
         np.testing.assert_allclose(by_hand, tuned, rtol=0, atol=1e-6)
         np.testing.assert_allclose(ours, by_hand, rtol=0, atol=1e-6)  # the same ONNX model
         np.testing.assert_allclose(ours, postfit, rtol=1e-3, atol=1e-4)  # float32 ONNX vs float64 scikit-learn
-        print(f"outputs agree: daskinfer vs map_partitions max diff {np.abs(ours - by_hand).max():.2g}, "
-              f"vs ParallelPostFit max diff {np.abs(ours - postfit).max():.2g}")
+        print(
+            f"outputs agree: daskinfer vs map_partitions max diff {np.abs(ours - by_hand).max():.2g}, "
+            f"vs ParallelPostFit max diff {np.abs(ours - postfit).max():.2g}"
+        )
         rates = {name: n_rows / s for name, s in best.items()}
         for name, rate in rates.items():
             print(f"{name}: {rate:,.0f} rows/s (best of {repeats}: {best[name]:.2f}s)")
         r_ours, r_postfit, r_hand, r_tuned = rates.values()
     print(f"total {time.perf_counter() - t_start:.0f}s")
-    print(json.dumps({
-        "rows_s": round(r_ours),
-        "vs_parallel_postfit": round(r_ours / r_postfit, 2),
-        "vs_map_partitions": round(r_ours / r_hand, 2),
-        "vs_map_partitions_1thread": round(r_ours / r_tuned, 2),
-        "parallel_postfit_rows_s": round(r_postfit),
-        "map_partitions_rows_s": round(r_hand),
-        "rows": n_rows,
-        "partitions": ddf.npartitions,
-    }))
+    print(
+        json.dumps(
+            {
+                "rows_s": round(r_ours),
+                "vs_parallel_postfit": round(r_ours / r_postfit, 2),
+                "vs_map_partitions": round(r_ours / r_hand, 2),
+                "vs_map_partitions_1thread": round(r_ours / r_tuned, 2),
+                "parallel_postfit_rows_s": round(r_postfit),
+                "map_partitions_rows_s": round(r_hand),
+                "rows": n_rows,
+                "partitions": ddf.npartitions,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from fastapi.responses import JSONResponse
 
 _options = ort.SessionOptions()
 _options.intra_op_num_threads = 1
-session = ort.InferenceSession(os.environ["DASKINFER_BENCH_MODEL"], sess_options=_options,
-                               providers=["CPUExecutionProvider"])
+session = ort.InferenceSession(
+    os.environ["DASKINFER_BENCH_MODEL"], sess_options=_options, providers=["CPUExecutionProvider"]
+)
 app = FastAPI()
 
 
@@ -33,8 +34,12 @@ async def infer(name: str, request: Request) -> JSONResponse:
     inputs = {t["name"]: np.asarray(t["data"], dtype=np.float32).reshape(t["shape"]) for t in body["inputs"]}
     outputs = session.run(None, inputs)
     names = [o.name for o in session.get_outputs()]
-    return JSONResponse({
-        "model_name": name,
-        "outputs": [{"name": n, "datatype": "FP32", "shape": list(o.shape), "data": o.ravel().tolist()}
-                    for n, o in zip(names, outputs)],
-    })
+    return JSONResponse(
+        {
+            "model_name": name,
+            "outputs": [
+                {"name": n, "datatype": "FP32", "shape": list(o.shape), "data": o.ravel().tolist()}
+                for n, o in zip(names, outputs)
+            ],
+        }
+    )

@@ -49,8 +49,9 @@ def json_bodies(n: int, rows: int = 1) -> list[dict]:
     out = []
     for i in range(n):
         x = random_rows(rows, seed=i)
-        body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                                       "data": x.ravel().tolist()}]}).encode()
+        body = json.dumps(
+            {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        ).encode()
         out.append({"body": base64.b64encode(body).decode(), "headers": {"Content-Type": "application/json"}})
     return out
 
@@ -59,11 +60,25 @@ def binary_bodies(n: int, rows: int) -> list[dict]:
     out = []
     for i in range(n):
         x = random_rows(rows, seed=i)
-        head = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                                       "parameters": {"binary_data_size": x.nbytes}}],
-                           "parameters": {"binary_data_output": True}}).encode()
-        out.append({"body": base64.b64encode(head + x.tobytes()).decode(),
-                    "headers": {"Content-Type": "application/octet-stream", v2.INFERENCE_HEADER: str(len(head))}})
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "shape": list(x.shape),
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ],
+                "parameters": {"binary_data_output": True},
+            }
+        ).encode()
+        out.append(
+            {
+                "body": base64.b64encode(head + x.tobytes()).decode(),
+                "headers": {"Content-Type": "application/octet-stream", v2.INFERENCE_HEADER: str(len(head))},
+            }
+        )
     return out
 
 
@@ -99,8 +114,20 @@ def started(cmd: list[str], url: str, env: dict | None = None) -> Iterator[None]
 
 
 def load(url: str, bodies_file: str, mode: str, duration: float, rate: float = 0.0) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "_loadgen.py"), url, bodies_file, "--mode", mode,
-           "--duration", str(duration), "--concurrency", "64", "--rate", str(max(rate, 1.0))]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "_loadgen.py"),
+        url,
+        bodies_file,
+        "--mode",
+        mode,
+        "--duration",
+        str(duration),
+        "--concurrency",
+        "64",
+        "--rate",
+        str(max(rate, 1.0)),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=duration + 120)
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-500:]}")
@@ -110,8 +137,9 @@ def load(url: str, bodies_file: str, mode: str, duration: float, rate: float = 0
 def check_answer(url: str, rows: int) -> None:
     """One request by hand: the server answers what onnxruntime computes."""
     x = random_rows(rows, seed=99)
-    body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.ravel().tolist()}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+    ).encode()
     req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         out = json.loads(r.read())["outputs"][0]
@@ -148,9 +176,21 @@ def main(argv: list[str] | None = None) -> dict:
             deploy_pipeline(client, Pipeline(model="mlp", inbox="gateway-bench", partitions=2))
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            gateway_cmd = [sys.executable, "-m", "daskinfer.cli", "gateway", "--scheduler", client.scheduler.address,
-                           "--pipeline", "mlp=gateway-bench", "--http-port", str(port), "--no-grpc",
-                           "--log-level", "WARNING"]
+            gateway_cmd = [
+                sys.executable,
+                "-m",
+                "daskinfer.cli",
+                "gateway",
+                "--scheduler",
+                client.scheduler.address,
+                "--pipeline",
+                "mlp=gateway-bench",
+                "--http-port",
+                str(port),
+                "--no-grpc",
+                "--log-level",
+                "WARNING",
+            ]
             with started(gateway_cmd, url):
                 infer = f"{url}/v2/models/mlp/infer"
                 check_answer(infer, 1)
@@ -160,8 +200,21 @@ def main(argv: list[str] | None = None) -> dict:
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        fastapi_cmd = [sys.executable, "-m", "uvicorn", "fastapi_server:app", "--app-dir", HERE, "--host", "127.0.0.1",
-                       "--port", str(port), "--log-level", "warning", "--no-access-log"]
+        fastapi_cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "fastapi_server:app",
+            "--app-dir",
+            HERE,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
         with started(fastapi_cmd, url, env=dict(ENV, DASKINFER_BENCH_MODEL=bundled_model_path())):
             infer = f"{url}/v2/models/mlp/infer"
             check_answer(infer, 1)

@@ -40,8 +40,9 @@ from daskinfer.testing import bundled_model_path, random_rows  # noqa: E402
 BLOCK = 4096
 
 
-def bench_pipeline(client, label: str, pipe: Pipeline, transport, rows, block, n_blocks: int, repeats: int,
-                   lat_seconds: float) -> dict[str, float]:
+def bench_pipeline(
+    client, label: str, pipe: Pipeline, transport, rows, block, n_blocks: int, repeats: int, lat_seconds: float
+) -> dict[str, float]:
     """Blocks, single requests and latency at 10% load through one pipeline."""
     handle = deploy_pipeline(client, pipe)
     try:
@@ -61,8 +62,14 @@ def bench_pipeline(client, label: str, pipe: Pipeline, transport, rows, block, n
 
 def kafka_pipeline(bootstrap: str, exactly_once: bool, partitions: int) -> Pipeline:
     inbox = f"bench-{'eos' if exactly_once else 'alo'}"
-    return Pipeline(model="mlp", inbox=inbox, outbox=f"{inbox}-out", partitions=partitions, connector="kafka",
-                    connector_options={"bootstrap_servers": bootstrap, "exactly_once": exactly_once})
+    return Pipeline(
+        model="mlp",
+        inbox=inbox,
+        outbox=f"{inbox}-out",
+        partitions=partitions,
+        connector="kafka",
+        connector_options={"bootstrap_servers": bootstrap, "exactly_once": exactly_once},
+    )
 
 
 def main() -> None:
@@ -89,33 +96,47 @@ def main() -> None:
             with process_cluster(n_workers=2) as client:
                 deploy(client, OnnxModel("mlp", bundled_model_path()))
                 run = lambda label, pipe, transport: bench_pipeline(  # noqa: E731
-                    client, label, pipe, transport, rows, block, n_blocks, repeats, lat_seconds)
-                embedded = run("embedded broker (baseline)", Pipeline(model="mlp", inbox="bench-embedded",
-                                                                      partitions=args.partitions), None)
+                    client, label, pipe, transport, rows, block, n_blocks, repeats, lat_seconds
+                )
+                embedded = run(
+                    "embedded broker (baseline)",
+                    Pipeline(model="mlp", inbox="bench-embedded", partitions=args.partitions),
+                    None,
+                )
                 bootstrap = broker.bootstrap
-                alo = run("kafka, at least once", kafka_pipeline(bootstrap, False, args.partitions),
-                          KafkaTransport(bootstrap))
-                eos = run("kafka, exactly once", kafka_pipeline(bootstrap, True, args.partitions),
-                          KafkaTransport(bootstrap))
+                alo = run(
+                    "kafka, at least once", kafka_pipeline(bootstrap, False, args.partitions), KafkaTransport(bootstrap)
+                )
+                eos = run(
+                    "kafka, exactly once", kafka_pipeline(bootstrap, True, args.partitions), KafkaTransport(bootstrap)
+                )
         finally:
             broker.stop()
 
-    print(f"kafka / embedded broker (same run): single requests {alo['single'] / embedded['single']:.2f}, "
-          f"blocks {alo['blocks'] / embedded['blocks']:.2f}")
-    print(f"exactly once / at least once (same run): single requests {eos['single'] / alo['single']:.2f}, "
-          f"blocks {eos['blocks'] / alo['blocks']:.2f}")
+    print(
+        f"kafka / embedded broker (same run): single requests {alo['single'] / embedded['single']:.2f}, "
+        f"blocks {alo['blocks'] / embedded['blocks']:.2f}"
+    )
+    print(
+        f"exactly once / at least once (same run): single requests {eos['single'] / alo['single']:.2f}, "
+        f"blocks {eos['blocks'] / alo['blocks']:.2f}"
+    )
     print(f"total {time.perf_counter() - t_start:.0f}s")
-    print(json.dumps({
-        "kafka_single_req_s": round(alo["single"]),
-        "kafka_block_rows_s": round(alo["blocks"]),
-        "kafka_eos_single_req_s": round(eos["single"]),
-        "kafka_p99_ms_10pct": round(alo["p99"], 2),
-        "kafka_eos_block_rows_s": round(eos["blocks"]),
-        "kafka_eos_p99_ms_10pct": round(eos["p99"], 2),
-        "embedded_single_req_s": round(embedded["single"]),
-        "embedded_block_rows_s": round(embedded["blocks"]),
-        "embedded_p99_ms_10pct": round(embedded["p99"], 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "kafka_single_req_s": round(alo["single"]),
+                "kafka_block_rows_s": round(alo["blocks"]),
+                "kafka_eos_single_req_s": round(eos["single"]),
+                "kafka_p99_ms_10pct": round(alo["p99"], 2),
+                "kafka_eos_block_rows_s": round(eos["blocks"]),
+                "kafka_eos_p99_ms_10pct": round(eos["p99"], 2),
+                "embedded_single_req_s": round(embedded["single"]),
+                "embedded_block_rows_s": round(embedded["blocks"]),
+                "embedded_p99_ms_10pct": round(embedded["p99"], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

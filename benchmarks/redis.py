@@ -27,7 +27,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-
 # this file is named like the redis package: import the package before this folder goes on the path
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
@@ -55,7 +54,8 @@ def redis_server() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as d:
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", d, "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             conn = redis.Redis(port=port)
@@ -91,26 +91,33 @@ def main() -> None:
 
     with redis_server() as url, process_cluster(n_workers=2) as client:
         deploy(client, OnnxModel("mlp", bundled_model_path()))
-        pipe = Pipeline(model="mlp", inbox="bench", partitions=args.partitions, connector="redis",
-                        connector_options={"url": url})
+        pipe = Pipeline(
+            model="mlp", inbox="bench", partitions=args.partitions, connector="redis", connector_options={"url": url}
+        )
         handle = deploy_pipeline(client, pipe)
         with InferenceClient(client, inbox="bench", transport=RedisTransport(url)) as ic:
             bench_single(ic, rows[:2000])  # warm up
             blocks = bench_blocks(ic, block, n_blocks)
             print(f"redis pipeline, columnar blocks of {BLOCK}: {blocks:,.0f} rows/s")
             single, mean_batch = max(bench_single(ic, rows) for _ in range(2 if q else 3))
-            print(f"redis pipeline, one request per message: {single:,.0f} requests/s (mean batch {mean_batch:.0f} rows)")
+            print(
+                f"redis pipeline, one request per message: {single:,.0f} requests/s (mean batch {mean_batch:.0f} rows)"
+            )
             p50, p99, achieved = bench_latency(ic, rows, single * 0.1, lat_seconds)
             print(f"latency at 10% load ({achieved:,.0f} req/s): p50 {p50:.1f} ms, p99 {p99:.1f} ms")
             assert ic.duplicates == 0
         handle.stop()
 
     print(f"total {time.perf_counter() - t_start:.0f}s")
-    print(json.dumps({
-        "redis_single_req_s": round(single),
-        "redis_block_rows_s": round(blocks),
-        "redis_p99_ms_10pct": round(p99, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "redis_single_req_s": round(single),
+                "redis_block_rows_s": round(blocks),
+                "redis_p99_ms_10pct": round(p99, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,16 +46,30 @@ REMOTE_BATCH = 1024  # rows per remote call (b)
 
 def start_model_server(port: int) -> subprocess.Popen:
     """``daskinfer serve`` in its own process; returns once it serves."""
-    cmd = [sys.executable, "-m", "daskinfer.cli", "serve", "--onnx", f"mlp={bundled_model_path()}",
-           "--grpc-port", str(port), "--no-http", "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "daskinfer.cli",
+        "serve",
+        "--onnx",
+        f"mlp={bundled_model_path()}",
+        "--grpc-port",
+        str(port),
+        "--no-http",
+        "--log-level",
+        "WARNING",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
+    )
 
     async def ready() -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            call = ch.unary_unary("/inference.GRPCInferenceService/ServerReady",
-                                  request_serializer=pb.ServerReadyRequest.SerializeToString,
-                                  response_deserializer=pb.ServerReadyResponse.FromString)
+            call = ch.unary_unary(
+                "/inference.GRPCInferenceService/ServerReady",
+                request_serializer=pb.ServerReadyRequest.SerializeToString,
+                response_deserializer=pb.ServerReadyResponse.FromString,
+            )
             end = time.monotonic() + 60
             while True:
                 try:
@@ -76,9 +90,11 @@ def start_model_server(port: int) -> subprocess.Popen:
 async def _unary(port: int, rows: np.ndarray, seconds: float, concurrency: int) -> float:
     """Requests/s of one ``ModelInfer`` call per row, ``concurrency`` calls in flight."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        call = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                              request_serializer=pb.ModelInferRequest.SerializeToString,
-                              response_deserializer=pb.ModelInferResponse.FromString)
+        call = ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=pb.ModelInferRequest.SerializeToString,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
         await call(encode_request({"x": rows[:1]}, "mlp", ""))  # connect
         done = 0
         t0 = time.perf_counter()
@@ -88,7 +104,7 @@ async def _unary(port: int, rows: np.ndarray, seconds: float, concurrency: int) 
             nonlocal done
             j = i
             while time.perf_counter() < end:
-                resp = await call(encode_request({"x": rows[j % len(rows):j % len(rows) + 1]}, "mlp", ""))
+                resp = await call(encode_request({"x": rows[j % len(rows) : j % len(rows) + 1]}, "mlp", ""))
                 assert np.frombuffer(resp.raw_output_contents[0], "<f4").shape == (2,)
                 done += 1
                 j += concurrency
@@ -135,8 +151,12 @@ def main() -> None:
 
         with process_cluster(n_workers=2) as client:
             deploy(client, OnnxModel("mlp", bundled_model_path()))
-            deploy(client, RemoteModel("mlp-remote", f"127.0.0.1:{port}", remote_name="mlp",
-                                       max_batch_size=REMOTE_BATCH, max_inflight=4))
+            deploy(
+                client,
+                RemoteModel(
+                    "mlp-remote", f"127.0.0.1:{port}", remote_name="mlp", max_batch_size=REMOTE_BATCH, max_inflight=4
+                ),
+            )
             pipes = {
                 "remote": deploy_pipeline(client, Pipeline(model="mlp-remote", inbox="bench-remote", partitions=2)),
                 "inproc": deploy_pipeline(client, Pipeline(model="mlp", inbox="bench-inproc", partitions=2)),
@@ -144,7 +164,7 @@ def main() -> None:
             best: dict[str, tuple[float, float]] = {"remote": (0.0, 0.0), "inproc": (0.0, 0.0)}
             clients = {k: InferenceClient(client, inbox=f"bench-{k}") for k in pipes}
             try:
-                for k, ic in clients.items():  # warm up: connections, metadata, first batches
+                for ic in clients.values():  # warm up: connections, metadata, first batches
                     bench_pipeline(ic, rows[:2000])
                 for _ in range(rounds):  # alternate, so both see the same machine
                     for k, ic in clients.items():
@@ -159,8 +179,10 @@ def main() -> None:
                     h.stop()
         batched, b_batch = best["remote"]
         inproc, i_batch = best["inproc"]
-        print(f"(b) pipeline, batched remote operator (RemoteModel, <= {REMOTE_BATCH} rows per call): "
-              f"{batched:,.0f} req/s (mean batch {b_batch:.0f} rows)")
+        print(
+            f"(b) pipeline, batched remote operator (RemoteModel, <= {REMOTE_BATCH} rows per call): "
+            f"{batched:,.0f} req/s (mean batch {b_batch:.0f} rows)"
+        )
         print(f"(c) pipeline, model in-process (OnnxModel): {inproc:,.0f} req/s (mean batch {i_batch:.0f} rows)")
     finally:
         server.terminate()
@@ -168,16 +190,22 @@ def main() -> None:
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
-    print(f"batched vs unary: {batched / unary:.1f}x (target >= 10x); "
-          f"batched vs in-process: {batched / inproc:.2f}x (target >= 0.5x)")
+    print(
+        f"batched vs unary: {batched / unary:.1f}x (target >= 10x); "
+        f"batched vs in-process: {batched / inproc:.2f}x (target >= 0.5x)"
+    )
     print(f"total {time.perf_counter() - t_start:.0f}s")
-    print(json.dumps({
-        "unary_req_s": round(unary),
-        "batched_req_s": round(batched),
-        "inproc_req_s": round(inproc),
-        "batched_vs_unary": round(batched / unary, 2),
-        "batched_vs_inproc": round(batched / inproc, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "unary_req_s": round(unary),
+                "batched_req_s": round(batched),
+                "inproc_req_s": round(inproc),
+                "batched_vs_unary": round(batched / unary, 2),
+                "batched_vs_inproc": round(batched / inproc, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from _cluster import process_cluster  # noqa: E402
 from _load import run_producers  # noqa: E402
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline  # noqa: E402
-from daskinfer.testing import bundled_model_path, random_rows  # noqa: E402
+from daskinfer.testing import bundled_model_path  # noqa: E402
 
 
 def throughput(n_workers: int, producers: int, n_blocks: int, block: int) -> float:
@@ -60,8 +60,9 @@ def scale_up(rate: float, seconds: float) -> dict[str, float]:
         deploy(client, PythonModel("slow", _slow_model))
         handle = deploy_pipeline(client, Pipeline(model="slow", inbox="burst", partitions=4, max_batch_size=16))
         first = next(iter(client.scheduler_info()["workers"]))
-        cluster.adapt(Adaptive=InferenceAdaptive, minimum=1, maximum=2, interval="250ms", wait_count=40,
-                      target_lag="200ms")
+        cluster.adapt(
+            Adaptive=InferenceAdaptive, minimum=1, maximum=2, interval="250ms", wait_count=40, target_lag="200ms"
+        )
         rows = np.arange(1000, dtype=np.float32)[:, None]
         seen: dict[str, int] = {}
         ids: list[str] = []
@@ -114,18 +115,24 @@ def main() -> None:
     eff = by_workers[top] / (top * by_workers[min(counts)]) if min(counts) == 1 else float("nan")
     print(f"scaling efficiency at {top} workers: {eff:.2f} (cores here: {os.cpu_count()})")
     burst = scale_up(rate=12_000, seconds=20 if args.quick else 60)
-    print(f"adaptive: under {burst['sent']:,} requests at 12k/s (one worker serves ~8k/s), a second worker served "
-          f"after {burst['scale_up_s']} s; lost {burst['lost']}, duplicated {burst['duplicated']}")
+    print(
+        f"adaptive: under {burst['sent']:,} requests at 12k/s (one worker serves ~8k/s), a second worker served "
+        f"after {burst['scale_up_s']} s; lost {burst['lost']}, duplicated {burst['duplicated']}"
+    )
     print(f"total {time.perf_counter() - t_start:.0f}s")
-    print(json.dumps({
-        "rows_s_by_workers": {str(k): round(v) for k, v in by_workers.items()},
-        "scaling_efficiency": round(eff, 3),
-        "scale_up_s": burst["scale_up_s"],
-        "lost": burst["lost"],
-        "duplicated": burst["duplicated"],
-        "cores": os.cpu_count(),
-        "dropped_duplicates": burst["dropped_duplicates"],
-    }))
+    print(
+        json.dumps(
+            {
+                "rows_s_by_workers": {str(k): round(v) for k, v in by_workers.items()},
+                "scaling_efficiency": round(eff, 3),
+                "scale_up_s": burst["scale_up_s"],
+                "lost": burst["lost"],
+                "duplicated": burst["duplicated"],
+                "cores": os.cpu_count(),
+                "dropped_duplicates": burst["dropped_duplicates"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -125,9 +125,16 @@ async def _rest_load(port: int, rows: np.ndarray, seconds: float, concurrency: i
 def bench_rest(rows: np.ndarray, seconds: float, concurrency: int = 64) -> float:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "rest_server.py"), "--port", str(port),
-         "--model", bundled_model_path()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            os.path.join(os.path.dirname(__file__), "rest_server.py"),
+            "--port",
+            str(port),
+            "--model",
+            bundled_model_path(),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         return asyncio.run(_rest_load(port, rows, seconds, concurrency))
@@ -181,8 +188,9 @@ def main() -> None:
         deploy(client, OnnxModel("mlp", bundled_model_path()))
         deploy(client, OnnxModel("mlp-b", bundled_model_path()))
         handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="bench", partitions=2))
-        flow = (Pipeline(inbox="bench-flow", partitions=2).map_batches(_pre).infer("mlp").infer("mlp-b")
-                .map_batches(_post))
+        flow = (
+            Pipeline(inbox="bench-flow", partitions=2).map_batches(_pre).infer("mlp").infer("mlp-b").map_batches(_post)
+        )
         flow_handle = deploy_pipeline(client, flow)
         with InferenceClient(client, inbox="bench") as ic, InferenceClient(client, inbox="bench-flow") as fc:
             bench_single(ic, rows[:2000])  # warm up
@@ -190,48 +198,68 @@ def main() -> None:
             blocks = bench_blocks(ic, block, n_blocks)
             print(f"pipeline, columnar blocks of {BLOCK}: {blocks:,.0f} inferences/s ({blocks / raw:.2f}x raw)")
             in_process, mean_batch = max(bench_single(ic, rows) for _ in range(2 if q else 3))
-            print(f"pipeline, single-row requests from one client in this process: {in_process:,.0f} requests/s "
-                  f"(mean batch {mean_batch:.0f} rows)")
+            print(
+                f"pipeline, single-row requests from one client in this process: {in_process:,.0f} requests/s "
+                f"(mean batch {mean_batch:.0f} rows)"
+            )
             flow_rate = max(bench_single(fc, rows)[0] for _ in range(2 if q else 3))
-            print(f"dataflow pipeline (map_batches -> infer -> infer -> map_batches): {flow_rate:,.0f} requests/s, "
-                  f"{flow_rate / in_process:.2f}x the single-model pipeline")
+            print(
+                f"dataflow pipeline (map_batches -> infer -> infer -> map_batches): {flow_rate:,.0f} requests/s, "
+                f"{flow_rate / in_process:.2f}x the single-model pipeline"
+            )
             runner_us = runner_us_per_request(client, handle, ic, rows)
             print(f"partition runners: {runner_us:.1f} us of worker CPU per single-row request besides the model")
         burst = run_producers(address, "bench", args.producers, mode="burst", n=n_single // args.producers)
         single = burst["requests_s"]
-        print(f"pipeline, single-row requests from {args.producers} producer processes: {single:,.0f} requests/s "
-              f"(mean batch {burst['batch']:.0f} rows)")
+        print(
+            f"pipeline, single-row requests from {args.producers} producer processes: {single:,.0f} requests/s "
+            f"(mean batch {burst['batch']:.0f} rows)"
+        )
         lat = {}
         for pct in (10, 50, 80):
-            r = run_producers(address, "bench", args.producers, mode="open", rate=single * pct / 100 / args.producers,
-                              seconds=lat_seconds)
+            r = run_producers(
+                address,
+                "bench",
+                args.producers,
+                mode="open",
+                rate=single * pct / 100 / args.producers,
+                seconds=lat_seconds,
+            )
             lat[pct] = (r["p50_ms"], r["p99_ms"], r["p99_ms_each"])
-            print(f"latency at {pct}% load ({r['requests_s']:,.0f} req/s): p50 {r['p50_ms']:.1f} ms, "
-                  f"p99 {r['p99_ms']:.1f} ms (p99 in each producer: {r['p99_ms_each']})")
+            print(
+                f"latency at {pct}% load ({r['requests_s']:,.0f} req/s): p50 {r['p50_ms']:.1f} ms, "
+                f"p99 {r['p99_ms']:.1f} ms (p99 in each producer: {r['p99_ms_each']})"
+            )
         handle.stop()
         flow_handle.stop()
 
     rest = bench_rest(rows, 3.0 if q else 8.0)
-    print(f"REST per request (aiohttp + onnxruntime, 64 concurrent clients): {rest:,.0f} requests/s; "
-          f"pipeline single-request throughput is {single / rest:.1f}x")
+    print(
+        f"REST per request (aiohttp + onnxruntime, 64 concurrent clients): {rest:,.0f} requests/s; "
+        f"pipeline single-request throughput is {single / rest:.1f}x"
+    )
     print(f"total {time.perf_counter() - t_start:.0f}s")
-    print(json.dumps({
-        "raw_ort_rows_s": round(raw),
-        "e2e_block_rows_s": round(blocks),
-        "ratio_vs_raw": round(blocks / raw, 3),
-        "e2e_single_req_s": round(single),
-        "p50_ms_10pct": round(lat[10][0], 2),
-        "p99_ms_10pct": round(lat[10][1], 2),
-        "p99_ms_50pct": round(lat[50][1], 2),
-        "p99_ms_80pct": round(lat[80][1], 2),
-        "rest_req_s": round(rest),
-        "ratio_vs_rest": round(single / rest, 2),
-        "producers": args.producers,
-        "single_req_s_in_process": round(in_process),
-        "p99_ms_80pct_each_producer": lat[80][2],
-        "runner_us_per_req": round(runner_us, 2),
-        "dataflow_vs_single": round(flow_rate / in_process, 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "raw_ort_rows_s": round(raw),
+                "e2e_block_rows_s": round(blocks),
+                "ratio_vs_raw": round(blocks / raw, 3),
+                "e2e_single_req_s": round(single),
+                "p50_ms_10pct": round(lat[10][0], 2),
+                "p99_ms_10pct": round(lat[10][1], 2),
+                "p99_ms_50pct": round(lat[50][1], 2),
+                "p99_ms_80pct": round(lat[80][1], 2),
+                "rest_req_s": round(rest),
+                "ratio_vs_rest": round(single / rest, 2),
+                "producers": args.producers,
+                "single_req_s_in_process": round(in_process),
+                "p99_ms_80pct_each_producer": lat[80][2],
+                "runner_us_per_req": round(runner_us, 2),
+                "dataflow_vs_single": round(flow_rate / in_process, 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ plugins (:class:`OnnxModel`, :class:`PythonModel`, :class:`RemoteModel`), deploy
 serve notebooks and batch jobs.
 """
 
-from daskinfer import settings  # noqa: F401  (loads the defaults into dask.config)
+from daskinfer import (
+    convert,  # noqa: F401  (daskinfer.convert.to_onnx; converters load on use)
+    settings,  # noqa: F401  (loads the defaults into dask.config)
+)
 from daskinfer.client import InferenceClient
 from daskinfer.dataflow import nodes, streams  # noqa: F401  (registers the streamz operators)
 from daskinfer.dataflow.batching import BatchPolicy
@@ -37,7 +40,6 @@ from daskinfer.exceptions import (
 from daskinfer.models import LoadedModel, Model, ModelPlugin, OnnxModel, PythonModel, RemoteModel, TensorSpec
 from daskinfer.models.deploy import deploy, deployed_models, undeploy
 from daskinfer.server import ModelServer
-from daskinfer import convert  # noqa: F401  (daskinfer.convert.to_onnx; converters load on use)
 from daskinfer.testing import bundled_model_path
 from daskinfer.wire.messages import Request, Result
 
@@ -51,6 +53,7 @@ def __getattr__(name: str):
 
         return predict
     raise AttributeError(f"module 'daskinfer' has no attribute {name!r}")
+
 
 __all__ = [
     "BatchPolicy",

@@ -49,8 +49,17 @@ class _Outgoing:
 
     __slots__ = ("partition", "id", "inputs", "batched", "key", "model", "deadline", "sent_at", "group")
 
-    def __init__(self, partition: int, rid: str, inputs: dict[str, np.ndarray], batched: bool, key: str | None,
-                 model: str | None, deadline: float | None, sent_at: float):
+    def __init__(
+        self,
+        partition: int,
+        rid: str,
+        inputs: dict[str, np.ndarray],
+        batched: bool,
+        key: str | None,
+        model: str | None,
+        deadline: float | None,
+        sent_at: float,
+    ):
         self.partition = partition
         self.id = rid
         self.inputs = inputs
@@ -60,8 +69,12 @@ class _Outgoing:
         self.deadline = deadline
         self.sent_at = sent_at
         # requests that can share one frame: same partition, model, form, input names, dtypes and row shape
-        self.group = (partition, model, batched,
-                      tuple((k, v.dtype, v.shape[1:] if batched else v.shape) for k, v in inputs.items()))
+        self.group = (
+            partition,
+            model,
+            batched,
+            tuple((k, v.dtype, v.shape[1:] if batched else v.shape) for k, v in inputs.items()),
+        )
 
 
 def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
@@ -81,8 +94,15 @@ def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
         deadlines = np.array([np.nan if r.deadline is None else r.deadline for r in reqs])
     keys = [r.key for r in reqs] if any(r.key is not None for r in reqs) else None
     return encode_request_frame(
-        [r.id for r in reqs], inputs, rows=rows, batched=first.batched, keys=keys, model=first.model,
-        deadlines=deadlines, reply_to=reply_to, sent_at=np.array([r.sent_at for r in reqs]),
+        [r.id for r in reqs],
+        inputs,
+        rows=rows,
+        batched=first.batched,
+        keys=keys,
+        model=first.model,
+        deadlines=deadlines,
+        reply_to=reply_to,
+        sent_at=np.array([r.sent_at for r in reqs]),
     )
 
 
@@ -268,20 +288,36 @@ class InferenceClient:
                 raise RuntimeError("await the InferenceClient (or use `async with`) before submitting")
             self.start()
 
-    def _enqueue(self, inputs: Any, batched: bool, key: str | None, model: str | None, deadline: float | None,
-                 request_id: str | None, waiter: Any) -> str:
+    def _enqueue(
+        self,
+        inputs: Any,
+        batched: bool,
+        key: str | None,
+        model: str | None,
+        deadline: float | None,
+        request_id: str | None,
+        waiter: Any,
+    ) -> str:
         now = time.time()
         rid = request_id or f"{self._id_prefix}{next(self._ids)}"
         p = partition_for(key, self._n_partitions, next(self._rr))
-        req = _Outgoing(p, rid, _as_inputs(inputs), batched, key, model or self.model,
-                        None if deadline is None else now + deadline, now)
+        req = _Outgoing(
+            p,
+            rid,
+            _as_inputs(inputs),
+            batched,
+            key,
+            model or self.model,
+            None if deadline is None else now + deadline,
+            now,
+        )
         in_loop = self._in_loop()
         with self._lock:
             if len(self._waiters) + len(self._outq) >= self.max_pending:
                 if in_loop:  # an event loop must not block: the caller gets back-pressure as an error
                     raise TopicFullError(
-                        f"InferenceClient holds {self.max_pending} unanswered requests (max_pending); "
-                        "retry later")
+                        f"InferenceClient holds {self.max_pending} unanswered requests (max_pending); retry later"
+                    )
                 while len(self._waiters) + len(self._outq) >= self.max_pending and not self._closed:
                     self._room.wait(1.0)
             if waiter is not None:
@@ -332,8 +368,15 @@ class InferenceClient:
             return self._aloop.create_future()
         return concurrent.futures.Future()
 
-    def submit(self, inputs: Any, *, key: str | None = None, model: str | None = None,
-               deadline: float | None = None, request_id: str | None = None):
+    def submit(
+        self,
+        inputs: Any,
+        *,
+        key: str | None = None,
+        model: str | None = None,
+        deadline: float | None = None,
+        request_id: str | None = None,
+    ):
         """Send one row; return a future of its :class:`~daskinfer.Result`.
 
         Parameters
@@ -354,8 +397,15 @@ class InferenceClient:
         self._enqueue(inputs, False, key, model, deadline, request_id, fut)
         return fut
 
-    def submit_many(self, inputs: Any, *, key: str | None = None, model: str | None = None,
-                    deadline: float | None = None, request_id: str | None = None):
+    def submit_many(
+        self,
+        inputs: Any,
+        *,
+        key: str | None = None,
+        model: str | None = None,
+        deadline: float | None = None,
+        request_id: str | None = None,
+    ):
         """Send a block of rows as one request (columnar); return a future of its result.
 
         The result's ``value()`` is the block of outputs (rows first).
@@ -365,8 +415,16 @@ class InferenceClient:
         self._enqueue(inputs, True, key, model, deadline, request_id, fut)
         return fut
 
-    def send(self, inputs: Any, *, batched: bool = False, key: str | None = None, model: str | None = None,
-             deadline: float | None = None, request_id: str | None = None) -> str:
+    def send(
+        self,
+        inputs: Any,
+        *,
+        batched: bool = False,
+        key: str | None = None,
+        model: str | None = None,
+        deadline: float | None = None,
+        request_id: str | None = None,
+    ) -> str:
         """Send without a future; the result arrives through :meth:`results`. Returns the request id."""
         self._ensure_started()
         return self._enqueue(inputs, batched, key, model, deadline, request_id, None)

@@ -67,9 +67,7 @@ class ModelNotFoundError(DaskInferError, KeyError):
     def __init__(self, model: str, available: list[str]):
         self.model = model
         self.available = available
-        super().__init__(
-            f"model {model!r} is not deployed here; deployed models: {sorted(available) or 'none'}"
-        )
+        super().__init__(f"model {model!r} is not deployed here; deployed models: {sorted(available) or 'none'}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

@@ -16,8 +16,9 @@ logger = logging.getLogger("distributed.preload")
 
 
 async def dask_setup(server) -> None:  # noqa: ANN001 - a Worker or a Scheduler
-    import daskinfer  # noqa: F401  (config defaults, streamz operators)
     from distributed import Scheduler, Worker
+
+    import daskinfer  # noqa: F401  (config defaults, streamz operators)
 
     if isinstance(server, Worker):
         from daskinfer.control.runtime import partitions_of

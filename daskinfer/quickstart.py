@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from daskinfer.testing import bundled_model_path, random_rows, run_onnx_directly
 
     t_start = time.perf_counter()
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=args.workers, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         print(f"cluster: {len(client.scheduler_info()['workers'])} workers at {cluster.scheduler_address}")
         deploy(client, OnnxModel("mlp", bundled_model_path()))
         handle = deploy_pipeline(client, Pipeline(model="mlp", inbox="requests", partitions=args.workers))
@@ -37,8 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             expected = run_onnx_directly(bundled_model_path(), {"x": x})["probabilities"]
 
             first = ic.submit(x[0]).result(30)
-            print(f"one request: id={first.id} -> {first.value()} (model {first.model} v{first.version}, "
-                  f"{first.timings['latency'] * 1e3:.1f} ms)")
+            print(
+                f"one request: id={first.id} -> {first.value()} (model {first.model} v{first.version}, "
+                f"{first.timings['latency'] * 1e3:.1f} ms)"
+            )
 
             t0 = time.perf_counter()
             futures = [ic.submit(row, key=f"user-{i % 8}") for i, row in enumerate(x)]
@@ -48,16 +53,20 @@ def main(argv: list[str] | None = None) -> int:
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
             lat = np.array([r.timings["latency"] for r in results]) * 1e3
             batch = np.array([r.timings["batch"] for r in results])
-            print(f"{args.requests} single-row requests sent at once: {args.requests / dt:,.0f} requests/s, "
-                  f"mean batch {batch.mean():.0f} rows (latency in this burst: p50 {np.percentile(lat, 50):.0f} ms, "
-                  f"mostly queueing); all answers match onnxruntime")
+            print(
+                f"{args.requests} single-row requests sent at once: {args.requests / dt:,.0f} requests/s, "
+                f"mean batch {batch.mean():.0f} rows (latency in this burst: p50 {np.percentile(lat, 50):.0f} ms, "
+                f"mostly queueing); all answers match onnxruntime"
+            )
 
             block = random_rows(4096, seed=2)
             t0 = time.perf_counter()
             futures = [ic.submit_many(block) for _ in range(args.blocks)]
             outs = [f.result(60).value() for f in futures]
             dt = time.perf_counter() - t0
-            np.testing.assert_allclose(outs[-1], run_onnx_directly(bundled_model_path(), {"x": block})["probabilities"], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                outs[-1], run_onnx_directly(bundled_model_path(), {"x": block})["probabilities"], rtol=1e-5, atol=1e-6
+            )
             print(f"{args.blocks} blocks of 4096 rows: {args.blocks * 4096 / dt:,.0f} inferences/s")
         handle.stop()
     print(f"done in {time.perf_counter() - t_start:.1f}s")

@@ -100,8 +100,9 @@ def collect_results(client: Any, n: int, timeout: float = 60.0) -> list[Any]:
     return out
 
 
-def send_rows_and_blocks(client: Any, n: int, keys: int = 7, big_block: int = 2000,
-                         seed: int = 0) -> tuple[dict[str, tuple[np.ndarray, bool]], dict[str, list[str]]]:
+def send_rows_and_blocks(
+    client: Any, n: int, keys: int = 7, big_block: int = 2000, seed: int = 0
+) -> tuple[dict[str, tuple[np.ndarray, bool]], dict[str, list[str]]]:
     """Send ``n`` requests with ``InferenceClient.send``: single rows, and every tenth a block (of
     1 to 16 rows, every thousandth of ``big_block`` rows), with ``keys`` keys in turn.
 
@@ -142,8 +143,15 @@ def check_rows_and_blocks(client: Any, n: int, model: str | bytes) -> list[Any]:
     return results
 
 
-def check_outputs(results_by_id: dict[str, Any], sent: dict[str, tuple[np.ndarray, bool]], model: str | bytes,
-                  input_name: str = "x", output: str | None = None, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+def check_outputs(
+    results_by_id: dict[str, Any],
+    sent: dict[str, tuple[np.ndarray, bool]],
+    model: str | bytes,
+    input_name: str = "x",
+    output: str | None = None,
+    rtol: float = 1e-5,
+    atol: float = 1e-6,
+) -> None:
     """Assert that each request's answer equals the ONNX model run directly on its rows.
 
     ``sent`` maps request id to ``(inputs, batched)``: one row, or a block of rows.
@@ -151,10 +159,12 @@ def check_outputs(results_by_id: dict[str, Any], sent: dict[str, tuple[np.ndarra
     rows = np.concatenate([x if batched else x[None] for x, batched in sent.values()])
     want = run_onnx_directly(model, {input_name: rows})
     want_out = want[output] if output else next(iter(want.values()))
-    got = np.concatenate([
-        results_by_id[rid].value() if batched else results_by_id[rid].value()[None]
-        for rid, (_, batched) in sent.items()
-    ])
+    got = np.concatenate(
+        [
+            results_by_id[rid].value() if batched else results_by_id[rid].value()[None]
+            for rid, (_, batched) in sent.items()
+        ]
+    )
     np.testing.assert_allclose(got, want_out, rtol=rtol, atol=atol)
 
 
@@ -167,6 +177,16 @@ def check_key_order(results: list[Any], order: dict[str, list[str]]) -> None:
         assert arrival.get(key, []) == ids_in_order, f"key {key} answered out of order"
 
 
-__all__: list[Any] = ["bundled_model_path", "check_key_order", "check_outputs", "check_rows_and_blocks", "collect_results",
-                       "make_mlp_onnx", "negate_columns", "all_finite", "random_rows", "run_onnx_directly",
-                       "send_rows_and_blocks"]
+__all__: list[Any] = [
+    "bundled_model_path",
+    "check_key_order",
+    "check_outputs",
+    "check_rows_and_blocks",
+    "collect_results",
+    "make_mlp_onnx",
+    "negate_columns",
+    "all_finite",
+    "random_rows",
+    "run_onnx_directly",
+    "send_rows_and_blocks",
+]

@@ -21,13 +21,22 @@ import time
 from typing import Any
 
 import aiohttp
-
 from optional import missing
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+]
 
 
 def chromium_binary() -> str:
@@ -44,8 +53,13 @@ class Chromium:
     def __init__(self, binary: str, directory: str, width: int = 1400, height: int = 1000):
         self.profile = os.path.join(directory, "chromium-profile")
         os.makedirs(self.profile)
-        self.args = [binary, *FLAGS, f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-                     "about:blank"]
+        self.args = [
+            binary,
+            *FLAGS,
+            f"--user-data-dir={self.profile}",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
         self.proc: subprocess.Popen | None = None
         self._session: aiohttp.ClientSession | None = None
         self._ws: Any = None
@@ -101,8 +115,7 @@ class Chromium:
         """Go to ``url`` and wait until the document has loaded."""
         await self.call("Page.navigate", url=url)
         deadline = time.monotonic() + timeout
-        while await self.evaluate("document.readyState") != "complete" or \
-                await self.evaluate("location.href") != url:
+        while await self.evaluate("document.readyState") != "complete" or await self.evaluate("location.href") != url:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not load within {timeout}s")
             await asyncio.sleep(0.05)
@@ -110,6 +123,10 @@ class Chromium:
     async def screenshot(self) -> bytes:
         """The page as PNG bytes (the whole page, not only the window)."""
         size = await self.evaluate("[document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
-        result = await self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                                 clip={"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1})
+        result = await self.call(
+            "Page.captureScreenshot",
+            format="png",
+            captureBeyondViewport=True,
+            clip={"x": 0, "y": 0, "width": size[0], "height": size[1], "scale": 1},
+        )
         return base64.b64decode(result["data"])

@@ -17,7 +17,9 @@ import daskinfer
 from daskinfer.testing import bundled_model_path
 
 
-def _poll(condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.005, what: str = "condition") -> None:
+def _poll(
+    condition: Callable[[], bool], timeout: float = 30.0, interval: float = 0.005, what: str = "condition"
+) -> None:
     """Wait until ``condition()`` is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -34,9 +36,7 @@ def poll():
 
 @pytest.fixture(scope="session")
 def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         yield cluster
 
 

@@ -121,8 +121,9 @@ class KafkaBroker(ServerProcess):
         More (or other) ``server.properties`` settings.
     """
 
-    def __init__(self, directory: str, heap: str = "768m", quick_start: bool = True,
-                 properties: dict[str, str] | None = None):
+    def __init__(
+        self, directory: str, heap: str = "768m", quick_start: bool = True, properties: dict[str, str] | None = None
+    ):
         reason = missing()
         if reason is not None:
             raise RuntimeError(reason)
@@ -136,8 +137,11 @@ class KafkaBroker(ServerProcess):
         self.config_path = os.path.join(directory, "server.properties")
         self.log4j_path = os.path.join(directory, "log4j2.properties")
         with open(self.config_path, "w") as f:
-            f.write(SERVER_PROPERTIES.format(port=self.port, controller_port=self.controller_port,
-                                             data=os.path.join(directory, "data")))
+            f.write(
+                SERVER_PROPERTIES.format(
+                    port=self.port, controller_port=self.controller_port, data=os.path.join(directory, "data")
+                )
+            )
             f.writelines(f"{k}={v}\n" for k, v in (properties or {}).items())  # (the last one of a key counts)
         with open(self.log4j_path, "w") as f:
             f.write(LOG4J2.format(log=self.log_path))
@@ -149,23 +153,43 @@ class KafkaBroker(ServerProcess):
 
     def _java(self, main: str, *args: str) -> list[str]:
         jit = ["-XX:TieredStopAtLevel=1"] if self.quick_start else []
-        return ["java", "-Xms128m", f"-Xmx{self.heap}", "-XX:+UseSerialGC", *jit, "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={self.log4j_path}", "-cp", os.path.join(LIB, "*"), main, *args]
+        return [
+            "java",
+            "-Xms128m",
+            f"-Xmx{self.heap}",
+            "-XX:+UseSerialGC",
+            *jit,
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.log4j_path}",
+            "-cp",
+            os.path.join(LIB, "*"),
+            main,
+            *args,
+        ]
 
     def start(self, timeout: float = 90.0) -> None:
         """Format the storage (first start only), start the JVM, wait until a client gets metadata."""
         if not self._formatted:
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-            out = subprocess.run(self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
-                                            "--config", self.config_path),
-                                 capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                self._java(
+                    "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "--config", self.config_path
+                ),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if out.returncode != 0:
                 raise RuntimeError(f"formatting the kafka storage failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
             self._formatted = True
         out_path = os.path.join(self.directory, "stdout.log")
         with open(out_path, "ab") as out:
-            self.proc = subprocess.Popen(self._java("kafka.Kafka", self.config_path), stdout=out, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                self._java("kafka.Kafka", self.config_path),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -193,16 +217,23 @@ class KafkaBroker(ServerProcess):
         return 1 in md.brokers
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 30.0, isolation_level: str = "read_committed",
-               headers: bool = False) -> list:
+def read_topic(
+    bootstrap: str, topic: str, timeout: float = 30.0, isolation_level: str = "read_committed", headers: bool = False
+) -> list:
     """Every message of ``topic`` (all partitions, up to the end as it is now), read by an independent consumer.
 
     Returns the values, or ``(value, headers)`` pairs with ``headers``.
     """
     from confluent_kafka import Consumer, TopicPartition
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "isolation.level": isolation_level})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "isolation.level": isolation_level,
+        }
+    )
     try:
         md = consumer.list_topics(topic, timeout=10)
         parts = sorted(md.topics[topic].partitions)

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
 from server_process import ServerProcess, free_port
 
 
@@ -62,8 +61,21 @@ class RedisServer(ServerProcess):
 
     def start(self, timeout: float = 10.0) -> None:
         args = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.directory,
-            "--save", "", "--daemonize", "no", "--logfile", self.log_path, "--protected-mode", "yes",
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.directory,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--logfile",
+            self.log_path,
+            "--protected-mode",
+            "yes",
         ]
         if self.appendonly:
             args += ["--appendonly", "yes", "--appendfsync", "always"]

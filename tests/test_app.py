@@ -67,12 +67,15 @@ def test_flat_config():
 
 def test_deploy_app_serves_requests(client, tmp_path, mlp_path):
     inbox = f"app-{uuid.uuid4().hex[:6]}"
-    path = _write(tmp_path, f"""
+    path = _write(
+        tmp_path,
+        f"""
 models:
   - {{kind: onnx, name: app-mlp, path: {mlp_path}}}
 pipelines:
   - {{model: app-mlp, inbox: {inbox}, partitions: 2}}
-""")
+""",
+    )
     handles = deploy_app(client, load_app(path))
     try:
         rows = random_rows(50, seed=9)
@@ -88,17 +91,26 @@ pipelines:
 def test_cli_run_and_errors():
     proc = subprocess.run(
         [sys.executable, "-m", "daskinfer.cli", "run", os.path.join(ROOT, "conf", "local.yaml"), "--duration", "1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 pipeline(s) running" in proc.stdout and "inbox 'requests'" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "daskinfer.cli", "run", "/no/such.yaml"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "daskinfer.cli", "run", "/no/such.yaml"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2 and "cannot read deployment file" in proc.stderr
 
 
 def test_preload_installs_broker_and_runner_handlers():
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0",
-                      scheduler_kwargs={"preload": ["daskinfer.preload"]}, preload=["daskinfer.preload"]) as cluster:
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=1,
+        dashboard_address=":0",
+        scheduler_kwargs={"preload": ["daskinfer.preload"]},
+        preload=["daskinfer.preload"],
+    ) as cluster:
         with Client(cluster) as client:
             assert "daskinfer_put" in client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.handlers))
             handlers = client.run(lambda dask_worker: "daskinfer_runner_start" in dask_worker.handlers)

@@ -14,29 +14,65 @@ import uuid
 
 import numpy as np
 import pytest
-
-from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline, undeploy
-from daskinfer.wire import codec
-from daskinfer.connectors.embedded import BrokerRPC
-from daskinfer.wire.messages import Request
-from daskinfer.testing import random_rows, run_onnx_directly
 from kafka_broker import kafka_bootstrap, kafka_broker, read_topic  # noqa: F401  (fixtures: a real Kafka broker)
 from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
+
+from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline, undeploy
+from daskinfer.connectors.embedded import BrokerRPC
+from daskinfer.testing import random_rows, run_onnx_directly
+from daskinfer.wire import codec
+from daskinfer.wire.messages import Request
 
 LIMIT = 4096  # bytes: the pipeline's max_request_size
 
 # kind -> (wire message builder, expected error type, words the error must contain)
 KINDS = {
-    "dtype": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(16, np.float64)}}, "InputValidationError", "expects dtype float32"),
-    "shape": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(15, np.float32)}}, "InputValidationError", "expects shape"),
-    "missing": (lambda rid, to: {"id": rid, "r": to, "in": {"y": np.zeros(16, np.float32), "w": np.zeros(16, np.float32)}}, "InputValidationError", "missing input 'x'"),
-    "extra": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(16, np.float32), "z": np.zeros(3, np.float32)}}, "InputValidationError", "unexpected input 'z'"),
-    "nan": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.full(16, np.nan, np.float32)}}, "InputValidationError", "NaN"),
-    "oversized": (lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(4096, np.float32)}}, "RequestTooLargeError", "over the limit of 4096 bytes"),
-    "model": (lambda rid, to: {"id": rid, "r": to, "m": "no-such-model", "in": {"x": np.zeros(16, np.float32)}}, "ModelNotFoundError", "'no-such-model' is not deployed"),
-    "empty": (lambda rid, to: {"id": rid, "r": to, "b": True, "in": {"x": np.zeros((0, 16), np.float32)}}, "InputValidationError", "empty batch"),
+    "dtype": (
+        lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(16, np.float64)}},
+        "InputValidationError",
+        "expects dtype float32",
+    ),
+    "shape": (
+        lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(15, np.float32)}},
+        "InputValidationError",
+        "expects shape",
+    ),
+    "missing": (
+        lambda rid, to: {"id": rid, "r": to, "in": {"y": np.zeros(16, np.float32), "w": np.zeros(16, np.float32)}},
+        "InputValidationError",
+        "missing input 'x'",
+    ),
+    "extra": (
+        lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(16, np.float32), "z": np.zeros(3, np.float32)}},
+        "InputValidationError",
+        "unexpected input 'z'",
+    ),
+    "nan": (
+        lambda rid, to: {"id": rid, "r": to, "in": {"x": np.full(16, np.nan, np.float32)}},
+        "InputValidationError",
+        "NaN",
+    ),
+    "oversized": (
+        lambda rid, to: {"id": rid, "r": to, "in": {"x": np.zeros(4096, np.float32)}},
+        "RequestTooLargeError",
+        "over the limit of 4096 bytes",
+    ),
+    "model": (
+        lambda rid, to: {"id": rid, "r": to, "m": "no-such-model", "in": {"x": np.zeros(16, np.float32)}},
+        "ModelNotFoundError",
+        "'no-such-model' is not deployed",
+    ),
+    "empty": (
+        lambda rid, to: {"id": rid, "r": to, "b": True, "in": {"x": np.zeros((0, 16), np.float32)}},
+        "InputValidationError",
+        "empty batch",
+    ),
     "in-not-map": (lambda rid, to: {"id": rid, "r": to, "in": [1, 2, 3]}, "RequestError", "'in' must be a map"),
-    "not-array": (lambda rid, to: {"id": rid, "r": to, "in": {"x": "sixteen floats"}}, "RequestError", "must be a numpy array"),
+    "not-array": (
+        lambda rid, to: {"id": rid, "r": to, "in": {"x": "sixteen floats"}},
+        "RequestError",
+        "must be a numpy array",
+    ),
 }
 UNDECODABLE = {
     "garbage": lambda i: os.urandom(40) + b"\xc1",
@@ -91,8 +127,12 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, c
         url = request.getfixturevalue("kafka_bootstrap")
         transport = KafkaTransport(url)
         kw = {"connector": "kafka", "connector_options": {"bootstrap_servers": url}}
-    handle = deploy_pipeline(client, Pipeline(model=strict_mlp, inbox=inbox, outbox=outbox, dead_letter=dead,
-                                              partitions=2, max_request_size=LIMIT, **kw))
+    handle = deploy_pipeline(
+        client,
+        Pipeline(
+            model=strict_mlp, inbox=inbox, outbox=outbox, dead_letter=dead, partitions=2, max_request_size=LIMIT, **kw
+        ),
+    )
     pids_before = client.run(os.getpid)
     rng = random.Random(0)
     try:
@@ -142,8 +182,11 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, c
         undecodable = [r for r in map(codec.decode, _read_topic(client, outbox, broker, url))]
         n_undecodable = sum(1 for m in messages if m[0] in UNDECODABLE)
         assert len(undecodable) == n_undecodable
-        odd = [u["err"] for u in undecodable if u["err"][0] != "CodecError" or not any(
-            w in u["err"][1] for w in ("malformed", "must be a map", "array"))]
+        odd = [
+            u["err"]
+            for u in undecodable
+            if u["err"][0] != "CodecError" or not any(w in u["err"][1] for w in ("malformed", "must be a map", "array"))
+        ]
         assert not odd, odd[:5]
 
         letters = [codec.decode(m) for m in _read_topic(client, dead, broker, url)]
@@ -155,7 +198,9 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, c
         assert client.run(os.getpid) == pids_before, "no worker process died"
         status = handle.status()
         assert all(r["running"] for r in status["runners"])
-        print(f"\nbad input ({broker}): {sum(seen.values()) + n_undecodable} malformed of {len(kinds)} kinds, "
-              f"10000 good answered right, {len(letters)} dead letters")
+        print(
+            f"\nbad input ({broker}): {sum(seen.values()) + n_undecodable} malformed of {len(kinds)} kinds, "
+            f"10000 good answered right, {len(letters)} dead letters"
+        )
     finally:
         handle.stop()

@@ -7,9 +7,9 @@ import heapq
 import math
 from collections import deque
 
+import dask
 import numpy as np
 import pytest
-import dask
 
 from daskinfer.dataflow.batching import BatchPolicy, Decision
 from daskinfer.exceptions import ConfigError
@@ -81,8 +81,13 @@ def test_invalid_arguments_raise_config_error(kwargs, match):
 
 
 def test_from_config_reads_defaults_and_durations():
-    with dask.config.set({"daskinfer.batching.max-batch-size": 256, "daskinfer.batching.max-delay": "5ms",
-                          "daskinfer.batching.max-inflight": 3}):
+    with dask.config.set(
+        {
+            "daskinfer.batching.max-batch-size": 256,
+            "daskinfer.batching.max-delay": "5ms",
+            "daskinfer.batching.max-inflight": 3,
+        }
+    ):
         assert BatchPolicy.from_config() == BatchPolicy(256, 0.005, 3)
         assert BatchPolicy.from_config(max_batch_size=8, max_delay=0) == BatchPolicy(8, 0.0, 3)
     assert BatchPolicy.from_config() == BatchPolicy(4096, 0.0, 2)

@@ -12,11 +12,11 @@ import time
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from kafka_broker import kafka_bootstrap, kafka_broker  # noqa: F401  (fixtures: a real Kafka broker on loopback)
+from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline
 from daskinfer.testing import random_rows, run_onnx_directly
-from kafka_broker import kafka_bootstrap, kafka_broker  # noqa: F401  (fixtures: a real Kafka broker on loopback)
-from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 N = 50_000
 
@@ -27,8 +27,6 @@ def own_cluster():
         with Client(cluster) as client:
             client.wait_for_workers(2)
             yield client
-
-
 
 
 @pytest.mark.parametrize("broker", ["embedded", "redis", "kafka-at-least-once"])
@@ -52,8 +50,11 @@ def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_clu
         from daskinfer.connectors.kafka import KafkaTransport
 
         transport = KafkaTransport(bootstrap)
-        kw = {"connector": "kafka", "connector_options": {"bootstrap_servers": bootstrap, "exactly_once": False},
-              "outbox": f"out-chaos-{os.getpid()}"}
+        kw = {
+            "connector": "kafka",
+            "connector_options": {"bootstrap_servers": bootstrap, "exactly_once": False},
+            "outbox": f"out-chaos-{os.getpid()}",
+        }
     inbox = f"chaos-{broker}-{time.monotonic_ns()}"
     handle = deploy_pipeline(client, Pipeline(model="mlp", inbox=inbox, partitions=4, max_batch_size=256, **kw))
     rows = random_rows(N, seed=3)
@@ -84,8 +85,10 @@ def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_clu
             server.restart(kill=True)  # a crash; Redis's append-only file or Kafka's log keeps acknowledged writes
         drain(ic, N, 120)
         lost = N - len(results)
-        print(f"\nchaos ({broker}): sent {N}, answered {len(results)}, lost {lost}, delivered twice "
-              f"{delivered_twice}, duplicates dropped by the client {ic.duplicates}")
+        print(
+            f"\nchaos ({broker}): sent {N}, answered {len(results)}, lost {lost}, delivered twice "
+            f"{delivered_twice}, duplicates dropped by the client {ic.duplicates}"
+        )
         assert lost == 0, f"{lost} requests lost"
         assert delivered_twice == 0
         assert all(r.ok for r in results.values()), [r.error for r in results.values() if not r.ok][:3]

@@ -12,10 +12,10 @@ import threading
 import uuid
 
 import pytest
+from redis_server import RedisServer, free_port
 
 import daskinfer
 from daskinfer import InferenceClient, Pipeline, deploy_pipeline
-from redis_server import RedisServer, free_port
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -31,12 +31,15 @@ class Run:
     """
 
     def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen([*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=ENV, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True
+        )
         self.out: list[str] = []
         self.err: list[str] = []
-        self._readers = [threading.Thread(target=self._read, args=(s, into), daemon=True)
-                         for s, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        self._readers = [
+            threading.Thread(target=self._read, args=(s, into), daemon=True)
+            for s, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
+        ]
         for t in self._readers:
             t.start()
 
@@ -54,8 +57,11 @@ class Run:
         return "".join(self.err)
 
     def wait_for(self, text: str, poll, timeout: float = 90) -> None:
-        poll(lambda: text in self.stdout or text in self.stderr or self.proc.poll() is not None,
-             timeout=timeout, what=f"{text!r} from daskinfer")
+        poll(
+            lambda: text in self.stdout or text in self.stderr or self.proc.poll() is not None,
+            timeout=timeout,
+            what=f"{text!r} from daskinfer",
+        )
         assert text in self.stdout or text in self.stderr, f"exited {self.proc.returncode}:\n{self.stderr[-3000:]}"
 
     def finish(self, timeout: float = 60) -> int:
@@ -80,20 +86,26 @@ def _app(tmp_path, text: str) -> str:
 
 
 def _redis_app(tmp_path, url: str) -> str:
-    return _app(tmp_path, f"""
+    return _app(
+        tmp_path,
+        f"""
 scheduler: null
 cluster: {{n_workers: 1, threads_per_worker: 1}}
 config: {{daskinfer: {{redis: {{url: "{url}"}}}}}}
 models: [{{kind: onnx, name: mlp, path: bundled}}]
 pipelines: [{{model: mlp, inbox: requests, connector: redis}}]
-""")
+""",
+    )
 
 
 # -- Redis that is not there -----------------------------------------------------------------------
 
+
 def test_run_without_redis_says_so_at_once_and_hides_the_password(tmp_path):
     url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"  # nothing listens there
-    proc = subprocess.run([*CLI, "run", _redis_app(tmp_path, url)], capture_output=True, text=True, timeout=120, env=ENV)
+    proc = subprocess.run(
+        [*CLI, "run", _redis_app(tmp_path, url)], capture_output=True, text=True, timeout=120, env=ENV
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     port = url.rsplit(":", 1)[1].split("/")[0]
     assert f"cannot reach Redis at redis://***@127.0.0.1:{port}/0" in proc.stderr, proc.stderr[-3000:]
@@ -103,8 +115,12 @@ def test_run_without_redis_says_so_at_once_and_hides_the_password(tmp_path):
 
 def test_deploy_pipeline_with_redis_unreachable_fails_at_once_naming_the_url(client, mlp_deployed):
     port = free_port()
-    pipe = Pipeline(model=mlp_deployed, inbox=f"in-{uuid.uuid4().hex[:6]}", connector="redis",
-                    connector_options={"url": f"redis://:pw@127.0.0.1:{port}/0"})
+    pipe = Pipeline(
+        model=mlp_deployed,
+        inbox=f"in-{uuid.uuid4().hex[:6]}",
+        connector="redis",
+        connector_options={"url": f"redis://:pw@127.0.0.1:{port}/0"},
+    )
     with pytest.raises(daskinfer.exceptions.BrokerError) as e:
         deploy_pipeline(client, pipe, timeout=30)
     assert f"cannot reach Redis at redis://***@127.0.0.1:{port}/0" in str(e.value) and "pw" not in str(e.value)
@@ -126,8 +142,12 @@ def hung_redis(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_deploy_pipeline_with_a_hung_redis_honours_timeout(client, mlp_deployed, hung_redis):
-    pipe = Pipeline(model=mlp_deployed, inbox=f"in-{uuid.uuid4().hex[:6]}", connector="redis",
-                    connector_options={"url": hung_redis.url})
+    pipe = Pipeline(
+        model=mlp_deployed,
+        inbox=f"in-{uuid.uuid4().hex[:6]}",
+        connector="redis",
+        connector_options={"url": hung_redis.url},
+    )
     with pytest.raises(daskinfer.exceptions.BrokerError) as e:
         deploy_pipeline(client, pipe, timeout=2)
     assert f"no answer from Redis at {hung_redis.url} within 2s" in str(e.value)
@@ -155,6 +175,7 @@ def test_run_stops_on_sigterm_while_it_waits_for_redis(tmp_path, hung_redis, pol
 
 # -- stopping, cleaning up --------------------------------------------------------------------------
 
+
 def test_ctrl_c_stops_run_cleanly_without_worker_tracebacks(poll):
     run = Run(["run", os.path.join(ROOT, "conf", "local.yaml")])
     try:
@@ -170,10 +191,13 @@ def test_ctrl_c_stops_run_cleanly_without_worker_tracebacks(poll):
 
 def test_run_on_an_external_scheduler_undeploys_what_it_deployed(client, tmp_path, poll):
     name = f"ext-{uuid.uuid4().hex[:6]}"
-    path = _app(tmp_path, f"""
+    path = _app(
+        tmp_path,
+        f"""
 models: [{{kind: onnx, name: {name}, path: bundled}}]
 pipelines: [{{model: {name}, inbox: {name}, partitions: 2}}]
-""")
+""",
+    )
     run = Run(["run", path, "--scheduler", client.scheduler.address])
     try:
         run.wait_for("pipeline(s) running", poll)
@@ -191,6 +215,7 @@ pipelines: [{{model: {name}, inbox: {name}, partitions: 2}}]
 
 
 # -- admin subcommands ------------------------------------------------------------------------------
+
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=ENV)
@@ -229,12 +254,15 @@ def test_admin_subcommands_without_a_scheduler_say_what_to_give():
 
 # -- help ---------------------------------------------------------------------------------------------
 
+
 def test_dask_infer_help_names_dask_infer():
-    proc = subprocess.run([sys.executable, "-m", "dask", "infer", "--help"], capture_output=True, text=True,
-                          timeout=60, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dask", "infer", "--help"], capture_output=True, text=True, timeout=60, env=ENV
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: dask infer"), proc.stdout + proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "dask", "infer", "run", "--help"], capture_output=True, text=True,
-                          timeout=60, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dask", "infer", "run", "--help"], capture_output=True, text=True, timeout=60, env=ENV
+    )
     assert proc.stdout.startswith("usage: dask infer run"), proc.stdout + proc.stderr
 
 

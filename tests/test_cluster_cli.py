@@ -28,7 +28,6 @@ from daskinfer.testing import random_rows, run_onnx_directly
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-
 class Processes:
     """Dask processes started for a test, stopped at its end."""
 
@@ -61,8 +60,20 @@ class Processes:
 def dask_cli_cluster(tmp_path):
     procs = Processes(tmp_path)
     sched_file = tmp_path / "scheduler.json"
-    procs.start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
-                "--scheduler-file", str(sched_file), "--preload", "daskinfer.preload", name="scheduler")
+    procs.start(
+        "distributed.cli.dask_scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--dashboard-address",
+        ":0",
+        "--scheduler-file",
+        str(sched_file),
+        "--preload",
+        "daskinfer.preload",
+        name="scheduler",
+    )
     deadline = time.monotonic() + 60
     while not sched_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -70,8 +81,20 @@ def dask_cli_cluster(tmp_path):
     address = json.loads(sched_file.read_text())["address"]
 
     def worker(name: str, nanny: bool = True) -> subprocess.Popen:
-        args = ["distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                "--dashboard-address", ":0", "--name", name, "--preload", "daskinfer.preload"]
+        args = [
+            "distributed.cli.dask_worker",
+            address,
+            "--host",
+            "127.0.0.1",
+            "--nthreads",
+            "1",
+            "--dashboard-address",
+            ":0",
+            "--name",
+            name,
+            "--preload",
+            "daskinfer.preload",
+        ]
         if not nanny:
             args.append("--no-nanny")
         return procs.start(*args, name=name)
@@ -136,8 +159,11 @@ def test_a_worker_joins_one_retires_and_one_dies_under_load_and_nothing_is_lost(
 
             worker("w3")  # joins under load: it gets the model and partitions
             client.wait_for_workers(3, timeout=60)
-            poll(lambda: len(set(handle.status()["assigned"].values())) == 3, timeout=60,
-                 what="a partition on the worker that joined")
+            poll(
+                lambda: len(set(handle.status()["assigned"].values())) == 3,
+                timeout=60,
+                what="a partition on the worker that joined",
+            )
             before = len(results)
             poll(lambda: len(results) > before + 2000, timeout=60, what="answers with three workers")
 
@@ -157,8 +183,10 @@ def test_a_worker_joins_one_retires_and_one_dies_under_load_and_nothing_is_lost(
             consumer.join(250)
             status = handle.status()
         lost = len(set(sent) - set(results))
-        print(f"\ncli cluster: sent {len(sent)}, answered {len(results)}, lost {lost}, delivered twice {twice}, "
-              f"moves {status['moves']}, duplicates dropped by the client {ic.duplicates}")
+        print(
+            f"\ncli cluster: sent {len(sent)}, answered {len(results)}, lost {lost}, delivered twice {twice}, "
+            f"moves {status['moves']}, duplicates dropped by the client {ic.duplicates}"
+        )
         n = len(sent)
         assert n > 10_000
         assert lost == 0 and twice == 0

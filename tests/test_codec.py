@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dask
 import msgpack
 import numpy as np
 import pytest
-import dask
 
-from daskinfer.wire import codec
 from daskinfer.exceptions import CodecError, RequestError, RequestTooLargeError
+from daskinfer.wire import codec
 from daskinfer.wire.messages import (
     Request,
     Result,
@@ -18,7 +18,20 @@ from daskinfer.wire.messages import (
     peek_request_fields,
 )
 
-DTYPES = ["float32", "float64", "float16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"]
+DTYPES = [
+    "float32",
+    "float64",
+    "float16",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+]
 
 
 def _assert_same_array(got, want):
@@ -110,9 +123,7 @@ def test_unknown_python_object_cannot_be_encoded():
 
 def _array_ext(dtype_str, shape, data: bytes) -> bytes:
     header = msgpack.packb([dtype_str, shape])
-    return msgpack.packb(
-        {"x": msgpack.ExtType(codec.ARRAY_EXT, len(header).to_bytes(2, "little") + header + data)}
-    )
+    return msgpack.packb({"x": msgpack.ExtType(codec.ARRAY_EXT, len(header).to_bytes(2, "little") + header + data)})
 
 
 def test_garbage_bytes_raise_codec_error():
@@ -210,7 +221,13 @@ def test_request_round_trip_keeps_every_field():
     )
     out = decode_request(req.encode())
     assert (out.id, out.batched, out.key, out.model, out.deadline, out.reply_to, out.sent_at) == (
-        "req-1", True, "user-7", "mlp", 1700000000.5, "answers", 1699999999.25,
+        "req-1",
+        True,
+        "user-7",
+        "mlp",
+        1700000000.5,
+        "answers",
+        1699999999.25,
     )
     assert set(out.inputs) == {"x", "mask"}
     _assert_same_array(out.inputs["x"], req.inputs["x"])
@@ -237,7 +254,14 @@ def test_result_round_trip_keeps_every_field():
     )
     out = decode_result(res.encode())
     assert out.ok
-    assert (out.id, out.model, out.version, out.batched, out.key, out.sent_at) == ("req-1", "mlp", "3", True, "user-7", 12.5)
+    assert (out.id, out.model, out.version, out.batched, out.key, out.sent_at) == (
+        "req-1",
+        "mlp",
+        "3",
+        True,
+        "user-7",
+        12.5,
+    )
     assert out.timings == res.timings
     _assert_same_array(out.value(), res.outputs["probabilities"])
 
@@ -245,7 +269,9 @@ def test_result_round_trip_keeps_every_field():
 def test_error_result_round_trip_raises_on_value():
     from daskinfer.exceptions import InputValidationError, ResultError
 
-    res = error_result("req-9", InputValidationError("model 'mlp': input 'x' expects dtype float32, got float64"), model="mlp")
+    res = error_result(
+        "req-9", InputValidationError("model 'mlp': input 'x' expects dtype float32, got float64"), model="mlp"
+    )
     out = decode_result(res.encode())
     assert not out.ok
     assert out.error_type == "InputValidationError"
@@ -304,8 +330,13 @@ def test_peek_finds_the_id_of_a_request_that_fails_to_decode():
 
 def test_fuzz_random_bytes_never_raise_anything_but_codec_errors():
     rng = np.random.default_rng(2024)
-    valid = Request("fuzz-id", {"x": np.arange(48, dtype=np.float32).reshape(3, 16), "s": np.array(["ab", "c"])},
-                    batched=True, key="k", deadline=1.5).encode()
+    valid = Request(
+        "fuzz-id",
+        {"x": np.arange(48, dtype=np.float32).reshape(3, 16), "s": np.array(["ab", "c"])},
+        batched=True,
+        key="k",
+        deadline=1.5,
+    ).encode()
     decoded = 0
     for i in range(2000):
         if i % 2:

@@ -49,6 +49,8 @@ def test_junk_headers_cannot_grow_the_caches_past_their_bound_nor_keep_a_new_hea
 
 def test_an_overlong_array_header_is_refused_before_it_is_parsed():
     header = msgpack.packb(["<f4", [1]]) + b" " * 2000
-    data = msgpack.packb({"x": msgpack.ExtType(codec.ARRAY_EXT, len(header).to_bytes(2, "little") + header + b"\0" * 4)})
+    data = msgpack.packb(
+        {"x": msgpack.ExtType(codec.ARRAY_EXT, len(header).to_bytes(2, "little") + header + b"\0" * 4)}
+    )
     with pytest.raises(CodecError, match="array header of 2007 bytes is over the limit"):
         codec.decode(data)

@@ -109,7 +109,7 @@ def test_every_yaml_key_is_read_by_the_code():
     def used(key: str) -> bool:
         if key in READS:
             return True
-        return any(key.startswith(p) and key[len(p):] in CONSTANTS for p in PREFIXES)
+        return any(key.startswith(p) and key[len(p) :] in CONSTANTS for p in PREFIXES)
 
     unused = sorted(k for k in LEAVES if not used(k))
     assert unused == [], f"keys in daskinfer.yaml that no code reads: {unused}"
@@ -154,12 +154,12 @@ def test_every_yaml_key_has_a_comment():
         if "#" in rest:
             continue
         # a section header (``batching:``) or a key whose list value follows on the next lines
-        nxt = next((l for l in lines[i + 1 :] if l.strip()), "")
+        nxt = next((ln for ln in lines[i + 1 :] if ln.strip()), "")
         is_section = len(nxt) - len(nxt.lstrip()) > len(indent) and not nxt.strip().startswith("-")
         if is_section:
             continue
-        items = [l for l in lines[i + 1 :] if l.strip().startswith("- ")]
-        if nxt.strip().startswith("- ") and any("#" in l for l in items):
+        items = [ln for ln in lines[i + 1 :] if ln.strip().startswith("- ")]
+        if nxt.strip().startswith("- ") and any("#" in ln for ln in items):
             continue
         uncommented.append(key)
     assert uncommented == [], f"keys without a comment: {uncommented}"
@@ -202,7 +202,9 @@ def test_get_helpers_prefer_explicit_values():
 
 
 def test_onnx_settings_follow_config_at_call_time(mlp_path):
-    with dask.config.set({"daskinfer.onnx.intra-op-num-threads": 3, "daskinfer.onnx.graph-optimization-level": "basic"}):
+    with dask.config.set(
+        {"daskinfer.onnx.intra-op-num-threads": 3, "daskinfer.onnx.graph-optimization-level": "basic"}
+    ):
         model = OnnxModel("mlp", mlp_path)
     assert model.intra_op_num_threads == 3
     assert model.graph_optimization_level == "basic"

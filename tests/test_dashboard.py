@@ -13,11 +13,10 @@ import urllib.request
 import uuid
 
 import numpy as np
+from chromium import Chromium, chromium_binary
 
 from daskinfer import InferenceClient, Pipeline, deploy_pipeline
 from daskinfer.testing import random_rows
-
-from chromium import Chromium, chromium_binary
 
 
 def _history(client, name: str) -> dict:
@@ -43,8 +42,11 @@ def test_pipelines_page_renders_charts_and_redraws(client, mlp_deployed, poll, t
 
             sender = threading.Thread(target=load, daemon=True)
             sender.start()
-            poll(lambda: sum(1 for p in _history(client, name)["points"] if p["requests_s"] > 0) >= 2, timeout=30,
-                 what="two samples with traffic")
+            poll(
+                lambda: sum(1 for p in _history(client, name)["points"] if p["requests_s"] > 0) >= 2,
+                timeout=30,
+                what="two samples with traffic",
+            )
             ic.submit_many(np.concatenate([rows[:1].astype(np.float64)] * 3)).result(timeout=30)  # errors too
             url = client.dashboard_link.replace("/status", "/daskinfer")
             with urllib.request.urlopen(url.replace("/daskinfer", "/daskinfer/figures.json"), timeout=10) as resp:
@@ -53,7 +55,7 @@ def test_pipelines_page_renders_charts_and_redraws(client, mlp_deployed, poll, t
             async def browse() -> tuple[dict, bytes]:
                 async with Chromium(binary, str(tmp_path)) as browser:
                     await browser.open(url)
-                    section = f'document.querySelector(\'section[data-pipeline="{name}"]\')'
+                    section = f"document.querySelector('section[data-pipeline=\"{name}\"]')"
                     seen = await browser.evaluate(f"""(() => {{
                         const s = {section};
                         if (!s) return null;
@@ -86,8 +88,13 @@ def test_pipelines_page_renders_charts_and_redraws(client, mlp_deployed, poll, t
         handle.stop()
     assert name in seen["text"]
     assert seen["charts"] == 5 and seen["drawn"] == 5
-    assert seen["titles"] == ["Throughput (requests/s)", "Lag (requests waiting)", "Batch size (mean rows)",
-                              "Latency, read to written (ms)", "Errors (requests/s)"]
+    assert seen["titles"] == [
+        "Throughput (requests/s)",
+        "Lag (requests waiting)",
+        "Batch size (mean rows)",
+        "Latency, read to written (ms)",
+        "Errors (requests/s)",
+    ]
     assert seen["lines"] >= 5  # at least the pipeline's line of every chart
     assert seen["rows"] == 3  # header and the two partitions
     assert png.startswith(b"\x89PNG") and len(png) > 10_000

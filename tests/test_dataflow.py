@@ -51,12 +51,14 @@ def two_models(client, mlp_path, second_model_bytes):
 
 
 def _cascade(a, b) -> Pipeline:
-    return (Pipeline(inbox=f"flow-{uuid.uuid4().hex[:8]}")
-            .map_batches(_scale)
-            .infer(a)
-            .map_batches(_between)
-            .infer(b, inputs={"x": "h"})
-            .map_batches(_label))
+    return (
+        Pipeline(inbox=f"flow-{uuid.uuid4().hex[:8]}")
+        .map_batches(_scale)
+        .infer(a)
+        .map_batches(_between)
+        .infer(b, inputs={"x": "h"})
+        .map_batches(_label)
+    )
 
 
 def _direct(rows, mlp_path, second_model_bytes):
@@ -98,8 +100,9 @@ def test_a_cascade_on_a_plain_streamz_stream(mlp_path, second_model_bytes):
     np.testing.assert_array_equal(np.concatenate([o["label"] for o in out]), label)
 
 
-def test_a_cascade_deployed_on_two_workers_equals_the_steps_computed_directly(client, two_models, mlp_path,
-                                                                             second_model_bytes):
+def test_a_cascade_deployed_on_two_workers_equals_the_steps_computed_directly(
+    client, two_models, mlp_path, second_model_bytes
+):
     pipe = _cascade(*two_models)
     handle = deploy_pipeline(client, pipe)
     rows = random_rows(3000, seed=13)
@@ -184,7 +187,11 @@ def test_an_exception_in_a_user_stage_fails_only_the_requests_of_that_call(clien
             raise ValueError("feature 0 above 100")
         return cols
 
-    pipe = Pipeline(inbox=f"picky-{uuid.uuid4().hex[:8]}", partitions=1).map_batches(picky, name="picky").infer(two_models[0])
+    pipe = (
+        Pipeline(inbox=f"picky-{uuid.uuid4().hex[:8]}", partitions=1)
+        .map_batches(picky, name="picky")
+        .infer(two_models[0])
+    )
     handle = deploy_pipeline(client, pipe)
     rows = random_rows(200, seed=16)
     bad = rows[:5].copy()
@@ -202,16 +209,19 @@ def test_an_exception_in_a_user_stage_fails_only_the_requests_of_that_call(clien
         with pytest.raises(ResultError, match="feature 0 above 100"):
             r.value()
     assert all(r.ok for r in good), "the pipeline goes on"
-    np.testing.assert_allclose([r.value() for r in good], run_onnx_directly(mlp_path, {"x": rows})["probabilities"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        [r.value() for r in good], run_onnx_directly(mlp_path, {"x": rows})["probabilities"], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_a_filter_answers_the_rejected_requests_with_its_reason(mlp_path):
     rows = random_rows(20, seed=17)
     rows[3, :] = 0.0
-    pipe = (Pipeline().filter(lambda c: np.abs(c["x"]).sum(axis=1) > 0, reason="all-zero rows carry no signal",
-                              name="nonzero")
-            .infer(OnnxModel("f-m", mlp_path)))
+    pipe = (
+        Pipeline()
+        .filter(lambda c: np.abs(c["x"]).sum(axis=1) > 0, reason="all-zero rows carry no signal", name="nonzero")
+        .infer(OnnxModel("f-m", mlp_path))
+    )
     out = pipe.run({"x": rows}, registry=ModelRegistry(), errors="return")
     assert out["error"][3] == "RequestRejected: rejected by filter 'nonzero': all-zero rows carry no signal"
     assert all(e is None for i, e in enumerate(out["error"]) if i != 3)
@@ -224,8 +234,10 @@ def test_an_ensemble_averages_its_members_by_default(mlp_path, second_model_byte
     a = OnnxModel("e-a", mlp_path)
     b = OnnxModel("e-b", make_mlp_onnx(seed=7))
     out = Pipeline().ensemble([a, b]).run({"x": rows}, registry=ModelRegistry())
-    want = (run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
-            + run_onnx_directly(make_mlp_onnx(seed=7), {"x": rows})["probabilities"]) / 2
+    want = (
+        run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
+        + run_onnx_directly(make_mlp_onnx(seed=7), {"x": rows})["probabilities"]
+    ) / 2
     np.testing.assert_allclose(out["probabilities"], want, rtol=1e-5, atol=1e-6)
 
 
@@ -238,8 +250,18 @@ def test_routing_by_key_sends_each_key_to_one_branch(mlp_path):
 
     keys = [f"user-{i % 50}" for i in range(1000)]
     n = len(keys)
-    rb = RequestBatch([str(i) for i in range(n)], {"x": np.zeros((n, 1))}, None, np.zeros(n, bool), keys, None,
-                      np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int32), [Origin(None, True, 0.0)])
+    rb = RequestBatch(
+        [str(i) for i in range(n)],
+        {"x": np.zeros((n, 1))},
+        None,
+        np.zeros(n, bool),
+        keys,
+        None,
+        np.full(n, np.nan),
+        np.full(n, np.nan),
+        np.zeros(n, np.int32),
+        [Origin(None, True, 0.0)],
+    )
     branch = route._draw(rb, StageContext(ModelRegistry()))
     per_key = collections.defaultdict(set)
     for k, b in zip(keys, branch.tolist()):
@@ -305,5 +327,6 @@ def test_run_works_where_an_event_loop_is_running_as_in_jupyter(mlp_path):
         return pipe.run({"x": rows}, registry=ModelRegistry())
 
     out = asyncio.run(cell())
-    np.testing.assert_allclose(out["probabilities"], run_onnx_directly(mlp_path, {"x": rows})["probabilities"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        out["probabilities"], run_onnx_directly(mlp_path, {"x": rows})["probabilities"], rtol=1e-5, atol=1e-6
+    )

@@ -54,7 +54,9 @@ def test_worker_that_joins_later_serves_the_model(client, cluster, mlp_deployed,
         assert client.run(worker_models, workers=[new]) == {new: {"mlp": "1"}}
     finally:
         cluster.scale(2)
-        poll(lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, timeout=60, what="scale down to 2 workers")
+        poll(
+            lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, timeout=60, what="scale down to 2 workers"
+        )
 
 
 def test_broken_model_fails_at_deploy_naming_the_file_and_leaves_nothing(client, tmp_path):
@@ -83,7 +85,9 @@ def test_broken_model_without_client_validation_fails_on_the_workers_and_leaves_
 
 def test_a_python_model_that_fails_on_its_sample_fails_at_deploy_and_leaves_nothing(client):
     model = PythonModel("divides-by-zero", lambda x: 1 / 0, sample=np.ones((2, 4), np.float32))
-    with pytest.raises(ModelLoadError, match=r"model 'divides-by-zero' version '1' failed its warm-up batch: ZeroDivisionError"):
+    with pytest.raises(
+        ModelLoadError, match=r"model 'divides-by-zero' version '1' failed its warm-up batch: ZeroDivisionError"
+    ):
         daskinfer.deploy(client, model)
     assert "divides-by-zero" not in daskinfer.deployed_models(client)
     assert all("divides-by-zero" not in names for names in client.run(worker_models).values())
@@ -107,8 +111,9 @@ def test_a_new_version_of_a_directory_model_runs_its_own_sibling_modules_on_the_
     daskinfer.deploy(client, PythonModel("sibs", directory=_sibling_code(tmp_path / "v1", 100), module="handler"))
     try:
         assert list(client.run(output_on_worker, "sibs", x).values()) == [[[100.0] * 3] * 2] * 2
-        daskinfer.deploy(client, PythonModel("sibs", directory=_sibling_code(tmp_path / "v2", 200), module="handler",
-                                             version=2))
+        daskinfer.deploy(
+            client, PythonModel("sibs", directory=_sibling_code(tmp_path / "v2", 200), module="handler", version=2)
+        )
         assert list(client.run(output_on_worker, "sibs", x).values()) == [[[200.0] * 3] * 2] * 2
     finally:
         daskinfer.undeploy(client, "sibs")
@@ -192,11 +197,16 @@ def test_new_version_replaces_old_with_no_lost_or_mixed_batches(client, poll):
 
 def test_undeploy_removes_the_model_everywhere(client, mlp_deployed):
     daskinfer.deploy(client, PythonModel("temp", Constant(5.0)))
-    assert client.submit(predict_on_worker, "temp", np.ones((2, 1)), pure=False).result()["output"].tolist() == [5.0, 5.0]
+    assert client.submit(predict_on_worker, "temp", np.ones((2, 1)), pure=False).result()["output"].tolist() == [
+        5.0,
+        5.0,
+    ]
     assert daskinfer.undeploy(client, "temp") == ["1"]
     assert "temp" not in daskinfer.deployed_models(client)
     assert all(names == {"mlp": "1"} for names in client.run(worker_models).values())
-    with pytest.raises(ModelNotFoundError, match=r"model 'temp' is not deployed here; deployed models: \['mlp'\]") as info:
+    with pytest.raises(
+        ModelNotFoundError, match=r"model 'temp' is not deployed here; deployed models: \['mlp'\]"
+    ) as info:
         client.submit(predict_on_worker, "temp", np.ones((2, 1)), pure=False).result()
     assert info.value.model == "temp" and info.value.available == ["mlp"]
 

@@ -5,7 +5,6 @@ These tests own their cluster, since they kill and add workers.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -22,8 +21,6 @@ def own_cluster():
             yield cluster, client
 
 
-
-
 def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path, poll):
     cluster, client = own_cluster
     deploy(client, OnnxModel("mlp", mlp_path))
@@ -33,7 +30,11 @@ def test_partitions_follow_workers_that_join_and_leave(own_cluster, mlp_path, po
     with InferenceClient(client, inbox="elastic") as ic:
         futures = [ic.submit(rows[i], key=f"k{i % 5}") for i in range(5000)]
         cluster.scale(3)
-        poll(lambda: len(set(handle.status()["assigned"].values())) == 3, timeout=60, what="a partition on the new worker")
+        poll(
+            lambda: len(set(handle.status()["assigned"].values())) == 3,
+            timeout=60,
+            what="a partition on the new worker",
+        )
         futures += [ic.submit(rows[i], key=f"k{i % 5}") for i in range(5000, 12_000)]
         cluster.scale(1)
         poll(lambda: len(client.scheduler_info()["workers"]) == 1, timeout=60, what="scale down to one worker")

@@ -18,12 +18,11 @@ import os
 import msgpack
 import numpy as np
 import pytest
+from optional import require
 
 from daskinfer.exceptions import CodecError, RequestError, RequestTooLargeError
 from daskinfer.wire import codec, frames
 from daskinfer.wire.messages import Request, Result, decode_request, decode_result, peek_request_fields
-
-from optional import require
 
 require("hypothesis", "hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -38,19 +37,41 @@ FUZZ = settings(
 
 # -- what goes in ---------------------------------------------------------------------------------
 INTS = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can carry
-DTYPE_STRS = ["<f4", "<f8", ">f8", "<i8", "|u1", "|b1", "<U3", "|S2", "<M8[ns]", "<c8", "|O", "|V4", "<U0",
-              "i4,i4", "(2,)f4", "f4", "float128", "nonsense", ""]
+DTYPE_STRS = [
+    "<f4",
+    "<f8",
+    ">f8",
+    "<i8",
+    "|u1",
+    "|b1",
+    "<U3",
+    "|S2",
+    "<M8[ns]",
+    "<c8",
+    "|O",
+    "|V4",
+    "<U0",
+    "i4,i4",
+    "(2,)f4",
+    "f4",
+    "float128",
+    "nonsense",
+    "",
+]
 
 
 @st.composite
 def array_ext(draw) -> msgpack.ExtType:
     """An array extension whose header and data may or may not agree."""
     dtype_str = draw(st.one_of(st.sampled_from(DTYPE_STRS), st.text(max_size=12), INTS, st.none()))
-    shape = draw(st.one_of(
-        st.lists(st.integers(min_value=0, max_value=6), max_size=4),
-        st.lists(INTS, max_size=40),
-        INTS, st.text(max_size=4),
-    ))
+    shape = draw(
+        st.one_of(
+            st.lists(st.integers(min_value=0, max_value=6), max_size=4),
+            st.lists(INTS, max_size=40),
+            INTS,
+            st.text(max_size=4),
+        )
+    )
     header = msgpack.packb([dtype_str, shape])
     if draw(st.booleans()):  # data of the right length when the header makes sense
         try:
@@ -66,8 +87,13 @@ def array_ext(draw) -> msgpack.ExtType:
 
 
 scalars = st.one_of(
-    st.none(), st.booleans(), INTS, st.floats(),
-    st.text(max_size=8), st.binary(max_size=8), array_ext(),
+    st.none(),
+    st.booleans(),
+    INTS,
+    st.floats(),
+    st.text(max_size=8),
+    st.binary(max_size=8),
+    array_ext(),
 )
 KEYS = ["id", "in", "out", "err", "b", "k", "m", "d", "r", "t", "v", "tm", "x", "y"]
 
@@ -96,11 +122,27 @@ def message_like(draw) -> bytes:
 def _valid_messages() -> list[bytes]:
     x = np.arange(48, dtype=np.float32).reshape(3, 16)
     return [
-        Request("fuzz-id", {"x": x, "s": np.array(["ab", "c"])}, batched=True, key="k", model="m", deadline=1.5,
-                reply_to="replies", sent_at=2.0).encode(),
+        Request(
+            "fuzz-id",
+            {"x": x, "s": np.array(["ab", "c"])},
+            batched=True,
+            key="k",
+            model="m",
+            deadline=1.5,
+            reply_to="replies",
+            sent_at=2.0,
+        ).encode(),
         Request("one", {"x": x[0]}).encode(),
-        Result("fuzz-id", outputs={"y": x[:, :2]}, model="m", version="2", batched=True, timings={"queue": 0.1},
-               key="k", sent_at=1.0).encode(),
+        Result(
+            "fuzz-id",
+            outputs={"y": x[:, :2]},
+            model="m",
+            version="2",
+            batched=True,
+            timings={"queue": 0.1},
+            key="k",
+            sent_at=1.0,
+        ).encode(),
         Result("bad", error_type="ModelError", error="boom").encode(),
     ]
 
@@ -142,13 +184,29 @@ def near_valid_frame(draw) -> bytes:
     n = draw(st.integers(1, 4))
     per = draw(st.lists(st.integers(1, 3), min_size=n, max_size=n))
     block = {"x": np.zeros((sum(per), 2), np.float32)}
-    msg: dict = {"f": frames.FRAME_VERSION, "ids": [f"r{i}" for i in range(n)], "n": np.asarray(per, np.int64),
-                 "b": True, "k": [f"k{i}" for i in range(n)], "m": "m", "t": np.zeros(n)}
+    msg: dict = {
+        "f": frames.FRAME_VERSION,
+        "ids": [f"r{i}" for i in range(n)],
+        "n": np.asarray(per, np.int64),
+        "b": True,
+        "k": [f"k{i}" for i in range(n)],
+        "m": "m",
+        "t": np.zeros(n),
+    }
     if draw(st.booleans()):
         msg.update({"in": block, "d": np.zeros(n), "r": "replies"})
     else:
-        msg.update({"out": block, "v": "1", "tm": {"queue": 0.1}, "eids": ["e"], "et": ["ModelError"], "em": ["boom"],
-                    "ek": [None]})
+        msg.update(
+            {
+                "out": block,
+                "v": "1",
+                "tm": {"queue": 0.1},
+                "eids": ["e"],
+                "et": ["ModelError"],
+                "em": ["boom"],
+                "ek": [None],
+            }
+        )
     field = draw(st.sampled_from(sorted(msg)))
     msg[field] = draw(st.one_of(values, st.lists(scalars, min_size=n, max_size=n)))
     return codec.encode(msg)

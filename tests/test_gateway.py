@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+from cli_process import serving
 
 from daskinfer import OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
 from daskinfer.exceptions import ConfigError, ModelNotFoundError
@@ -30,8 +31,6 @@ from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from daskinfer.server.gateway import Gateway, Route
 from daskinfer.testing import random_rows, run_onnx_directly
-
-from cli_process import serving
 
 
 def _unique(prefix: str) -> str:
@@ -107,8 +106,10 @@ def test_a_model_that_is_not_deployed_fails_at_start(cluster):
 
 def test_two_gateways_front_one_pipeline(cluster, mlp_inbox, mlp_path):
     """Gateways keep no state of their own: each answers, and one goes on when the other stops."""
-    with Gateway(cluster, {"mlp": f"{mlp_inbox}:gw-mlp"}, grpc_port=0, http_port=0) as a, \
-            Gateway(cluster, [Route("mlp", mlp_inbox, "gw-mlp")], grpc_port=0, http_port=0) as b:
+    with (
+        Gateway(cluster, {"mlp": f"{mlp_inbox}:gw-mlp"}, grpc_port=0, http_port=0) as a,
+        Gateway(cluster, [Route("mlp", mlp_inbox, "gw-mlp")], grpc_port=0, http_port=0) as b,
+    ):
         xs = {i: random_rows(i + 1, seed=i) for i in range(6)}
 
         def call(i):
@@ -151,9 +152,13 @@ def sleepy(x):
 
 def test_no_answer_in_time_is_504_and_deadline_exceeded(client, cluster):
     model = PythonModel(_unique("sleepy"), sleepy, inputs={"x": ("float32", (None, 1))}, outputs=["y"])
-    with pipeline_of(client, model, partitions=1) as inbox, \
-            Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0, timeout=0.3) as gw:
-        status, _, resp = _post_json(f"{gw.http_url}/v2/models/sleepy/infer", _v2_body(np.full((1, 1), 1.5, np.float32)))
+    with (
+        pipeline_of(client, model, partitions=1) as inbox,
+        Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0, timeout=0.3) as gw,
+    ):
+        status, _, resp = _post_json(
+            f"{gw.http_url}/v2/models/sleepy/infer", _v2_body(np.full((1, 1), 1.5, np.float32))
+        )
         assert status == 504 and "timeout" in resp["error"]
         with grpc.insecure_channel(gw.grpc_address.removeprefix("grpc://")) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
@@ -177,9 +182,10 @@ def test_no_answer_in_time_is_504_and_deadline_exceeded(client, cluster):
 
 def test_too_many_calls_at_once_is_503_with_retry_after(client, cluster, poll):
     model = PythonModel(_unique("sleepy"), sleepy, inputs={"x": ("float32", (None, 1))}, outputs=["y"])
-    with pipeline_of(client, model, partitions=1) as inbox, \
-            Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0,
-                    max_concurrent_calls=1) as gw:
+    with (
+        pipeline_of(client, model, partitions=1) as inbox,
+        Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0, max_concurrent_calls=1) as gw,
+    ):
         slow = _v2_body(np.full((1, 1), 2.0, np.float32))
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(_post_json, f"{gw.http_url}/v2/models/sleepy/infer", slow)
@@ -201,8 +207,10 @@ def test_too_many_calls_at_once_is_503_with_retry_after(client, cluster, poll):
 def test_a_full_pipeline_is_503_with_retry_after(client, cluster, poll):
     """A pipeline that holds as many unanswered requests as the gateway allows refuses the next one."""
     model = PythonModel(_unique("sleepy"), sleepy, inputs={"x": ("float32", (None, 1))}, outputs=["y"])
-    with pipeline_of(client, model, partitions=1) as inbox, \
-            Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0, max_pending=1) as gw:
+    with (
+        pipeline_of(client, model, partitions=1) as inbox,
+        Gateway(cluster, {"sleepy": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0, max_pending=1) as gw,
+    ):
         url = f"{gw.http_url}/v2/models/sleepy/infer"
         pipeline_client = gw.service.models()["sleepy"].client
         with ThreadPoolExecutor(1) as pool:
@@ -222,10 +230,14 @@ def failing_on_big_values(x):
 
 def test_model_errors_are_500_without_the_model_text(client, cluster, caplog):
     model = PythonModel(_unique("fails"), failing_on_big_values, inputs={"x": ("float32", (None, 1))}, outputs=["y"])
-    with pipeline_of(client, model, partitions=1) as inbox, \
-            Gateway(cluster, {"fails": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0) as gw:
+    with (
+        pipeline_of(client, model, partitions=1) as inbox,
+        Gateway(cluster, {"fails": f"{inbox}:{model.name}"}, grpc_port=0, http_port=0) as gw,
+    ):
         with caplog.at_level(logging.ERROR, logger="daskinfer.server.errors"):
-            status, _, resp = _post_json(f"{gw.http_url}/v2/models/fails/infer", _v2_body(np.full((1, 1), 1e7, np.float32)))
+            status, _, resp = _post_json(
+                f"{gw.http_url}/v2/models/fails/infer", _v2_body(np.full((1, 1), 1e7, np.float32))
+            )
         assert status == 500 and "secret" not in resp["error"] and "alice" not in resp["error"]
         error_id = re.search(r"error id ([0-9a-f]+)", resp["error"]).group(1)
         logged = [r.getMessage() for r in caplog.records if error_id in r.getMessage()]
@@ -239,14 +251,40 @@ def test_cli_gateway(cluster, mlp_inbox, mlp_path):
 
     assert main(["gateway", "--scheduler", cluster.scheduler_address]) == 2  # no --pipeline
     bad = subprocess.run(
-        [sys.executable, "-m", "daskinfer.cli", "gateway", "--scheduler", cluster.scheduler_address,
-         "--pipeline", "ghost=nowhere", "--http-port", "0", "--grpc-port", "0"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "daskinfer.cli",
+            "gateway",
+            "--scheduler",
+            cluster.scheduler_address,
+            "--pipeline",
+            "ghost=nowhere",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "daskinfer gateway: model 'ghost'" in bad.stderr and "is not deployed" in bad.stderr
-    with serving(["gateway", "--scheduler", cluster.scheduler_address, "--pipeline", f"mlp={mlp_inbox}:gw-mlp",
-                  "--http-port", "0", "--grpc-port", "0"], "daskinfer gateway:") as (_, http_port):
+    with serving(
+        [
+            "gateway",
+            "--scheduler",
+            cluster.scheduler_address,
+            "--pipeline",
+            f"mlp={mlp_inbox}:gw-mlp",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+        ],
+        "daskinfer gateway:",
+    ) as (_, http_port):
         x = random_rows(4, seed=8)
         status, _, resp = _post_json(f"http://127.0.0.1:{http_port}/v2/models/mlp/infer", _v2_body(x))
         assert status == 200

@@ -14,6 +14,7 @@ import uuid
 import dask
 import numpy as np
 import pytest
+from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
 from daskinfer.connectors.embedded import BrokerRPC, TopicSettings, ensure_broker_async
@@ -22,7 +23,6 @@ from daskinfer.models.registry import ModelRegistry
 from daskinfer.testing import random_rows
 from daskinfer.wire import codec
 from daskinfer.wire.messages import Request
-from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 
 def _tag() -> str:
@@ -230,17 +230,27 @@ def test_redis_a_reply_key_of_another_type_loses_no_batch(client, mlp, request):
     url = request.getfixturevalue("redis_url")
     tag = _tag()
     inbox = f"rin-{tag}"
-    handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=inbox, partitions=1, connector="redis",
-                                              outbox=f"rout-{tag}", dead_letter=f"rdead-{tag}",
-                                              connector_options={"url": url}))
+    handle = deploy_pipeline(
+        client,
+        Pipeline(
+            model=mlp,
+            inbox=inbox,
+            partitions=1,
+            connector="redis",
+            outbox=f"rout-{tag}",
+            dead_letter=f"rdead-{tag}",
+            connector_options={"url": url},
+        ),
+    )
     r = redis.Redis.from_url(url)
     try:
         wrong = f"daskinfer-replies-{tag}-wrong"
         r.hset(wrong, "not", "a stream")  # a key with a reply prefix but of another type
         with InferenceClient(client, inbox=inbox, transport=RedisTransport(url)) as ic:
             row = random_rows(1)[0]
-            hostile = [Request(f"h{i}", {"x": row}, reply_to=to).encode()
-                       for i, to in enumerate([wrong, f"{inbox}:meta"])]
+            hostile = [
+                Request(f"h{i}", {"x": row}, reply_to=to).encode() for i, to in enumerate([wrong, f"{inbox}:meta"])
+            ]
             client.sync(ic.transport.send, inbox, [(0, h) for h in hostile])
             good = [ic.submit(row) for _ in range(20)]
             assert all(f.result(30).ok for f in good), "the other results of the batch are written"

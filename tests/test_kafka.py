@@ -15,10 +15,12 @@ import pytest
 if os.environ.get("CI"):
     import confluent_kafka  # CI must run these tests: a missing extra is an error there, not a skip
 else:
-    confluent_kafka = pytest.importorskip("confluent_kafka", reason="the kafka extra is not installed "
-                                                                      "(pip install daskinfer[kafka])")
+    confluent_kafka = pytest.importorskip(
+        "confluent_kafka", reason="the kafka extra is not installed (pip install daskinfer[kafka])"
+    )
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+from kafka_broker import kafka_bootstrap, kafka_broker, read_topic  # noqa: E402,F401  (fixtures)
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy  # noqa: E402
 from daskinfer.cli.app import build_pipeline, deploy_app, load_app  # noqa: E402
@@ -27,7 +29,6 @@ from daskinfer.connectors.kafka import CORRELATION_HEADER, KafkaConnector, Kafka
 from daskinfer.exceptions import ConfigError  # noqa: E402
 from daskinfer.testing import check_rows_and_blocks, collect_results, random_rows, run_onnx_directly  # noqa: E402
 from daskinfer.wire.messages import Request, decode_result  # noqa: E402
-from kafka_broker import kafka_bootstrap, kafka_broker, read_topic  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,8 +48,14 @@ def _inbox() -> str:
 
 def _pipeline(bootstrap: str, inbox: str, model: str, exactly_once: bool | str = "auto", **kw) -> Pipeline:
     kw.setdefault("dead_letter", f"dead-{inbox}")
-    return Pipeline(model=model, inbox=inbox, outbox=f"out-{inbox}", connector="kafka",
-                    connector_options={"bootstrap_servers": bootstrap, "exactly_once": exactly_once}, **kw)
+    return Pipeline(
+        model=model,
+        inbox=inbox,
+        outbox=f"out-{inbox}",
+        connector="kafka",
+        connector_options={"bootstrap_servers": bootstrap, "exactly_once": exactly_once},
+        **kw,
+    )
 
 
 def _spec(bootstrap: str, inbox: str, partitions: int = 1, exactly_once: bool | str = "auto") -> dict:
@@ -74,8 +81,14 @@ def _committed(bootstrap: str, group: str, topic: str, partition: int = 0) -> in
 
 def _visible_within(bootstrap: str, topic: str, seconds: float) -> list[bytes]:
     """What a read_committed consumer of ``topic`` gets within ``seconds`` (its end may not be stable)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"look-{uuid.uuid4().hex[:6]}",
-                  "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"look-{uuid.uuid4().hex[:6]}",
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+        }
+    )
     try:
         c.assign([TopicPartition(topic, p, 0) for p in c.list_topics(topic, timeout=10).topics[topic].partitions])
         out: list[bytes] = []
@@ -98,15 +111,22 @@ def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
 # -- no broker needed ---------------------------------------------------------------------------------
 
+
 def test_a_frame_over_the_message_limit_is_cut_into_frames_that_fit():
     from daskinfer.connectors.kafka.transport import fit_frames
     from daskinfer.exceptions import RequestTooLargeError
     from daskinfer.wire.frames import decode_requests, encode_request_frame
 
     blocks = [random_rows(n, seed=n) for n in (300, 1, 700, 50, 900, 20, 2000)]
-    frame = encode_request_frame([f"b{i}" for i in range(len(blocks))], {"x": np.concatenate(blocks)},
-                                 rows=np.array([len(b) for b in blocks]), batched=True, keys=list("abcdefg"),
-                                 reply_to="daskinfer-replies-x", sent_at=np.arange(7.0))
+    frame = encode_request_frame(
+        [f"b{i}" for i in range(len(blocks))],
+        {"x": np.concatenate(blocks)},
+        rows=np.array([len(b) for b in blocks]),
+        batched=True,
+        keys=list("abcdefg"),
+        reply_to="daskinfer-replies-x",
+        sent_at=np.arange(7.0),
+    )
     parts = fit_frames(frame, 150_000)
     assert len(parts) > 1 and all(len(p) <= 150_000 for p in parts)
     cols = [decode_requests(p) for p in parts]
@@ -122,6 +142,7 @@ def test_a_frame_over_the_message_limit_is_cut_into_frames_that_fit():
 
 # -- the connector on its own ------------------------------------------------------------------------
 
+
 def test_a_newer_runner_fences_the_older_whose_transaction_leaves_no_trace(kafka_bootstrap):
     inbox = _inbox()
     spec = _spec(kafka_bootstrap, inbox)
@@ -133,8 +154,9 @@ def test_a_newer_runner_fences_the_older_whose_transaction_leaves_no_trace(kafka
         await old.start()
         first = await old.read(2, 5.0)
         assert first.payloads == [b"m0", b"m1"] and first.positions == (0, 1)
-        await old.write_and_commit([OutMessage(spec["outbox"], "k", b"r0", "id-0"),
-                                    OutMessage(spec["outbox"], "k", b"r1", "id-1")], [first])
+        await old.write_and_commit(
+            [OutMessage(spec["outbox"], "k", b"r0", "id-0"), OutMessage(spec["outbox"], "k", b"r1", "id-1")], [first]
+        )
         rest = await old.read(10, 5.0)  # m2..m4 read, not yet answered
 
         new = KafkaConnector(spec, 0, epoch=2)
@@ -152,8 +174,9 @@ def test_a_newer_runner_fences_the_older_whose_transaction_leaves_no_trace(kafka
     committed = read_topic(kafka_bootstrap, spec["outbox"], headers=True)
     assert [v for v, _ in committed] == [b"r0", b"r1", b"r2", b"r3", b"r4"], "no zombie write is visible"
     assert dict(committed[0][1]) == {CORRELATION_HEADER: b"id-0"}
-    assert b"zombie" not in read_topic(kafka_bootstrap, spec["outbox"], isolation_level="read_uncommitted"), \
+    assert b"zombie" not in read_topic(kafka_bootstrap, spec["outbox"], isolation_level="read_uncommitted"), (
         "a fenced runner wrote nothing at all"
+    )
     assert _committed(kafka_bootstrap, spec["name"], inbox) == 5
 
 
@@ -168,8 +191,9 @@ def test_an_aborted_transaction_commits_neither_results_nor_offset(kafka_bootstr
         await c.start()
         got = await c.read(10, 5.0)
         with pytest.raises(TypeError):  # a value that is not bytes fails inside the transaction
-            await c.write_and_commit([OutMessage(spec["outbox"], None, b"ok"), OutMessage(spec["outbox"], None, 42)],
-                                     [got])
+            await c.write_and_commit(
+                [OutMessage(spec["outbox"], None, b"ok"), OutMessage(spec["outbox"], None, 42)], [got]
+            )
         await c.close()
 
     asyncio.run(run())
@@ -190,8 +214,9 @@ def test_results_of_a_read_in_pieces_become_visible_with_its_offset(kafka_bootst
         read = await c.read(10, 5.0)
         await c.write_and_commit([OutMessage(spec["outbox"], None, b"ra")], [])  # the first piece
         assert _visible_within(kafka_bootstrap, spec["outbox"], 1.0) == [], "not visible before its offset"
-        await c.write_and_commit([OutMessage(spec["outbox"], None, b"rb"), OutMessage(spec["outbox"], None, b"rc")],
-                                 [read])
+        await c.write_and_commit(
+            [OutMessage(spec["outbox"], None, b"rb"), OutMessage(spec["outbox"], None, b"rc")], [read]
+        )
         assert read_topic(kafka_bootstrap, spec["outbox"]) == [b"ra", b"rb", b"rc"]
         # a runner that dies between pieces: its successor fences it, nothing of the open transaction shows
         _produce(kafka_bootstrap, inbox, [b"d", b"e"])
@@ -201,8 +226,9 @@ def test_results_of_a_read_in_pieces_become_visible_with_its_offset(kafka_bootst
         await new.start()
         again = await new.read(10, 5.0)
         assert again.payloads == [b"d", b"e"]
-        await new.write_and_commit([OutMessage(spec["outbox"], None, b"rd2"), OutMessage(spec["outbox"], None, b"re")],
-                                   [again])
+        await new.write_and_commit(
+            [OutMessage(spec["outbox"], None, b"rd2"), OutMessage(spec["outbox"], None, b"re")], [again]
+        )
         for x in (c, new):
             await x.close()
 
@@ -225,8 +251,12 @@ def test_results_for_a_gone_reply_topic_are_dropped_and_keys_partition_like_java
         await c.start()
         assert await c.backlog() == 3
         got = await c.read(10, 5.0)
-        writes = [OutMessage(f"gone-{inbox}", None, b"lost"), OutMessage(keyed, "user-7", b"k1"),
-                  OutMessage(keyed, "user-7", b"k2"), OutMessage(spec["outbox"], None, b"o")]
+        writes = [
+            OutMessage(f"gone-{inbox}", None, b"lost"),
+            OutMessage(keyed, "user-7", b"k1"),
+            OutMessage(keyed, "user-7", b"k2"),
+            OutMessage(spec["outbox"], None, b"o"),
+        ]
         await c.write_and_commit(writes, [got])
         assert c.describe()["dropped"] == 1
         assert await c.backlog() == 0
@@ -254,7 +284,7 @@ def _murmur2_partition(key: bytes, n: int) -> int:
     h = (seed ^ len(key)) & 0xFFFFFFFF
     i = 0
     while len(key) - i >= 4:
-        k = int.from_bytes(key[i:i + 4], "little")
+        k = int.from_bytes(key[i : i + 4], "little")
         k = (k * m) & 0xFFFFFFFF
         k ^= k >> r
         k = (k * m) & 0xFFFFFFFF
@@ -294,14 +324,28 @@ def test_exactly_once_auto_falls_back_where_the_brokers_cannot_run_transactions(
     from kafka_broker import KafkaBroker, require_kafka
 
     require_kafka()
-    broker = KafkaBroker(str(tmp_path), properties={"transaction.state.log.replication.factor": "3",
-                                                    "transaction.state.log.min.isr": "2"})
+    broker = KafkaBroker(
+        str(tmp_path),
+        properties={"transaction.state.log.replication.factor": "3", "transaction.state.log.min.isr": "2"},
+    )
     broker.start()
     try:
+
         def spec(exactly_once):
-            return Pipeline(model="m", inbox=_inbox(), connector="kafka", connector_options={
-                "bootstrap_servers": broker.bootstrap, "exactly_once": exactly_once, "operation_timeout": "3s",
-            }).resolve().to_plain()
+            return (
+                Pipeline(
+                    model="m",
+                    inbox=_inbox(),
+                    connector="kafka",
+                    connector_options={
+                        "bootstrap_servers": broker.bootstrap,
+                        "exactly_once": exactly_once,
+                        "operation_timeout": "3s",
+                    },
+                )
+                .resolve()
+                .to_plain()
+            )
 
         auto = spec("auto")
         with caplog.at_level("WARNING", logger="daskinfer.connectors.kafka.admin"):
@@ -332,7 +376,7 @@ def test_transport_round_trip_and_close_deletes_the_reply_topic(kafka_bootstrap)
 
     asyncio.run(run())
     for p in range(3):
-        assert read_topic(kafka_bootstrap, inbox) .count(b"req%d" % p) == 1
+        assert read_topic(kafka_bootstrap, inbox).count(b"req%d" % p) == 1
     poll_deadline = time.monotonic() + 10
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     while f"reply-{inbox}" in admin.list_topics(timeout=10).topics:
@@ -342,12 +386,15 @@ def test_transport_round_trip_and_close_deletes_the_reply_topic(kafka_bootstrap)
 
 # -- end to end on the session cluster ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("exactly_once", [True, False], ids=["exactly-once", "at-least-once"])
-def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(client, mlp, mlp_path, kafka_bootstrap,
-                                                                                   exactly_once, poll):
+def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
+    client, mlp, mlp_path, kafka_bootstrap, exactly_once, poll
+):
     inbox = _inbox()
-    handle = deploy_pipeline(client, _pipeline(kafka_bootstrap, inbox, mlp, exactly_once, partitions=3,
-                                               max_batch_size=2048))
+    handle = deploy_pipeline(
+        client, _pipeline(kafka_bootstrap, inbox, mlp, exactly_once, partitions=3, max_batch_size=2048)
+    )
     try:
         assert all(r["exactly_once"] is exactly_once for r in handle.status()["runners"])
         with InferenceClient(client, inbox=inbox, transport=KafkaTransport(kafka_bootstrap)) as ic:
@@ -358,21 +405,27 @@ def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
         ends = _end_offsets(kafka_bootstrap, inbox)
         assert sorted((x["partition"], x["committed"]) for x in st["runners"]) == sorted(ends.items())
         # (at least once commits without waiting: the last commit may still be on its way)
-        poll(lambda: {p: _committed(kafka_bootstrap, handle.name, inbox, p) for p in ends} == ends, timeout=10,
-             what="every inbox message committed for the pipeline's consumer group")
+        poll(
+            lambda: {p: _committed(kafka_bootstrap, handle.name, inbox, p) for p in ends} == ends,
+            timeout=10,
+            what="every inbox message committed for the pipeline's consumer group",
+        )
     finally:
         handle.stop()
 
 
 def test_consumer_lag_reaches_the_scaling_figures(client, kafka_bootstrap, poll):
     """InferenceAdaptive reads the Kafka consumer lag (through the controller's load figures)."""
+
     def slow(x):
         time.sleep(0.02)
         return x * 2
 
     deploy(client, PythonModel("slow-kafka-lag", slow))
     inbox = _inbox()
-    handle = deploy_pipeline(client, _pipeline(kafka_bootstrap, inbox, "slow-kafka-lag", partitions=2, max_batch_size=5))
+    handle = deploy_pipeline(
+        client, _pipeline(kafka_bootstrap, inbox, "slow-kafka-lag", partitions=2, max_batch_size=5)
+    )
     load = lambda: client.sync(client.scheduler.daskinfer_pipeline_load)  # noqa: E731
     try:
         with InferenceClient(client, inbox=inbox, transport=KafkaTransport(kafka_bootstrap)) as ic:
@@ -382,8 +435,11 @@ def test_consumer_lag_reaches_the_scaling_figures(client, kafka_bootstrap, poll)
             poll(lambda: load()["backlog"] > 200, timeout=30, what="the lag in the load figures")
             results = collect_results(ic, len(rows), timeout=120)
         assert len({r.id for r in results}) == len(rows)
-        poll(lambda: load()["backlog"] == 0 and load()["done"] >= len(rows), timeout=30,
-             what="no lag once everything is answered")
+        poll(
+            lambda: load()["backlog"] == 0 and load()["done"] >= len(rows),
+            timeout=30,
+            what="no lag once everything is answered",
+        )
     finally:
         handle.stop()
         undeploy(client, "slow-kafka-lag")
@@ -425,6 +481,7 @@ pipelines:
 
 # -- chaos: exactly once through a worker kill and a broker kill ---------------------------------------
 
+
 def test_exactly_once_50k_through_a_worker_kill_and_a_broker_kill(kafka_broker, kafka_bootstrap, mlp_path):
     """50,000 requests without reply topics (results go to the outbox); one worker process and the
     broker are SIGKILLed mid-stream.  An independent read_committed consumer of the outbox reads
@@ -438,8 +495,15 @@ def test_exactly_once_50k_through_a_worker_kill_and_a_broker_kill(kafka_broker, 
     seen: collections.Counter = collections.Counter()
     values: dict[str, np.ndarray] = {}
 
-    reader = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"check-{inbox}", "enable.auto.commit": False,
-                       "isolation.level": "read_committed", "reconnect.backoff.max.ms": 500})
+    reader = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": f"check-{inbox}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "reconnect.backoff.max.ms": 500,
+        }
+    )
 
     def read(until: int, timeout: float) -> None:
         end = time.monotonic() + timeout
@@ -457,16 +521,27 @@ def test_exactly_once_50k_through_a_worker_kill_and_a_broker_kill(kafka_broker, 
                 producer.poll(0)
         assert producer.flush(60) == 0
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(2)
         deploy(client, OnnxModel("mlp", mlp_path))
-        handle = deploy_pipeline(client, _pipeline(kafka_bootstrap, inbox, "mlp", True, partitions=4, max_batch_size=256))
+        handle = deploy_pipeline(
+            client, _pipeline(kafka_bootstrap, inbox, "mlp", True, partitions=4, max_batch_size=256)
+        )
         outbox = handle.spec.outbox
-        reader.assign([TopicPartition(outbox, p, 0) for p in
-                       reader.list_topics(outbox, timeout=10).topics[outbox].partitions])
-        producer = Producer({"bootstrap.servers": kafka_bootstrap, "enable.idempotence": True, "linger.ms": 5,
-                             "partitioner": "murmur2_random"})
+        reader.assign(
+            [TopicPartition(outbox, p, 0) for p in reader.list_topics(outbox, timeout=10).topics[outbox].partitions]
+        )
+        producer = Producer(
+            {
+                "bootstrap.servers": kafka_bootstrap,
+                "enable.idempotence": True,
+                "linger.ms": 5,
+                "partitioner": "murmur2_random",
+            }
+        )
         send(producer, 0, n // 2)
         read(n // 8, 60)
         pid = sorted(client.run(os.getpid).items())[0][1]
@@ -482,9 +557,11 @@ def test_exactly_once_50k_through_a_worker_kill_and_a_broker_kill(kafka_broker, 
     reader.close()
     lost = n - len(seen)
     twice = sum(1 for c in seen.values() if c > 1)
-    print(f"\nchaos (kafka, exactly once): sent {n}, in the outbox {len(seen)}, lost {lost}, read twice {twice}, "
-          f"transactions aborted and made again {sum(r.get('aborted', 0) for r in st['runners'])}, hung producers "
-          f"replaced {sum(r.get('producers_replaced', 0) for r in st['runners'])}, partition restarts {st['restarts']}")
+    print(
+        f"\nchaos (kafka, exactly once): sent {n}, in the outbox {len(seen)}, lost {lost}, read twice {twice}, "
+        f"transactions aborted and made again {sum(r.get('aborted', 0) for r in st['runners'])}, hung producers "
+        f"replaced {sum(r.get('producers_replaced', 0) for r in st['runners'])}, partition restarts {st['restarts']}"
+    )
     assert lost == 0, f"{lost} requests lost"
     assert twice == 0, f"{twice} results read twice by a read_committed consumer"
     np.testing.assert_allclose(np.stack([values[f"r{i}"] for i in range(n)]), expected, rtol=1e-5, atol=1e-6)

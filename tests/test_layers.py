@@ -15,11 +15,22 @@ import daskinfer
 
 ROOT = pathlib.Path(daskinfer.__file__).parent
 LAYERS = {
-    "settings": 0, "exceptions": 0, "tensors": 0,
-    "wire": 1, "remote": 1,
-    "models": 2, "connectors": 2,
-    "dataflow": 3, "client": 3, "control": 3, "scoring": 3, "convert": 3,
-    "server": 4, "cli": 4, "quickstart": 4, "preload": 4,
+    "settings": 0,
+    "exceptions": 0,
+    "tensors": 0,
+    "wire": 1,
+    "remote": 1,
+    "models": 2,
+    "connectors": 2,
+    "dataflow": 3,
+    "client": 3,
+    "control": 3,
+    "scoring": 3,
+    "convert": 3,
+    "server": 4,
+    "cli": 4,
+    "quickstart": 4,
+    "preload": 4,
 }
 
 

@@ -12,7 +12,6 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-
 from optional import require
 
 require("prometheus_client", "prometheus_client")
@@ -68,8 +67,10 @@ def test_worker_and_scheduler_metrics_move_with_traffic(client, metrics_model, p
     try:
         with InferenceClient(client, inbox=inbox) as ic:
             ic.submit(random_rows(1)[0]).result()  # the partitions run (and export) before the first scrape
-            poll(lambda: total(scrape_workers(client), "daskinfer_requests_total", pipeline=handle.name) == 1,
-                 what="the first request counted")
+            poll(
+                lambda: total(scrape_workers(client), "daskinfer_requests_total", pipeline=handle.name) == 1,
+                what="the first request counted",
+            )
             before = scrape_workers(client)
             rows = random_rows(300, seed=3)
             for r in rows:
@@ -99,16 +100,22 @@ def test_worker_and_scheduler_metrics_move_with_traffic(client, metrics_model, p
         assert batches >= 2 and total(after, "daskinfer_batch_rows_count", **p) == batches
         assert total(after, "daskinfer_inference_seconds_count", **p) == batches
         assert total(after, "daskinfer_batch_rows_sum", **p) == 358  # rows of every batch, the first request's too
-        inf = [v for labels, v in after["daskinfer_request_latency_seconds_bucket"]
-               if labels["pipeline"] == handle.name and labels["le"] == "+Inf"]
+        inf = [
+            v
+            for labels, v in after["daskinfer_request_latency_seconds_bucket"]
+            if labels["pipeline"] == handle.name and labels["le"] == "+Inf"
+        ]
         assert sum(inf) == 313
         assert len(after["daskinfer_partition_up"]) >= 2
         assert total(after, "daskinfer_model_info", model=metrics_model, version="1") == 2  # one per worker
 
         # the scheduler's /metrics: totals over the pipeline once the controller has polled the runners
         scheduler_url = client.dashboard_link.replace("/status", "/metrics")
-        poll(lambda: total(scrape(scheduler_url), "daskinfer_pipeline_requests_total", **p) == 313, timeout=15,
-             what="the scheduler's totals")
+        poll(
+            lambda: total(scrape(scheduler_url), "daskinfer_pipeline_requests_total", **p) == 313,
+            timeout=15,
+            what="the scheduler's totals",
+        )
         sched = scrape(scheduler_url)
         assert total(sched, "daskinfer_pipeline_errors_total", **p) == 7
         assert total(sched, "daskinfer_pipeline_partitions_placed", **p) == 2
@@ -128,8 +135,16 @@ def _post(url: str, body: dict) -> int:
 
 
 def _v2(x: np.ndarray) -> dict:
-    return {"inputs": [{"name": "x", "datatype": "FP32" if x.dtype == np.float32 else "FP64",
-                        "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": "x",
+                "datatype": "FP32" if x.dtype == np.float32 else "FP64",
+                "shape": list(x.shape),
+                "data": x.ravel().tolist(),
+            }
+        ]
+    }
 
 
 def test_model_server_metrics_count_calls_and_errors_by_kind(mlp_path):
@@ -151,8 +166,19 @@ def test_model_server_metrics_count_calls_and_errors_by_kind(mlp_path):
 def test_remote_model_calls_retries_and_breaker_state(client, mlp_path, poll):
     """Calls to a live service count; once it is gone, retries count and the breaker opens."""
     server = ModelServer(OnnxModel("mlp", mlp_path), grpc_port=0, serve_http=False).start()
-    daskinfer.deploy(client, RemoteModel("mlp-remote-metrics", server.grpc_address, remote_name="mlp", retries=1,
-                                         backoff_base=0.01, breaker_failures=2, breaker_reset=60, timeout=2))
+    daskinfer.deploy(
+        client,
+        RemoteModel(
+            "mlp-remote-metrics",
+            server.grpc_address,
+            remote_name="mlp",
+            retries=1,
+            backoff_base=0.01,
+            breaker_failures=2,
+            breaker_reset=60,
+            timeout=2,
+        ),
+    )
     inbox = f"metrics-remote-{uuid.uuid4().hex[:6]}"
     handle = deploy_pipeline(client, Pipeline(model="mlp-remote-metrics", inbox=inbox, partitions=1))
     labels = {"model": "mlp-remote-metrics"}
@@ -186,8 +212,9 @@ def test_gateway_metrics_count_calls_and_errors_by_kind(client, metrics_model):
     inbox = f"metrics-gw-{uuid.uuid4().hex[:6]}"
     handle = deploy_pipeline(client, Pipeline(model=metrics_model, inbox=inbox, partitions=1))
     try:
-        with Gateway(client.scheduler.address, {"mlp": f"{inbox}:{metrics_model}"}, serve_grpc=False,
-                     http_port=0) as gw:
+        with Gateway(
+            client.scheduler.address, {"mlp": f"{inbox}:{metrics_model}"}, serve_grpc=False, http_port=0
+        ) as gw:
             url = f"{gw.http_url}/v2/models/mlp/infer"
             assert all(_post(url, _v2(random_rows(n, seed=n))) == 200 for n in (1, 5, 7))
             assert _post(url, _v2(random_rows(2, n_in=15))) == 400

@@ -62,7 +62,10 @@ def test_onnx_one_row_and_large_batch(mlp, mlp_path):
     for n in (1, 4096):
         x = random_rows(n, seed=n)
         np.testing.assert_allclose(
-            mlp.predict(x)["probabilities"], run_onnx_directly(mlp_path, {"x": x})["probabilities"], rtol=1e-6, atol=1e-7
+            mlp.predict(x)["probabilities"],
+            run_onnx_directly(mlp_path, {"x": x})["probabilities"],
+            rtol=1e-6,
+            atol=1e-7,
         )
 
 
@@ -76,13 +79,39 @@ def test_onnx_tensor_specs_are_read_from_the_model(mlp):
 @pytest.mark.parametrize(
     "batch, input_name, match",
     [
-        pytest.param(random_rows(4).astype(np.float64), "x", r"model 'mlp': input 'x' expects dtype float32, got float64", id="dtype"),
-        pytest.param(random_rows(4)[:, :15], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[4, 15\]", id="shape"),
-        pytest.param(random_rows(1)[0], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[16\]", id="no row dim"),
-        pytest.param({"y": random_rows(4), "z": random_rows(4)}, "x", r"model 'mlp': missing input 'x'; expected inputs \['x: float32\[N, 16\]'\], got \['y', 'z'\]", id="missing"),
-        pytest.param({"x": random_rows(4), "y": random_rows(4)}, "y", r"model 'mlp': unexpected input 'y'; expected inputs \['x'\]", id="extra"),
-        pytest.param(np.float32(1.0), "x", r"model 'mlp': input 'x' is a scalar; expected an array with a row dimension", id="scalar"),
-        pytest.param(np.zeros((0, 16), np.float32), "x", r"model 'mlp' got an empty batch: input 'x' has 0 rows", id="empty"),
+        pytest.param(
+            random_rows(4).astype(np.float64),
+            "x",
+            r"model 'mlp': input 'x' expects dtype float32, got float64",
+            id="dtype",
+        ),
+        pytest.param(
+            random_rows(4)[:, :15], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[4, 15\]", id="shape"
+        ),
+        pytest.param(
+            random_rows(1)[0], "x", r"model 'mlp': input 'x' expects shape \[N, 16\], got \[16\]", id="no row dim"
+        ),
+        pytest.param(
+            {"y": random_rows(4), "z": random_rows(4)},
+            "x",
+            r"model 'mlp': missing input 'x'; expected inputs \['x: float32\[N, 16\]'\], got \['y', 'z'\]",
+            id="missing",
+        ),
+        pytest.param(
+            {"x": random_rows(4), "y": random_rows(4)},
+            "y",
+            r"model 'mlp': unexpected input 'y'; expected inputs \['x'\]",
+            id="extra",
+        ),
+        pytest.param(
+            np.float32(1.0),
+            "x",
+            r"model 'mlp': input 'x' is a scalar; expected an array with a row dimension",
+            id="scalar",
+        ),
+        pytest.param(
+            np.zeros((0, 16), np.float32), "x", r"model 'mlp' got an empty batch: input 'x' has 0 rows", id="empty"
+        ),
     ],
 )
 def test_onnx_bad_inputs_raise_input_validation_error(mlp, batch, input_name, match):
@@ -113,7 +142,9 @@ def test_missing_onnx_file_raises_model_load_error_naming_the_path(tmp_path):
 
 
 def test_unknown_execution_provider_raises_config_error(mlp_path):
-    with pytest.raises(ConfigError, match=r"model 'mlp': execution providers \['NoSuchExecutionProvider'\] are not available"):
+    with pytest.raises(
+        ConfigError, match=r"model 'mlp': execution providers \['NoSuchExecutionProvider'\] are not available"
+    ):
         OnnxModel("mlp", mlp_path, providers=["NoSuchExecutionProvider", "CPUExecutionProvider"])
 
 
@@ -313,7 +344,9 @@ def test_failed_warmup_raises_model_load_error():
         return x
 
     model = PythonModel("fragile", predict, inputs={"x": ("float32", (None, 2))}, warmup=True)
-    with pytest.raises(ModelLoadError, match=r"model 'fragile' version '1' failed its warm-up batch: ZeroDivisionError"):
+    with pytest.raises(
+        ModelLoadError, match=r"model 'fragile' version '1' failed its warm-up batch: ZeroDivisionError"
+    ):
         load_deployment(model)
 
 
@@ -450,17 +483,24 @@ def test_cast_inputs_takes_float64_rows_and_python_lists_for_a_float32_model(mlp
 
 
 def test_without_cast_inputs_a_dtype_mismatch_says_how_to_cast(mlp_path):
-    with pytest.raises(InputValidationError, match=r"expects dtype float32, got float64; send float32, or give the model cast_inputs=True"):
+    with pytest.raises(
+        InputValidationError,
+        match=r"expects dtype float32, got float64; send float32, or give the model cast_inputs=True",
+    ):
         OnnxModel("mlp", mlp_path).load().predict(random_rows(2).astype(np.float64))
     with dask.config.set({"daskinfer.models.cast-inputs": True}):
         model = OnnxModel("mlp", mlp_path)
-    assert model.cast_inputs and model.load().predict(random_rows(2).astype(np.float64))["probabilities"].shape == (2, 2)
+    assert model.cast_inputs and model.load().predict(random_rows(2).astype(np.float64))["probabilities"].shape == (
+        2,
+        2,
+    )
 
 
 def test_cast_inputs_for_a_python_model_with_declared_inputs():
     seen = []
-    model = PythonModel("sum", lambda x: seen.append(x.dtype) or x.sum(axis=1), inputs={"x": ("float32", (None, 3))},
-                        cast_inputs=True).load()
+    model = PythonModel(
+        "sum", lambda x: seen.append(x.dtype) or x.sum(axis=1), inputs={"x": ("float32", (None, 3))}, cast_inputs=True
+    ).load()
     np.testing.assert_array_equal(model.predict([[1, 2, 3], [4, 5, 6]])["output"], [6.0, 15.0])
     assert seen == [np.dtype("float32")]
 
@@ -517,7 +557,9 @@ def test_method_of_a_class_is_called_on_each_instance():
         def score(self, x):
             return x * self.k
 
-    np.testing.assert_array_equal(PythonModel("s", Model, method="score").load().predict(np.ones(2))["output"], [10.0, 10.0])
+    np.testing.assert_array_equal(
+        PythonModel("s", Model, method="score").load().predict(np.ones(2))["output"], [10.0, 10.0]
+    )
 
 
 def test_outputs_selects_and_orders_the_entries_of_a_dict_result():
@@ -525,7 +567,9 @@ def test_outputs_selects_and_orders_the_entries_of_a_dict_result():
     out = PythonModel("sel", fn, outputs=["c", "a"]).load().predict(np.ones(2))
     assert list(out) == ["c", "a"]
     np.testing.assert_array_equal(out["c"], [3.0, 3.0])
-    with pytest.raises(ModelError, match=r"model 'miss' returned outputs \['a', 'b', 'c'\], without 'z' asked for by outputs="):
+    with pytest.raises(
+        ModelError, match=r"model 'miss' returned outputs \['a', 'b', 'c'\], without 'z' asked for by outputs="
+    ):
         PythonModel("miss", fn, outputs=["a", "z"]).load().predict(np.ones(2))
     with pytest.raises(ConfigError, match="outputs must be a list of distinct output names"):
         PythonModel("dup", fn, outputs=["a", "a"])
@@ -541,8 +585,9 @@ def zipmap_classifier() -> bytes:
         [
             helper.make_node("Softmax", ["X"], ["probabilities"], axis=1),
             helper.make_node("ArgMax", ["probabilities"], ["output_label"], axis=1, keepdims=0),
-            helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
-                             classlabels_int64s=[0, 1]),
+            helper.make_node(
+                "ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml", classlabels_int64s=[0, 1]
+            ),
         ],
         "zipmap-classifier",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 2])],
@@ -575,7 +620,10 @@ def test_onnx_outputs_keeps_only_the_outputs_asked_for():
     assert list(out) == ["output_label"]
     np.testing.assert_array_equal(out["output_label"], [1, 0])
     assert [s.name for s in loaded.outputs] == ["output_label"]
-    with pytest.raises(ModelLoadError, match=r"has no output 'proba' asked for by outputs=; its outputs: \['output_label', 'output_probability'\]"):
+    with pytest.raises(
+        ModelLoadError,
+        match=r"has no output 'proba' asked for by outputs=; its outputs: \['output_label', 'output_probability'\]",
+    ):
         OnnxModel("clf", zipmap_classifier(), outputs=["proba"]).validate()
 
 

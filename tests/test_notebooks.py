@@ -34,7 +34,11 @@ def test_notebook_runs(path, tmp_path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_is_committed_without_outputs(path):
     nb = json.load(open(path))
-    dirty = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    dirty = [
+        i
+        for i, c in enumerate(nb["cells"])
+        if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))
+    ]
     assert not dirty, f"{os.path.basename(path)}: code cells {dirty} hold outputs; clear them before committing"
 
 

@@ -59,13 +59,23 @@ def test_partition_stats_count_each_request_of_each_read():
     assert sum(snap["latency_counts"]) == 14 and snap["errors_by_type"] == {}
 
 
-def _fig(epoch: int, answered: int, rows: int, batches: int, errors: int = 0, lat: list[int] | None = None,
-         backlog: int = 0) -> dict:
+def _fig(
+    epoch: int, answered: int, rows: int, batches: int, errors: int = 0, lat: list[int] | None = None, backlog: int = 0
+) -> dict:
     counts = [0] * (len(SECONDS_BUCKETS) + 1)
     for i, n in enumerate(lat or []):
         counts[i] = n
-    return {"epoch": epoch, "worker": "w", "answered": answered, "rows": rows, "batches": batches,
-            "errors": errors, "latency_counts": counts, "backlog": backlog, "queued_rows": 1}
+    return {
+        "epoch": epoch,
+        "worker": "w",
+        "answered": answered,
+        "rows": rows,
+        "batches": batches,
+        "errors": errors,
+        "latency_counts": counts,
+        "backlog": backlog,
+        "queued_rows": 1,
+    }
 
 
 def test_series_rates_over_each_interval_and_a_new_runner_counts_from_zero():
@@ -88,10 +98,14 @@ def test_series_rates_over_each_interval_and_a_new_runner_counts_from_zero():
 
 
 def test_line_chart_is_svg_with_a_polyline_per_unbroken_run():
-    svg = line_chart("Throughput <req/s>", [
-        Line("all", [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, None, 4.0, 5.0]),
-        Line("p0", [1.0, 2.0], [None, 3.0]),
-    ], unit="ms")
+    svg = line_chart(
+        "Throughput <req/s>",
+        [
+            Line("all", [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, None, 4.0, 5.0]),
+            Line("p0", [1.0, 2.0], [None, 3.0]),
+        ],
+        unit="ms",
+    )
     root = ET.fromstring(svg)
     ns = "{http://www.w3.org/2000/svg}"
     assert len(root.findall(f"{ns}polyline")) == 2 and len(root.findall(f"{ns}circle")) == 1

@@ -192,7 +192,11 @@ def test_dask_smart_batch_keeps_order_and_size_limit_under_load(client, mlp_depl
     unmatched = {i: _direct(mlp_path, b) for i, b in enumerate(blocks)}
     for o in out:
         match = next(
-            (i for i, want in unmatched.items() if want.shape == o.shape and np.allclose(o, want, rtol=1e-6, atol=1e-7)),
+            (
+                i
+                for i, want in unmatched.items()
+                if want.shape == o.shape and np.allclose(o, want, rtol=1e-6, atol=1e-7)
+            ),
             None,
         )
         assert match is not None, f"an answer of shape {o.shape} matches no block"
@@ -218,7 +222,7 @@ def test_dask_stream_failure_travels_as_a_value_and_the_stream_goes_on(client, m
     from streamz import Stream
 
     from daskinfer.dataflow.streams import InferenceFailure
-    from daskinfer.testing import random_rows, run_onnx_directly, bundled_model_path
+    from daskinfer.testing import bundled_model_path, random_rows, run_onnx_directly
 
     source = Stream(asynchronous=False)
     out = source.scatter().infer(mlp_deployed, output="probabilities").buffer(4).gather().sink_to_list()

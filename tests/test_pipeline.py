@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
-from daskinfer.wire import codec
 from daskinfer.connectors.embedded import BrokerRPC
 from daskinfer.testing import check_key_order, check_outputs, collect_results, random_rows, run_onnx_directly
+from daskinfer.wire import codec
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,9 @@ def _dead_letters(client, topic: str) -> list[dict]:
 def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_path):
     inbox = _inbox()
     dead = f"dead-{inbox}"
-    handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=inbox, partitions=3, dead_letter=dead, max_batch_size=512))
+    handle = deploy_pipeline(
+        client, Pipeline(model=mlp, inbox=inbox, partitions=3, dead_letter=dead, max_batch_size=512)
+    )
     rng = np.random.default_rng(0)
     try:
         with InferenceClient(client, inbox=inbox) as ic:
@@ -119,7 +121,9 @@ def test_model_error_fails_only_the_requests_at_fault(client):
         failed = [i for i, r in enumerate(results) if not r.ok]
         assert failed == [37]
         assert results[37].error_type == "ValueError" and "NaN in input" in results[37].error
-        np.testing.assert_allclose([r.value() for i, r in enumerate(results) if i != 37], np.delete(rows, 37, axis=0).sum(axis=1))
+        np.testing.assert_allclose(
+            [r.value() for i, r in enumerate(results) if i != 37], np.delete(rows, 37, axis=0).sum(axis=1)
+        )
     finally:
         handle.stop()
         undeploy(client, "nan-hater")
@@ -148,8 +152,14 @@ def test_fast_producer_is_pushed_back_and_memory_stays_bounded(client, transport
     deploy(client, PythonModel("slow", slow))
     inbox = _inbox()
     cap = 20_000  # bytes: requests travel in frames, so the bounds that matter are in bytes
-    with dask.config.set({"daskinfer.direct.max-queued-bytes": cap, "daskinfer.direct.window": 2,
-                          "daskinfer.broker.max-bytes": cap, "daskinfer.client.flush-batch": 20}):
+    with dask.config.set(
+        {
+            "daskinfer.direct.max-queued-bytes": cap,
+            "daskinfer.direct.window": 2,
+            "daskinfer.broker.max-bytes": cap,
+            "daskinfer.client.flush-batch": 20,
+        }
+    ):
         handle = deploy_pipeline(client, Pipeline(model="slow", inbox=inbox, partitions=1, max_batch_size=20))
         ic = InferenceClient(client, inbox=inbox, max_pending=500, transport=transport)
 
@@ -173,8 +183,9 @@ def test_fast_producer_is_pushed_back_and_memory_stays_bounded(client, transport
         assert max(lengths) <= cap, "the partition's queue never holds more than its bound"
         assert max(queued) <= 500, "the client buffers at most max_pending requests"
         assert max(lengths) >= cap // 2, "the producer really was faster than the model"
-        np.testing.assert_allclose(np.stack([r.value() for r in sorted(results, key=lambda r: int(r.id.rsplit("-", 1)[1]))]),
-                                   rows * 2)
+        np.testing.assert_allclose(
+            np.stack([r.value() for r in sorted(results, key=lambda r: int(r.id.rsplit("-", 1)[1]))]), rows * 2
+        )
     finally:
         handle.stop()
         undeploy(client, "slow")
@@ -233,6 +244,10 @@ def test_a_pipeline_with_a_max_delay_answers_and_batches_within_it(client, mlp, 
     finally:
         handle.stop()
     assert all(r.ok for r in results)
-    np.testing.assert_allclose([r.value() for r in [first, *results]],
-                               run_onnx_directly(mlp_path, {"x": rows})["probabilities"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        [r.value() for r in [first, *results]],
+        run_onnx_directly(mlp_path, {"x": rows})["probabilities"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
     assert max(r.timings["batch"] for r in results) > 1, "the delay let batches fill"

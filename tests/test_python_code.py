@@ -125,7 +125,9 @@ def build_tiny_wheel(folder) -> str:
             b"Wheel-Version: 1.0\nGenerator: daskinfer-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
         ),
     }
-    record = "\n".join([_record_line(n, d) for n, d in files.items()] + ["daskinfer_tinydep-0.1.dist-info/RECORD,,"]) + "\n"
+    record = (
+        "\n".join([_record_line(n, d) for n, d in files.items()] + ["daskinfer_tinydep-0.1.dist-info/RECORD,,"]) + "\n"
+    )
     files["daskinfer_tinydep-0.1.dist-info/RECORD"] = record.encode()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "daskinfer_tinydep-0.1-py3-none-any.whl")
@@ -274,7 +276,14 @@ def test_credentials_in_requirements_never_reach_logs_or_errors(tmp_path, clean_
         "private",
         lambda x: x,
         requirements=[f"privpkg @ https://user:{secret}@127.0.0.1:9/privpkg-1.0-py3-none-any.whl"],
-        pip_options=["--retries", "0", "--timeout", "2", "--index-url", f"https://__token__:{secret}@127.0.0.1:9/simple"],
+        pip_options=[
+            "--retries",
+            "0",
+            "--timeout",
+            "2",
+            "--index-url",
+            f"https://__token__:{secret}@127.0.0.1:9/simple",
+        ],
     )
     with caplog.at_level(logging.DEBUG):
         with pytest.raises(ModelLoadError, match="model 'private': pip could not install requirements") as info:

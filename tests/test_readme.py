@@ -50,7 +50,7 @@ def python_blocks(text: str) -> list[Block]:
         if m.group(1) == "python":
             before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
             marker = _NOT_RUN.match(before)
-            blocks.append(Block(i + 2, "\n".join(lines[i + 1:end]) + "\n", marker.group(1) if marker else None))
+            blocks.append(Block(i + 2, "\n".join(lines[i + 1 : end]) + "\n", marker.group(1) if marker else None))
         i = end + 1
     return blocks
 
@@ -76,13 +76,17 @@ def test_readme_python_blocks_run_in_order(tmp_path):
     (tmp_path / "blocks.json").write_text(json.dumps(runnable))
     (tmp_path / "readme.py").write_text(RUNNER)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "readme.py", "blocks.json"], capture_output=True, text=True,
-                          timeout=400, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "readme.py", "blocks.json"], capture_output=True, text=True, timeout=400, cwd=tmp_path, env=env
+    )
     ran = re.findall(r"--- README.md line (\d+)", proc.stdout)
     if proc.returncode != 0:
         start = proc.stderr.rfind("Traceback (most recent call last)")
-        pytest.fail(f"README.md block at line {ran[-1] if ran else '?'} failed:\n"
-                    f"{proc.stderr[start:][:4000] if start >= 0 else proc.stderr[-4000:]}", pytrace=False)
+        pytest.fail(
+            f"README.md block at line {ran[-1] if ran else '?'} failed:\n"
+            f"{proc.stderr[start:][:4000] if start >= 0 else proc.stderr[-4000:]}",
+            pytrace=False,
+        )
     assert [int(n) for n in ran] == [line for line, _ in runnable]
 
 

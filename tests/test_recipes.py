@@ -82,7 +82,11 @@ def test_to_onnx_names_the_largest_difference(data):
     x, y = data
     pipeline = _sklearn_pipeline(x, y)
     # float32 ONNX against float64 scikit-learn differs in the last bits: no tolerance at all fails
-    with pytest.raises(ConversionError, match=r"output 'probabilities' differs from Pipeline.predict_proba.*largest difference [0-9.e-]+ at \[\d+, \d\]") as info:
+    with pytest.raises(
+        ConversionError,
+        match=r"output 'probabilities' differs from Pipeline.predict_proba"
+        r".*largest difference [0-9.e-]+ at \[\d+, \d\]",
+    ) as info:
         daskinfer.convert.to_onnx(pipeline, x[:200], rtol=0, atol=0)
     assert info.value.output == "probabilities" and 0 < info.value.max_difference < 1e-5
 
@@ -108,10 +112,18 @@ def test_pytorch_export_recipe(client, data):
     torch = pytest.importorskip("torch", reason="torch is not installed (deliberately not in CI: it is large)")
     x, _ = data
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(N_FEATURES, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2), torch.nn.Softmax(dim=1)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(N_FEATURES, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2), torch.nn.Softmax(dim=1)
+    ).eval()
     buf = io.BytesIO()
-    torch.onnx.export(net, torch.zeros(1, N_FEATURES), buf, input_names=["x"], output_names=["probabilities"],
-                      dynamic_axes={"x": {0: "N"}, "probabilities": {0: "N"}})
+    torch.onnx.export(
+        net,
+        torch.zeros(1, N_FEATURES),
+        buf,
+        input_names=["x"],
+        output_names=["probabilities"],
+        dynamic_axes={"x": {0: "N"}, "probabilities": {0: "N"}},
+    )
     deploy(client, OnnxModel("torch-mlp", buf.getvalue()))
     try:
         got = daskinfer.predict(dd.from_pandas(pd.DataFrame(x, columns=FEATURES), npartitions=2), "torch-mlp").compute()

@@ -17,9 +17,10 @@ if os.environ.get("CI"):
 else:
     redis = pytest.importorskip("redis", reason="the redis extra is not installed (pip install daskinfer[redis])")
 
+from redis_server import redis_server, redis_url  # noqa: E402,F401  (fixtures)
+
 import daskinfer  # noqa: E402
 from daskinfer import InferenceClient, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy  # noqa: E402
-from daskinfer.wire import codec
 from daskinfer.connectors.base import Messages, OutMessage, PartitionRevoked  # noqa: E402
 from daskinfer.connectors.redis import (  # noqa: E402
     RedisConnector,
@@ -28,9 +29,9 @@ from daskinfer.connectors.redis import (  # noqa: E402
     prepare_streams,
 )
 from daskinfer.exceptions import TopicFullError  # noqa: E402
-from daskinfer.wire.frames import peek_fields  # noqa: E402
 from daskinfer.testing import check_rows_and_blocks, collect_results, random_rows, run_onnx_directly  # noqa: E402
-from redis_server import redis_server, redis_url  # noqa: E402,F401  (fixtures)
+from daskinfer.wire import codec
+from daskinfer.wire.frames import peek_fields  # noqa: E402
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -56,8 +57,9 @@ def _inbox() -> str:
 
 def _pipeline(url: str, inbox: str, model: str, **kw) -> Pipeline:
     kw.setdefault("dead_letter", f"dead-{inbox}")
-    return Pipeline(model=model, inbox=inbox, outbox=f"out-{inbox}", connector="redis",
-                    connector_options={"url": url}, **kw)
+    return Pipeline(
+        model=model, inbox=inbox, outbox=f"out-{inbox}", connector="redis", connector_options={"url": url}, **kw
+    )
 
 
 def _drain(ic: InferenceClient, answered: dict, limit: int = 100) -> None:
@@ -83,6 +85,7 @@ def _out(topic: str, data: bytes, key: str | None = None) -> OutMessage:
 
 
 # -- no cluster needed ------------------------------------------------------------------------------
+
 
 def test_fencing_a_newer_runner_revokes_the_older_and_takes_its_pending_entries(redis_url, r):
     inbox = _inbox()
@@ -136,8 +139,10 @@ def test_results_for_a_closed_client_are_dropped_and_results_and_acks_go_togethe
             r.xadd(stream, {"d": f"m{i}".encode()})
         envs = await c.read(10, 1.0)
         big = b"x" * 100_000  # over 8 KiB: passed apart from the small ones
-        await c.write_and_commit([_out(spec["outbox"], b"r0"), _out(f"gone-{inbox}", b"r1"),
-                                  _out(spec["outbox"], big, "k")], [_part(envs, slice(0, 2))])
+        await c.write_and_commit(
+            [_out(spec["outbox"], b"r0"), _out(f"gone-{inbox}", b"r1"), _out(spec["outbox"], big, "k")],
+            [_part(envs, slice(0, 2))],
+        )
         assert [f[b"d"] for _, f in r.xrange(spec["outbox"])] == [b"r0", big]
         assert not r.exists(f"gone-{inbox}"), "a reply stream is never created by a result"
         assert c.describe()["dropped"] == 1
@@ -235,7 +240,10 @@ def test_rediss_urls_use_tls_and_urls_in_errors_hide_the_password():
 
 # -- end to end on the session cluster --------------------------------------------------------------
 
-def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(client, mlp, mlp_path, redis_url, r, poll):
+
+def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
+    client, mlp, mlp_path, redis_url, r, poll
+):
     inbox = _inbox()
     handle = deploy_pipeline(client, _pipeline(redis_url, inbox, mlp, partitions=3, max_batch_size=2048))
     try:
@@ -315,8 +323,11 @@ def test_entries_are_acked_only_after_their_results_and_redone_after_a_hard_stop
             assert pending > 0, "the runner had read entries that it had not acknowledged"
             in_stream = {i for _, f in r.xrange(stream) for i in peek_fields(f[b"d"])["ids"]}
             # nothing was acknowledged without its answer written: every request is answered or still there
-            poll(lambda: drain() or set(ids) <= set(answered) | in_stream, timeout=10,
-                 what="answers of all acknowledged entries")
+            poll(
+                lambda: drain() or set(ids) <= set(answered) | in_stream,
+                timeout=10,
+                what="answers of all acknowledged entries",
+            )
             assert len(answered) < n
             first_round = len(answered)
 
@@ -370,8 +381,9 @@ def test_redis_restart_mid_stream_loses_and_repeats_no_answer(client, mlp, mlp_p
             poll(lambda: drain() or len(answered) >= len(sent), timeout=60, what="all answers after the restart")
             assert sorted(answered) == sorted(sent)
             expected = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
-            np.testing.assert_allclose(np.stack([answered[i].value() for i in sent]), expected[list(sent.values())],
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                np.stack([answered[i].value() for i in sent]), expected[list(sent.values())], rtol=1e-5, atol=1e-6
+            )
             st = handle.status()
             assert all(x["running"] for x in st["runners"]), st
             assert sum(x["reconnects"] for x in st["runners"]) >= 1, "the runners saw the restart"
@@ -397,7 +409,9 @@ def test_fast_producer_never_grows_the_inbox_past_its_bound(client, redis_url, r
     watcher.start()
     try:
         transport = RedisTransport(redis_url, max_stream_length=cap)
-        with dask.config.set({"daskinfer.client.max-frame-requests": 1}):  # one request per entry: the bound counts requests
+        with dask.config.set(
+            {"daskinfer.client.max-frame-requests": 1}
+        ):  # one request per entry: the bound counts requests
             ic = InferenceClient(client, inbox=inbox, transport=transport, max_pending=500)
         with ic:
             n = 3000
@@ -423,8 +437,10 @@ def test_sigkill_a_worker_mid_stream_its_pending_entries_are_taken_over(redis_ur
 
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
         client.wait_for_workers(2)
         model = _slow_model("slow-kill", client, delay=0.003)  # slower than the producer: work is pending
         inbox = _inbox()
@@ -438,8 +454,13 @@ def test_sigkill_a_worker_mid_stream_its_pending_entries_are_taken_over(redis_ur
 
             ids = [ic.send(rows[i], key=f"k{i % 5}", request_id=f"r{i}") for i in range(3000)]
             # the runner of partition 1 (4 of 5 keys) has read entries that it has not acknowledged
-            poll(lambda: drain() or (len(answered) >= 100 and r.xpending(inbox_stream(inbox, 1), handle.name)["pending"] > 0),
-                 timeout=30, what="answers, and pending entries of partition 1")
+            poll(
+                lambda: (
+                    drain() or (len(answered) >= 100 and r.xpending(inbox_stream(inbox, 1), handle.name)["pending"] > 0)
+                ),
+                timeout=30,
+                what="answers, and pending entries of partition 1",
+            )
             victim = handle.status()["assigned"][1]
             os.kill(client.run(os.getpid)[victim], signal.SIGKILL)  # the runner dies with them; the nanny restarts it
             ids += [ic.send(rows[i], key=f"k{i % 5}", request_id=f"r{i}") for i in range(3000, 6000)]
@@ -447,8 +468,14 @@ def test_sigkill_a_worker_mid_stream_its_pending_entries_are_taken_over(redis_ur
             assert sorted(answered) == sorted(ids), "nothing lost, nothing delivered twice"
             np.testing.assert_allclose(np.stack([answered[f"r{i}"].value() for i in range(6000)]), rows * 2)
         st = handle.status()
-        print("\nsigkill (redis): claimed", [x.get("claimed") for x in st["runners"]], "epochs",
-              [x.get("epoch") for x in st["runners"]], "duplicates dropped", ic.duplicates)
+        print(
+            "\nsigkill (redis): claimed",
+            [x.get("claimed") for x in st["runners"]],
+            "epochs",
+            [x.get("epoch") for x in st["runners"]],
+            "duplicates dropped",
+            ic.duplicates,
+        )
         assert len(st["assigned"]) == 2 and max(x["epoch"] for x in st["runners"]) > 2, "the partition moved"
         assert st["totals"]["claimed"] > 0, "the new runner took over the dead one's pending entries"
         for p in range(2):

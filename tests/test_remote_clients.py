@@ -54,8 +54,10 @@ class TFServing:
                 "method_name": "tensorflow/serving/predict",
             }
             return web.json_response(
-                {"model_spec": {"name": "mlp", "signature_name": "", "version": "1"},
-                 "metadata": {"signature_def": {"signature_def": {"serving_default": sig}}}}
+                {
+                    "model_spec": {"name": "mlp", "signature_name": "", "version": "1"},
+                    "metadata": {"signature_def": {"signature_def": {"serving_default": sig}}},
+                }
             )
         if request.method == "POST" and verb == "predict":
             self.calls += 1
@@ -102,7 +104,9 @@ def test_tfserving_rest_equals_local_inference(fmt):
     out, calls, loaded = asyncio.run(main())
     assert calls == 3  # 700 rows in calls of at most 256
     assert out["probabilities"].dtype == np.float32
-    np.testing.assert_array_equal(out["probabilities"], run_onnx_directly(bundled_model_path(), {"x": x})["probabilities"])
+    np.testing.assert_array_equal(
+        out["probabilities"], run_onnx_directly(bundled_model_path(), {"x": x})["probabilities"]
+    )
     assert [s.describe() for s in loaded.outputs] == ["probabilities: float32[N, 2]"]
 
 
@@ -194,7 +198,9 @@ def fault_rest_app(faults: Faults) -> web.Application:
     async def metadata(request):
         faults.count("ModelMetadata")
         t = lambda n: {"name": n, "datatype": "FP32", "shape": [-1, 4]}  # noqa: E731
-        return web.json_response({"name": "double", "versions": ["1"], "platform": "test", "inputs": [t("x")], "outputs": [t("y")]})
+        return web.json_response(
+            {"name": "double", "versions": ["1"], "platform": "test", "inputs": [t("x")], "outputs": [t("y")]}
+        )
 
     async def ready(request):
         faults.count("ModelReady")
@@ -344,7 +350,13 @@ def test_slow_server_runs_into_the_deadline(protocol):
 MALFORMED = {
     ("kserve-grpc", "rows"): "output 'y' has 2 rows .* for a call of 3 rows",
     ("kserve-grpc", "dtype"): "output 'y' came back as int64, but the model's metadata declares float32",
-    ("kserve-grpc", "garbage"): "ModelInfer failed: malformed response: 37 bytes that are not a inference.ModelInferResponse .*(Wire format was corrupt|Error parsing message)",  # protobuf 7 | 6
+    (
+        "kserve-grpc",
+        "garbage",
+    ): (  # protobuf 7 | 6
+        "ModelInfer failed: malformed response: 37 bytes that are not a inference.ModelInferResponse "
+        ".*(Wire format was corrupt|Error parsing message)"
+    ),
     ("kserve-rest", "rows"): "output 'y' has 2 rows .* for a call of 3 rows",
     ("kserve-rest", "dtype"): "tensor 'y' is declared FP32 but its data holds 'U'-kind values",
     ("kserve-rest", "garbage"): "malformed response: the body is not JSON",
@@ -391,7 +403,9 @@ def test_tfserving_malformed_and_error_answers():
         app = web.Application()
         app.router.add_route("*", "/v1/models/{tail:.*}", handle)
         runner, port = await start_http(app)
-        loaded = RemoteModel("mlp", f"http://127.0.0.1:{port}", protocol="tfserving-rest", retries=3, backoff_base=0.01).load()
+        loaded = RemoteModel(
+            "mlp", f"http://127.0.0.1:{port}", protocol="tfserving-rest", retries=3, backoff_base=0.01
+        ).load()
         out = {}
         try:
             for mode in answers:
@@ -561,7 +575,10 @@ def test_sync_predict_from_a_plain_thread():
 
 
 # -- what counts against the service: server errors and bad answers, never a refused request ------
-SERVER_ERROR = {"kserve-grpc": "INTERNAL: backend crashed on this batch", "kserve-rest": "HTTP 500: backend crashed on this batch"}
+SERVER_ERROR = {
+    "kserve-grpc": "INTERNAL: backend crashed on this batch",
+    "kserve-rest": "HTTP 500: backend crashed on this batch",
+}
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -586,8 +603,9 @@ def test_a_service_that_keeps_failing_opens_the_breaker(protocol, mode):
         await loaded.ensure_signature()
         return [await _outcome(loaded.apredict(X)) for _ in range(20)], loaded.breaker
 
-    errors, breaker = run_against(protocol, faults, body, retries=3, server_error_retries=1, breaker_failures=3,
-                                  breaker_reset=60)
+    errors, breaker = run_against(
+        protocol, faults, body, retries=3, server_error_retries=1, breaker_failures=3, breaker_reset=60
+    )
     assert all(isinstance(e, RemoteModelError) for e in errors)
     assert breaker.state == "open" and breaker.times_opened == 1
     assert faults.calls["ModelInfer"] == 3  # then every call failed fast, without reaching the service
@@ -660,7 +678,9 @@ def test_the_deploy_check_says_when_the_model_is_not_ready(protocol):
     faults.ready = False
 
     async def body(loaded):
-        with pytest.raises(ModelLoadError, match=r"answers, but says model 'double' is not ready or not known there") as info:
+        with pytest.raises(
+            ModelLoadError, match=r"answers, but says model 'double' is not ready or not known there"
+        ) as info:
             await loaded.acheck_service()
         return info.value
 
@@ -683,7 +703,9 @@ def test_the_deploy_check_reads_the_metadata_of_a_service_without_model_readines
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_the_deploy_check_refuses_outputs_the_model_lacks(protocol):
     async def body(loaded):
-        with pytest.raises(ModelLoadError, match=r"model 'double' has no output 'z' asked for by outputs=; its outputs: \['y'\]"):
+        with pytest.raises(
+            ModelLoadError, match=r"model 'double' has no output 'z' asked for by outputs=; its outputs: \['y'\]"
+        ):
             await loaded.acheck_service()
 
     run_against(protocol, Faults("ok"), body, outputs=["z"])
@@ -702,6 +724,8 @@ def test_deploying_a_remote_model_nobody_serves_fails_naming_the_url(protocol):
     port = _closed_port()
     url = f"127.0.0.1:{port}" if protocol == "kserve-grpc" else f"http://127.0.0.1:{port}"
     model = RemoteModel("ghost", url, protocol=protocol, timeout=2)
-    with pytest.raises(ModelLoadError, match=r"remote model 'ghost': the service at .*127\.0\.0\.1:\d+ .* did not answer") as info:
+    with pytest.raises(
+        ModelLoadError, match=r"remote model 'ghost': the service at .*127\.0\.0\.1:\d+ .* did not answer"
+    ) as info:
         model.validate()
     assert f"127.0.0.1:{port}" in str(info.value) and "validate=False" in str(info.value)

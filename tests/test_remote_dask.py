@@ -49,7 +49,9 @@ async def _apredict_on_worker(name, x, dask_worker=None):
 
 
 def test_worker_event_loop_path(client, model_server, mlp_path):
-    daskinfer.deploy(client, RemoteModel("mlp-remote", model_server.grpc_address, remote_name="mlp", max_batch_size=100))
+    daskinfer.deploy(
+        client, RemoteModel("mlp-remote", model_server.grpc_address, remote_name="mlp", max_batch_size=100)
+    )
     try:
         x = random_rows(250, seed=5)
         results = client.run(_apredict_on_worker, "mlp-remote", x)
@@ -74,7 +76,9 @@ def test_pipeline_request_deadline_bounds_a_remote_call(client, mlp_path):
         time.sleep(1.5)
         return x * 2
 
-    with ModelServer(PythonModel("slow", slow, inputs={"x": ("float32", (None, 4))}), grpc_port=0, serve_http=False) as s:
+    with ModelServer(
+        PythonModel("slow", slow, inputs={"x": ("float32", (None, 4))}), grpc_port=0, serve_http=False
+    ) as s:
         daskinfer.deploy(client, RemoteModel("slow-remote", s.grpc_address, remote_name="slow", deadline=30, retries=0))
         inbox = f"remote-{uuid.uuid4().hex[:6]}"
         handle = deploy_pipeline(client, Pipeline(model="slow-remote", inbox=inbox, partitions=1))
@@ -83,7 +87,10 @@ def test_pipeline_request_deadline_bounds_a_remote_call(client, mlp_path):
                 t0 = time.monotonic()
                 r = ic.submit(np.ones(4, np.float32), deadline=0.4).result(20)
                 took = time.monotonic() - t0
-                assert not r.ok and r.error_type == "RemoteModelError" and "deadline" in r.error.lower(), (r.error_type, r.error)
+                assert not r.ok and r.error_type == "RemoteModelError" and "deadline" in r.error.lower(), (
+                    r.error_type,
+                    r.error,
+                )
                 assert took < 1.4, f"answered after {took:.2f}s: the request's 0.4 s deadline did not reach the call"
                 ok = ic.submit(np.ones(4, np.float32)).result(20)  # no deadline: the slow answer comes
                 np.testing.assert_array_equal(ok.value(), np.full(4, 2, np.float32))

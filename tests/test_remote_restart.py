@@ -55,7 +55,7 @@ def test_server_killed_and_restarted_mid_stream(mlp_path, breaker_failures):
                 rows = 1 + i % 8
                 t0 = time.monotonic()
                 try:
-                    out = await loaded.apredict(x[lo:lo + rows], deadline=DEADLINE)
+                    out = await loaded.apredict(x[lo : lo + rows], deadline=DEADLINE)
                     res = ("ok", (lo, rows, out["probabilities"]))
                 except RemoteModelError as e:
                     res = ("err", e)
@@ -96,7 +96,9 @@ def test_server_killed_and_restarted_mid_stream(mlp_path, breaker_failures):
         await poll(lambda: loaded.stats.failures > 0)  # clients saw it go
         if breaker_failures == 5:  # keep it down until the circuit opened (else a quick restart may beat it)
             await poll(lambda: loaded.breaker.times_opened >= 1)
-        servers.append(await asyncio.to_thread(ModelServer(OnnxModel("mlp", mlp_path), grpc_port=port, serve_http=False).start))
+        servers.append(
+            await asyncio.to_thread(ModelServer(OnnxModel("mlp", mlp_path), grpc_port=port, serve_http=False).start)
+        )
         marks["restarted"] = time.monotonic()
         await producer
         await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE + 5)
@@ -114,7 +116,7 @@ def test_server_killed_and_restarted_mid_stream(mlp_path, breaker_failures):
     errs = [r for r in outcomes.values() if r[0] == "err"]
     assert max(r[3] for r in outcomes.values()) <= DEADLINE + SLACK  # within its deadline
     for _, (lo, rows, got), _, _ in oks:
-        np.testing.assert_array_equal(got, want[lo:lo + rows])
+        np.testing.assert_array_equal(got, want[lo : lo + rows])
     assert sum(1 for r in oks if r[2] > marks["restarted"]) >= 50  # it flows again after the restart
     assert stats.failures > 0
     if breaker_failures == 5:  # the circuit opened while the server was down and closed once it was back

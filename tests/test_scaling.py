@@ -46,8 +46,6 @@ def one_worker_cluster():
             yield cluster, client
 
 
-
-
 def test_cluster_grows_under_lag_and_shrinks_when_idle(one_worker_cluster, poll):
     cluster, client = one_worker_cluster
 

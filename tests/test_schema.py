@@ -66,11 +66,14 @@ def test_the_config_of_every_example_in_conf_validates(path):
     jsonschema.validate(app.get("config") or {"daskinfer": {}}, SCHEMA)
 
 
-@pytest.mark.parametrize("override, where", [
-    ({"daskinfer": {"batching": {"max-batch-size": 0}}}, "max-batch-size"),
-    ({"daskinfer": {"batching": {"max-bach-size": 10}}}, "max-bach-size"),
-    ({"daskinfer": {"client": {"transport": "carrier-pigeon"}}}, "carrier-pigeon"),
-])
+@pytest.mark.parametrize(
+    "override, where",
+    [
+        ({"daskinfer": {"batching": {"max-batch-size": 0}}}, "max-batch-size"),
+        ({"daskinfer": {"batching": {"max-bach-size": 10}}}, "max-bach-size"),
+        ({"daskinfer": {"client": {"transport": "carrier-pigeon"}}}, "carrier-pigeon"),
+    ],
+)
 def test_the_schema_catches_typos_and_bad_values(override, where):
     with pytest.raises(jsonschema.ValidationError, match=where):
         jsonschema.validate(override, SCHEMA)

@@ -54,7 +54,9 @@ def test_dataframe_scores_equal_onnxruntime(client, mlp_deployed, mlp_path, fram
     got = scores.compute()
     assert list(got.index) == list(frame.index)
     np.testing.assert_array_equal(got["id"].to_numpy(), frame["id"].to_numpy())
-    np.testing.assert_allclose(got[["probabilities_0", "probabilities_1"]].to_numpy(), _reference(mlp_path, rows), atol=1e-6)
+    np.testing.assert_allclose(
+        got[["probabilities_0", "probabilities_1"]].to_numpy(), _reference(mlp_path, rows), atol=1e-6
+    )
 
 
 def test_partitions_run_in_blocks_of_max_batch_size(client, python_model, frame):
@@ -81,7 +83,7 @@ def test_array_needs_output_when_the_model_has_several(client, python_model, row
     with pytest.raises(ConfigError, match=r"gives 2 outputs \['a', 'b'\].*output="):
         daskinfer.predict(x, "two")
     np.testing.assert_array_equal(daskinfer.predict(x, "two", output="b").compute(), rows[:, 1])
-    with pytest.raises(ConfigError, match="errors=\"column\" needs a DataFrame"):
+    with pytest.raises(ConfigError, match='errors="column" needs a DataFrame'):
         daskinfer.predict(x, "two", output="a", errors="column")
 
 
@@ -96,7 +98,9 @@ def test_inputs_by_name_dict_and_function(client, python_model, frame):
     want = frame["f0"] * 100 + frame["f1"] + frame["f2"]
     by_dict = daskinfer.predict(ddf, "ab", inputs={"a": "f0", "b": ["f1", "f2"]}).compute()
     np.testing.assert_allclose(by_dict["output"].to_numpy(), want.to_numpy())
-    by_fn = daskinfer.predict(ddf, "ab", inputs=lambda df: {"a": df["f0"].to_numpy(), "b": df[["f1", "f2"]].to_numpy()}).compute()
+    by_fn = daskinfer.predict(
+        ddf, "ab", inputs=lambda df: {"a": df["f0"].to_numpy(), "b": df[["f1", "f2"]].to_numpy()}
+    ).compute()
     np.testing.assert_allclose(by_fn["output"].to_numpy(), want.to_numpy())
     named = ddf.rename(columns={"f0": "a"})[["a", "f1"]]
     with pytest.raises(ScoringError, match=r"has 2 inputs .* not all columns.*inputs="):
@@ -170,21 +174,39 @@ def test_parquet_in_and_out(client, mlp_deployed, mlp_path, frame, rows, tmp_pat
     assert daskinfer.predict(str(src), "mlp", keep=["id"], out=dst) is None
     got = pd.read_parquet(dst).sort_values("id")
     np.testing.assert_array_equal(got["id"].to_numpy(), frame["id"].to_numpy())
-    np.testing.assert_allclose(got[["probabilities_0", "probabilities_1"]].to_numpy(), _reference(mlp_path, rows), atol=1e-6)
+    np.testing.assert_allclose(
+        got[["probabilities_0", "probabilities_1"]].to_numpy(), _reference(mlp_path, rows), atol=1e-6
+    )
 
 
 def test_cli_predict_writes_parquet_with_a_terminal_bar(client, mlp_path, frame, rows, tmp_path, capsys):
     src, dst = tmp_path / "in.parquet", tmp_path / "out.parquet"
     dd.from_pandas(frame, npartitions=3).to_parquet(src)
-    status = cli_main(["predict", str(src), "--model", f"clf={mlp_path}", "--out", str(dst), "--keep", "id",
-                       "--scheduler", client.scheduler.address, "--errors", "column"])
+    status = cli_main(
+        [
+            "predict",
+            str(src),
+            "--model",
+            f"clf={mlp_path}",
+            "--out",
+            str(dst),
+            "--keep",
+            "id",
+            "--scheduler",
+            client.scheduler.address,
+            "--errors",
+            "column",
+        ]
+    )
     printed = capsys.readouterr().out
     assert status == 0
     assert "100% Completed" in printed  # distributed's text progress bar
     assert f"scored {len(frame)} rows" in printed and "model 'clf'" in printed
     got = pd.read_parquet(dst).sort_values("id")
     assert got["error"].isna().all()
-    np.testing.assert_allclose(got[["probabilities_0", "probabilities_1"]].to_numpy(), _reference(mlp_path, rows), atol=1e-6)
+    np.testing.assert_allclose(
+        got[["probabilities_0", "probabilities_1"]].to_numpy(), _reference(mlp_path, rows), atol=1e-6
+    )
     assert "clf" not in daskinfer.deployed_models(client)  # undeployed from a cluster it joined
 
 
@@ -193,8 +215,21 @@ def test_cli_predict_ships_a_python_function_from_the_current_directory(client, 
     (tmp_path / "my_scoring.py").write_text("def total(x):\n    return x.sum(axis=1)\n")
     monkeypatch.chdir(tmp_path)
     dd.from_pandas(frame, npartitions=2).to_parquet(tmp_path / "in.parquet")
-    status = cli_main(["predict", "in.parquet", "--model", "my_scoring:total", "--out", "out.parquet",
-                       "--columns", ",".join(FEATURES), "--scheduler", client.scheduler.address, "--no-progress"])
+    status = cli_main(
+        [
+            "predict",
+            "in.parquet",
+            "--model",
+            "my_scoring:total",
+            "--out",
+            "out.parquet",
+            "--columns",
+            ",".join(FEATURES),
+            "--scheduler",
+            client.scheduler.address,
+            "--no-progress",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     assert "model 'total'" in capsys.readouterr().out
     got = pd.read_parquet(tmp_path / "out.parquet")
@@ -202,6 +237,19 @@ def test_cli_predict_ships_a_python_function_from_the_current_directory(client, 
 
 
 def test_cli_predict_says_what_is_wrong(client, tmp_path, capsys):
-    assert cli_main(["predict", "x.parquet", "--model", "nomodule:fn", "--out", str(tmp_path / "o"),
-                     "--scheduler", client.scheduler.address]) == 2
+    assert (
+        cli_main(
+            [
+                "predict",
+                "x.parquet",
+                "--model",
+                "nomodule:fn",
+                "--out",
+                str(tmp_path / "o"),
+                "--scheduler",
+                client.scheduler.address,
+            ]
+        )
+        == 2
+    )
     assert "daskinfer predict: No module named 'nomodule'" in capsys.readouterr().err

@@ -16,14 +16,13 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from cli_process import serving
 
 from daskinfer import ModelServer, OnnxModel, PythonModel, RemoteModel
 from daskinfer.exceptions import InputValidationError, RemoteModelError
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from daskinfer.testing import random_rows, run_onnx_directly
-
-from cli_process import serving
 
 
 def double(x):
@@ -228,8 +227,24 @@ def _tls_material(tmp_path):
     """A self-signed certificate for 127.0.0.1 made with the openssl tool."""
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     proc = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
         capture_output=True,
         timeout=30,
     )
@@ -267,8 +282,9 @@ def test_cli_serve(mlp_path, poll):
 
     assert main(["serve", "--onnx", "no-equals-sign"]) == 2
     assert main(["serve"]) == 2  # nothing to serve
-    with serving(["serve", "--onnx", f"mlp={mlp_path}", "--grpc-port", "0", "--http-port", "0"],
-                 "daskinfer model server") as (grpc_port, http_port):
+    with serving(
+        ["serve", "--onnx", f"mlp={mlp_path}", "--grpc-port", "0", "--http-port", "0"], "daskinfer model server"
+    ) as (grpc_port, http_port):
         assert _get(f"http://127.0.0.1:{http_port}/v2/health/ready")[0] == 200
         loaded = RemoteModel("mlp", f"127.0.0.1:{grpc_port}").load()
         try:

@@ -51,14 +51,52 @@ def pki(tmp_path_factory):
             pytest.fail("no openssl tool to make test certificates; CI is set, so this is a failure", pytrace=False)
         pytest.skip("no openssl tool to make test certificates")
     d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
-             "-days", "1", "-subj", "/CN=daskinfer-test-ca")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(d / "ca.key"),
+        "-out",
+        str(d / "ca.pem"),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=daskinfer-test-ca",
+    )
     for who, san in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "subjectAltName=DNS:client")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / f"{who}.key"), "-out", str(d / f"{who}.csr"),
-                 "-subj", f"/CN={who}")
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(d / f"{who}.key"),
+            "-out",
+            str(d / f"{who}.csr"),
+            "-subj",
+            f"/CN={who}",
+        )
         (d / f"{who}.ext").write_text(san + "\n")
-        _openssl("x509", "-req", "-in", str(d / f"{who}.csr"), "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"),
-                 "-CAcreateserial", "-out", str(d / f"{who}.pem"), "-days", "1", "-extfile", str(d / f"{who}.ext"))
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(d / f"{who}.csr"),
+            "-CA",
+            str(d / "ca.pem"),
+            "-CAkey",
+            str(d / "ca.key"),
+            "-CAcreateserial",
+            "-out",
+            str(d / f"{who}.pem"),
+            "-days",
+            "1",
+            "-extfile",
+            str(d / f"{who}.ext"),
+        )
     return d
 
 
@@ -71,8 +109,15 @@ def _https_get(url: str, ca: str, cert: tuple[str, str] | None = None) -> int:
 
 
 def test_mutual_tls_holds_on_rest_and_grpc(pki, mlp_path):
-    with ModelServer(OnnxModel("mlp", mlp_path), grpc_port=0, http_port=0, host="127.0.0.1",
-                     tls_cert=pki / "server.pem", tls_key=pki / "server.key", tls_client_ca=pki / "ca.pem") as s:
+    with ModelServer(
+        OnnxModel("mlp", mlp_path),
+        grpc_port=0,
+        http_port=0,
+        host="127.0.0.1",
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_client_ca=pki / "ca.pem",
+    ) as s:
         assert s.http_url.startswith("https://127.0.0.1:")
         ready = s.http_url + "/v2/health/ready"
         client_cert = (str(pki / "client.pem"), str(pki / "client.key"))
@@ -187,8 +232,9 @@ async def _ready(url: str) -> bool:
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daskinfer.cli", "serve", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "daskinfer.cli", "serve", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_serve_errors_are_one_clean_line(mlp_path, tmp_path):

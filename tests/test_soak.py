@@ -75,15 +75,40 @@ def process_cluster(tmp_path):
         return p
 
     sched_file = tmp_path / "scheduler.json"
-    start("distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
-          "--scheduler-file", str(sched_file), "--preload", "daskinfer.preload", name="scheduler")
+    start(
+        "distributed.cli.dask_scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--dashboard-address",
+        ":0",
+        "--scheduler-file",
+        str(sched_file),
+        "--preload",
+        "daskinfer.preload",
+        name="scheduler",
+    )
     deadline = time.monotonic() + 60
     while not sched_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     address = json.loads(sched_file.read_text())["address"]
     for i in range(2):
-        start("distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-              "--dashboard-address", ":0", "--name", f"w{i}", "--preload", "daskinfer.preload", name=f"w{i}")
+        start(
+            "distributed.cli.dask_worker",
+            address,
+            "--host",
+            "127.0.0.1",
+            "--nthreads",
+            "1",
+            "--dashboard-address",
+            ":0",
+            "--name",
+            f"w{i}",
+            "--preload",
+            "daskinfer.preload",
+            name=f"w{i}",
+        )
     try:
         yield address, start
     finally:
@@ -106,13 +131,25 @@ def test_soak_mixed_traffic_through_faults(process_cluster, mlp_path, request):
     with Client(address) as client:
         client.wait_for_workers(2, timeout=60)
         deploy(client, OnnxModel("mlp", mlp_path))
-        deploy(client, RemoteModel("remote-mlp", f"127.0.0.1:{grpc_port}", remote_name="mlp", retries=2,
-                                   timeout=2, deadline=5, breaker_reset=0.5))
+        deploy(
+            client,
+            RemoteModel(
+                "remote-mlp",
+                f"127.0.0.1:{grpc_port}",
+                remote_name="mlp",
+                retries=2,
+                timeout=2,
+                deadline=5,
+                breaker_reset=0.5,
+            ),
+        )
         with dask.config.set({"daskinfer.broker.retained-messages": 200}):  # a small dead-letter topic nobody reads
-            local = deploy_pipeline(client, Pipeline(model="mlp", inbox="soak-local", partitions=4,
-                                                     dead_letter="soak-dead"))
-            remote = deploy_pipeline(client, Pipeline(model="remote-mlp", inbox="soak-remote", partitions=2,
-                                                      dead_letter="soak-dead"))
+            local = deploy_pipeline(
+                client, Pipeline(model="mlp", inbox="soak-local", partitions=4, dead_letter="soak-dead")
+            )
+            remote = deploy_pipeline(
+                client, Pipeline(model="remote-mlp", inbox="soak-remote", partitions=2, dead_letter="soak-dead")
+            )
         rows = random_rows(2000, seed=31)
         want = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
         stop = threading.Event()
@@ -141,8 +178,11 @@ def test_soak_mixed_traffic_through_faults(process_cluster, mlp_path, request):
                         got[r.id] = r
             records.append({"name": name, "sent": sent, "got": got, "twice": twice})
 
-        doomed = subprocess.Popen([sys.executable, "-c", ABANDONED_CLIENT, address, "soak-local"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        doomed = subprocess.Popen(
+            [sys.executable, "-c", ABANDONED_CLIENT, address, "soak-local"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         threads = [threading.Thread(target=traffic, args=("soak-local", f"c{k}", 10, 0.01)) for k in range(2)]
         threads.append(threading.Thread(target=traffic, args=("soak-remote", "r0", 0, 0.02)))
         t0 = time.monotonic()
@@ -210,10 +250,13 @@ def test_soak_mixed_traffic_through_faults(process_cluster, mlp_path, request):
     remote_failed = sum(1 for rec in records if rec["name"].startswith("r") for r in rec["got"].values() if not r.ok)
     growth = {pid: end[pid] - warm[pid] for pid in warm if pid in end}
     restarts = status_local["restarts"] + status_remote["restarts"]
-    print(f"\nsoak {seconds:.0f}s: requests {total}, lost {lost}, duplicated {twice}, remote requests failed while "
-          f"the server was down {remote_failed}, restarts {restarts}, dead letters kept {sum(dead['end']) - sum(dead['start'])} "
-          f"dropped {dead['dropped']}, RSS growth per process (MiB) "
-          f"{ {pid: round(g / 2**20, 1) for pid, g in growth.items()} }")
+    print(
+        f"\nsoak {seconds:.0f}s: requests {total}, lost {lost}, duplicated {twice}, remote requests failed while "
+        f"the server was down {remote_failed}, restarts {restarts}, "
+        f"dead letters kept {sum(dead['end']) - sum(dead['start'])} "
+        f"dropped {dead['dropped']}, RSS growth per process (MiB) "
+        f"{ {pid: round(g / 2**20, 1) for pid, g in growth.items()} }"
+    )
     assert total > 1000 and lost == 0 and twice == 0
     assert all(g < RSS_GROWTH_LIMIT for g in growth.values()), growth
     assert restarts <= MAX_RESTARTS

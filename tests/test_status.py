@@ -19,8 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daskinfer.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "daskinfer.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _rows(out: str, name: str) -> dict[str, list[str]]:
@@ -52,8 +53,18 @@ def test_status_shows_partitions_owners_and_figures(client, mlp_deployed, poll):
                 return h["totals"]["errors"] == 3 and bool(h["points"]) and h["points"][-1]["requests_s"] > 0
 
             poll(seen, timeout=30, what="the controller's figures with traffic and the three errors")
-            proc = _cli("status", "--scheduler", client.scheduler.address, "--pipeline", name, "--watch",
-                        "--count", "2", "--interval", "0.2")
+            proc = _cli(
+                "status",
+                "--scheduler",
+                client.scheduler.address,
+                "--pipeline",
+                name,
+                "--watch",
+                "--count",
+                "2",
+                "--interval",
+                "0.2",
+            )
             stop.set()
             sender.join(30)
     finally:
@@ -93,16 +104,31 @@ def test_run_prints_figures_while_it_runs():
 
 
 def _history(points: list[dict], owners: dict, errors: int = 0) -> dict:
-    return {"points": points, "partition_points": {0: points}, "owners": owners, "partitions": 2,
-            "totals": {"answered": 10, "errors": errors}, "failures": {1: "ConfigError: no such model"}}
+    return {
+        "points": points,
+        "partition_points": {0: points},
+        "owners": owners,
+        "partitions": 2,
+        "totals": {"answered": 10, "errors": errors},
+        "failures": {1: "ConfigError: no such model"},
+    }
 
 
 def test_figures_line_and_table_format():
-    point = {"t": 1.0, "requests_s": 1234.5, "rows_s": 2469.0, "errors_s": 0.0, "lag": 12, "batch_rows": 61.7,
-             "p50": 0.0012, "p99": 0.0345}
+    point = {
+        "t": 1.0,
+        "requests_s": 1234.5,
+        "rows_s": 2469.0,
+        "errors_s": 0.0,
+        "lag": 12,
+        "batch_rows": 61.7,
+        "p50": 0.0012,
+        "p99": 0.0345,
+    }
     h = _history([point], {0: {"worker": "tcp://w:1", "state": "running", "errors": 2}}, errors=2)
-    assert figures_line("mlp", h) == ("mlp: 1/2 partitions, 1,234 req/s, 2,469 rows/s, lag 12, batch 62, "
-                                      "p50 1.2ms, p99 34.5ms, errors 2")
+    assert figures_line("mlp", h) == (
+        "mlp: 1/2 partitions, 1,234 req/s, 2,469 rows/s, lag 12, batch 62, p50 1.2ms, p99 34.5ms, errors 2"
+    )
     assert figures_line("mlp", _history([], {})) == "mlp: 0/2 partitions, 10 answered, errors 0 (no rates yet)"
     table = _rows(status_table({"mlp": h}), "mlp")
     assert table["all"] == ["mlp", "all", "-", "1/2", "1,234", "2,469", "12", "62", "1.2ms", "34.5ms", "2"]

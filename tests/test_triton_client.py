@@ -15,11 +15,10 @@ import uuid
 
 import numpy as np
 import pytest
+from optional import require
 
 from daskinfer import ModelServer, OnnxModel, Pipeline, deploy, deploy_pipeline, undeploy
 from daskinfer.testing import random_rows, run_onnx_directly
-
-from optional import require
 
 tritonclient = require("tritonclient", "tritonclient[all]")
 import tritonclient.grpc as triton_grpc  # noqa: E402
@@ -91,8 +90,9 @@ def test_grpc_infer(target, mlp_path):
     with triton_grpc.InferenceServerClient(target.grpc) as tc:
         inp = triton_grpc.InferInput("x", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
-        result = tc.infer(target.model, [inp], outputs=[triton_grpc.InferRequestedOutput("probabilities")],
-                          request_id="g-5")
+        result = tc.infer(
+            target.model, [inp], outputs=[triton_grpc.InferRequestedOutput("probabilities")], request_id="g-5"
+        )
         np.testing.assert_array_equal(result.as_numpy("probabilities"), expected(mlp_path, x))
         assert result.get_response().id == "g-5"
 
@@ -175,8 +175,11 @@ def test_errors_are_json_with_the_right_status(target):
             with pytest.raises(InferenceServerException) as info:
                 tc.infer(target.model, [inp])
             assert info.value.status() == want and "float32" in info.value.message()
-    for method, path, status in (("GET", "/v2/no/such/route", 404), ("POST", "/v2/health/live", 405),
-                                 ("GET", f"/v2/models/{target.model}/infer", 405)):
+    for method, path, status in (
+        ("GET", "/v2/no/such/route", 404),
+        ("POST", "/v2/health/live", 405),
+        ("GET", f"/v2/models/{target.model}/infer", 405),
+    ):
         req = urllib.request.Request(target.http_url + path, method=method, data=b"" if method == "POST" else None)
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(req, timeout=10)

@@ -15,13 +15,12 @@ import json
 import grpc
 import numpy as np
 import pytest
+from optional import require
 
 from daskinfer import ModelServer, OnnxModel
 from daskinfer.remote import v2
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.server.grpc_server import decode_request
-
-from optional import require
 
 require("hypothesis", "hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -32,21 +31,32 @@ FUZZ_SERVER = settings(max_examples=80, deadline=None, suppress_health_check=[He
 
 DATATYPES = [*v2.V2_TO_NUMPY, v2.BYTES]
 datatypes = st.sampled_from(DATATYPES) | st.sampled_from(["", "FP99", "fp32", "TYPE_FP32"])
-json_leaf = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True)
-             | st.text(max_size=6))
-json_values = st.recursive(json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=3),
-                           max_leaves=20)
+json_leaf = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=6)
+json_values = st.recursive(
+    json_leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=20
+)
 header_text = st.text(alphabet="0123456789x- .", max_size=4)  # what can travel in an HTTP header
 # values of one tensor's data: mostly of one kind (so that a datatype can match), sometimes mixed
-data_items = (st.floats(width=32) | st.integers(-300, 300) | st.integers(-(2**64), 2**64) | st.text(max_size=2)
-              | st.booleans() | st.none() | st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+data_items = (
+    st.floats(width=32)
+    | st.integers(-300, 300)
+    | st.integers(-(2**64), 2**64)
+    | st.text(max_size=2)
+    | st.booleans()
+    | st.none()
+    | st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)
+)
 dims = st.integers(-2, 6) | st.integers(-(2**63), 2**63 - 1)
 shapes = st.lists(dims, max_size=4)
 small_shapes = st.lists(st.integers(0, 3), max_size=3)
 
 
-_KIND_VALUES = {"f": st.floats(width=32), "i": st.integers(-(2**64), 2**64), "u": st.integers(-(2**64), 2**64),
-                "b": st.booleans()}
+_KIND_VALUES = {
+    "f": st.floats(width=32),
+    "i": st.integers(-(2**64), 2**64),
+    "u": st.integers(-(2**64), 2**64),
+    "b": st.booleans(),
+}
 _POISON = st.sampled_from([None, {}, [], 1, 1.5, True, "a", 2**70])
 
 
@@ -76,7 +86,9 @@ def json_tensors(draw, datatype: str | None = None):
     if kind == "good-binary":
         size = n * (v2.V2_TO_NUMPY[datatype].itemsize if datatype in v2.V2_TO_NUMPY else 4)
         binary = draw(st.binary(min_size=size, max_size=size) | st.binary(max_size=64))
-        t["parameters"] = {"binary_data_size": draw(st.sampled_from([len(binary)]) | st.integers(-3, 100) | json_values)}
+        t["parameters"] = {
+            "binary_data_size": draw(st.sampled_from([len(binary)]) | st.integers(-3, 100) | json_values)
+        }
     else:
         t["data"] = draw(data_of(datatype, n)) if not _now_and_then(draw, 4) else draw(json_values)
     if kind == "mutated":
@@ -90,11 +102,18 @@ def rest_bodies(draw):
     """(body bytes, Inference-Header-Content-Length value or None)."""
     tensors = draw(st.lists(json_tensors(), max_size=3))
     request: dict = {"inputs": [t for t, _ in tensors]}
-    output = st.fixed_dictionaries({"name": st.sampled_from(["probabilities", "nope"])},
-                                    optional={"parameters": st.fixed_dictionaries({}, optional={"binary_data": st.booleans()})})
-    parameters = st.fixed_dictionaries({}, optional={"binary_data_output": st.booleans(),
-                                                     "timeout": st.integers(1, 10**7)})
-    for key, valid in (("outputs", st.lists(output, max_size=2)), ("parameters", parameters), ("id", st.text(max_size=4))):
+    output = st.fixed_dictionaries(
+        {"name": st.sampled_from(["probabilities", "nope"])},
+        optional={"parameters": st.fixed_dictionaries({}, optional={"binary_data": st.booleans()})},
+    )
+    parameters = st.fixed_dictionaries(
+        {}, optional={"binary_data_output": st.booleans(), "timeout": st.integers(1, 10**7)}
+    )
+    for key, valid in (
+        ("outputs", st.lists(output, max_size=2)),
+        ("parameters", parameters),
+        ("id", st.text(max_size=4)),
+    ):
         if _now_and_then(draw, 2):
             request[key] = draw(json_values) if _now_and_then(draw, 5) else draw(valid)
     if _now_and_then(draw, 10):
@@ -194,13 +213,14 @@ def server(mlp_path):
         yield s
 
 
-
-
 @pytest.fixture(scope="module")
 def grpc_infer(server):
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
-        yield ch.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                             request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        yield ch.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
 
 
 @FUZZ_SERVER

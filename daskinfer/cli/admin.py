@@ -19,8 +19,9 @@ from typing import Any
 
 
 def _scheduler_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", default=None,
-                   help="address of the Dask scheduler (default: dask config scheduler-address)")
+    p.add_argument(
+        "--scheduler", default=None, help="address of the Dask scheduler (default: dask config scheduler-address)"
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the scheduler (default 10)")
 
 
@@ -39,8 +40,9 @@ def _connect(args: argparse.Namespace) -> Iterator[Any]:
 
     address = args.scheduler or dask.config.get("scheduler-address", None)
     if not address:
-        raise _Fail(f"give --scheduler ADDRESS (the scheduler the pipelines run on), or set "
-                    f"DASK_SCHEDULER_ADDRESS", status=2)
+        raise _Fail(
+            "give --scheduler ADDRESS (the scheduler the pipelines run on), or set DASK_SCHEDULER_ADDRESS", status=2
+        )
     try:
         client = Client(address, timeout=args.timeout)
     except (OSError, TimeoutError) as e:
@@ -49,7 +51,7 @@ def _connect(args: argparse.Namespace) -> Iterator[Any]:
         yield client
 
 
-def _table(header: Sequence[str], rows: list[Sequence[Any]]) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(c) for c in r] for r in [header, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
@@ -69,8 +71,10 @@ def pipelines_command(args: argparse.Namespace) -> int:
             if not listed:
                 print(f"no pipelines running on {client.scheduler.address}")
                 return 0
-            rows = [(name, p["inbox"], p["connector"], p["partitions"], len(p["assigned"]), p.get("model") or "-")
-                    for name, p in sorted(listed.items())]
+            rows = [
+                (name, p["inbox"], p["connector"], p["partitions"], len(p["assigned"]), p.get("model") or "-")
+                for name, p in sorted(listed.items())
+            ]
             print(_table(("NAME", "INBOX", "CONNECTOR", "PARTITIONS", "RUNNING", "MODEL"), rows))
             return 0
 
@@ -78,8 +82,13 @@ def pipelines_command(args: argparse.Namespace) -> int:
 
 
 def topics_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", choices=("list", "delete"), default="list",
-                   help="list the embedded broker's topics (default), or delete one")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=("list", "delete"),
+        default="list",
+        help="list the embedded broker's topics (default), or delete one",
+    )
     p.add_argument("name", nargs="?", help="the topic to delete")
     _scheduler_argument(p)
 
@@ -104,8 +113,10 @@ def topics_command(args: argparse.Namespace) -> int:
             if not listed:
                 print(f"no topics on {address}")
                 return 0
-            rows = [(name, t["kind"], t["partitions"], t["messages"], t["bytes"], t["dropped"])
-                    for name, t in sorted(listed.items())]
+            rows = [
+                (name, t["kind"], t["partitions"], t["messages"], t["bytes"], t["dropped"])
+                for name, t in sorted(listed.items())
+            ]
             print(_table(("NAME", "KIND", "PARTITIONS", "MESSAGES", "BYTES", "DROPPED"), rows))
             return 0
 

@@ -28,8 +28,8 @@ from daskinfer.exceptions import ConfigError
 if TYPE_CHECKING:
     from distributed import Client
 
-    from daskinfer.models.spec import Model
     from daskinfer.dataflow.pipeline import Pipeline, PipelineHandle
+    from daskinfer.models.spec import Model
 
 _TOP_KEYS = {"scheduler", "cluster", "config", "models", "pipelines"}
 
@@ -145,8 +145,10 @@ class Deployment:
         from daskinfer.models.deploy import deploy, deployed_models
 
         path = self.spec["_path"]
-        models = [build_model(e, self.spec["_base"], f"{path}: models[{i}]")
-                  for i, e in enumerate(self.spec.get("models", []))]
+        models = [
+            build_model(e, self.spec["_base"], f"{path}: models[{i}]")
+            for i, e in enumerate(self.spec.get("models", []))
+        ]
         pipes = [build_pipeline(e, f"{path}: pipelines[{i}]") for i, e in enumerate(self.spec.get("pipelines", []))]
         had_models = deployed_models(self.client)
         had_pipelines = set(pipelines(self.client))

@@ -31,9 +31,13 @@ def _name_value(text: str, what: str) -> tuple[str, str]:
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = ("Serve models over the KServe v2 protocol (gRPC and REST). The models run in this process: "
-                     "no Dask cluster is involved, so no --preload either.")
-    p.add_argument("--onnx", action="append", default=[], metavar="NAME=PATH", help="serve an ONNX model file (repeatable)")
+    p.description = (
+        "Serve models over the KServe v2 protocol (gRPC and REST). The models run in this process: "
+        "no Dask cluster is involved, so no --preload either."
+    )
+    p.add_argument(
+        "--onnx", action="append", default=[], metavar="NAME=PATH", help="serve an ONNX model file (repeatable)"
+    )
     p.add_argument(
         "--python",
         action="append",
@@ -47,7 +51,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=None, help="KServe v2 REST port (default 8000; 0: any free port)")
     p.add_argument("--no-grpc", action="store_true", help="do not serve gRPC")
     p.add_argument("--no-http", action="store_true", help="do not serve REST")
-    p.add_argument("--max-batch-size", type=int, default=None, help="most rows per model call (batching across callers)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=None, help="most rows per model call (batching across callers)"
+    )
     p.add_argument("--max-delay", default=None, help="longest wait for a batch to fill, e.g. 2ms (default 0)")
     p.add_argument("--max-inflight", type=int, default=None, help="model calls running at once per model")
     p.add_argument("--instances", type=int, default=None, help="model instances (parallel model calls)")
@@ -56,7 +62,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def _front_door_arguments(p: argparse.ArgumentParser) -> None:
     """TLS and limits that ``serve`` and ``gateway`` share."""
-    p.add_argument("--max-concurrent-calls", type=int, default=None, help="inference calls in flight at once (more: 503)")
+    p.add_argument(
+        "--max-concurrent-calls", type=int, default=None, help="inference calls in flight at once (more: 503)"
+    )
     p.add_argument("--tls-cert", default=None, help="PEM server certificate: gRPC and REST over TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM roots for client certificates (mutual TLS, both ports)")
@@ -133,9 +141,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", required=True, help="address of the Dask scheduler the pipelines run on")
-    p.add_argument("--pipeline", action="append", default=[], metavar="NAME=INBOX[:MODEL]",
-                   help="v2 model NAME in front of the pipeline reading INBOX (MODEL: its deployed model, "
-                   "default NAME); repeatable")
+    p.add_argument(
+        "--pipeline",
+        action="append",
+        default=[],
+        metavar="NAME=INBOX[:MODEL]",
+        help="v2 model NAME in front of the pipeline reading INBOX (MODEL: its deployed model, "
+        "default NAME); repeatable",
+    )
     p.add_argument("--host", default=None, help="interface to bind (default: daskinfer.gateway.host, 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None, help="KServe v2 REST port (default 8080; 0: any free port)")
     p.add_argument("--grpc-port", type=int, default=None, help="KServe v2 gRPC port (default 8081; 0: any free port)")
@@ -189,9 +202,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None, help="scheduler address (overrides the file's; none: a LocalCluster)")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    p.add_argument("--report-interval", default=None,
-                   help="print each pipeline's figures this often, e.g. 5s (default: daskinfer.dashboard.report-interval;"
-                   " 0: never)")
+    p.add_argument(
+        "--report-interval",
+        default=None,
+        help="print each pipeline's figures this often, e.g. 5s (default: daskinfer.dashboard.report-interval;"
+        " 0: never)",
+    )
 
 
 def _report_until(client: Any, stop: Any, duration: float | None, interval: float) -> None:
@@ -277,15 +293,23 @@ def _run(args: argparse.Namespace) -> int:
             app = Deployment(client, spec, report=_say)
             try:
                 handles = app.deploy()
-                _say(f"{len(handles)} pipeline(s) running on {client.scheduler.address}: "
-                     + ", ".join(f"{h.name} (inbox {h.inbox!r})" for h in handles))
-                _report_until(client, threading.Event(), args.duration,
-                              settings.get_seconds("dashboard.report-interval", args.report_interval))
+                _say(
+                    f"{len(handles)} pipeline(s) running on {client.scheduler.address}: "
+                    + ", ".join(f"{h.name} (inbox {h.inbox!r})" for h in handles)
+                )
+                _report_until(
+                    client,
+                    threading.Event(),
+                    args.duration,
+                    settings.get_seconds("dashboard.report-interval", args.report_interval),
+                )
             except DaskInferError as e:
                 print(f"daskinfer run: {e}", file=sys.stderr)
                 status = 1
             except KeyboardInterrupt as e:
-                _say(f"stopped ({'SIGTERM' if isinstance(e, _Terminated) else 'Ctrl-C'}); taking down what was deployed")
+                _say(
+                    f"stopped ({'SIGTERM' if isinstance(e, _Terminated) else 'Ctrl-C'}); taking down what was deployed"
+                )
             finally:
                 app.teardown()
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while starting or taking down
@@ -325,8 +349,14 @@ def _status(args: argparse.Namespace) -> int:
                     print("\x1b[H\x1b[2J", end="")
                 if args.watch:
                     print(time.strftime("%H:%M:%S"), args.scheduler)
-                print(status_table(pipelines) if pipelines else
-                      f"no pipeline {args.pipeline!r}" if args.pipeline else "no pipelines", flush=True)
+                print(
+                    status_table(pipelines)
+                    if pipelines
+                    else f"no pipeline {args.pipeline!r}"
+                    if args.pipeline
+                    else "no pipelines",
+                    flush=True,
+                )
                 shown += 1
                 if not args.watch or (args.count is not None and shown >= args.count):
                     return 0 if pipelines or not args.pipeline else 1
@@ -354,12 +384,27 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
     "serve": ("serve models over the KServe v2 protocol (gRPC and REST)", _serve_arguments, _serve),
     "gateway": ("KServe v2 (REST and gRPC) in front of pipelines on a Dask cluster", _gateway_arguments, _gateway),
     "run": ("deploy the models and pipelines of a YAML file and run them", _run_arguments, _run),
-    "status": ("the pipelines on a scheduler: partitions, owners, rows/s, lag, p99, errors", _status_arguments, _status),
-    "quickstart": ("run the bundled model through a local pipeline and print throughput", _quickstart_arguments, _quickstart),
+    "status": (
+        "the pipelines on a scheduler: partitions, owners, rows/s, lag, p99, errors",
+        _status_arguments,
+        _status,
+    ),
+    "quickstart": (
+        "run the bundled model through a local pipeline and print throughput",
+        _quickstart_arguments,
+        _quickstart,
+    ),
     "pipelines": ("list the pipelines running on a Dask cluster", admin.pipelines_arguments, admin.pipelines_command),
-    "topics": ("list the embedded broker's topics, or delete one (topics delete NAME)", admin.topics_arguments,
-               admin.topics_command),
-    "predict": ("score a parquet dataset with a model and write the scores as parquet", predict.add_arguments, predict.run),
+    "topics": (
+        "list the embedded broker's topics, or delete one (topics delete NAME)",
+        admin.topics_arguments,
+        admin.topics_command,
+    ),
+    "predict": (
+        "score a parquet dataset with a model and write the scores as parquet",
+        predict.add_arguments,
+        predict.run,
+    ),
 }
 """name -> (help, add_arguments(parser), run(args) -> exit status)."""
 
@@ -384,7 +429,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "daskinfer") -> int:
         p.print_help()
         return 2
     level = getattr(args, "log_level", "INFO")
-    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     return SUBCOMMANDS[args.command][2](args)
 
 

@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--columns", default=None, help="comma-separated feature columns (default: all but --keep)")
     p.add_argument("--keep", default=None, help="comma-separated input columns copied to the output (an id)")
     p.add_argument("--output", default=None, help="comma-separated model outputs to write (default: all)")
-    p.add_argument("--errors", choices=["raise", "column"], default=None, help="a row the model fails on: stop, or an error column")
+    p.add_argument(
+        "--errors", choices=["raise", "column"], default=None, help="a row the model fails on: stop, or an error column"
+    )
     p.add_argument("--max-batch-size", type=int, default=None, help="most rows per model call")
     p.add_argument("--scheduler", default=None, help="scheduler address (default: a LocalCluster)")
     p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes (default 2)")
@@ -67,8 +69,9 @@ def _shipped(name: str, target: str) -> Any:
     source = top.__file__ or ""
     with tempfile.TemporaryDirectory(prefix="daskinfer-predict-") as code:
         if os.path.basename(source) == "__init__.py":
-            shutil.copytree(os.path.dirname(source), os.path.join(code, top.__name__),
-                            ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(
+                os.path.dirname(source), os.path.join(code, top.__name__), ignore=shutil.ignore_patterns("__pycache__")
+            )
         else:
             shutil.copy(source, os.path.join(code, os.path.basename(source)))
         return PythonModel(name, directory=code, module=module, function=function)
@@ -118,8 +121,12 @@ def run(args: argparse.Namespace) -> int:
         written = dd.read_parquet(args.out)
         rows = len(written)
         column = settings.get("scoring.error-column")
-        failed = int(written[column].count().compute()) if settings.get("scoring.errors", args.errors) == "column" else 0
+        failed = (
+            int(written[column].count().compute()) if settings.get("scoring.errors", args.errors) == "column" else 0
+        )
     note = f", {failed} rows failed (see the error column)" if failed else ""
-    print(f"\nscored {rows} rows of {args.data} with model {model.name!r} into {args.out} in {elapsed:.1f}s "
-          f"({rows / max(elapsed, 1e-9):,.0f} rows/s){note}")
+    print(
+        f"\nscored {rows} rows of {args.data} with model {model.name!r} into {args.out} in {elapsed:.1f}s "
+        f"({rows / max(elapsed, 1e-9):,.0f} rows/s){note}"
+    )
     return 0

@@ -24,8 +24,10 @@ async def history_async(client: Client, name: str | None = None, last: int = 1) 
     """The latest ``last`` points of every pipeline (or of ``name``) on ``client``'s scheduler."""
     out = await client.scheduler.daskinfer_pipeline_history(name=name, last=last)
     if out is None:  # distributed answers None to an operation it has no handler for
-        raise NoController(f"no daskinfer pipelines on {client.scheduler.address}: its scheduler has no daskinfer "
-                           "controller (no pipeline was deployed there)")
+        raise NoController(
+            f"no daskinfer pipelines on {client.scheduler.address}: its scheduler has no daskinfer "
+            "controller (no pipeline was deployed there)"
+        )
     return out
 
 
@@ -54,8 +56,10 @@ def figures_line(name: str, h: dict[str, Any]) -> str:
     errors = f"errors {totals['errors']:,.0f}"
     if last is None:
         return f"{head}, {totals['answered']:,.0f} answered, {errors} (no rates yet)"
-    return (f"{head}, {_rate(last['requests_s'])} req/s, {_rate(last['rows_s'])} rows/s, lag {last['lag']:,}, "
-            f"batch {_rate(last['batch_rows'])}, p50 {_ms(last['p50'])}, p99 {_ms(last['p99'])}, {errors}")
+    return (
+        f"{head}, {_rate(last['requests_s'])} req/s, {_rate(last['rows_s'])} rows/s, lag {last['lag']:,}, "
+        f"batch {_rate(last['batch_rows'])}, p50 {_ms(last['p50'])}, p99 {_ms(last['p99'])}, {errors}"
+    )
 
 
 def status_table(pipelines: dict[str, dict[str, Any]]) -> str:
@@ -67,17 +71,33 @@ def status_table(pipelines: dict[str, dict[str, Any]]) -> str:
         def figures(p: dict[str, Any] | None, errors: Any) -> tuple[str, ...]:
             if p is None:
                 return ("-",) * 6 + (f"{errors:,.0f}" if isinstance(errors, (int, float)) else "-",)
-            return (_rate(p["requests_s"]), _rate(p["rows_s"]), f"{p['lag']:,}", _rate(p["batch_rows"]),
-                    _ms(p["p50"]), _ms(p["p99"]), f"{errors:,.0f}" if isinstance(errors, (int, float)) else "-")
+            return (
+                _rate(p["requests_s"]),
+                _rate(p["rows_s"]),
+                f"{p['lag']:,}",
+                _rate(p["batch_rows"]),
+                _ms(p["p50"]),
+                _ms(p["p99"]),
+                f"{errors:,.0f}" if isinstance(errors, (int, float)) else "-",
+            )
 
         rows.append((name, "all", "-", f"{len(h['owners'])}/{h['partitions']}", *figures(last, h["totals"]["errors"])))
         points = {int(p): pts for p, pts in (h.get("partition_points") or {}).items()}
         for p, owner in sorted((int(p), o) for p, o in h["owners"].items()):
-            rows.append((name, str(p), str(owner.get("worker")), str(owner.get("state")),
-                         *figures(_last(points.get(p)), owner.get("errors"))))
+            rows.append(
+                (
+                    name,
+                    str(p),
+                    str(owner.get("worker")),
+                    str(owner.get("state")),
+                    *figures(_last(points.get(p)), owner.get("errors")),
+                )
+            )
         for p, why in sorted((int(p), w) for p, w in (h.get("failures") or {}).items()):
             rows.append((name, str(p), "-", f"failed: {why}"[:60], *("-",) * 7))
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     right = {i for i, c in enumerate(COLUMNS) if c not in ("PIPELINE", "WORKER", "STATE")}
-    return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     .rstrip() for r in rows)
+    return "\n".join(
+        "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    )

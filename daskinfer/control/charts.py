@@ -11,8 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,16 @@ def _segments(xs: list[float], ys: list[float | None]) -> list[list[tuple[float,
     return [s for s in out if s]
 
 
-def line_chart(title: str, lines: Sequence[Line], *, unit: str = "", width: int = 440, height: int = 190,
-               now: float | None = None, span: float | None = None) -> str:
+def line_chart(
+    title: str,
+    lines: Sequence[Line],
+    *,
+    unit: str = "",
+    width: int = 440,
+    height: int = 190,
+    now: float | None = None,
+    span: float | None = None,
+) -> str:
     """An SVG line chart of ``lines`` against time.
 
     Parameters
@@ -89,10 +96,12 @@ def line_chart(title: str, lines: Sequence[Line], *, unit: str = "", width: int 
     def y_of(v: float) -> float:
         return top + ph * (1 - min(v / ymax, 1.0))
 
-    parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{left}" y="15" class="title">{html.escape(title)}</text>',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="plot"/>']
+    parts = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{left}" y="15" class="title">{html.escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="plot"/>',
+    ]
     for i in range(5):
         v = ymax * i / 4
         y = y_of(v)
@@ -102,8 +111,9 @@ def line_chart(title: str, lines: Sequence[Line], *, unit: str = "", width: int 
     for i in range(5):
         ago = span * (4 - i) / 4
         x = left + pw * i / 4
-        parts.append(f'<text x="{x:.1f}" y="{top + ph + 14}" class="xlabel">'
-                     f'{"now" if ago == 0 else f"-{ago:.0f}s"}</text>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{top + ph + 14}" class="xlabel">{"now" if ago == 0 else f"-{ago:.0f}s"}</text>'
+        )
     for line in lines:
         for seg in _segments([x_of(t) for t in line.t], list(line.values)):
             if len(seg) == 1:
@@ -111,13 +121,14 @@ def line_chart(title: str, lines: Sequence[Line], *, unit: str = "", width: int 
                 parts.append(f'<circle cx="{x:.1f}" cy="{y_of(v):.1f}" r="2" fill="{line.color}"/>')
                 continue
             pts = " ".join(f"{x:.1f},{y_of(v):.1f}" for x, v in seg)
-            parts.append(f'<polyline points="{pts}" fill="none" stroke="{line.color}" '
-                         f'stroke-width="{line.width}"/>')
+            parts.append(f'<polyline points="{pts}" fill="none" stroke="{line.color}" stroke-width="{line.width}"/>')
     lx = left
     for line in lines:
         label = html.escape(line.label)
-        parts.append(f'<rect x="{lx}" y="{height - 10}" width="10" height="3" fill="{line.color}"/>'
-                     f'<text x="{lx + 13}" y="{height - 6}" class="legend">{label}</text>')
+        parts.append(
+            f'<rect x="{lx}" y="{height - 10}" width="10" height="3" fill="{line.color}"/>'
+            f'<text x="{lx + 13}" y="{height - 6}" class="legend">{label}</text>'
+        )
         lx += 22 + 6 * len(line.label)
     parts.append("</svg>")
     return "".join(parts)

@@ -194,10 +194,17 @@ class ControllerExtension:
                 pass
         state = self._serving(inbox)
         if state is None:
-            return {"version": self.version, "pipeline": None,
-                    "inboxes": sorted({s.inbox for s in self.pipelines.values()})}
-        return {"version": self.version, "pipeline": state.name, "partitions": state.partitions,
-                "owners": dict(state.assigned)}
+            return {
+                "version": self.version,
+                "pipeline": None,
+                "inboxes": sorted({s.inbox for s in self.pipelines.values()}),
+            }
+        return {
+            "version": self.version,
+            "pipeline": state.name,
+            "partitions": state.partitions,
+            "owners": dict(state.assigned),
+        }
 
     # -- pipelines ------------------------------------------------------------------------------
     def _placeable_workers(self) -> list[str]:
@@ -210,8 +217,10 @@ class ControllerExtension:
         if spec["connector"] == "embedded":
             other = self._serving(spec["inbox"])
             if other is not None:
-                raise ValueError(f"inbox {spec['inbox']!r} is already served by pipeline {other.name!r}; "
-                                 "stop it first or use another inbox")
+                raise ValueError(
+                    f"inbox {spec['inbox']!r} is already served by pipeline {other.name!r}; "
+                    "stop it first or use another inbox"
+                )
         self.pipelines[name] = PipelineState(spec, self.history)
         await self.reconcile(name)
         return self.pipeline_assignments(name)
@@ -233,16 +242,27 @@ class ControllerExtension:
 
     async def _rpc_stop(self, worker: str, name: str, partition: int | None, drain: bool, timeout: float) -> None:
         try:
-            await asyncio.wait_for(self.scheduler.rpc(addr=worker).daskinfer_runner_stop(
-                pipeline=name, partition=partition, drain=drain), timeout)
+            await asyncio.wait_for(
+                self.scheduler.rpc(addr=worker).daskinfer_runner_stop(pipeline=name, partition=partition, drain=drain),
+                timeout,
+            )
         except Exception as e:  # the worker may be leaving; a new epoch fences it anyway
             logger.info("stopping pipeline %r partition %s on %s failed: %s", name, partition, worker, e)
 
     def pipeline_assignments(self, name: str) -> dict[str, Any]:
         state = self.pipelines[name]
-        return {"name": name, "state": "running", "inbox": state.inbox, "connector": state.connector,
-                "assigned": dict(state.assigned), "partitions": state.partitions, "moves": state.moves,
-                "restarts": state.restarts, "failures": dict(state.failures), "model": state.spec.get("model")}
+        return {
+            "name": name,
+            "state": "running",
+            "inbox": state.inbox,
+            "connector": state.connector,
+            "assigned": dict(state.assigned),
+            "partitions": state.partitions,
+            "moves": state.moves,
+            "restarts": state.restarts,
+            "failures": dict(state.failures),
+            "model": state.spec.get("model"),
+        }
 
     async def pipeline_status(self, name: str) -> dict[str, Any]:
         if name not in self.pipelines:
@@ -267,8 +287,8 @@ class ControllerExtension:
     def load_figures(self) -> dict[str, Any]:
         """Totals over all pipelines for :class:`~daskinfer.control.scaling.InferenceAdaptive`:
         backlog (requests waiting, every connector), requests answered, model busy seconds."""
-        backlog = done = 0
-        busy = 0.0
+        backlog = 0
+        done = busy = 0.0
         for state in self.pipelines.values():
             for fig in state.figures.values():
                 backlog += fig.get("backlog", 0) + fig.get("queued_rows", 0)
@@ -287,11 +307,21 @@ class ControllerExtension:
             owners = {}
             for p, w in sorted(state.assigned.items()):
                 fig = state.figures.get(p) or {}
-                owners[p] = {"worker": w, "state": fig.get("state", "starting"), "answered": fig.get("answered", 0),
-                             "errors": fig.get("errors", 0)}
-            out[pname] = {**state.series.to_plain(last), "owners": owners, "totals": state.totals(),
-                          "partitions": state.partitions, "failures": dict(state.failures),
-                          "inbox": state.inbox, "model": state.spec.get("model")}
+                owners[p] = {
+                    "worker": w,
+                    "state": fig.get("state", "starting"),
+                    "answered": fig.get("answered", 0),
+                    "errors": fig.get("errors", 0),
+                }
+            out[pname] = {
+                **state.series.to_plain(last),
+                "owners": owners,
+                "totals": state.totals(),
+                "partitions": state.partitions,
+                "failures": dict(state.failures),
+                "inbox": state.inbox,
+                "model": state.spec.get("model"),
+            }
         return out
 
     def list_pipelines(self) -> dict[str, dict[str, Any]]:
@@ -315,7 +345,9 @@ class ControllerExtension:
         self._routes_changed()
         try:
             await asyncio.wait_for(
-                self.scheduler.rpc(addr=worker).daskinfer_runner_start(spec=state.spec, partition=partition, epoch=epoch),
+                self.scheduler.rpc(addr=worker).daskinfer_runner_start(
+                    spec=state.spec, partition=partition, epoch=epoch
+                ),
                 self.rpc_timeout,
             )
             state.failures.pop(partition, None)
@@ -334,7 +366,8 @@ class ControllerExtension:
         async def poll(w: str) -> list[dict[str, Any]] | None:
             try:  # a status call is quick; a worker that does not answer soon is leaving
                 return await asyncio.wait_for(
-                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), self.poll_timeout)
+                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), self.poll_timeout
+                )
             except Exception:
                 return None
 
@@ -367,8 +400,13 @@ class ControllerExtension:
             # partitions on workers that are leaving (retiring, closing): drain there, then move
             leaving = [(p, w) for p, w in state.assigned.items() if w not in live]
             if leaving:
-                await asyncio.gather(*(self._rpc_stop(w, name, p, True, self.rpc_timeout + 30)
-                                       for p, w in leaving if w in self.scheduler.workers))
+                await asyncio.gather(
+                    *(
+                        self._rpc_stop(w, name, p, True, self.rpc_timeout + 30)
+                        for p, w in leaving
+                        if w in self.scheduler.workers
+                    )
+                )
                 for p, w in leaving:
                     if state.assigned.get(p) == w:
                         del state.assigned[p]

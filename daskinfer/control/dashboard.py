@@ -80,14 +80,18 @@ def _charts(h: dict[str, Any], now: float, span: float) -> str:
     parts = sorted((int(p), list(pts)) for p, pts in h["partition_points"].items())
 
     def lines(key: str, scale: float = 1.0, total: str | None = "all") -> list[Line]:
-        out = [Line(f"p{p}", *_series(pts, key, scale), color=PALETTE[i % len(PALETTE)])
-               for i, (p, pts) in enumerate(parts)]
+        out = [
+            Line(f"p{p}", *_series(pts, key, scale), color=PALETTE[i % len(PALETTE)])
+            for i, (p, pts) in enumerate(parts)
+        ]
         if total is not None:  # drawn last, on top of the partitions' lines
             out.append(Line(total, *_series(points, key, scale), color="#222", width=2.0))
         return out
 
-    latency = [Line("p50", *_series(points, "p50", 1e3), color=PALETTE[0], width=2.0),
-               Line("p99", *_series(points, "p99", 1e3), color=PALETTE[3], width=2.0)]
+    latency = [
+        Line("p50", *_series(points, "p50", 1e3), color=PALETTE[0], width=2.0),
+        Line("p99", *_series(points, "p99", 1e3), color=PALETTE[3], width=2.0),
+    ]
     charts = [
         line_chart("Throughput (requests/s)", lines("requests_s"), now=now, span=span),
         line_chart("Lag (requests waiting)", lines("lag"), now=now, span=span),
@@ -99,23 +103,28 @@ def _charts(h: dict[str, Any], now: float, span: float) -> str:
 
 
 def _table(h: dict[str, Any]) -> str:
-    rows = ['<table><tr><th>partition</th><th class="worker">worker</th><th>state</th><th>requests/s</th>'
-            '<th>rows/s</th><th>lag</th><th>batch</th><th>p50</th><th>p99</th><th>errors/s</th></tr>']
+    rows = [
+        '<table><tr><th>partition</th><th class="worker">worker</th><th>state</th><th>requests/s</th>'
+        "<th>rows/s</th><th>lag</th><th>batch</th><th>p50</th><th>p99</th><th>errors/s</th></tr>"
+    ]
     for p, owner in sorted((int(p), o) for p, o in h["owners"].items()):
         pts = h["partition_points"].get(p) or h["partition_points"].get(str(p)) or []
         last = pts[-1] if pts else None
         state = html.escape(str(owner.get("state")))
         cls = ' class="failed"' if owner.get("state") == "failed" else ""
 
-        def cell(key: str, fmt: Any = _num) -> str:
+        def cell(key: str, fmt: Any = _num, last: Any = last) -> str:
             return f"<td>{fmt(last[key]) if last else '-'}</td>"
 
-        rows.append(f'<tr><td>{p}</td><td class="worker">{html.escape(str(owner.get("worker")))}</td>'
-                    f'<td{cls}>{state}</td>{cell("requests_s")}{cell("rows_s")}{cell("lag")}{cell("batch_rows")}'
-                    f'{cell("p50", _ms)}{cell("p99", _ms)}{cell("errors_s")}</tr>')
+        rows.append(
+            f'<tr><td>{p}</td><td class="worker">{html.escape(str(owner.get("worker")))}</td>'
+            f"<td{cls}>{state}</td>{cell('requests_s')}{cell('rows_s')}{cell('lag')}{cell('batch_rows')}"
+            f"{cell('p50', _ms)}{cell('p99', _ms)}{cell('errors_s')}</tr>"
+        )
     for p, why in sorted(h.get("failures", {}).items()):
-        rows.append(f'<tr><td>{p}</td><td class="worker failed" colspan="9">failed to start: '
-                    f"{html.escape(str(why))}</td></tr>")
+        rows.append(
+            f'<tr><td>{p}</td><td class="worker failed" colspan="9">failed to start: {html.escape(str(why))}</td></tr>'
+        )
     rows.append("</table>")
     return "".join(rows)
 
@@ -132,21 +141,24 @@ def render_content(history: dict[str, dict[str, Any]], now: float | None = None)
         span = max(60.0, now - points[0]["t"]) if points else 60.0
         totals = h["totals"]
         last = points[-1] if points else None
-        facts = (f'inbox {html.escape(str(h["inbox"]))} &middot; model {html.escape(str(h["model"]))} &middot; '
-                 f'{len(h["owners"])}/{h["partitions"]} partitions placed &middot; '
-                 f'{totals["answered"]:,.0f} requests answered, {totals["errors"]:,.0f} errors')
+        facts = (
+            f"inbox {html.escape(str(h['inbox']))} &middot; model {html.escape(str(h['model']))} &middot; "
+            f"{len(h['owners'])}/{h['partitions']} partitions placed &middot; "
+            f"{totals['answered']:,.0f} requests answered, {totals['errors']:,.0f} errors"
+        )
         if last is not None:
-            facts += (f' &middot; now {_num(last["requests_s"])} requests/s, lag {last["lag"]}, '
-                      f'p99 {_ms(last["p99"])}')
-        out.append(f'<section class="pipeline" data-pipeline="{html.escape(name)}"><h2>{html.escape(name)}</h2>'
-                   f'<div class="facts">{facts}</div>{_table(h)}{_charts(h, now, span)}</section>')
+            facts += f" &middot; now {_num(last['requests_s'])} requests/s, lag {last['lag']}, p99 {_ms(last['p99'])}"
+        out.append(
+            f'<section class="pipeline" data-pipeline="{html.escape(name)}"><h2>{html.escape(name)}</h2>'
+            f'<div class="facts">{facts}</div>{_table(h)}{_charts(h, now, span)}</section>'
+        )
     return "".join(out)
 
 
 def render_page(history: dict[str, dict[str, Any]], scheduler_address: str, refresh: float) -> str:
     """The whole page: header, content, and the script that redraws the content."""
     return (
-        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>daskinfer pipelines</title>"
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><title>daskinfer pipelines</title>'
         f"<style>{_STYLE}</style></head><body><header><h1>daskinfer pipelines</h1>"
         f'<span class="facts">scheduler {html.escape(scheduler_address)}</span>'
         '<a class="facts" href="status">Dask dashboard</a></header>'

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,7 +55,7 @@ class Families:
     def __init__(self) -> None:
         self._families: dict[str, Metric] = {}
 
-    def _family(self, cls: type, name: str, doc: str, labels: Sequence[str]) -> Any:
+    def _family(self, cls: type, name: str, doc: str, labels: Iterable[str]) -> Any:
         fam = self._families.get(name)
         if fam is None:
             fam = self._families[name] = cls(name, doc, labels=list(labels))
@@ -69,7 +69,8 @@ class Families:
 
     def histogram(self, name: str, doc: str, labels: dict[str, str], hist: Histogram) -> None:
         self._family(HistogramMetricFamily, name, doc, labels).add_metric(
-            list(labels.values()), histogram_buckets(hist), hist.sum)
+            list(labels.values()), histogram_buckets(hist), hist.sum
+        )
 
     def __iter__(self) -> Iterator[Metric]:
         return iter(self._families.values())
@@ -102,26 +103,47 @@ class WorkerCollector:
         out.counter("daskinfer_requests", "Requests answered (with outputs or an error)", labels, c["answered"])
         out.counter("daskinfer_rows", "Rows answered", labels, c["rows"])
         out.counter("daskinfer_batches", "Batches answered", labels, c["batches"])
-        out.counter("daskinfer_messages_read", "Inbox messages read (a message holds one or more requests)",
-                    labels, c["read"])
+        out.counter(
+            "daskinfer_messages_read", "Inbox messages read (a message holds one or more requests)", labels, c["read"]
+        )
         out.counter("daskinfer_model_busy_seconds", "Seconds spent in model calls", labels, c["busy"])
         out.gauge("daskinfer_inflight_batches", "Batches being answered or written", labels, c["inflight"])
         out.gauge("daskinfer_queued_rows", "Rows read and waiting for a batch", labels, c["queued_rows"])
-        out.gauge("daskinfer_inbox_backlog", "Inbox messages not yet taken by the partition (as of the controller's "
-                  "last poll)", labels, c["backlog"])
+        out.gauge(
+            "daskinfer_inbox_backlog",
+            "Inbox messages not yet taken by the partition (as of the controller's last poll)",
+            labels,
+            c["backlog"],
+        )
         stats = runner.stats
         if stats is None:
             return
         for error_type, n in stats.errors.items():
-            out.counter("daskinfer_errors", "Requests answered with an error, by error type",
-                        {**labels, "error_type": error_type}, n)
+            out.counter(
+                "daskinfer_errors",
+                "Requests answered with an error, by error type",
+                {**labels, "error_type": error_type},
+                n,
+            )
         out.histogram("daskinfer_batch_rows", "Rows per batch", labels, stats.batch_rows)
-        out.histogram("daskinfer_queue_wait_seconds", "Seconds from a request's read until its batch started",
-                      labels, stats.queue_wait)
-        out.histogram("daskinfer_inference_seconds", "Seconds per batch in the pipeline's stages (models included)",
-                      labels, stats.inference)
-        out.histogram("daskinfer_request_latency_seconds", "Seconds from a request's read until its answer was "
-                      "written", labels, stats.latency)
+        out.histogram(
+            "daskinfer_queue_wait_seconds",
+            "Seconds from a request's read until its batch started",
+            labels,
+            stats.queue_wait,
+        )
+        out.histogram(
+            "daskinfer_inference_seconds",
+            "Seconds per batch in the pipeline's stages (models included)",
+            labels,
+            stats.inference,
+        )
+        out.histogram(
+            "daskinfer_request_latency_seconds",
+            "Seconds from a request's read until its answer was written",
+            labels,
+            stats.latency,
+        )
 
     @staticmethod
     def _models(out: Families, worker: str, registry: Any) -> None:
@@ -131,8 +153,12 @@ class WorkerCollector:
             except ModelNotFoundError:  # retired since names() (loading runs in a thread)
                 continue
             kind = getattr(dep.model, "kind", "")
-            out.gauge("daskinfer_model_info", "1 for each model version loaded and current on this worker",
-                      {"worker": worker, "model": name, "version": version, "kind": kind}, 1)
+            out.gauge(
+                "daskinfer_model_info",
+                "1 for each model version loaded and current on this worker",
+                {"worker": worker, "model": name, "version": version, "kind": kind},
+                1,
+            )
             remotes = [i for i in dep.instances if isinstance(i, LoadedRemote)]
             if remotes:
                 WorkerCollector._remote(out, {"worker": worker, "model": name, "service": remotes[0].service}, remotes)
@@ -142,21 +168,40 @@ class WorkerCollector:
         def total(field: str) -> int:
             return sum(getattr(r.stats, field) for r in remotes)
 
-        out.counter("daskinfer_remote_calls", "Calls to a remote model service (one per chunk of a batch)",
-                    labels, total("calls"))
-        out.counter("daskinfer_remote_attempts", "Attempts of remote calls, retries included", labels, total("attempts"))
-        out.counter("daskinfer_remote_retries", "Remote calls tried again after a retryable failure", labels,
-                    total("retries"))
+        out.counter(
+            "daskinfer_remote_calls",
+            "Calls to a remote model service (one per chunk of a batch)",
+            labels,
+            total("calls"),
+        )
+        out.counter(
+            "daskinfer_remote_attempts", "Attempts of remote calls, retries included", labels, total("attempts")
+        )
+        out.counter(
+            "daskinfer_remote_retries", "Remote calls tried again after a retryable failure", labels, total("retries")
+        )
         out.counter("daskinfer_remote_failures", "Remote calls that failed for good", labels, total("failures"))
-        out.counter("daskinfer_remote_fast_failures", "Remote calls refused at once by an open circuit breaker",
-                    labels, total("fast_failures"))
+        out.counter(
+            "daskinfer_remote_fast_failures",
+            "Remote calls refused at once by an open circuit breaker",
+            labels,
+            total("fast_failures"),
+        )
         out.counter("daskinfer_remote_rows", "Rows sent to remote model services", labels, total("rows"))
-        out.counter("daskinfer_remote_breaker_opened", "Times the circuit breaker opened", labels,
-                    sum(r.breaker.times_opened for r in remotes))
+        out.counter(
+            "daskinfer_remote_breaker_opened",
+            "Times the circuit breaker opened",
+            labels,
+            sum(r.breaker.times_opened for r in remotes),
+        )
         states = {r.breaker.state for r in remotes}
         for state in BREAKER_STATES:
-            out.gauge("daskinfer_remote_breaker_state", "1 for the circuit breaker's state (closed, open, half-open)",
-                      {**labels, "state": state}, int(state in states))
+            out.gauge(
+                "daskinfer_remote_breaker_state",
+                "1 for the circuit breaker's state (closed, open, half-open)",
+                {**labels, "state": state},
+                int(state in states),
+            )
 
 
 class SchedulerCollector:
@@ -173,30 +218,53 @@ class SchedulerCollector:
         for controller in list(self.watched):
             for name, state in list(controller.pipelines.items()):
                 labels = {"pipeline": name}
-                out.gauge("daskinfer_pipeline_partitions", "Partitions of the pipeline's inbox", labels, state.partitions)
-                out.gauge("daskinfer_pipeline_partitions_placed", "Partitions with a worker", labels,
-                          len(state.assigned))
-                out.gauge("daskinfer_pipeline_partitions_failed", "Partitions that failed to start", labels,
-                          len(state.failures))
+                out.gauge(
+                    "daskinfer_pipeline_partitions", "Partitions of the pipeline's inbox", labels, state.partitions
+                )
+                out.gauge(
+                    "daskinfer_pipeline_partitions_placed", "Partitions with a worker", labels, len(state.assigned)
+                )
+                out.gauge(
+                    "daskinfer_pipeline_partitions_failed",
+                    "Partitions that failed to start",
+                    labels,
+                    len(state.failures),
+                )
                 out.counter("daskinfer_pipeline_moves", "Partitions moved to another worker", labels, state.moves)
-                out.counter("daskinfer_pipeline_restarts", "Partitions restarted after their runner stopped", labels,
-                            state.restarts)
+                out.counter(
+                    "daskinfer_pipeline_restarts",
+                    "Partitions restarted after their runner stopped",
+                    labels,
+                    state.restarts,
+                )
                 totals = state.totals()
-                out.counter("daskinfer_pipeline_requests", "Requests answered, over every runner the pipeline had",
-                            labels, totals["answered"])
+                out.counter(
+                    "daskinfer_pipeline_requests",
+                    "Requests answered, over every runner the pipeline had",
+                    labels,
+                    totals["answered"],
+                )
                 out.counter("daskinfer_pipeline_errors", "Requests answered with an error", labels, totals["errors"])
                 out.counter("daskinfer_pipeline_rows", "Rows answered", labels, totals["rows"])
                 out.counter("daskinfer_pipeline_batches", "Batches answered", labels, totals["batches"])
                 for p, fig in sorted(state.figures.items()):
-                    out.gauge("daskinfer_pipeline_lag", "Requests waiting in a partition: inbox backlog plus rows "
-                              "queued for a batch (as of the last poll)", {**labels, "partition": str(p)},
-                              (fig.get("backlog", 0) or 0) + (fig.get("queued_rows", 0) or 0))
+                    out.gauge(
+                        "daskinfer_pipeline_lag",
+                        "Requests waiting in a partition: inbox backlog plus rows "
+                        "queued for a batch (as of the last poll)",
+                        {**labels, "partition": str(p)},
+                        (fig.get("backlog", 0) or 0) + (fig.get("queued_rows", 0) or 0),
+                    )
                 last = state.series.points[-1] if state.series.points else None
                 for q in ("p50", "p99"):
                     value = getattr(last, q) if last is not None else None
                     if value is not None:
-                        out.gauge(f"daskinfer_pipeline_latency_{q}_seconds", f"{q} of the latency from read to "
-                                  "written over the last sampling interval", labels, value)
+                        out.gauge(
+                            f"daskinfer_pipeline_latency_{q}_seconds",
+                            f"{q} of the latency from read to written over the last sampling interval",
+                            labels,
+                            value,
+                        )
             broker = controller.scheduler.extensions.get(BROKER)
             if broker is not None:
                 self._topics(out, broker)
@@ -206,12 +274,24 @@ class SchedulerCollector:
     def _topics(out: Families, broker: Any) -> None:
         for name, topic in list(broker.topics.items()):
             labels = {"topic": name}
-            out.gauge("daskinfer_topic_messages", "Messages held by a topic of the embedded broker", labels,
-                      sum(len(log) for log in topic.logs))
-            out.gauge("daskinfer_topic_bytes", "Bytes held by a topic of the embedded broker", labels,
-                      sum(log.bytes for log in topic.logs))
-            out.counter("daskinfer_topic_dropped", "Messages a topic dropped by retention (count, bytes or age)",
-                        labels, topic.dropped)
+            out.gauge(
+                "daskinfer_topic_messages",
+                "Messages held by a topic of the embedded broker",
+                labels,
+                sum(len(log) for log in topic.logs),
+            )
+            out.gauge(
+                "daskinfer_topic_bytes",
+                "Bytes held by a topic of the embedded broker",
+                labels,
+                sum(log.bytes for log in topic.logs),
+            )
+            out.counter(
+                "daskinfer_topic_dropped",
+                "Messages a topic dropped by retention (count, bytes or age)",
+                labels,
+                topic.dropped,
+            )
 
 
 _lock = threading.Lock()

@@ -70,8 +70,11 @@ class PartitionsExtension:
         return [k[1] for k in keys]
 
     async def runner_status(self, pipeline: str | None = None) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(r.status() for (p, _), r in self.runners.items()
-                                           if pipeline is None or p == pipeline)))
+        return list(
+            await asyncio.gather(
+                *(r.status() for (p, _), r in self.runners.items() if pipeline is None or p == pipeline)
+            )
+        )
 
     async def close(self, drain: bool = True) -> None:
         runners = list(self.runners.values())

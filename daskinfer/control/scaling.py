@@ -87,8 +87,9 @@ class InferenceAdaptive(Adaptive):
         ``minimum``, ``maximum``, ``interval``, ``wait_count`` ... of :class:`distributed.Adaptive`.
     """
 
-    def __init__(self, *args: Any, target_lag: str | float | None = None, scale_down_busy: float | None = None,
-                 **kwargs: Any):
+    def __init__(
+        self, *args: Any, target_lag: str | float | None = None, scale_down_busy: float | None = None, **kwargs: Any
+    ):
         kwargs.setdefault("interval", settings.get("scaling.interval"))
         kwargs.setdefault("wait_count", settings.get("scaling.wait-count"))
         super().__init__(*args, **kwargs)

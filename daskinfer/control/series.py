@@ -132,4 +132,7 @@ class PipelineSeries:
             items = list(points) if last is None else list(points)[-last:]
             return [p.to_plain() for p in items]
 
-        return {"points": tail(self.points), "partition_points": {p: tail(d) for p, d in sorted(self.partitions.items())}}
+        return {
+            "points": tail(self.points),
+            "partition_points": {p: tail(d) for p, d in sorted(self.partitions.items())},
+        }

@@ -152,7 +152,9 @@ def to_onnx(
     try:
         proto = converter.convert(model, x.shape[1], input_name, opset)
     except Exception as e:
-        raise ConversionError(f"converting {type(model).__name__} ({framework}) to ONNX failed: {type(e).__name__}: {e}") from e
+        raise ConversionError(
+            f"converting {type(model).__name__} ({framework}) to ONNX failed: {type(e).__name__}: {e}"
+        ) from e
     _dynamic_rows(proto)
     onnx_bytes = proto.SerializeToString()
     loaded = OnnxModel("to-onnx-check", onnx_bytes, warmup=False).load()
@@ -191,11 +193,15 @@ def _compare(model: Any, x: np.ndarray, got: dict[str, np.ndarray], rtol: float,
         probs_name = next((k for k, v in got.items() if v.dtype.kind == "f" and v.ndim == 2), None)
         label_name = next((k for k in got if k != probs_name), None)
         if probs_name is None or label_name is None:
-            raise ConversionError(f"the ONNX model of classifier {name} gives outputs {list(got)}; expected a label and probabilities")
+            raise ConversionError(
+                f"the ONNX model of classifier {name} gives outputs {list(got)}; expected a label and probabilities"
+            )
         reference = model.predict_proba(x)
         return [
             compare_values(probs_name, f"{name}.predict_proba", got[probs_name], reference, rtol, atol),
-            compare_labels(label_name, f"{name}.predict", got[label_name], np.asarray(model.predict(x)), reference, atol),
+            compare_labels(
+                label_name, f"{name}.predict", got[label_name], np.asarray(model.predict(x)), reference, atol
+            ),
         ]
     (out_name, value), *_ = got.items()
     reference = np.asarray(model.predict(x))

@@ -38,7 +38,9 @@ def _worst(onnx_out: np.ndarray, reference: np.ndarray) -> tuple[float, tuple[in
     return float(diff.max()) if diff.size else 0.0, tuple(int(i) for i in at)
 
 
-def compare_values(output: str, method: str, onnx_out: np.ndarray, reference: np.ndarray, rtol: float, atol: float) -> Comparison:
+def compare_values(
+    output: str, method: str, onnx_out: np.ndarray, reference: np.ndarray, rtol: float, atol: float
+) -> Comparison:
     """Check ``onnx_out`` against ``reference`` within ``atol + rtol * |reference|``."""
     onnx_out = onnx_out.reshape(reference.shape) if onnx_out.size == reference.size else onnx_out
     if onnx_out.shape != reference.shape:
@@ -57,7 +59,9 @@ def compare_values(output: str, method: str, onnx_out: np.ndarray, reference: np
     return Comparison(output, method, worst)
 
 
-def compare_labels(output: str, method: str, labels: np.ndarray, reference: np.ndarray, probabilities: np.ndarray, atol: float) -> Comparison:
+def compare_labels(
+    output: str, method: str, labels: np.ndarray, reference: np.ndarray, probabilities: np.ndarray, atol: float
+) -> Comparison:
     """Labels must agree, except on rows whose two highest probabilities tie within ``atol``."""
     labels = labels.reshape(reference.shape)
     differ = labels.astype(str) != reference.astype(str)

@@ -45,9 +45,7 @@ class Rejected:
 
 
 def _signature(cols: RequestColumns) -> tuple:
-    return (cols.model,) + tuple(
-        (k, v.dtype.str, v.shape[1:]) for k, v in sorted(cols.inputs.items())
-    )
+    return (cols.model,) + tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(cols.inputs.items()))
 
 
 class RequestBatch:
@@ -79,12 +77,34 @@ class RequestBatch:
         requests with the same key are answered in order).
     """
 
-    __slots__ = ("ids", "columns", "offsets", "batched", "keys", "model", "deadlines", "sent_at", "origin",
-                 "origins", "seq")
+    __slots__ = (
+        "ids",
+        "columns",
+        "offsets",
+        "batched",
+        "keys",
+        "model",
+        "deadlines",
+        "sent_at",
+        "origin",
+        "origins",
+        "seq",
+    )
 
-    def __init__(self, ids: list[str], columns: dict[str, np.ndarray], offsets: np.ndarray | None,
-                 batched: np.ndarray, keys: list[Any] | None, model: str | None, deadlines: np.ndarray,
-                 sent_at: np.ndarray, origin: np.ndarray, origins: list[Origin], seq: np.ndarray | None = None):
+    def __init__(
+        self,
+        ids: list[str],
+        columns: dict[str, np.ndarray],
+        offsets: np.ndarray | None,
+        batched: np.ndarray,
+        keys: list[Any] | None,
+        model: str | None,
+        deadlines: np.ndarray,
+        sent_at: np.ndarray,
+        origin: np.ndarray,
+        origins: list[Origin],
+        seq: np.ndarray | None = None,
+    ):
         self.ids = ids
         self.columns = columns
         self.offsets = offsets
@@ -136,7 +156,7 @@ class RequestBatch:
             counts = np.concatenate([b.row_counts() for b in batches])
             offsets = np.zeros(len(ids) + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
-        keys = None
+        keys: list[Any] | None = None
         if any(b.keys is not None for b in batches):
             keys = []
             for b in batches:
@@ -147,9 +167,12 @@ class RequestBatch:
             shifted.append(b.origin + len(origins))
             origins += b.origins
         return cls(
-            ids, columns, offsets,
+            ids,
+            columns,
+            offsets,
             np.concatenate([b.batched for b in batches]),
-            keys, batches[0].model,
+            keys,
+            batches[0].model,
             np.concatenate([b.deadlines for b in batches]),
             np.concatenate([b.sent_at for b in batches]),
             np.concatenate(shifted).astype(np.int32, copy=False),
@@ -197,8 +220,19 @@ class RequestBatch:
         requests = np.asarray(requests, dtype=np.int64)
         cols = self.columns if columns is None else columns
         if len(requests) == len(self.ids) and (requests == np.arange(len(requests))).all():
-            return RequestBatch(self.ids, dict(cols), self.offsets, self.batched, self.keys, self.model,
-                                self.deadlines, self.sent_at, self.origin, self.origins, self.seq)
+            return RequestBatch(
+                self.ids,
+                dict(cols),
+                self.offsets,
+                self.batched,
+                self.keys,
+                self.model,
+                self.deadlines,
+                self.sent_at,
+                self.origin,
+                self.origins,
+                self.seq,
+            )
         if len(requests) and requests[-1] - requests[0] == len(requests) - 1 and (np.diff(requests) == 1).all():
             return self.slice(int(requests[0]), int(requests[-1]) + 1, cols)
         rows = self.row_index(requests)
@@ -227,17 +261,36 @@ class RequestBatch:
         """Requests ``start:end``, as views (no copy of their rows)."""
         cols = self.columns if columns is None else columns
         r0, r1 = self.request_rows(start, end)
-        offsets = None if self.offsets is None else self.offsets[start:end + 1] - self.offsets[start]
+        offsets = None if self.offsets is None else self.offsets[start : end + 1] - self.offsets[start]
         return RequestBatch(
-            self.ids[start:end], {k: v[r0:r1] for k, v in cols.items()}, offsets, self.batched[start:end],
-            None if self.keys is None else self.keys[start:end], self.model, self.deadlines[start:end],
-            self.sent_at[start:end], self.origin[start:end], self.origins, self.seq[start:end],
+            self.ids[start:end],
+            {k: v[r0:r1] for k, v in cols.items()},
+            offsets,
+            self.batched[start:end],
+            None if self.keys is None else self.keys[start:end],
+            self.model,
+            self.deadlines[start:end],
+            self.sent_at[start:end],
+            self.origin[start:end],
+            self.origins,
+            self.seq[start:end],
         )
 
     def with_columns(self, columns: dict[str, np.ndarray]) -> RequestBatch:
         """The same requests with other columns (same rows)."""
-        return RequestBatch(self.ids, columns, self.offsets, self.batched, self.keys, self.model, self.deadlines,
-                            self.sent_at, self.origin, self.origins, self.seq)
+        return RequestBatch(
+            self.ids,
+            columns,
+            self.offsets,
+            self.batched,
+            self.keys,
+            self.model,
+            self.deadlines,
+            self.sent_at,
+            self.origin,
+            self.origins,
+            self.seq,
+        )
 
     def shift_seq(self, by: int) -> RequestBatch:
         """The same batch placed ``by`` later in arrival order (reads merged after others)."""

@@ -96,11 +96,6 @@ class BatchPolicy:
         if not queued_rows or inflight >= self.max_inflight:
             return Decision(0, None)
         n, rows = self.take_count(queued_rows)
-        if (
-            self.max_delay > 0
-            and rows < self.max_batch_size
-            and n == len(queued_rows)
-            and oldest_wait < self.max_delay
-        ):
+        if self.max_delay > 0 and rows < self.max_batch_size and n == len(queued_rows) and oldest_wait < self.max_delay:
             return Decision(0, self.max_delay - oldest_wait)
         return Decision(n, None)

@@ -52,7 +52,6 @@ def decode_read(payloads: list[bytes], read: Any, max_request_size: int) -> Inbo
     return InboxBatch(requests, rejected, [read], sum(b.n_rows for b in requests) + len(rejected), n)
 
 
-
 def merge(batches: Sequence[InboxBatch]) -> InboxBatch:
     """Several reads as one batch (request batches of the same signature joined)."""
     if len(batches) == 1:
@@ -67,8 +66,9 @@ def merge(batches: Sequence[InboxBatch]) -> InboxBatch:
         seen += b.seq_end
         rejected += b.rejected
         reads += b.reads
-    return InboxBatch([RequestBatch.concat(g) for g in groups.values()], rejected, reads,
-                      sum(b.n_rows for b in batches), seen)
+    return InboxBatch(
+        [RequestBatch.concat(g) for g in groups.values()], rejected, reads, sum(b.n_rows for b in batches), seen
+    )
 
 
 class InboxSource(Source):
@@ -87,8 +87,16 @@ class InboxSource(Source):
         The reading task.
     """
 
-    def __init__(self, connector: Connector, *, max_messages: int, max_request_size: int, max_rows: int,
-                 poll_timeout: float = 0.5, **kwargs: Any):
+    def __init__(
+        self,
+        connector: Connector,
+        *,
+        max_messages: int,
+        max_request_size: int,
+        max_rows: int,
+        poll_timeout: float = 0.5,
+        **kwargs: Any,
+    ):
         self.connector = connector
         self.max_rows = max_rows
         self.max_messages = max_messages
@@ -97,6 +105,7 @@ class InboxSource(Source):
         self.read_count = 0
         self.error: BaseException | None = None
         self.task: asyncio.Task | None = None
+        self.stopped: bool = True
         kwargs.setdefault("asynchronous", True)
         super().__init__(**kwargs)
 
@@ -153,8 +162,14 @@ class answer_batches(Stream):
         by type, updated once per batch.
     """
 
-    def __init__(self, upstream: Stream, stages: Sequence[Stage], context: StageContext,
-                 outputs: Sequence[str] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        upstream: Stream,
+        stages: Sequence[Stage],
+        context: StageContext,
+        outputs: Sequence[str] | None = None,
+        **kwargs: Any,
+    ):
         self.stages = list(stages)
         self.context = context
         self.outputs = list(outputs) if outputs else None
@@ -220,8 +235,9 @@ class write_results(Stream):
         The write that failed.
     """
 
-    def __init__(self, upstream: Stream, connector: Connector, writer: ResultWriter, on_error: Any = None,
-                 **kwargs: Any):
+    def __init__(
+        self, upstream: Stream, connector: Connector, writer: ResultWriter, on_error: Any = None, **kwargs: Any
+    ):
         self.connector = connector
         self.writer = writer
         self.on_error = on_error

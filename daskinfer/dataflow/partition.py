@@ -40,9 +40,17 @@ def make_connector(spec: PipelineSpec, worker: Worker, partition: int, epoch: in
         from daskinfer.connectors.embedded.connector import EmbeddedConnector
 
         st = spec.settings
-        return EmbeddedConnector(worker.scheduler, endpoint_for(worker), spec.inbox, spec.name, partition, epoch,
-                                 max_queued_messages=st.direct_max_messages, max_queued_bytes=st.direct_max_bytes,
-                                 read_bytes=st.read_bytes)
+        return EmbeddedConnector(
+            worker.scheduler,
+            endpoint_for(worker),
+            spec.inbox,
+            spec.name,
+            partition,
+            epoch,
+            max_queued_messages=st.direct_max_messages,
+            max_queued_bytes=st.direct_max_bytes,
+            read_bytes=st.read_bytes,
+        )
     if spec.connector == "redis":
         from daskinfer.connectors.redis import RedisConnector
 
@@ -135,8 +143,10 @@ class PartitionRunner:
                 declared = [o.name for o in dep.outputs] if dep is not None and dep.outputs else None
                 missing = [o for o in s.outputs if declared is not None and o not in declared]
                 if missing:
-                    raise ConfigError(f"pipeline {self.spec.name!r}: model {name!r} has no output {missing[0]!r}; "
-                                      f"its outputs are {declared}")
+                    raise ConfigError(
+                        f"pipeline {self.spec.name!r}: model {name!r} has no output {missing[0]!r}; "
+                        f"its outputs are {declared}"
+                    )
 
     async def _start(self) -> None:
         spec, st = self.spec, self.spec.settings
@@ -146,13 +156,19 @@ class PartitionRunner:
         self.connector = make_connector(spec, self.worker, self.partition, self.epoch)
         await self.connector.start()
         context = StageContext(
-            registry_for(self.worker), default_model=spec.model, allowed_models=spec.models,
-            max_batch_size=st.max_batch_size, executor=self.executor, inline_rows=st.inline_rows,
-            max_bisect_calls=st.max_bisect_calls, install_models=False,
+            registry_for(self.worker),
+            default_model=spec.model,
+            allowed_models=spec.models,
+            max_batch_size=st.max_batch_size,
+            executor=self.executor,
+            inline_rows=st.inline_rows,
+            max_bisect_calls=st.max_bisect_calls,
+            install_models=False,
         )
         writer = ResultWriter(spec.outbox, spec.dead_letter, spec.reply_prefixes)
-        self.source = InboxSource(self.connector, max_messages=st.read_batch, max_request_size=st.max_request_size,
-                                  max_rows=st.max_batch_size)
+        self.source = InboxSource(
+            self.connector, max_messages=st.read_batch, max_request_size=st.max_request_size, max_rows=st.max_batch_size
+        )
         self.batcher = self.source.smart_batch(st.max_batch_size, st.max_delay, st.max_inflight)
         self.answerer = self.batcher.answer_batches(stages, context, spec.outputs)
         self.sink = self.answerer.write_results(self.connector, writer, on_error=self._failed)
@@ -183,10 +199,12 @@ class PartitionRunner:
     def idle(self) -> bool:
         """Nothing read is still being answered or written."""
         src = self.source
-        return ((src is None or src.task is None or src.task.done())
-                and (self.batcher is None or self.batcher.idle)
-                and (self.answerer is None or self.answerer.running == 0)
-                and (self.sink is None or self.sink.idle))
+        return (
+            (src is None or src.task is None or src.task.done())
+            and (self.batcher is None or self.batcher.idle)
+            and (self.answerer is None or self.answerer.running == 0)
+            and (self.sink is None or self.sink.idle)
+        )
 
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop reading; with ``drain``, finish and commit what was read first.  What was not

@@ -149,8 +149,12 @@ def _stage_from_entry(entry: Any, where: str) -> Stage:
         raise ConfigError(f"{where}: a stage is a mapping with one key (its kind), got {entry!r}")
     kind, arg = next(iter(entry.items()))
     kinds: dict[str, tuple[type[Stage], str]] = {
-        "map_batches": (MapBatches, "fn"), "filter": (Filter, "fn"), "infer": (Infer, "model"),
-        "ensemble": (Ensemble, "models"), "route": (Route, "branches"), "shadow": (Shadow, "branch"),
+        "map_batches": (MapBatches, "fn"),
+        "filter": (Filter, "fn"),
+        "infer": (Infer, "model"),
+        "ensemble": (Ensemble, "models"),
+        "route": (Route, "branches"),
+        "shadow": (Shadow, "branch"),
         "to_topic": (ToTopic, "topic"),
     }
     if kind not in kinds:
@@ -226,8 +230,9 @@ class Pipeline:
         """A new pipeline with ``stage`` appended (pipelines are never changed in place)."""
         return dataclasses.replace(self, stages=[*self.stages, stage])
 
-    def map_batches(self, fn: Callable[..., Any] | str, *, batch_format: str = "numpy",
-                    name: str | None = None) -> Pipeline:
+    def map_batches(
+        self, fn: Callable[..., Any] | str, *, batch_format: str = "numpy", name: str | None = None
+    ) -> Pipeline:
         """Append ``fn(columns) -> columns`` (vectorised pre/post-processing); see :class:`MapBatches`."""
         return self.then(MapBatches(fn, batch_format=batch_format, name=name))
 
@@ -235,18 +240,31 @@ class Pipeline:
         """Append a filter: requests failing ``fn(columns)`` are answered with an error; see :class:`Filter`."""
         return self.then(Filter(fn, reason=reason, name=name))
 
-    def infer(self, model: Any = None, *, inputs: Mapping[str, str] | None = None,
-              outputs: Sequence[str] | str | None = None, name: str | None = None) -> Pipeline:
+    def infer(
+        self,
+        model: Any = None,
+        *,
+        inputs: Mapping[str, str] | None = None,
+        outputs: Sequence[str] | str | None = None,
+        name: str | None = None,
+    ) -> Pipeline:
         """Append a model call; its outputs join the columns; see :class:`Infer`."""
         return self.then(Infer(model, inputs=inputs, outputs=outputs, name=name))
 
-    def ensemble(self, models: Sequence[Any], combine: Callable[..., Any] | str | None = None, *,
-                 name: str | None = None) -> Pipeline:
+    def ensemble(
+        self, models: Sequence[Any], combine: Callable[..., Any] | str | None = None, *, name: str | None = None
+    ) -> Pipeline:
         """Append several models on the same inputs and ``combine``; see :class:`Ensemble`."""
         return self.then(Ensemble(models, combine, name=name))
 
-    def route(self, branches: Mapping[str, Any], *, weights: Mapping[str, float] | None = None, by: str = "random",
-              name: str | None = None) -> Pipeline:
+    def route(
+        self,
+        branches: Mapping[str, Any],
+        *,
+        weights: Mapping[str, float] | None = None,
+        by: str = "random",
+        name: str | None = None,
+    ) -> Pipeline:
         """Append a split of the traffic between branches (A/B, canary, by key); see :class:`Route`."""
         return self.then(Route(branches, weights=weights, by=by, name=name))
 
@@ -254,11 +272,15 @@ class Pipeline:
         """Send a share ``weight`` of the requests to ``model``, the rest to the pipeline's ``model``."""
         if not 0 <= weight <= 1:
             raise ConfigError(f"canary weight must be within [0, 1], got {weight}")
-        return self.route({"stable": Pipeline(stages=[Infer(None)]), "canary": model},
-                          weights={"stable": 1 - weight, "canary": weight}, name=name)
+        return self.route(
+            {"stable": Pipeline(stages=[Infer(None)]), "canary": model},
+            weights={"stable": 1 - weight, "canary": weight},
+            name=name,
+        )
 
     def shadow(self, branch: Any, *, topic: str | None = None, name: str | None = None) -> Pipeline:
-        """Also run ``branch`` on every batch; its results go to ``topic`` (default ``{name}-shadow``), not to callers."""
+        """Also run ``branch`` on every batch; its results go to ``topic`` (default ``{name}-shadow``), not to
+        callers."""
         return self.then(Shadow(branch, topic or f"{self.name or self.inbox}-shadow", name=name))
 
     def to_topic(self, topic: str) -> Pipeline:
@@ -270,11 +292,13 @@ class Pipeline:
         """The stages to run: those composed, or ``infer(model)`` for the one-line form."""
         if not self.stages:
             if self.model is None:
-                raise ConfigError("a pipeline needs stages, or a model: Pipeline(model='mlp') or "
-                                  "Pipeline().infer('mlp')")
+                raise ConfigError(
+                    "a pipeline needs stages, or a model: Pipeline(model='mlp') or Pipeline().infer('mlp')"
+                )
             return [Infer(None, outputs=self.outputs, strict=True)]
-        return [_stage_from_entry(s, f"pipeline {self.name or self.inbox!r} stage {i}")
-                for i, s in enumerate(self.stages)]
+        return [
+            _stage_from_entry(s, f"pipeline {self.name or self.inbox!r} stage {i}") for i, s in enumerate(self.stages)
+        ]
 
     def models_used(self) -> list[Any]:
         """Models the stages name (names and Model specs); the default model for ``infer()``."""
@@ -299,18 +323,26 @@ class Pipeline:
         partitions = int(st.inbox_topic["partitions"])
         outputs = [self.outputs] if isinstance(self.outputs, str) else self.outputs
         return PipelineSpec(
-            name=name, inbox=self.inbox, outbox=self.outbox,
+            name=name,
+            inbox=self.inbox,
+            outbox=self.outbox,
             dead_letter=settings.get("pipeline.dead-letter", self.dead_letter) or None,
-            partitions=partitions, connector=self.connector, connector_options=dict(self.connector_options),
-            model=self.model, models=list(self.models) if self.models is not None else None,
-            outputs=outputs, settings=st, stages=dumps(stages),
+            partitions=partitions,
+            connector=self.connector,
+            connector_options=dict(self.connector_options),
+            model=self.model,
+            models=list(self.models) if self.models is not None else None,
+            outputs=outputs,
+            settings=st,
+            stages=dumps(stages),
             reply_prefixes=[DIRECT_PREFIX, TOPIC_PREFIX, *settings.get("pipeline.reply-prefixes")],
             record_topics=list(dict.fromkeys(t for s in stages for t in s.topics())),
         )
 
     # -- running in this process -----------------------------------------------------------------
-    async def arun(self, inputs: Mapping[str, Any] | np.ndarray, *, registry: ModelRegistry | None = None,
-                   errors: str = "raise") -> dict[str, np.ndarray]:
+    async def arun(
+        self, inputs: Mapping[str, Any] | np.ndarray, *, registry: ModelRegistry | None = None, errors: str = "raise"
+    ) -> dict[str, np.ndarray]:
         """Run the stages in this process on ``inputs`` (columns; each row is one request).
 
         Models named by string must be loaded in ``registry`` (default: this process's);
@@ -327,8 +359,9 @@ class Pipeline:
 
         return await run_local(self, inputs, registry=registry, errors=errors)
 
-    def run(self, inputs: Mapping[str, Any] | np.ndarray, *, registry: ModelRegistry | None = None,
-            errors: str = "raise") -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: Mapping[str, Any] | np.ndarray, *, registry: ModelRegistry | None = None, errors: str = "raise"
+    ) -> dict[str, np.ndarray]:
         """Synchronous :meth:`arun`; also from a thread whose event loop runs (a Jupyter cell)."""
         coro = self.arun(inputs, registry=registry, errors=errors)
         try:
@@ -381,7 +414,8 @@ class PipelineHandle:
                 waiting = starting[0].get("waiting_for") if starting else None
                 raise TimeoutError(
                     f"pipeline {self.name!r}: {len(running)} of {st.get('partitions')} partitions running after "
-                    f"{timeout:g}s" + (f"; waiting for {waiting}" if waiting else "")
+                    f"{timeout:g}s"
+                    + (f"; waiting for {waiting}" if waiting else "")
                     + (f"; errors: {why}" if why else "")
                 )
             await asyncio.sleep(0.05)
@@ -428,7 +462,8 @@ async def _deploy_models(client: Client, pipe: Pipeline) -> None:
         raise ConfigError(
             f"pipeline {pipe.name or pipe.inbox!r}: model {missing[0]!r} is not deployed; deploy it first "
             f"(daskinfer.deploy(client, OnnxModel({missing[0]!r}, path))) or give the stage a model spec "
-            f"(pipe.infer(OnnxModel(...))); deployed models: {sorted(deployed) or 'none'}")
+            f"(pipe.infer(OnnxModel(...))); deployed models: {sorted(deployed) or 'none'}"
+        )
 
 
 async def _prepare_embedded(client: Client, spec: PipelineSpec) -> None:
@@ -442,7 +477,8 @@ async def _prepare_embedded(client: Client, spec: PipelineSpec) -> None:
             raise ConfigError(
                 f"pipeline {spec.name!r}: inbox topic {spec.inbox!r} exists with {have.partitions} partitions, "
                 f"not {spec.partitions}, and holds {waiting} unprocessed requests; deploy with "
-                f"partitions={have.partitions}, or delete the topic (daskinfer.delete_topic(client, {spec.inbox!r}))")
+                f"partitions={have.partitions}, or delete the topic (daskinfer.delete_topic(client, {spec.inbox!r}))"
+            )
         await broker.delete_topic(spec.inbox)  # empty: made again with the pipeline's partitions
         await broker.create_topic(spec.inbox, inbox)
     retained = TopicSettings(**spec.settings.retained_topic)
@@ -465,8 +501,9 @@ async def _deploy_pipeline(client: Client, pipeline: Pipeline, wait: bool, timeo
 
         plain = spec.to_plain()
         await prepare_streams(plain, timeout=timeout)
-        spec = msgspec.structs.replace(spec, connector_options={
-            **spec.connector_options, "redis_generation": plain["redis_generation"]})
+        spec = msgspec.structs.replace(
+            spec, connector_options={**spec.connector_options, "redis_generation": plain["redis_generation"]}
+        )
     elif spec.connector == "kafka":
         from daskinfer.connectors.kafka import prepare
 
@@ -523,6 +560,7 @@ def get_pipeline(client: Client, name: str) -> PipelineHandle:
 
 def topics(client: Client) -> dict[str, dict[str, Any]]:
     """The embedded broker's topics: name -> partitions, messages, bytes, dropped, kind."""
+
     async def _topics() -> dict[str, dict[str, Any]]:
         await ensure_broker_async(client)
         return await BrokerRPC(client.scheduler).list_topics()
@@ -535,6 +573,7 @@ def delete_topic(client: Client, name: str) -> bool:
 
     Raises :class:`~daskinfer.exceptions.DaskInferError` if a running pipeline reads it.
     """
+
     async def _delete() -> bool:
         await ensure_broker_async(client)
         for pname, p in (await client.scheduler.daskinfer_pipeline_list()).items():
@@ -545,5 +584,14 @@ def delete_topic(client: Client, name: str) -> bool:
     return client.sync(_delete)
 
 
-__all__ = ["Pipeline", "PipelineHandle", "PipelineSettings", "PipelineSpec", "delete_topic",
-           "deploy_pipeline", "get_pipeline", "pipelines", "topics"]
+__all__ = [
+    "Pipeline",
+    "PipelineHandle",
+    "PipelineSettings",
+    "PipelineSpec",
+    "delete_topic",
+    "deploy_pipeline",
+    "get_pipeline",
+    "pipelines",
+    "topics",
+]

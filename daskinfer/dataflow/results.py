@@ -94,15 +94,18 @@ class ResultWriter:
         msgs: list[OutMessage] = []
         if target is None:
             self.refused_targets += end - start
-            err = ReplyTargetError(f"reply target {origin.reply_to!r} is not a client reply target "
-                                   f"(allowed prefixes: {list(self.reply_prefixes)})")
+            err = ReplyTargetError(
+                f"reply target {origin.reply_to!r} is not a client reply target "
+                f"(allowed prefixes: {list(self.reply_prefixes)})"
+            )
             return self._dead_letters(batch, start, end, origin, (type(err).__name__, str(err)), now)
         if origin.framed:
             msgs.append(OutMessage(target, None, self._frame(part, start, end)))
         else:
             for i in range(start, end):
-                msgs.append(OutMessage(target, batch.keys[i] if batch.keys else None, self._single(part, i),
-                                       batch.ids[i]))
+                msgs.append(
+                    OutMessage(target, batch.keys[i] if batch.keys else None, self._single(part, i), batch.ids[i])
+                )
         if part.error is not None and part.target is None:
             msgs += self._dead_letters(batch, start, end, origin, part.error, now)
         return msgs
@@ -114,17 +117,27 @@ class ResultWriter:
         if part.error is not None:
             n = end - start
             return encode_result_frame(
-                [], None, model=part.model, version=part.version, timings=part.timings,
+                [],
+                None,
+                model=part.model,
+                version=part.version,
+                timings=part.timings,
                 errors=ErrorColumns(batch.ids[start:end], [part.error[0]] * n, [part.error[1]] * n, keys),
             )
         r0, r1 = batch.request_rows(start, end)
         outputs = {k: v[r0:r1] for k, v in (part.outputs or {}).items()}
         block = bool(batch.batched[start])  # one message: all blocks or all single rows
-        rows = np.diff(batch.offsets[start:end + 1]) if block and batch.offsets is not None else None
+        rows = np.diff(batch.offsets[start : end + 1]) if block and batch.offsets is not None else None
         sent = batch.sent_at[start:end]
         return encode_result_frame(
-            batch.ids[start:end], outputs, rows=rows, batched=block, keys=keys,
-            sent_at=None if np.isnan(sent).all() else sent, model=part.model, version=part.version,
+            batch.ids[start:end],
+            outputs,
+            rows=rows,
+            batched=block,
+            keys=keys,
+            sent_at=None if np.isnan(sent).all() else sent,
+            model=part.model,
+            version=part.version,
             timings=part.timings,
         )
 
@@ -132,30 +145,50 @@ class ResultWriter:
     def _single(part: ResultPart, i: int) -> bytes:
         batch = part.batch
         sent = float(batch.sent_at[i])
-        common: dict[str, Any] = dict(model=part.model, version=part.version, batched=bool(batch.batched[i]),
-                                      timings=part.timings, key=batch.keys[i] if batch.keys else None,
-                                      sent_at=None if np.isnan(sent) else sent)
+        common: dict[str, Any] = dict(
+            model=part.model,
+            version=part.version,
+            batched=bool(batch.batched[i]),
+            timings=part.timings,
+            key=batch.keys[i] if batch.keys else None,
+            sent_at=None if np.isnan(sent) else sent,
+        )
         if part.error is not None:
             return Result(batch.ids[i], None, part.error[0], part.error[1], **common).encode()
         r0, r1 = batch.request_rows(i, i + 1)
         outputs = {k: (v[r0:r1] if batch.batched[i] else v[r0]) for k, v in (part.outputs or {}).items()}
         return Result(batch.ids[i], outputs, **common).encode()
 
-    def _dead_letters(self, batch: RequestBatch, start: int, end: int, origin: Origin, error: tuple[str, str],
-                      now: float) -> list[OutMessage]:
+    def _dead_letters(
+        self, batch: RequestBatch, start: int, end: int, origin: Origin, error: tuple[str, str], now: float
+    ) -> list[OutMessage]:
         if not self.dead_letter:
             return []
         out = []
         for i in range(start, end):
             if origin.framed:  # the frame holds others' requests too: keep this request's own rows
                 r0, r1 = batch.request_rows(i, i + 1)
-                data = codec.encode({"id": batch.ids[i], "in": {k: v[r0:r1] for k, v in batch.columns.items()},
-                                     "b": True})
+                data = codec.encode(
+                    {"id": batch.ids[i], "in": {k: v[r0:r1] for k, v in batch.columns.items()}, "b": True}
+                )
             else:
                 data = origin.data
-            out.append(OutMessage(self.dead_letter, batch.keys[i] if batch.keys else None, codec.encode({
-                "id": batch.ids[i], "error_type": error[0], "error": error[1], "data": data, "at": now,
-            }), batch.ids[i]))
+            out.append(
+                OutMessage(
+                    self.dead_letter,
+                    batch.keys[i] if batch.keys else None,
+                    codec.encode(
+                        {
+                            "id": batch.ids[i],
+                            "error_type": error[0],
+                            "error": error[1],
+                            "data": data,
+                            "at": now,
+                        }
+                    ),
+                    batch.ids[i],
+                )
+            )
         return out
 
     def _rejected(self, rej: Rejected, now: float) -> list[OutMessage]:
@@ -163,8 +196,7 @@ class ResultWriter:
         rid = fields.get("id")
         rid = rid if isinstance(rid, str) else f"undecodable-{abs(hash(rej.origin.data)) % 10**12}"
         reply_to = fields.get("r")
-        origin = Origin(reply_to if isinstance(reply_to, str) else None, False, rej.origin.received_at,
-                        rej.origin.data)
+        origin = Origin(reply_to if isinstance(reply_to, str) else None, False, rej.origin.received_at, rej.origin.data)
         key = fields.get("k") if isinstance(fields.get("k"), str) else None
         err = (type(rej.error).__name__, str(rej.error))
         msgs = []
@@ -172,15 +204,47 @@ class ResultWriter:
         if target is not None:
             if isinstance(fields.get("ids"), list):  # a frame that failed as a whole: answer each of its ids
                 ids = [i for i in fields["ids"] if isinstance(i, str)]
-                msgs.append(OutMessage(target, None, encode_result_frame(
-                    [], None, errors=ErrorColumns(ids, [err[0]] * len(ids), [err[1]] * len(ids), None))))
+                msgs.append(
+                    OutMessage(
+                        target,
+                        None,
+                        encode_result_frame(
+                            [], None, errors=ErrorColumns(ids, [err[0]] * len(ids), [err[1]] * len(ids), None)
+                        ),
+                    )
+                )
             else:
                 sent = fields.get("t")
-                msgs.append(OutMessage(target, key, Result(
-                    rid, None, err[0], err[1], key=key, sent_at=sent if isinstance(sent, (int, float)) else None,
-                ).encode(), rid))
+                msgs.append(
+                    OutMessage(
+                        target,
+                        key,
+                        Result(
+                            rid,
+                            None,
+                            err[0],
+                            err[1],
+                            key=key,
+                            sent_at=sent if isinstance(sent, (int, float)) else None,
+                        ).encode(),
+                        rid,
+                    )
+                )
         if self.dead_letter:
-            msgs.append(OutMessage(self.dead_letter, key, codec.encode({
-                "id": rid, "error_type": err[0], "error": err[1], "data": rej.origin.data, "at": now,
-            }), rid))
+            msgs.append(
+                OutMessage(
+                    self.dead_letter,
+                    key,
+                    codec.encode(
+                        {
+                            "id": rid,
+                            "error_type": err[0],
+                            "error": err[1],
+                            "data": rej.origin.data,
+                            "at": now,
+                        }
+                    ),
+                    rid,
+                )
+            )
         return msgs

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from daskinfer.models.registry import ModelRegistry
 
 
-async def answer(batch: InboxBatch, stages: Sequence[Stage], ctx: StageContext,
-                 outputs: Sequence[str] | None = None) -> ResultBatch:
+async def answer(
+    batch: InboxBatch, stages: Sequence[Stage], ctx: StageContext, outputs: Sequence[str] | None = None
+) -> ResultBatch:
     """Run ``stages`` on every request batch of ``batch``; return the answers to write."""
     scope = ctx.fork()
     now = time.time()
@@ -39,8 +40,13 @@ def _columns(inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
     return {"x": np.asarray(inputs)}
 
 
-async def run_local(pipe: Pipeline, inputs: Mapping[str, Any] | np.ndarray, *,
-                    registry: ModelRegistry | None = None, errors: str = "raise") -> dict[str, np.ndarray]:
+async def run_local(
+    pipe: Pipeline,
+    inputs: Mapping[str, Any] | np.ndarray,
+    *,
+    registry: ModelRegistry | None = None,
+    errors: str = "raise",
+) -> dict[str, np.ndarray]:
     """Run ``pipe`` in this process on ``inputs`` (each row one request); see :meth:`Pipeline.arun`."""
     from daskinfer.models.registry import local_registry
 
@@ -48,9 +54,18 @@ async def run_local(pipe: Pipeline, inputs: Mapping[str, Any] | np.ndarray, *,
         raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
     cols = _columns(inputs)
     n = len(next(iter(cols.values())))
-    rb = RequestBatch([str(i) for i in range(n)], cols, None, np.zeros(n, dtype=bool), None, None,
-                      np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, dtype=np.int32),
-                      [Origin(None, True, time.time())])
+    rb = RequestBatch(
+        [str(i) for i in range(n)],
+        cols,
+        None,
+        np.zeros(n, dtype=bool),
+        None,
+        None,
+        np.full(n, np.nan),
+        np.full(n, np.nan),
+        np.zeros(n, dtype=np.int32),
+        [Origin(None, True, time.time())],
+    )
     ctx = StageContext(registry or local_registry(), default_model=pipe.model, allowed_models=pipe.models)
     result = await answer(InboxBatch([rb], [], [], n), pipe.effective_stages(), ctx, pipe.outputs)
     out: dict[str, np.ndarray] = {}
@@ -69,8 +84,9 @@ async def run_local(pipe: Pipeline, inputs: Mapping[str, Any] | np.ndarray, *,
     if failed and errors == "raise":
         first = min(failed)
         t, msg = failed[first]
-        raise ResultError(f"{len(failed)} of {n} rows failed; row {first}: {t}: {msg}", error_type=t,
-                          request_id=str(first))
+        raise ResultError(
+            f"{len(failed)} of {n} rows failed; row {first}: {t}: {msg}", error_type=t, request_id=str(first)
+        )
     if errors == "return":
         err = np.full(n, None, dtype=object)
         for i, (t, msg) in failed.items():

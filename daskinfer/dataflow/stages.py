@@ -102,8 +102,13 @@ class Live:
     timings: dict[str, float] = field(default_factory=dict)
 
     def replace(self, batch: RequestBatch, **kw: Any) -> Live:
-        return Live(batch, kw.get("result", self.result), kw.get("model", self.model),
-                    kw.get("version", self.version), kw.get("timings", self.timings))
+        return Live(
+            batch,
+            kw.get("result", self.result),
+            kw.get("model", self.model),
+            kw.get("version", self.version),
+            kw.get("timings", self.timings),
+        )
 
 
 _RNG: list[np.random.Generator] = []
@@ -139,10 +144,19 @@ class StageContext:
         Seed of the random draws of :class:`Route`.
     """
 
-    def __init__(self, registry: ModelRegistry, *, default_model: str | None = None,
-                 allowed_models: Sequence[str] | None = None, max_batch_size: int = 4096,
-                 executor: Executor | None = None, inline_rows: int = 16, max_bisect_calls: int = 32,
-                 seed: int | None = None, install_models: bool = True):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        default_model: str | None = None,
+        allowed_models: Sequence[str] | None = None,
+        max_batch_size: int = 4096,
+        executor: Executor | None = None,
+        inline_rows: int = 16,
+        max_bisect_calls: int = 32,
+        seed: int | None = None,
+        install_models: bool = True,
+    ):
         self.registry = registry
         self.default_model = default_model
         self.allowed_models = None if allowed_models is None else frozenset(allowed_models)
@@ -159,9 +173,15 @@ class StageContext:
 
     def fork(self) -> StageContext:
         """A context for one batch: the same models and settings, its own failures and records."""
-        out = StageContext(self.registry, default_model=self.default_model, max_batch_size=self.max_batch_size,
-                           executor=self.executor, inline_rows=self.inline_rows,
-                           max_bisect_calls=self.max_bisect_calls, install_models=self.install_models)
+        out = StageContext(
+            self.registry,
+            default_model=self.default_model,
+            max_batch_size=self.max_batch_size,
+            executor=self.executor,
+            inline_rows=self.inline_rows,
+            max_bisect_calls=self.max_bisect_calls,
+            install_models=self.install_models,
+        )
         out.allowed_models = self.allowed_models
         out.rng = self.rng
         return out
@@ -170,8 +190,9 @@ class StageContext:
         """Answer ``requests`` of ``live`` (None: all) with ``exc``."""
         batch = live.batch if requests is None else live.batch.take(requests)
         if len(batch):
-            self.failed.append(ResultPart(batch, None, (type(exc).__name__, str(exc)), live.model, live.version,
-                                          dict(live.timings)))
+            self.failed.append(
+                ResultPart(batch, None, (type(exc).__name__, str(exc)), live.model, live.version, dict(live.timings))
+            )
 
     async def call_user(self, fn: Callable[..., Any], *args: Any, rows: int) -> Any:
         """Run a user function: inline for small batches, else in the partition's thread."""
@@ -210,8 +231,9 @@ class Stage:
 
 def _check_columns(out: Any, rows: int, label: str) -> dict[str, np.ndarray]:
     if not isinstance(out, Mapping):
-        raise StageError(f"{label} must return a mapping of column name to array, got {type(out).__name__}",
-                         stage=label)
+        raise StageError(
+            f"{label} must return a mapping of column name to array, got {type(out).__name__}", stage=label
+        )
     cols: dict[str, np.ndarray] = {}
     for k, v in out.items():
         arr = np.asarray(v)
@@ -316,8 +338,9 @@ class Filter(Stage):
                 out.append(live)
                 continue
             why = self.reason or "the request did not pass it"
-            ctx.fail(live, np.flatnonzero(~mask), RequestRejected(f"rejected by {self.label()}: {why}",
-                                                                   stage=self.label()))
+            ctx.fail(
+                live, np.flatnonzero(~mask), RequestRejected(f"rejected by {self.label()}: {why}", stage=self.label())
+            )
             keep = np.flatnonzero(mask)
             if len(keep):
                 out.append(live.replace(batch.take(keep)))
@@ -325,16 +348,20 @@ class Filter(Stage):
 
     def _per_request(self, mask: np.ndarray, batch: RequestBatch) -> np.ndarray:
         if mask.dtype != bool or mask.ndim != 1:
-            raise StageError(f"{self.label()} must return a 1-d bool array, got {mask.dtype} of shape {list(mask.shape)}",
-                             stage=self.label())
+            raise StageError(
+                f"{self.label()} must return a 1-d bool array, got {mask.dtype} of shape {list(mask.shape)}",
+                stage=self.label(),
+            )
         if len(mask) == len(batch) and (batch.offsets is None or len(mask) != batch.n_rows):
             return mask
         if len(mask) == batch.n_rows:
             failed = np.zeros(len(batch), dtype=bool)
             np.logical_or.at(failed, batch.request_of_rows(), ~mask)
             return ~failed
-        raise StageError(f"{self.label()} returned {len(mask)} values for {len(batch)} requests "
-                         f"({batch.n_rows} rows)", stage=self.label())
+        raise StageError(
+            f"{self.label()} returned {len(mask)} values for {len(batch)} requests ({batch.n_rows} rows)",
+            stage=self.label(),
+        )
 
 
 def _may_be_one_request(exc: BaseException) -> bool:
@@ -365,8 +392,15 @@ class Infer(Stage):
 
     kind = "infer"
 
-    def __init__(self, model: str | Model | None = None, *, inputs: Mapping[str, str] | None = None,
-                 outputs: Sequence[str] | str | None = None, name: str | None = None, strict: bool = False):
+    def __init__(
+        self,
+        model: str | Model | None = None,
+        *,
+        inputs: Mapping[str, str] | None = None,
+        outputs: Sequence[str] | str | None = None,
+        name: str | None = None,
+        strict: bool = False,
+    ):
         self.model = model
         self.strict = strict
         self.inputs = dict(inputs) if inputs else None
@@ -386,7 +420,9 @@ class Infer(Stage):
             if missing:
                 raise InputValidationError(
                     f"{self.label()}: column {missing[0]!r} (mapped to a model input) is missing; "
-                    f"columns: {sorted(columns)}", model=dep.name)
+                    f"columns: {sorted(columns)}",
+                    model=dep.name,
+                )
             return {m: columns[c] for m, c in self.inputs.items()}
         names = [s.name for s in dep.inputs] if dep.inputs else None
         if names is None:
@@ -405,8 +441,8 @@ class Infer(Stage):
                 raise RequestError("the request names no model and the pipeline has no default model")
             if live.batch.model is not None and ctx.allowed_models is not None and name not in ctx.allowed_models:
                 raise ModelNotAllowedError(
-                    f"model {name!r} is not served by this pipeline; it serves {sorted(ctx.allowed_models)}",
-                    model=name)
+                    f"model {name!r} is not served by this pipeline; it serves {sorted(ctx.allowed_models)}", model=name
+                )
         if self.model is not None and not isinstance(self.model, str) and ctx.install_models:
             return ctx.registry.get_or_install(self.model)
         return ctx.registry.get(name)
@@ -423,9 +459,10 @@ class Infer(Stage):
         except Exception as e:
             ctx.fail(live, None, e)
             return []
-        live = self._drop_expired(live, ctx)
-        if live is None:
+        alive = self._drop_expired(live, ctx)
+        if alive is None:
             return []
+        live = alive
         try:
             feed = self._feed(dep, live.batch.columns)
         except Exception as e:
@@ -447,8 +484,13 @@ class Infer(Stage):
         idx = np.flatnonzero(late)
         for i in idx.tolist():  # one error per late request: their messages differ
             rid = live.batch.ids[i]
-            ctx.fail(live, np.array([i]), DeadlineExceededError(
-                f"request {rid}: deadline passed {now - dl[i]:.3f}s before it ran", request_id=rid))
+            ctx.fail(
+                live,
+                np.array([i]),
+                DeadlineExceededError(
+                    f"request {rid}: deadline passed {now - dl[i]:.3f}s before it ran", request_id=rid
+                ),
+            )
         keep = np.flatnonzero(~late)
         return live.replace(live.batch.take(keep)) if len(keep) else None
 
@@ -462,17 +504,24 @@ class Infer(Stage):
             return live, feed
         bad = np.zeros(len(batch), dtype=bool)
         np.logical_or.at(bad, batch.request_of_rows(), bad_rows)
-        ctx.fail(live, np.flatnonzero(bad), InputValidationError(
-            f"model {dep.name!r}: inputs hold NaN or infinite values; this model does not accept them "
-            "(allow_nan=False)", model=dep.name))
+        ctx.fail(
+            live,
+            np.flatnonzero(bad),
+            InputValidationError(
+                f"model {dep.name!r}: inputs hold NaN or infinite values; this model does not accept them "
+                "(allow_nan=False)",
+                model=dep.name,
+            ),
+        )
         keep = np.flatnonzero(~bad)
         if not len(keep):
             return None, feed
         rows = batch.row_index(keep)
         return live.replace(batch.take(keep)), {k: v[rows] for k, v in feed.items()}
 
-    async def _call(self, dep: Any, live: Live, feed: dict[str, np.ndarray], ctx: StageContext,
-                    budget: list[int]) -> list[Live]:
+    async def _call(
+        self, dep: Any, live: Live, feed: dict[str, np.ndarray], ctx: StageContext, budget: list[int]
+    ) -> list[Live]:
         batch = live.batch
         rows = batch.n_rows
         finite = batch.deadlines[~np.isnan(batch.deadlines)]
@@ -484,7 +533,7 @@ class Infer(Stage):
             else:
                 chunks = []
                 for start in range(0, rows, ctx.max_batch_size):
-                    chunk = {k: v[start:start + ctx.max_batch_size] for k, v in feed.items()}
+                    chunk = {k: v[start : start + ctx.max_batch_size] for k, v in feed.items()}
                     chunks.append(await dep.apredict(chunk, deadline=deadline))
                 outs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         except Exception as e:
@@ -508,9 +557,14 @@ class Infer(Stage):
         if self.outputs:
             missing = [k for k in self.outputs if k not in outs]
             if missing:
-                ctx.fail(live, None, InputValidationError(
-                    f"{self.label()}: model {dep.name!r} has no output {missing[0]!r}; outputs: {sorted(outs)}",
-                    model=dep.name))
+                ctx.fail(
+                    live,
+                    None,
+                    InputValidationError(
+                        f"{self.label()}: model {dep.name!r} has no output {missing[0]!r}; outputs: {sorted(outs)}",
+                        model=dep.name,
+                    ),
+                )
                 return []
             outs = {k: outs[k] for k in self.outputs}
         columns = dict(batch.columns)
@@ -533,8 +587,9 @@ class Ensemble(Stage):
 
     kind = "ensemble"
 
-    def __init__(self, models: Sequence[str | Model], combine: Callable[..., Any] | str | None = None, *,
-                 name: str | None = None):
+    def __init__(
+        self, models: Sequence[str | Model], combine: Callable[..., Any] | str | None = None, *, name: str | None = None
+    ):
         if not models:
             raise ConfigError("ensemble needs at least one model")
         self.members = [Infer(m) for m in models]
@@ -560,17 +615,26 @@ class Ensemble(Stage):
                 cur = await member.apply(cur, ctx)
                 # keep each member's outputs apart, so the next member sees the original columns
                 prefixes.append(f"__{self.name}:{i}:")
-                cur = [c.replace(c.batch.with_columns({
-                    **{k: v for k, v in c.batch.columns.items() if k not in (c.result or [])},
-                    **{prefixes[-1] + k: c.batch.columns[k] for k in (c.result or [])},
-                }), result=None) for c in cur]
+                cur = [
+                    c.replace(
+                        c.batch.with_columns(
+                            {
+                                **{k: v for k, v in c.batch.columns.items() if k not in (c.result or [])},
+                                **{prefixes[-1] + k: c.batch.columns[k] for k in (c.result or [])},
+                            }
+                        ),
+                        result=None,
+                    )
+                    for c in cur
+                ]
             for c in cur:
                 cols = c.batch.columns
-                per_member = [{k[len(p):]: v for k, v in cols.items() if k.startswith(p)} for p in prefixes]
+                per_member = [{k[len(p) :]: v for k, v in cols.items() if k.startswith(p)} for p in prefixes]
                 rows = c.batch.n_rows
                 try:
-                    combined = _check_columns(await ctx.call_user(self._resolved, per_member, rows=rows), rows,
-                                              self.label())
+                    combined = _check_columns(
+                        await ctx.call_user(self._resolved, per_member, rows=rows), rows, self.label()
+                    )
                 except Exception as e:
                     ctx.fail(c, None, _user_error(self.label(), self._resolved, e))
                     continue
@@ -596,8 +660,14 @@ class Route(Stage):
 
     kind = "route"
 
-    def __init__(self, branches: Mapping[str, Any], *, weights: Mapping[str, float] | None = None,
-                 by: str = "random", name: str | None = None):
+    def __init__(
+        self,
+        branches: Mapping[str, Any],
+        *,
+        weights: Mapping[str, float] | None = None,
+        by: str = "random",
+        name: str | None = None,
+    ):
         if not branches:
             raise ConfigError("route needs at least one branch")
         if by not in ("random", "key"):
@@ -606,7 +676,9 @@ class Route(Stage):
         w = dict(weights) if weights else {k: 1.0 for k in self.branches}
         unknown = set(w) - set(self.branches)
         if unknown:
-            raise ConfigError(f"route: weights for unknown branches {sorted(unknown)}; branches: {sorted(self.branches)}")
+            raise ConfigError(
+                f"route: weights for unknown branches {sorted(unknown)}; branches: {sorted(self.branches)}"
+            )
         if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
             raise ConfigError(f"route: weights must be >= 0 with a positive sum, got {w}")
         total = sum(w.values())
@@ -629,8 +701,10 @@ class Route(Stage):
     def _draw(self, batch: RequestBatch, ctx: StageContext) -> np.ndarray:
         n = len(batch)
         if self.by == "key" and batch.keys is not None:
-            u = np.array([zlib.crc32(str(k).encode()) if k is not None else 0 for k in batch.keys],
-                         dtype=np.float64) / 2**32
+            u = (
+                np.array([zlib.crc32(str(k).encode()) if k is not None else 0 for k in batch.keys], dtype=np.float64)
+                / 2**32
+            )
         else:
             u = ctx.rng.random(n)
         return np.minimum(np.searchsorted(self.cumulative, u, side="right"), len(self.names) - 1)
@@ -726,6 +800,9 @@ def finish(lives: list[Live], outputs: Sequence[str] | None = None) -> list[Resu
     for live in lives:
         cols = live.batch.columns
         names = list(outputs) if outputs else (live.result if live.result is not None else list(cols))
-        parts.append(ResultPart(live.batch, {k: cols[k] for k in names if k in cols}, None, live.model,
-                                live.version, live.timings))
+        parts.append(
+            ResultPart(
+                live.batch, {k: cols[k] for k in names if k in cols}, None, live.model, live.version, live.timings
+            )
+        )
     return parts

@@ -24,11 +24,27 @@ if TYPE_CHECKING:
     from daskinfer.dataflow.batch import InboxBatch, ResultBatch
 
 SECONDS_BUCKETS: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 """Upper bounds of the time histograms (queue wait, inference, latency), in seconds."""
 
-ROWS_BUCKETS: tuple[float, ...] = tuple(float(2 ** i) for i in range(17))
+ROWS_BUCKETS: tuple[float, ...] = tuple(float(2**i) for i in range(17))
 """Upper bounds of the batch-size histogram, in rows (1 to 65536)."""
 
 
@@ -69,8 +85,9 @@ class Histogram:
 
     def observe_many(self, values: np.ndarray, counts: np.ndarray) -> None:
         """Add ``counts[i]`` observations of ``values[i]`` for every ``i`` (vectorised)."""
-        added = np.bincount(np.searchsorted(self.bounds, values, side="left"), weights=counts,
-                            minlength=len(self.counts))
+        added = np.bincount(
+            np.searchsorted(self.bounds, values, side="left"), weights=counts, minlength=len(self.counts)
+        )
         for i, n in enumerate(added.tolist()):
             self.counts[i] += int(n)
         self.sum += float(np.dot(values, counts))
@@ -145,8 +162,15 @@ class PartitionStats:
         self.latency = Histogram(SECONDS_BUCKETS)
         self.errors: Counter[str] = Counter()
 
-    def record_batch(self, received: Sequence[float], requests: Sequence[int], started: float, answered: float,
-                     written: float, rows: int) -> None:
+    def record_batch(
+        self,
+        received: Sequence[float],
+        requests: Sequence[int],
+        started: float,
+        answered: float,
+        written: float,
+        rows: int,
+    ) -> None:
         """One batch: the read time and request count of each read it holds, when it started, was
         answered and was written (Unix seconds), and its rows."""
         self.batch_rows.observe(rows)
@@ -156,10 +180,10 @@ class PartitionStats:
                 self.queue_wait.observe(max(started - at, 0.0), n)
                 self.latency.observe(max(written - at, 0.0), n)
             return
-        at = np.asarray(received, dtype=np.float64)
+        ats = np.asarray(received, dtype=np.float64)
         counts = np.asarray(requests, dtype=np.int64)
-        self.queue_wait.observe_many(np.maximum(started - at, 0.0), counts)
-        self.latency.observe_many(np.maximum(written - at, 0.0), counts)
+        self.queue_wait.observe_many(np.maximum(started - ats, 0.0), counts)
+        self.latency.observe_many(np.maximum(written - ats, 0.0), counts)
 
     def record_errors(self, result: ResultBatch) -> None:
         """Count the requests of ``result`` answered with an error, by error type."""

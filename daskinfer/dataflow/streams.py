@@ -86,7 +86,7 @@ class smart_batch(Stream):
 
     def update(self, x, who=None, metadata=None):
         now = self._now()
-        for item in (x if isinstance(x, Items) else (x,)):
+        for item in x if isinstance(x, Items) else (x,):
             self._retain_refs(metadata)
             rows = rows_of(item)
             self._queue.append((item, rows, metadata, now))
@@ -278,7 +278,7 @@ def _run_on_worker(model: str, x: Any, output: str | None) -> Any:
 
 
 @DaskStream.register_api()
-class infer(DaskStream):  # noqa: F811 - the Dask stream's own ``infer``
+class infer(DaskStream):  # type: ignore[no-redef]  # noqa: F811 - the Dask stream's own ``infer``
     """``infer`` on a Dask stream: the model runs on the worker that holds it.
 
     An item whose model call fails comes out as an :class:`InferenceFailure` in its place,

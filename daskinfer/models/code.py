@@ -44,8 +44,18 @@ logger = logging.getLogger(__name__)
 _lock = threading.RLock()
 
 # pip lines worth a progress log line (the others are details)
-_PIP_STEPS = ("Looking in", "Collecting", "Processing", "Downloading", "Obtaining", "Cloning", "Building",
-              "Installing collected packages", "Successfully installed", "ERROR")
+_PIP_STEPS = (
+    "Looking in",
+    "Collecting",
+    "Processing",
+    "Downloading",
+    "Obtaining",
+    "Cloning",
+    "Building",
+    "Installing collected packages",
+    "Successfully installed",
+    "ERROR",
+)
 
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@\s:]*)(?P<password>:[^/@\s]*)?@")
 _SECRET_QUERY = re.compile(r"(?i)([?&][\w.-]*(?:token|key|password|passwd|secret|auth|sig)[\w.-]*=)[^&\s#'\"]+")
@@ -99,8 +109,13 @@ def prepare(
             if wheels_zip:
                 find_links = os.path.join(root, "wheels")
                 zipfile.ZipFile(io.BytesIO(wheels_zip)).extractall(find_links)
-            pip_install(os.path.join(root, "site"), model=model, requirements=requirements,
-                        pip_options=pip_options, find_links=find_links)
+            pip_install(
+                os.path.join(root, "site"),
+                model=model,
+                requirements=requirements,
+                pip_options=pip_options,
+                find_links=find_links,
+            )
         open(done, "w").close()
 
 
@@ -117,8 +132,19 @@ def pip_install(
     Credentials in URLs are masked in every log line and error.  Raises
     :class:`ModelLoadError` when pip fails or takes longer than ``models.pip-timeout``.
     """
-    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-           "--progress-bar", "off", "--no-warn-script-location", "--target", site]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--progress-bar",
+        "off",
+        "--no-warn-script-location",
+        "--target",
+        site,
+    ]
     if find_links:
         cmd += ["--no-index", "--find-links", find_links]
     cmd += list(pip_options) + list(requirements)

@@ -41,8 +41,7 @@ def as_block(batch: Any, input_names: list[str] | None, model: str) -> dict[str,
         return {str(k): _array(v, str(k), model) for k, v in batch.items()}
     if input_names is not None and single is None:
         raise InputValidationError(
-            f"model {model!r} has {len(input_names)} inputs {input_names}; "
-            "pass a dict of arrays keyed by input name",
+            f"model {model!r} has {len(input_names)} inputs {input_names}; pass a dict of arrays keyed by input name",
             model=model,
         )
     name = single or "input"
@@ -87,8 +86,7 @@ def validate_block(
             rows = len(arr)
         elif len(arr) != rows:
             raise InputValidationError(
-                f"model {model!r}: inputs have different numbers of rows "
-                f"({ {k: len(v) for k, v in block.items()} })",
+                f"model {model!r}: inputs have different numbers of rows ({ {k: len(v) for k, v in block.items()} })",
                 model=model,
                 input_name=name,
             )
@@ -199,5 +197,5 @@ def zero_block(specs: list[TensorSpec] | None, rows: int) -> dict[str, np.ndarra
     for spec in specs:
         if spec.shape is None or spec.dtype is None or any(d is None for d in spec.shape[1:]):
             return None
-        block[spec.name] = np.zeros((rows, *spec.shape[1:]), dtype=spec.dtype)
+        block[spec.name] = np.zeros((rows, *(int(d) for d in spec.shape[1:] if d is not None)), dtype=spec.dtype)
     return block

@@ -140,9 +140,13 @@ def _worker_model_metadata(name: str, dask_worker: Any = None) -> tuple[int, Mod
         dep = registry_for(dask_worker).get(name)
     except ModelNotFoundError:
         return None
-    meta = ModelMetadata(dep.name, dep.version, str(getattr(dep.model, "kind", "")),
-                         None if dep.inputs is None else list(dep.inputs),
-                         None if dep.outputs is None else list(dep.outputs))
+    meta = ModelMetadata(
+        dep.name,
+        dep.version,
+        str(getattr(dep.model, "kind", "")),
+        None if dep.inputs is None else list(dep.inputs),
+        None if dep.outputs is None else list(dep.outputs),
+    )
     return dep.seq, meta
 
 

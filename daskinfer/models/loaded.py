@@ -90,5 +90,3 @@ class LoadedModel:
 
     def close(self) -> None:
         """Release resources (sessions, channels)."""
-
-

@@ -76,7 +76,9 @@ def check_outputs(model: str, source: str, session: ort.InferenceSession, select
             why = (
                 "a skl2onnx ZipMap (a list of dicts, about 3x slower); convert the classifier with "
                 "options={'zipmap': False} (skl2onnx.to_onnx(clf, X, options={'zipmap': False})) to get a "
-                "probability tensor" if zipmap else "not a tensor"
+                "probability tensor"
+                if zipmap
+                else "not a tensor"
             )
             keep = f"; or keep only tensor outputs with outputs={tensors}" if tensors else ""
             raise ModelLoadError(

@@ -40,8 +40,10 @@ def _specs(value: Any) -> list[TensorSpec] | None:
     if isinstance(value, Mapping):
         out = []
         for name, v in value.items():
-            dtype, shape = (v if isinstance(v, tuple) and len(v) == 2 else (v, None))
-            out.append(TensorSpec(name, None if dtype is None else np.dtype(dtype), None if shape is None else tuple(shape)))
+            dtype, shape = v if isinstance(v, tuple) and len(v) == 2 else (v, None)
+            out.append(
+                TensorSpec(name, None if dtype is None else np.dtype(dtype), None if shape is None else tuple(shape))
+            )
         return out
     return [v if isinstance(v, TensorSpec) else TensorSpec(str(v)) for v in value]
 
@@ -240,11 +242,16 @@ class PythonModel(Model):
         if directory is not None:
             self.path = os.fspath(directory)
             if not os.path.isdir(self.path):
-                raise ModelLoadError(f"model {name!r}: code directory {self.path!r} does not exist", model=name, path=self.path)
+                raise ModelLoadError(
+                    f"model {name!r}: code directory {self.path!r} does not exist", model=name, path=self.path
+                )
             if not module:
                 raise ConfigError(f"model {name!r}: directory= needs module= (the handler module's name)")
             rel = module.replace(".", os.sep)
-            if not (os.path.isfile(os.path.join(self.path, rel + ".py")) or os.path.isfile(os.path.join(self.path, rel, "__init__.py"))):
+            if not (
+                os.path.isfile(os.path.join(self.path, rel + ".py"))
+                or os.path.isfile(os.path.join(self.path, rel, "__init__.py"))
+            ):
                 raise ModelLoadError(
                     f"model {name!r}: handler module {module!r} not found in {self.path!r} "
                     f"(looked for {rel}.py and {rel}/__init__.py)",
@@ -324,8 +331,14 @@ class PythonModel(Model):
         env = None
         if self.code_zip is not None or self.requirements:
             root = self._root(base_dir or self._base_dir())
-            code.prepare(root, model=self.name, code_zip=self.code_zip, wheels_zip=self.wheels_zip,
-                         requirements=self.requirements, pip_options=self.pip_options)
+            code.prepare(
+                root,
+                model=self.name,
+                code_zip=self.code_zip,
+                wheels_zip=self.wheels_zip,
+                requirements=self.requirements,
+                pip_options=self.pip_options,
+            )
             env = code.CodeEnv.acquire(root)
         try:
             if env is not None and self.code_zip is not None:
@@ -350,7 +363,10 @@ class PythonModel(Model):
             try:
                 obj = target()
             except Exception as e:
-                raise ModelLoadError(f"model {self.name!r}: creating {target.__name__}() failed: {type(e).__name__}: {e}", model=self.name) from e
+                raise ModelLoadError(
+                    f"model {self.name!r}: creating {target.__name__}() failed: {type(e).__name__}: {e}",
+                    model=self.name,
+                ) from e
         elif hasattr(target, method):
             obj = copy.deepcopy(target) if self.instances > 1 else target
         if hasattr(obj, method) and not _is_function(obj):
@@ -358,7 +374,9 @@ class PythonModel(Model):
                 try:
                     obj.load()
                 except Exception as e:
-                    raise ModelLoadError(f"model {self.name!r}: load() failed: {type(e).__name__}: {e}", model=self.name) from e
+                    raise ModelLoadError(
+                        f"model {self.name!r}: load() failed: {type(e).__name__}: {e}", model=self.name
+                    ) from e
             return getattr(obj, method), getattr(obj, "close", None)
         if self.method is not None:
             raise ModelLoadError(

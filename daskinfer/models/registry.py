@@ -31,8 +31,6 @@ logger = logging.getLogger(__name__)
 EXTENSION_NAME = "daskinfer-models"
 
 
-
-
 class Deployment:
     """One version of a model loaded in this process: its instances and usage count."""
 
@@ -223,8 +221,7 @@ def load_deployment(model: Model) -> Deployment:
                 for i in instances:
                     i.close()
                 raise ModelLoadError(
-                    f"model {model.name!r} version {model.version!r} failed its warm-up batch: "
-                    f"{type(e).__name__}: {e}",
+                    f"model {model.name!r} version {model.version!r} failed its warm-up batch: {type(e).__name__}: {e}",
                     model=model.name,
                     path=getattr(model, "path", None),
                 ) from e

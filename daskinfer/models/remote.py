@@ -51,6 +51,7 @@ from daskinfer.tensors import rows_of
 
 logger = logging.getLogger(__name__)
 
+
 def _pem(value: str | bytes | os.PathLike | None, what: str, model: str) -> bytes | None:
     """PEM bytes from bytes, PEM text or a file path (read now, so the spec ships to workers)."""
     if value is None:
@@ -141,7 +142,11 @@ class LoadedRemote(LoadedModel):
                 f"remote model {self.name!r} at {self.spec.url} is closed", service=self.spec.url, model=self.name
             )
         client = make_client(
-            self.spec.protocol, self.spec.url, self.spec.remote_name, self.spec.remote_version, **self.spec.client_options()
+            self.spec.protocol,
+            self.spec.url,
+            self.spec.remote_name,
+            self.spec.remote_version,
+            **self.spec.client_options(),
         )
         client.signature = self.signature
         st = _LoopState(loop, client, asyncio.Semaphore(self.spec.max_inflight), asyncio.Lock())
@@ -223,7 +228,7 @@ class LoadedRemote(LoadedModel):
         if rows <= size:
             return await self._call(block, rows, end)
         tasks = [
-            asyncio.ensure_future(self._call({k: v[i:i + size] for k, v in block.items()}, min(size, rows - i), end))
+            asyncio.ensure_future(self._call({k: v[i : i + size] for k, v in block.items()}, min(size, rows - i), end))
             for i in range(0, rows, size)
         ]
         try:
@@ -308,12 +313,16 @@ class LoadedRemote(LoadedModel):
             ready = None  # no readiness call for models there: its metadata tells
         if ready is False:
             raise ModelLoadError(
-                f"{where} answers, but says model {model} is not ready or not known there", model=self.name, path=spec.url
+                f"{where} answers, but says model {model} is not ready or not known there",
+                model=self.name,
+                path=spec.url,
             )
         try:
             sig = await self.ensure_signature()
         except RemoteModelError as e:
-            raise ModelLoadError(f"{where}: reading the metadata of model {model} failed ({e})", model=self.name, path=spec.url) from e
+            raise ModelLoadError(
+                f"{where}: reading the metadata of model {model} failed ({e})", model=self.name, path=spec.url
+            ) from e
         declared = [o.name for o in (sig.outputs or [])] if sig is not None else []
         missing = [n for n in self.select_outputs or [] if declared and n not in declared]
         if missing:
@@ -513,11 +522,17 @@ class RemoteModel(Model):
             raise ConfigError(f"remote model {name!r}: url must be a non-empty string, got {url!r}")
         is_http = url.startswith(("http://", "https://"))
         if protocol.endswith("-rest") and not is_http:
-            raise ConfigError(f"remote model {name!r}: protocol {protocol!r} needs an http:// or https:// url, got {url!r}")
+            raise ConfigError(
+                f"remote model {name!r}: protocol {protocol!r} needs an http:// or https:// url, got {url!r}"
+            )
         if protocol == "kserve-grpc" and is_http:
-            raise ConfigError(f"remote model {name!r}: protocol 'kserve-grpc' needs host:port or grpc://host:port, got {url!r}")
+            raise ConfigError(
+                f"remote model {name!r}: protocol 'kserve-grpc' needs host:port or grpc://host:port, got {url!r}"
+            )
         if tfserving_format not in ("row", "columnar"):
-            raise ConfigError(f"remote model {name!r}: tfserving_format must be 'row' or 'columnar', got {tfserving_format!r}")
+            raise ConfigError(
+                f"remote model {name!r}: tfserving_format must be 'row' or 'columnar', got {tfserving_format!r}"
+            )
         self.url = url
         self.protocol = protocol
         self.remote_name = remote_name or name
@@ -544,7 +559,9 @@ class RemoteModel(Model):
             if value < low:
                 raise ConfigError(f"remote model {name!r}: {what} must be >= {low}, got {value}")
         if self.timeout <= 0 or self.deadline <= 0:
-            raise ConfigError(f"remote model {name!r}: timeout and deadline must be > 0, got {self.timeout} and {self.deadline}")
+            raise ConfigError(
+                f"remote model {name!r}: timeout and deadline must be > 0, got {self.timeout} and {self.deadline}"
+            )
         RetryPolicy(  # checks the values
             self.retries, self.backoff_base, self.backoff_max, self.backoff_jitter, self.server_error_retries
         )
@@ -590,4 +607,6 @@ class RemoteModel(Model):
         return self._configure(LoadedRemote(self))
 
     def __repr__(self) -> str:
-        return f"RemoteModel(name={self.name!r}, version={self.version!r}, url={self.url!r}, protocol={self.protocol!r})"
+        return (
+            f"RemoteModel(name={self.name!r}, version={self.version!r}, url={self.url!r}, protocol={self.protocol!r})"
+        )

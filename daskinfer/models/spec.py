@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from daskinfer import settings
 from daskinfer.exceptions import ConfigError
 
 if TYPE_CHECKING:
     from daskinfer.models.loaded import LoadedModel
+
+
+L = TypeVar("L", bound="LoadedModel")
 
 
 class Model:
@@ -88,7 +91,7 @@ class Model:
         """Build one runnable instance in this process."""
         raise NotImplementedError
 
-    def _configure(self, loaded: LoadedModel) -> LoadedModel:
+    def _configure(self, loaded: L) -> L:
         """Give a freshly built instance this spec's input and output handling."""
         loaded.allow_nan = self.allow_nan
         loaded.cast_inputs = self.cast_inputs
@@ -97,7 +100,6 @@ class Model:
 
     def validate(self) -> None:
         """Cheap checks run by ``deploy`` on the client before shipping the model."""
-
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
@@ -137,5 +139,5 @@ def parse_plugin_name(name: str) -> tuple[str, str] | None:
     """Inverse of :func:`plugin_name`; None for plugins that are not daskinfer models."""
     if not name.startswith(PLUGIN_PREFIX):
         return None
-    model, _, version = name[len(PLUGIN_PREFIX):].rpartition(":")
+    model, _, version = name[len(PLUGIN_PREFIX) :].rpartition(":")
     return model, version

@@ -30,8 +30,8 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from daskinfer.exceptions import RemoteModelError
-from daskinfer.tensors import TensorSpec
 from daskinfer.remote.retry import CircuitBreaker, RetryPolicy
+from daskinfer.tensors import TensorSpec
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +128,15 @@ class RemoteClient(ABC):
         """The model's inputs and outputs."""
 
     @abstractmethod
-    async def infer(self, block: Mapping[str, np.ndarray], timeout: float, request_id: str = "") -> dict[str, np.ndarray]:
+    async def infer(
+        self, block: Mapping[str, np.ndarray], timeout: float, request_id: str = ""
+    ) -> dict[str, np.ndarray]:
         """Send one call of rows; return the outputs, each with as many rows as were sent."""
 
     # -- shared checks of what came back ----------------------------------------------
-    def check_outputs(self, outputs: dict[str, np.ndarray], rows: int, call: str = "ModelInfer") -> dict[str, np.ndarray]:
+    def check_outputs(
+        self, outputs: dict[str, np.ndarray], rows: int, call: str = "ModelInfer"
+    ) -> dict[str, np.ndarray]:
         """Check that every output has ``rows`` rows and the dtype the signature declares."""
         if not outputs:
             raise self.bad_answer(call, f"the response holds no outputs for a call of {rows} rows")
@@ -249,7 +253,10 @@ async def call_with_retries(
         if breaker is not None and not breaker.allow(now):
             if stats is not None:
                 stats.fast_failures += 1
-            why = f"not sent: the circuit is open after {breaker.failures} consecutive failures; next probe in {breaker.retry_in(now):.2g}s"
+            why = (
+                f"not sent: the circuit is open after {breaker.failures} consecutive failures; "
+                f"next probe in {breaker.retry_in(now):.2g}s"
+            )
             if last is not None:
                 why += f" (last error: {_why(last)})"
             raise client.error(call, why, retryable=True) from last

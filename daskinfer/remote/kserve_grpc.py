@@ -14,10 +14,10 @@ from typing import Any
 import grpc
 import numpy as np
 
-from daskinfer.tensors import TensorSpec
 from daskinfer.remote import v2
 from daskinfer.remote.base import ModelSignature, RemoteClient
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
+from daskinfer.tensors import TensorSpec
 
 # CANCELLED is in: our own cancellations surface as asyncio.CancelledError, so a CANCELLED
 # status comes from the server (a server shutting down cancels its running calls), and
@@ -54,9 +54,9 @@ def _serialize(msg: Any) -> bytes:
 def split_target(url: str) -> tuple[str, bool]:
     """``grpc://host:port`` / ``grpcs://host:port`` / ``host:port`` -> (``host:port``, tls)."""
     if url.startswith("grpcs://"):
-        return url[len("grpcs://"):].rstrip("/"), True
+        return url[len("grpcs://") :].rstrip("/"), True
     if url.startswith("grpc://"):
-        return url[len("grpc://"):].rstrip("/"), False
+        return url[len("grpc://") :].rstrip("/"), False
     return url, False
 
 
@@ -83,10 +83,12 @@ def spec_from_metadata(t: pb.ModelMetadataResponse.TensorMetadata) -> TensorSpec
     return TensorSpec(t.name, dtype, shape or None)
 
 
-def encode_request(block: Mapping[str, np.ndarray], model_name: str, model_version: str, request_id: str = "") -> pb.ModelInferRequest:
+def encode_request(
+    block: Mapping[str, np.ndarray], model_name: str, model_version: str, request_id: str = ""
+) -> pb.ModelInferRequest:
     """A ``ModelInferRequest`` with every input as raw contents."""
     req = pb.ModelInferRequest(model_name=model_name, model_version=model_version, id=request_id)
-    v2.add_raw_tensors(req.inputs, req.raw_input_contents, block)
+    v2.add_raw_tensors(req.inputs, req.raw_input_contents, dict(block))
     return req
 
 
@@ -141,7 +143,9 @@ class KServeGrpcClient(RemoteClient):
     async def open(self) -> None:
         if self._channel is not None:
             return
-        opts = channel_options(int(self.options.get("max_message_size") or 64 * 2**20), self.options.get("tls_server_name"))
+        opts = channel_options(
+            int(self.options.get("max_message_size") or 64 * 2**20), self.options.get("tls_server_name")
+        )
         if self.tls:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=self.options.get("tls_ca"),
@@ -194,7 +198,9 @@ class KServeGrpcClient(RemoteClient):
             ) from None
 
     async def ready(self, timeout: float) -> bool:
-        resp = await self._unary("ModelReady", pb.ModelReadyRequest(name=self.model_name, version=self.model_version), timeout)
+        resp = await self._unary(
+            "ModelReady", pb.ModelReadyRequest(name=self.model_name, version=self.model_version), timeout
+        )
         return bool(resp.ready)
 
     async def server_live(self, timeout: float) -> bool:
@@ -219,7 +225,9 @@ class KServeGrpcClient(RemoteClient):
         self.signature = sig
         return sig
 
-    async def infer(self, block: Mapping[str, np.ndarray], timeout: float, request_id: str = "") -> dict[str, np.ndarray]:
+    async def infer(
+        self, block: Mapping[str, np.ndarray], timeout: float, request_id: str = ""
+    ) -> dict[str, np.ndarray]:
         rows = len(next(iter(block.values())))
         try:
             req = encode_request(block, self.model_name, self.model_version, request_id)

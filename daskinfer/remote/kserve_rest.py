@@ -21,9 +21,9 @@ from urllib.parse import quote
 import aiohttp
 import numpy as np
 
-from daskinfer.tensors import TensorSpec
 from daskinfer.remote import v2
 from daskinfer.remote.base import ModelSignature, RemoteClient
+from daskinfer.tensors import TensorSpec
 
 RETRYABLE_STATUS = frozenset({408, 429, 502, 503, 504})
 
@@ -75,7 +75,9 @@ class HttpClient(RemoteClient):
     async def open(self) -> None:
         if self._session is not None:
             return
-        connector = aiohttp.TCPConnector(limit=int(self.options.get("max_inflight") or 100), ssl=ssl_context(self.options) or True)
+        connector = aiohttp.TCPConnector(
+            limit=int(self.options.get("max_inflight") or 100), ssl=ssl_context(self.options) or True
+        )
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=self._headers,
@@ -172,7 +174,9 @@ class KServeRestClient(HttpClient):
         self.signature = sig
         return sig
 
-    async def infer(self, block: Mapping[str, np.ndarray], timeout: float, request_id: str = "") -> dict[str, np.ndarray]:
+    async def infer(
+        self, block: Mapping[str, np.ndarray], timeout: float, request_id: str = ""
+    ) -> dict[str, np.ndarray]:
         call = "ModelInfer"
         rows = len(next(iter(block.values())))
         try:
@@ -184,7 +188,9 @@ class KServeRestClient(HttpClient):
         status, raw = await self.request(call, "POST", self.model_path + "/infer", timeout, body)
         obj = self.parse_json(call, status, raw)
         if not isinstance(obj, dict) or not isinstance(obj.get("outputs"), list):
-            raise self.bad_answer(call, f"malformed response: expected an object with an 'outputs' list, got {snippet(raw)}")
+            raise self.bad_answer(
+                call, f"malformed response: expected an object with an 'outputs' list, got {snippet(raw)}"
+            )
         if request_id and obj.get("id") not in (None, "", request_id):
             raise self.bad_answer(call, f"the response is for request id {obj.get('id')!r}, expected {request_id!r}")
         out = {}

@@ -49,7 +49,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.server_error_retries < 0:
-            raise ConfigError(f"retries must be >= 0, got {self.retries} and server_error_retries {self.server_error_retries}")
+            raise ConfigError(
+                f"retries must be >= 0, got {self.retries} and server_error_retries {self.server_error_retries}"
+            )
         if self.backoff_base < 0 or self.backoff_max < 0:
             raise ConfigError(f"backoff times must be >= 0, got {self.backoff_base} and {self.backoff_max}")
         if not 0 <= self.jitter <= 1:
@@ -144,7 +146,9 @@ class CircuitBreaker:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, failure_threshold: int | None = None, reset_timeout: float | str | None = None) -> CircuitBreaker:
+    def from_config(
+        cls, failure_threshold: int | None = None, reset_timeout: float | str | None = None
+    ) -> CircuitBreaker:
         return cls(
             int(settings.get("remote.breaker-failures", failure_threshold)),
             settings.get_seconds("remote.breaker-reset", reset_timeout),

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer.tensors import TensorSpec
 from daskinfer.remote import v2
 from daskinfer.remote.base import ModelSignature
 from daskinfer.remote.kserve_rest import HttpClient, snippet
+from daskinfer.tensors import TensorSpec
 
 TF_TO_V2 = {
     "DT_FLOAT": "FP32",
@@ -104,8 +104,12 @@ class TFServingRestClient(HttpClient):
             inputs = [_tf_spec(name, info) for name, info in sorted(sd.get("inputs", {}).items())]
             outputs = [_tf_spec(name, info) for name, info in sorted(sd.get("outputs", {}).items())]
         except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise self.bad_answer(call, f"malformed metadata: no usable signature_def ({type(e).__name__}: {e})") from None
-        versions = [str(obj.get("model_spec", {}).get("version", ""))] if isinstance(obj.get("model_spec"), dict) else []
+            raise self.bad_answer(
+                call, f"malformed metadata: no usable signature_def ({type(e).__name__}: {e})"
+            ) from None
+        versions = (
+            [str(obj.get("model_spec", {}).get("version", ""))] if isinstance(obj.get("model_spec"), dict) else []
+        )
         self.signature = ModelSignature(inputs or None, outputs or None, [v for v in versions if v], "tensorflow")
         return self.signature
 
@@ -114,7 +118,9 @@ class TFServingRestClient(HttpClient):
             return [s.name for s in self.signature.outputs]
         return []
 
-    async def infer(self, block: Mapping[str, np.ndarray], timeout: float, request_id: str = "") -> dict[str, np.ndarray]:
+    async def infer(
+        self, block: Mapping[str, np.ndarray], timeout: float, request_id: str = ""
+    ) -> dict[str, np.ndarray]:
         call = "Predict"
         rows = len(next(iter(block.values())))
         names = list(block)
@@ -160,7 +166,9 @@ class TFServingRestClient(HttpClient):
         out = {}
         for name, data in cols.items():
             if not isinstance(data, list):
-                raise v2.TensorDecodeError(f"output {name!r} is a {type(data).__name__}, expected a list with one entry per row")
+                raise v2.TensorDecodeError(
+                    f"output {name!r} is a {type(data).__name__}, expected a list with one entry per row"
+                )
             out[name] = self._array(name, data)
         return out
 

@@ -198,7 +198,7 @@ def from_raw(raw: bytes, datatype: str, shape: Sequence[int], tensor: str) -> np
             pos += 4
             if pos + length > size:
                 raise TensorDecodeError(f"tensor {tensor!r}: BYTES element of {length} bytes runs past the data")
-            items.append(bytes(raw[pos:pos + length]))
+            items.append(bytes(raw[pos : pos + length]))
             pos += length
         if len(items) != n:
             raise TensorDecodeError(
@@ -291,7 +291,9 @@ def json_data_to_array(data: Any, datatype: str, shape: Sequence[int], tensor: s
     if dtype is None:
         items = parsed.ravel().tolist()
         if not all(isinstance(v, str) for v in items):
-            raise TensorDecodeError(f"tensor {tensor!r} is declared BYTES but its data holds values that are not strings")
+            raise TensorDecodeError(
+                f"tensor {tensor!r} is declared BYTES but its data holds values that are not strings"
+            )
         return _bytes_array([v.encode("utf-8") for v in items], shape)
     _check_range(parsed, dtype, tensor)
     with np.errstate(over="ignore"):  # floats beyond FP16/FP32 become inf, as on every v2 server
@@ -387,7 +389,7 @@ def decode_rest_request(body: bytes, header_length: Any = None) -> RestInferRequ
     obj = _load_json(body if n is None else body[:n])
     if not isinstance(obj, dict) or not isinstance(obj.get("inputs"), list):
         raise TensorDecodeError("expected a JSON object with an 'inputs' list")
-    binary = memoryview(body)[len(body) if n is None else n:]
+    binary = memoryview(body)[len(body) if n is None else n :]
     pos = 0
     inputs: dict[str, np.ndarray] = {}
     for i, t in enumerate(obj["inputs"]):
@@ -405,7 +407,7 @@ def decode_rest_request(body: bytes, header_length: Any = None) -> RestInferRequ
                 raise TensorDecodeError(
                     f"tensor {name!r}: binary_data_size {size} runs past the {len(binary)} bytes of binary data"
                 )
-            arr = from_raw(bytes(binary[pos:pos + size]), datatype, shape, name)
+            arr = from_raw(bytes(binary[pos : pos + size]), datatype, shape, name)
             pos += size
         if name in inputs:
             raise TensorDecodeError(f"input {name!r} is given twice")
@@ -416,8 +418,9 @@ def decode_rest_request(body: bytes, header_length: Any = None) -> RestInferRequ
     if request_id is not None and not isinstance(request_id, str):
         raise TensorDecodeError(f"'id' is a {type(request_id).__name__}, expected a string")
     params = _parameters(obj, "the request")
-    req = RestInferRequest(inputs, request_id, parameters=params,
-                           binary_default=_flag(params, "binary_data_output", "the request"))
+    req = RestInferRequest(
+        inputs, request_id, parameters=params, binary_default=_flag(params, "binary_data_output", "the request")
+    )
     outputs = obj.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list):
@@ -429,7 +432,9 @@ def decode_rest_request(body: bytes, header_length: Any = None) -> RestInferRequ
             names.append(o["name"])
             oparams = _parameters(o, f"output {o['name']!r}")
             if "binary_data" in oparams:
-                (req.binary_outputs if _flag(oparams, "binary_data", f"output {o['name']!r}") else req.json_outputs).add(o["name"])
+                (
+                    req.binary_outputs if _flag(oparams, "binary_data", f"output {o['name']!r}") else req.json_outputs
+                ).add(o["name"])
         req.outputs = names or None
     return req
 
@@ -437,7 +442,9 @@ def decode_rest_request(body: bytes, header_length: Any = None) -> RestInferRequ
 def _tensor_header(obj: dict[str, Any], where: str) -> tuple[str, str, list[int]]:
     name, datatype, shape = obj.get("name"), obj.get("datatype"), obj.get("shape")
     if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
-        raise TensorDecodeError(f"{where} needs string 'name' and 'datatype' and a list 'shape', got keys {sorted(obj)}")
+        raise TensorDecodeError(
+            f"{where} needs string 'name' and 'datatype' and a list 'shape', got keys {sorted(obj)}"
+        )
     if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise TensorDecodeError(f"tensor {name!r}: shape {shape} is not a list of integers")
     return name, datatype, shape
@@ -459,8 +466,14 @@ def encode_rest_response(
     for name, arr in outputs.items():
         if binary(name):
             data = to_raw(arr)
-            tensors.append({"name": name, "datatype": datatype_of(arr.dtype), "shape": list(arr.shape),
-                            "parameters": {"binary_data_size": len(data)}})
+            tensors.append(
+                {
+                    "name": name,
+                    "datatype": datatype_of(arr.dtype),
+                    "shape": list(arr.shape),
+                    "parameters": {"binary_data_size": len(data)},
+                }
+            )
             raw.append(data)
         else:
             tensors.append(to_json_tensor(name, arr))

@@ -30,7 +30,7 @@ from daskinfer.tensors import TensorSpec
 
 UNNAMED = ""  # the one input of a model that has not declared its inputs
 
-InputsArg = Union[None, Mapping[str, Union[str, Sequence[str]]], Callable[[Any], Any]]
+InputsArg = Union[None, Mapping[str, Union[str, Sequence[str]]], Callable[[Any], Any]]  # noqa: UP007 - evaluated at runtime on Python 3.10
 
 
 def _conform(name: str, arr: np.ndarray, spec: TensorSpec | None) -> np.ndarray:
@@ -99,7 +99,7 @@ class InputMapping:
         return {k: _conform(k, v, by_name.get(k)) for k, v in block.items()}
 
     def _from_function(self, rows: Any, specs: list[TensorSpec] | None, model: str) -> dict[str, np.ndarray]:
-        out = self.inputs(rows)  # type: ignore[operator]
+        out = self.inputs(rows)  # type: ignore[operator,misc]
         if isinstance(out, pd.DataFrame):
             out = out.to_numpy()
         if isinstance(out, Mapping):

@@ -127,6 +127,7 @@ def predict(
         output=outputs,
         keep=keep_cols,
     )
+    result: Any
     if isinstance(data, dd.DataFrame):
         result = _score_frame(client, data, scorer, sample)
     elif isinstance(data, da.Array):
@@ -171,7 +172,9 @@ def _score_frame(client: Client, ddf: dd.DataFrame, scorer: Scorer, sample: Any)
     if needed is not None:  # read only what is used (parquet column pruning)
         absent = [c for c in needed if c not in ddf.columns]
         if absent:
-            raise ConfigError(f"model {scorer.model!r}: column(s) {absent} are not in the data; columns: {list(ddf.columns)}")
+            raise ConfigError(
+                f"model {scorer.model!r}: column(s) {absent} are not in the data; columns: {list(ddf.columns)}"
+            )
         ddf = ddf[list(dict.fromkeys([*needed, *scorer.keep]))]
     empty = make_meta(ddf)
     scorer = _probe(client, scorer, meta_nonempty(empty) if sample is None else sample[list(empty.columns)])
@@ -195,7 +198,7 @@ def _score_array(client: Client, x: da.Array, scorer: Scorer, sample: Any) -> da
             "one: choose it with output="
         )
     (spec,) = specs
-    trailing = tuple(spec.shape[1:])
+    trailing = tuple((spec.shape or ())[1:])
     blocks = x.to_delayed().ravel()
     score = delayed(scorer.score_array, pure=True)
     parts = [

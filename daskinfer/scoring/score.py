@@ -52,9 +52,9 @@ def output_columns(spec: TensorSpec) -> list[str]:
     if not trailing:
         return [spec.name]
     if len(trailing) == 1:
-        return [f"{spec.name}_{i}" for i in range(trailing[0])]
+        return [f"{spec.name}_{i}" for i in range(int(trailing[0] or 0))]
     raise ConfigError(
-        f"output {spec.name!r} has {len(trailing) + 1} dimensions {list(spec.shape)}; DataFrame columns hold "
+        f"output {spec.name!r} has {len(trailing) + 1} dimensions {list(spec.shape or ())}; DataFrame columns hold "
         "one value or one vector per row: score a dask Array instead, or select other outputs with output="
     )
 
@@ -212,17 +212,19 @@ class Scorer:
 
     def _empty_outputs(self) -> dict[str, np.ndarray]:
         if self.output_specs is None:
-            raise ScoringError(f"model {self.model!r}: its outputs are not known before sample rows are scored", model=self.model)
-        return {s.name: np.empty((0, *s.shape[1:]), s.dtype) for s in self.output_specs}
+            raise ScoringError(
+                f"model {self.model!r}: its outputs are not known before sample rows are scored", model=self.model
+            )
+        return {s.name: np.empty((0, *(s.shape or ())[1:]), s.dtype) for s in self.output_specs}  # type: ignore[arg-type]
 
     def _join(self, pieces: list, failed: list, n: int) -> dict[str, np.ndarray]:
         if not failed and len(pieces) == 1:
             return pieces[0][2]
         if self.output_specs is not None:
-            template = {s.name: (s.dtype, s.shape[1:]) for s in self.output_specs}
+            template = {s.name: (s.dtype, (s.shape or ())[1:]) for s in self.output_specs}
         else:  # scored without a probe first: the first good block tells
             template = {k: (v.dtype, v.shape[1:]) for k, v in pieces[0][2].items()}
-        out = {k: np.zeros((n, *shape), dtype) for k, (dtype, shape) in template.items()}
+        out = {k: np.zeros((n, *shape), dtype) for k, (dtype, shape) in template.items()}  # type: ignore[type-var,arg-type]
         for lo, hi, piece in pieces:
             for k, arr in out.items():
                 arr[lo:hi] = piece[k]
@@ -283,6 +285,7 @@ def check_names(scorer: Scorer) -> None:
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
         raise ConfigError(
-            f"result columns {dup} would appear twice (kept input columns, outputs {[s.name for s in scorer.output_specs or ()]}"
+            f"result columns {dup} would appear twice (kept input columns, outputs "
+            f"{[s.name for s in scorer.output_specs or ()]}"
             f", error column {scorer.error_column!r}); rename the input column or choose error_column="
         )

@@ -118,7 +118,9 @@ class ModelServer(FrontDoor):
     async def _open_service(self) -> V2Service:
         deployments = await asyncio.to_thread(load_models, self.models)
         try:
-            return ServerCore(deployments, self.policy, self.max_queue_rows, self.max_concurrent_calls, self.retry_after)
+            return ServerCore(
+                deployments, self.policy, self.max_queue_rows, self.max_concurrent_calls, self.retry_after
+            )
         except BaseException:
             for d in deployments:
                 d.retire()

@@ -59,8 +59,14 @@ class ServedModel(V2Model):
 class ServerCore(V2Service):
     """The models of one model server, by name."""
 
-    def __init__(self, deployments: list[Deployment], policy: BatchPolicy, max_queue_rows: int,
-                 max_concurrent_calls: int = 0, retry_after: float = 1.0):
+    def __init__(
+        self,
+        deployments: list[Deployment],
+        policy: BatchPolicy,
+        max_queue_rows: int,
+        max_concurrent_calls: int = 0,
+        retry_after: float = 1.0,
+    ):
         super().__init__(max_concurrent_calls, retry_after)
         self._models: dict[str, ServedModel] = {}
         for dep in deployments:
@@ -90,7 +96,9 @@ def load_models(models: Any) -> list[Deployment]:
     try:
         for m in models:
             if not isinstance(m, Model):
-                raise TypeError(f"the server serves daskinfer Models (OnnxModel, PythonModel...), got {type(m).__name__}")
+                raise TypeError(
+                    f"the server serves daskinfer Models (OnnxModel, PythonModel...), got {type(m).__name__}"
+                )
             out.append(load_deployment(m))
     except BaseException:
         for d in out:

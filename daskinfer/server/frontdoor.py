@@ -149,9 +149,15 @@ class FrontDoor(abc.ABC):
                 from daskinfer.server.grpc_server import start_grpc_server
 
                 self._grpc_server, self.grpc_port = await start_grpc_server(
-                    service, self.host, self._grpc_port_arg,
-                    max_message_size=self.max_message_size, tls_cert=self.tls_cert, tls_key=self.tls_key,
-                    tls_client_ca=self.tls_client_ca, server_name=self.server_name, server_version=__version__,
+                    service,
+                    self.host,
+                    self._grpc_port_arg,
+                    max_message_size=self.max_message_size,
+                    tls_cert=self.tls_cert,
+                    tls_key=self.tls_key,
+                    tls_client_ca=self.tls_client_ca,
+                    server_name=self.server_name,
+                    server_version=__version__,
                 )
             if self.serve_http:
                 from daskinfer.server.rest_server import start_rest_server
@@ -160,8 +166,13 @@ class FrontDoor(abc.ABC):
                 if self.tls_cert is not None and self.tls_key is not None:
                     ssl_context = server_ssl_context(self.tls_cert, self.tls_key, self.tls_client_ca)
                 self._rest_runner, self.http_port = await start_rest_server(
-                    service, self.host, self._http_port_arg, max_message_size=self.max_message_size,
-                    ssl_context=ssl_context, server_name=self.server_name, server_version=__version__,
+                    service,
+                    self.host,
+                    self._http_port_arg,
+                    max_message_size=self.max_message_size,
+                    ssl_context=ssl_context,
+                    server_name=self.server_name,
+                    server_version=__version__,
                 )
         except BaseException:
             await self._stop_front_ends(0)

@@ -103,8 +103,15 @@ def _scheduler_address(scheduler: Any) -> str:
 class PipelineModel(V2Model):
     """A v2 model whose requests go to a pipeline through an asynchronous InferenceClient."""
 
-    def __init__(self, route: Route, client: InferenceClient, meta: ModelMetadata, timeout: float,
-                 max_batch_size: int, retry_after: float):
+    def __init__(
+        self,
+        route: Route,
+        client: InferenceClient,
+        meta: ModelMetadata,
+        timeout: float,
+        max_batch_size: int,
+        retry_after: float,
+    ):
         self.route = route
         self.client = client
         self.meta = meta
@@ -133,9 +140,11 @@ class PipelineModel(V2Model):
             future = self.client.submit_many(inputs, deadline=timeout)
             result = await asyncio.wait_for(future, timeout + min(_ANSWER_GRACE, timeout))
         except TopicFullError:
-            raise Overloaded(f"model {self.name!r}: the pipeline is full (its inbox, or the gateway's max-pending "
-                             "unanswered requests); try again later",
-                             retry_after=self.retry_after) from None
+            raise Overloaded(
+                f"model {self.name!r}: the pipeline is full (its inbox, or the gateway's max-pending "
+                "unanswered requests); try again later",
+                retry_after=self.retry_after,
+            ) from None
         except (ConnectionError, RuntimeError) as e:  # the client is closed or lost its cluster
             raise Unavailable(f"model {self.name!r}: the gateway cannot reach the pipeline ({e})") from None
         if not result.ok:
@@ -151,8 +160,14 @@ class PipelineModel(V2Model):
 class GatewayService(V2Service):
     """The gateway's models: one :class:`PipelineModel` per route, and their metadata refresh."""
 
-    def __init__(self, models: dict[str, PipelineModel], dask_client: Any, refresh: float,
-                 max_concurrent_calls: int, retry_after: float):
+    def __init__(
+        self,
+        models: dict[str, PipelineModel],
+        dask_client: Any,
+        refresh: float,
+        max_concurrent_calls: int,
+        retry_after: float,
+    ):
         super().__init__(max_concurrent_calls, retry_after)
         self._models = models
         self.dask_client = dask_client
@@ -280,15 +295,13 @@ class Gateway(FrontDoor):
                     ) from None
                 ic = InferenceClient(dask_client, inbox=route.inbox, model=route.model, max_pending=self.max_pending)
                 await ic
-                models[route.name] = PipelineModel(route, ic, meta, self.timeout, self.max_batch_size,
-                                                   self.retry_after)
+                models[route.name] = PipelineModel(route, ic, meta, self.timeout, self.max_batch_size, self.retry_after)
         except BaseException:
             for m in models.values():
                 await m.client.aclose()
             await dask_client.close()
             raise
-        return GatewayService(models, dask_client, self.metadata_refresh, self.max_concurrent_calls,
-                              self.retry_after)
+        return GatewayService(models, dask_client, self.metadata_refresh, self.max_concurrent_calls, self.retry_after)
 
     async def _close_service(self, service: V2Service) -> None:
         assert isinstance(service, GatewayService)

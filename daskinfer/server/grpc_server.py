@@ -35,12 +35,18 @@ def decode_request(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """Input arrays of a ``ModelInferRequest``; raises :class:`v2.TensorDecodeError`."""
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
-        raise v2.TensorDecodeError(f"the request has {len(req.inputs)} inputs but {len(raw)} raw_input_contents buffers")
+        raise v2.TensorDecodeError(
+            f"the request has {len(req.inputs)} inputs but {len(raw)} raw_input_contents buffers"
+        )
     block = {}
     for i, t in enumerate(req.inputs):
         if t.name in block:
             raise v2.TensorDecodeError(f"input {t.name!r} is given twice")
-        block[t.name] = v2.from_raw(raw[i], t.datatype, t.shape, t.name) if raw else v2.from_contents(t.contents, t.datatype, t.shape, t.name)
+        block[t.name] = (
+            v2.from_raw(raw[i], t.datatype, t.shape, t.name)
+            if raw
+            else v2.from_contents(t.contents, t.datatype, t.shape, t.name)
+        )
     return block
 
 
@@ -98,7 +104,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
-            name=self.server_name, version=self.server_version,
+            name=self.server_name,
+            version=self.server_version,
             extensions=["model_configuration", "model_repository", "statistics"],
         )
 
@@ -222,6 +229,8 @@ async def start_grpc_server(
     except RuntimeError:  # grpcio >= 1.5x raises where older releases returned 0
         bound = 0
     if not bound:
-        raise ServerBindError(f"cannot bind the gRPC front end to {address}: the port is in use or the host is not local")
+        raise ServerBindError(
+            f"cannot bind the gRPC front end to {address}: the port is in use or the host is not local"
+        )
     await server.start()
     return server, bound

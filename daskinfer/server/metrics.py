@@ -38,20 +38,38 @@ class V2Collector:
             model.statistics()  # brings the counters kept elsewhere (batcher) up to date
             st = model.stats
             labels = {"model": name}
-            out.gauge("daskinfer_v2_model_info", "1 for the version of each model served", {**labels,
-                      "version": model.version}, 1)
-            out.counter("daskinfer_v2_requests", "Inference calls (answered or failed)", labels,
-                        st.success_count + st.fail_count)
+            out.gauge(
+                "daskinfer_v2_model_info",
+                "1 for the version of each model served",
+                {**labels, "version": model.version},
+                1,
+            )
+            out.counter(
+                "daskinfer_v2_requests",
+                "Inference calls (answered or failed)",
+                labels,
+                st.success_count + st.fail_count,
+            )
             for kind, n in sorted(st.errors.items()):
-                out.counter("daskinfer_v2_errors", "Failed inference calls by kind (BadRequest, NotFound, Overloaded, "
-                            "Unavailable, TimedOut, InternalError)", {**labels, "kind": kind}, n)
+                out.counter(
+                    "daskinfer_v2_errors",
+                    "Failed inference calls by kind (BadRequest, NotFound, Overloaded, "
+                    "Unavailable, TimedOut, InternalError)",
+                    {**labels, "kind": kind},
+                    n,
+                )
             out.counter("daskinfer_v2_rows", "Rows of answered calls", labels, st.rows)
             out.counter("daskinfer_v2_executions", "Model executions (batches)", labels, st.executions)
-            out.counter("daskinfer_v2_queue_seconds", "Seconds requests waited before their model call", labels,
-                        st.queue_ns / 1e9)
+            out.counter(
+                "daskinfer_v2_queue_seconds",
+                "Seconds requests waited before their model call",
+                labels,
+                st.queue_ns / 1e9,
+            )
             out.counter("daskinfer_v2_infer_seconds", "Seconds in model calls", labels, st.infer_ns / 1e9)
-            out.histogram("daskinfer_v2_request_seconds", "Seconds per inference call, as the server saw it",
-                          labels, st.latency)
+            out.histogram(
+                "daskinfer_v2_request_seconds", "Seconds per inference call, as the server saw it", labels, st.latency
+            )
         yield from out
 
 

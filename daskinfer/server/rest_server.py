@@ -64,8 +64,9 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if e.status < 400:
             raise
         message = e.text if e.text and e.text != f"{e.status}: {e.reason}" else e.reason
-        resp = _json({"error": f"{message}: {request.method} {request.path}" if e.status in (404, 405) else message},
-                     e.status)
+        resp = _json(
+            {"error": f"{message}: {request.method} {request.path}" if e.status in (404, 405) else message}, e.status
+        )
         for key in ("Allow",):
             if key in e.headers:
                 resp.headers[key] = e.headers[key]
@@ -123,8 +124,13 @@ class RestApp:
         return self.service.get(request.match_info["name"], request.match_info.get("version", ""))
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json({"name": self.server_name, "version": self.server_version,
-                      "extensions": ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]})
+        return _json(
+            {
+                "name": self.server_name,
+                "version": self.server_version,
+                "extensions": ["binary_tensor_data", "model_configuration", "model_repository", "statistics"],
+            }
+        )
 
     async def live(self, request: web.Request) -> web.Response:
         return _json({"live": True})

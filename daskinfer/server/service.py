@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,9 @@ def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": datatype, "shape": shape}
 
 
-def v2_metadata(name: str, version: str, kind: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> dict[str, Any]:
+def v2_metadata(
+    name: str, version: str, kind: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> dict[str, Any]:
     """v2 model metadata: name, versions, platform, inputs, outputs."""
     return {
         "name": name,
@@ -79,7 +82,9 @@ def model_config(
         "platform": PLATFORMS.get(kind, "daskinfer"),
         "backend": BACKENDS.get(kind, "daskinfer"),
         "max_batch_size": int(max_batch_size) if batching else 0,
-        "input": [{"name": s.name, "data_type": _config_type(s), "format": "FORMAT_NONE", "dims": dims(s)} for s in inputs],
+        "input": [
+            {"name": s.name, "data_type": _config_type(s), "format": "FORMAT_NONE", "dims": dims(s)} for s in inputs
+        ],
         "output": [{"name": s.name, "data_type": _config_type(s), "dims": dims(s)} for s in outputs],
     }
 
@@ -187,7 +192,7 @@ class V2Service(abc.ABC):
         self.ready = False
 
     @abc.abstractmethod
-    def models(self) -> dict[str, V2Model]:
+    def models(self) -> Mapping[str, V2Model]:
         """The models served, by name."""
 
     def get(self, name: str, version: str = "") -> V2Model:
@@ -222,7 +227,11 @@ class V2Service(abc.ABC):
         return None
 
     async def infer(
-        self, model: V2Model, inputs: dict[str, np.ndarray], outputs: list[str] | None = None, timeout: float | None = None
+        self,
+        model: V2Model,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one inference call; raise a :class:`ServiceError` for any failure."""
         refusal = self._refusal()
@@ -255,4 +264,3 @@ class V2Service(abc.ABC):
         finally:
             self.inflight -= 1
             model.stats.record(ok, time.perf_counter() - start, rows_of(inputs), error)
-

@@ -149,12 +149,11 @@ def _frame_from_wire(msg: dict[str, Any]) -> RequestColumns:
     total = int(rows.sum()) if rows is not None else n
     for name, arr in inputs.items():
         if type(name) is not str or type(arr) is not np.ndarray or arr.ndim == 0 or len(arr) != total:
-            raise CodecError(
-                f"frame input {name!r} must be an array of {total} rows, got {_describe(arr)}"
-            )
+            raise CodecError(f"frame input {name!r} must be an array of {total} rows, got {_describe(arr)}")
     keys = msg.get("k")
-    if keys is not None and (type(keys) is not list or len(keys) != n
-                             or not all(k is None or type(k) is str for k in keys)):
+    if keys is not None and (
+        type(keys) is not list or len(keys) != n or not all(k is None or type(k) is str for k in keys)
+    ):
         raise CodecError(f"frame field 'k' (keys) must be a list of {n} keys (strings, or None for no key)")
     for field_name in ("m", "r"):
         v = msg.get(field_name)
@@ -191,7 +190,9 @@ def _single_from_wire(msg: Any) -> RequestColumns:
                 request_id=req.id,
             )
         if len(set(counts.values())) > 1:
-            raise InputValidationError(f"request {req.id}: inputs have different numbers of rows {counts}", request_id=req.id)
+            raise InputValidationError(
+                f"request {req.id}: inputs have different numbers of rows {counts}", request_id=req.id
+            )
         if not next(iter(counts.values())):
             raise InputValidationError(f"request {req.id}: empty batch (0 rows)", request_id=req.id)
     n_rows = next(iter(counts.values())) if req.batched else 1
@@ -305,26 +306,50 @@ class ResultColumns:
                 parts = [np.split(a, bounds) for a in arrays]
                 rows_of = [dict(zip(names, vals)) for vals in zip(*parts)] if names else [{} for _ in range(n)]
             for i, rid in enumerate(self.ids):
-                out.append(Result(
-                    rid, rows_of[i], None, None, model, version, batched, timings,
-                    keys[i] if keys is not None else None,
-                    float(sent[i]) if sent is not None else None,
-                ))
+                out.append(
+                    Result(
+                        rid,
+                        rows_of[i],
+                        None,
+                        None,
+                        model,
+                        version,
+                        batched,
+                        timings,
+                        keys[i] if keys is not None else None,
+                        float(sent[i]) if sent is not None else None,
+                    )
+                )
         e = self.errors
         for i, rid in enumerate(e.ids):
-            out.append(Result(
-                rid, None, e.types[i], e.messages[i], model, version, batched, timings,
-                e.keys[i] if e.keys is not None else None, None,
-            ))
+            out.append(
+                Result(
+                    rid,
+                    None,
+                    e.types[i],
+                    e.messages[i],
+                    model,
+                    version,
+                    batched,
+                    timings,
+                    e.keys[i] if e.keys is not None else None,
+                    None,
+                )
+            )
         return out
 
 
 def _str_list(msg: dict[str, Any], key: str, n: int | None = None, *, optional: bool = False) -> list[Any]:
     """A list of strings (``optional``: or None) of ``n`` items, else a :class:`CodecError`."""
     v = msg.get(key, [])
-    if (type(v) is not list or (n is not None and len(v) != n)
-            or not all(type(i) is str or (optional and i is None) for i in v)):
-        raise CodecError(f"result frame field {key!r} must be a list of strings" + (f" of {n} items" if n is not None else ""))
+    if (
+        type(v) is not list
+        or (n is not None and len(v) != n)
+        or not all(type(i) is str or (optional and i is None) for i in v)
+    ):
+        raise CodecError(
+            f"result frame field {key!r} must be a list of strings" + (f" of {n} items" if n is not None else "")
+        )
     return v
 
 
@@ -332,7 +357,9 @@ def _check_result_frame(msg: dict[str, Any], n: int, outputs: Any) -> None:
     """The fields of a result frame of ``n`` results agree in types and lengths, else a :class:`CodecError`."""
     if msg["f"] != FRAME_VERSION:
         raise CodecError(f"unknown frame version {msg['f']!r} (this daskinfer reads version {FRAME_VERSION})")
-    if type(outputs) is not dict or not all(type(k) is str and type(v) is np.ndarray and v.ndim for k, v in outputs.items()):
+    if type(outputs) is not dict or not all(
+        type(k) is str and type(v) is np.ndarray and v.ndim for k, v in outputs.items()
+    ):
         raise CodecError("result frame field 'out' must be a map of names to arrays with rows")
     rows = _per_request(msg, "n", n, int, "rows per result")
     if rows is not None and (rows < 0).any():
@@ -349,7 +376,9 @@ def _check_result_frame(msg: dict[str, Any], n: int, outputs: Any) -> None:
         if v is not None and type(v) is not typ:
             raise CodecError(f"result frame field {key!r} must be a {typ.__name__}, got {type(v).__name__}")
     tm = msg.get("tm")
-    if tm is not None and not (type(tm) is dict and all(type(k) is str and type(v) in (int, float) for k, v in tm.items())):
+    if tm is not None and not (
+        type(tm) is dict and all(type(k) is str and type(v) in (int, float) for k, v in tm.items())
+    ):
         raise CodecError("result frame field 'tm' must be a map of names to numbers")
 
 
@@ -362,14 +391,20 @@ def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns
         from daskinfer.wire.messages import result_from_wire
 
         r = result_from_wire(msg)
-        errors = ErrorColumns([r.id], [r.error_type], [r.error or ""], [r.key]) if not r.ok else ErrorColumns()
+        errors = ErrorColumns([r.id], [r.error_type or ""], [r.error or ""], [r.key]) if not r.ok else ErrorColumns()
         if r.ok:
             outputs = r.outputs or {}
             return ResultColumns(
-                [r.id], {k: (v if r.batched else v[None]) for k, v in outputs.items()},
+                [r.id],
+                {k: (v if r.batched else v[None]) for k, v in outputs.items()},
                 None if not r.batched else np.array([len(next(iter(outputs.values())))] if outputs else [0]),
-                r.batched, [r.key], None if r.sent_at is None else np.array([r.sent_at]),
-                r.model, r.version, r.timings, errors,
+                r.batched,
+                [r.key],
+                None if r.sent_at is None else np.array([r.sent_at]),
+                r.model,
+                r.version,
+                r.timings,
+                errors,
             )
         return ResultColumns([], {}, None, r.batched, None, None, r.model, r.version, r.timings, errors)
     ids = _str_list(msg, "ids")
@@ -380,8 +415,16 @@ def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns
     errors = ErrorColumns(eids, _str_list(msg, "et", len(eids)), _str_list(msg, "em", len(eids)), ek)
     tm = msg.get("tm") or {}
     return ResultColumns(
-        ids, outputs, msg.get("n"), bool(msg.get("b", False)), msg.get("k"), msg.get("t"),
-        msg.get("m"), msg.get("v"), tm, errors,
+        ids,
+        outputs,
+        msg.get("n"),
+        bool(msg.get("b", False)),
+        msg.get("k"),
+        msg.get("t"),
+        msg.get("m"),
+        msg.get("v"),
+        tm,
+        errors,
     )
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from daskinfer.wire import codec
 from daskinfer.exceptions import CodecError, RequestError, ResultError
+from daskinfer.wire import codec
 
 
 def new_id() -> str:
@@ -68,7 +68,13 @@ class Request:
         msg: dict[str, Any] = {"id": self.id, "in": {k: codec.encode_array(v) for k, v in self.inputs.items()}}
         if self.batched:
             msg["b"] = True
-        for k, v in (("k", self.key), ("m", self.model), ("d", self.deadline), ("r", self.reply_to), ("t", self.sent_at)):
+        for k, v in (
+            ("k", self.key),
+            ("m", self.model),
+            ("d", self.deadline),
+            ("r", self.reply_to),
+            ("t", self.sent_at),
+        ):
             if v is not None:
                 msg[k] = v
         return msg
@@ -89,7 +95,9 @@ def request_from_wire(msg: Any) -> Request:
         raise RequestError(f"request id must be a non-empty string, got {rid!r}")
     inputs = msg.get("in")
     if type(inputs) is not dict:
-        raise RequestError(f"request {rid}: 'in' must be a map of input name to array, got {type(inputs).__name__}", request_id=rid)
+        raise RequestError(
+            f"request {rid}: 'in' must be a map of input name to array, got {type(inputs).__name__}", request_id=rid
+        )
     for name, arr in inputs.items():
         if type(name) is not str or type(arr) is not np.ndarray:
             raise RequestError(
@@ -156,13 +164,34 @@ class Result:
         Seconds from ``sent_at`` to delivery (set by the client).
     """
 
-    __slots__ = ("id", "outputs", "error_type", "error", "model", "version", "batched", "_timings", "key",
-                 "sent_at", "latency")
+    __slots__ = (
+        "id",
+        "outputs",
+        "error_type",
+        "error",
+        "model",
+        "version",
+        "batched",
+        "_timings",
+        "key",
+        "sent_at",
+        "latency",
+    )
 
-    def __init__(self, id: str, outputs: dict[str, np.ndarray] | None = None, error_type: str | None = None,
-                 error: str | None = None, model: str | None = None, version: str | None = None,
-                 batched: bool = False, timings: dict[str, float] | None = None, key: str | None = None,
-                 sent_at: float | None = None, latency: float | None = None):
+    def __init__(
+        self,
+        id: str,
+        outputs: dict[str, np.ndarray] | None = None,
+        error_type: str | None = None,
+        error: str | None = None,
+        model: str | None = None,
+        version: str | None = None,
+        batched: bool = False,
+        timings: dict[str, float] | None = None,
+        key: str | None = None,
+        sent_at: float | None = None,
+        latency: float | None = None,
+    ):
         self.id = id
         self.outputs = outputs
         self.error_type = error_type
@@ -186,7 +215,8 @@ class Result:
         if not isinstance(other, Result):
             return NotImplemented
         return all(getattr(self, k) == getattr(other, k) for k in self.__slots__ if k != "outputs") and (
-            _same_outputs(self.outputs, other.outputs))
+            _same_outputs(self.outputs, other.outputs)
+        )
 
     def __repr__(self) -> str:
         what = f"error={self.error_type}: {self.error!r}" if self.error_type else f"outputs={list(self.outputs or {})}"
@@ -199,7 +229,11 @@ class Result:
     def value(self) -> Any:
         """The outputs (a single array when the model has one output); raise :class:`ResultError` if failed."""
         if not self.ok:
-            raise ResultError(f"request {self.id} failed: {self.error_type}: {self.error}", error_type=self.error_type or "", request_id=self.id)
+            raise ResultError(
+                f"request {self.id} failed: {self.error_type}: {self.error}",
+                error_type=self.error_type or "",
+                request_id=self.id,
+            )
         assert self.outputs is not None
         if len(self.outputs) == 1:
             return next(iter(self.outputs.values()))
@@ -260,7 +294,12 @@ def result_from_wire(msg: Any) -> Result:
     ):
         raise CodecError(f"result {msg['id']}: 'out' must be a map of names to arrays")
     model, version, key, sent_at, batched, timings = (
-        msg.get("m"), msg.get("v"), msg.get("k"), msg.get("t"), msg.get("b", False), msg.get("tm")
+        msg.get("m"),
+        msg.get("v"),
+        msg.get("k"),
+        msg.get("t"),
+        msg.get("b", False),
+        msg.get("tm"),
     )
     if not (
         (model is None or type(model) is str)
@@ -268,9 +307,13 @@ def result_from_wire(msg: Any) -> Result:
         and (key is None or type(key) is str)
         and (sent_at is None or type(sent_at) is float or type(sent_at) is int)
         and type(batched) is bool
-        and (timings is None or (type(timings) is dict and all(
-            type(k) is str and (type(v) is float or type(v) is int) for k, v in timings.items()
-        )))
+        and (
+            timings is None
+            or (
+                type(timings) is dict
+                and all(type(k) is str and (type(v) is float or type(v) is int) for k, v in timings.items())
+            )
+        )
     ):
         raise CodecError(f"result {msg['id']}: {_result_field_problem(msg)}")
     return Result(
@@ -290,4 +333,3 @@ def result_from_wire(msg: Any) -> Result:
 def error_result(request_id: str, exc: BaseException, **kw: Any) -> Result:
     """A :class:`Result` for a failed request."""
     return Result(id=request_id, error_type=type(exc).__name__, error=str(exc), **kw)
-

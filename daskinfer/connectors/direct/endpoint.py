@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from distributed.comm.core import CommClosedError
@@ -169,7 +170,7 @@ class DirectEndpoint:
                 q.offer(s)
         return q
 
-    def close_queue(self, queue: PartitionQueue, untaken: list[tuple[str, int]] = ()) -> None:
+    def close_queue(self, queue: PartitionQueue, untaken: Sequence[tuple[str, int]] = ()) -> None:
         """The partition leaves this worker: whatever it has not answered goes back to its clients."""
         if self.queues.get((queue.inbox, queue.partition)) is queue:
             del self.queues[(queue.inbox, queue.partition)]
@@ -234,8 +235,10 @@ class DirectEndpoint:
     def describe(self) -> dict[str, Any]:
         return {
             "clients": len(self.clients),
-            "queues": {f"{i}/{p}": {"messages": q.messages, "bytes": q.bytes, "parked": len(q.parked)}
-                       for (i, p), q in self.queues.items()},
+            "queues": {
+                f"{i}/{p}": {"messages": q.messages, "bytes": q.bytes, "parked": len(q.parked)}
+                for (i, p), q in self.queues.items()
+            },
             "undeliverable": self.undeliverable,
         }
 

@@ -104,7 +104,7 @@ class DirectTransport(ClientTransport):
         """Find the pipeline serving ``inbox`` (waiting up to ``start_timeout``); return its partitions."""
         await ensure_broker_async(self.client)
         self.inbox = inbox
-        self.client_id = reply_target[len(REPLY_PREFIX):] if reply_target.startswith(REPLY_PREFIX) else reply_target
+        self.client_id = reply_target[len(REPLY_PREFIX) :] if reply_target.startswith(REPLY_PREFIX) else reply_target
         self.reply_target = REPLY_PREFIX + self.client_id
         loop = asyncio.get_running_loop()
         end = loop.time() + self.start_timeout
@@ -126,8 +126,12 @@ class DirectTransport(ClientTransport):
     def _apply(self, routes: dict[str, Any]) -> None:
         self.version = routes["version"]
         if routes.get("partitions") != len(self.partitions) and routes.get("pipeline") is not None:
-            logger.warning("pipeline of inbox %r now has %s partitions, this client was started with %d",
-                           self.inbox, routes.get("partitions"), len(self.partitions))
+            logger.warning(
+                "pipeline of inbox %r now has %s partitions, this client was started with %d",
+                self.inbox,
+                routes.get("partitions"),
+                len(self.partitions),
+            )
         owners = routes.get("owners") or {}
         moved: list[int] = []
         for p, state in enumerate(self.partitions):
@@ -166,9 +170,12 @@ class DirectTransport(ClientTransport):
                 # stopped: a pipeline deployed again soon takes over; past start_timeout, requests fail
                 gone_since = loop.time() if gone_since is None else gone_since
                 if self.sends and loop.time() - gone_since > self.start_timeout:
-                    self._fail(PipelineNotFoundError(
-                        f"the pipeline of inbox {self.inbox!r} stopped and none took its place within "
-                        f"{self.start_timeout:g}s; {len(self.sends)} sends of requests are unanswered"))
+                    self._fail(
+                        PipelineNotFoundError(
+                            f"the pipeline of inbox {self.inbox!r} stopped and none took its place within "
+                            f"{self.start_timeout:g}s; {len(self.sends)} sends of requests are unanswered"
+                        )
+                    )
                     return
             else:
                 gone_since = None
@@ -296,8 +303,9 @@ class DirectTransport(ClientTransport):
         loop = asyncio.get_running_loop()
         self._down[link.address] = loop.time()
         loop.call_later(_RECONNECT_WAIT, self._retry)
-        logger.info("connection to worker %s lost (%s); its unanswered requests will go to the new owners",
-                    link.address, exc)
+        logger.info(
+            "connection to worker %s lost (%s); its unanswered requests will go to the new owners", link.address, exc
+        )
         self._resend([seq for seq, (_, _, w) in self.sends.items() if w == link.address])
 
     def _retry(self) -> None:

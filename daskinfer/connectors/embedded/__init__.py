@@ -18,5 +18,14 @@ from daskinfer.connectors.embedded.connector import EmbeddedConnector
 from daskinfer.connectors.embedded.log import PartitionLog
 from daskinfer.connectors.embedded.transport import EmbeddedTransport
 
-__all__ = ["REPLY_PREFIX", "BrokerPlugin", "BrokerRPC", "EmbeddedConnector", "EmbeddedTransport", "PartitionLog",
-           "TopicSettings", "ensure_broker", "ensure_broker_async"]
+__all__ = [
+    "REPLY_PREFIX",
+    "BrokerPlugin",
+    "BrokerRPC",
+    "EmbeddedConnector",
+    "EmbeddedTransport",
+    "PartitionLog",
+    "TopicSettings",
+    "ensure_broker",
+    "ensure_broker_async",
+]

@@ -60,19 +60,28 @@ class TopicSettings:
     def from_config(cls, kind: str, partitions: int | None = None, **overrides: Any) -> TopicSettings:
         """Settings of an ``"inbox"``, ``"retained"`` or ``"reply"`` topic from ``daskinfer.broker.*``."""
         if kind == "inbox":
-            base = dict(max_messages=int(settings.get("broker.max-messages")),
-                        max_bytes=settings.get_bytes("broker.max-bytes"), retain=False)
+            base: dict[str, Any] = dict(
+                max_messages=int(settings.get("broker.max-messages")),
+                max_bytes=settings.get_bytes("broker.max-bytes"),
+                retain=False,
+            )
         elif kind in ("retained", "reply"):
-            base = dict(max_messages=int(settings.get("broker.retained-messages")),
-                        max_bytes=settings.get_bytes("broker.retained-bytes"), retain=True,
-                        max_age=settings.get_seconds("broker.retention") or None)
+            base = dict(
+                max_messages=int(settings.get("broker.retained-messages")),
+                max_bytes=settings.get_bytes("broker.retained-bytes"),
+                retain=True,
+                max_age=settings.get_seconds("broker.retention") or None,
+            )
             if kind == "reply":
                 base["ttl"] = settings.get_seconds("broker.reply-ttl")
         else:
             raise ConfigError(f"unknown topic kind {kind!r} (inbox, retained, reply)")
         base.update({k: v for k, v in overrides.items() if v is not None})
-        out = cls(partitions=int(settings.get("pipeline.partitions", partitions)),
-                  max_message_size=settings.get_bytes("codec.max-message-size"), **base)
+        out = cls(
+            partitions=int(settings.get("pipeline.partitions", partitions)),
+            max_message_size=settings.get_bytes("codec.max-message-size"),
+            **base,
+        )
         if out.partitions < 1 or out.max_messages < 1 or out.max_bytes < 1:
             raise ConfigError(f"topic settings must be >= 1: {out}")
         return out
@@ -97,8 +106,9 @@ class Topic:
     def __init__(self, name: str, spec: TopicSettings):
         self.name = name
         self.settings = spec
-        self.logs = [PartitionLog(spec.max_messages, spec.max_bytes, spec.retain, spec.max_age)
-                     for _ in range(spec.partitions)]
+        self.logs = [
+            PartitionLog(spec.max_messages, spec.max_bytes, spec.retain, spec.max_age) for _ in range(spec.partitions)
+        ]
         self.data_waiters: list[list[asyncio.Future]] = [[] for _ in range(spec.partitions)]
         self.room_waiters: list[list[asyncio.Future]] = [[] for _ in range(spec.partitions)]
         # (group, partition) -> epoch: readers/committers with another epoch are revoked
@@ -201,10 +211,16 @@ class BrokerExtension:
         }
 
     def list_topics(self) -> dict[str, dict[str, Any]]:
-        return {n: {"partitions": len(t.logs), "messages": sum(len(lg) for lg in t.logs),
-                    "bytes": sum(lg.bytes for lg in t.logs), "dropped": t.dropped,
-                    "kind": "reply" if t.settings.ttl is not None else ("retained" if t.settings.retain else "inbox")}
-                for n, t in self.topics.items()}
+        return {
+            n: {
+                "partitions": len(t.logs),
+                "messages": sum(len(lg) for lg in t.logs),
+                "bytes": sum(lg.bytes for lg in t.logs),
+                "dropped": t.dropped,
+                "kind": "reply" if t.settings.ttl is not None else ("retained" if t.settings.retain else "inbox"),
+            }
+            for n, t in self.topics.items()
+        }
 
     async def put(self, topic: str, messages: list, timeout: float | None = None) -> int:
         """Append ``[[partition, data], ...]``; wait for room (inbox topics); return how many were appended."""
@@ -216,7 +232,8 @@ class BrokerExtension:
         for p, data in messages:
             if len(data) > limit:
                 raise RequestTooLargeError(
-                    f"topic {topic!r}: a message of {len(data)} bytes is over the limit of {limit} bytes")
+                    f"topic {topic!r}: a message of {len(data)} bytes is over the limit of {limit} bytes"
+                )
             by_part.setdefault(p % n_parts, []).append(data)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -226,7 +243,7 @@ class BrokerExtension:
             while i < len(datas):
                 room = log.room(len(datas[i]))
                 if room:
-                    take = datas[i:i + room]
+                    take = datas[i : i + room]
                     if not t.settings.retain:  # an inbox partition also stops at its byte bound
                         size, k = log.bytes, 0
                         for k, m in enumerate(take):
@@ -250,8 +267,9 @@ class BrokerExtension:
                     raise TopicNotFoundError(f"topic {topic!r} was deleted")
         return len(messages)
 
-    async def write(self, puts: list, fallback: int = 0, commit: dict | None = None,
-                    timeout: float | None = None) -> dict[str, Any]:
+    async def write(
+        self, puts: list, fallback: int = 0, commit: dict | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
         """A partition's output in one call: append ``[[topic, [[key, data], ...]], ...]`` (keys pick
         partitions), then commit ``commit`` (topic, partition, group, offset, epoch).
 
@@ -259,7 +277,7 @@ class BrokerExtension:
         redoes its uncommitted requests, and their answers must not appear twice.
         Topics that no longer exist (a client that left) are skipped and named in ``missing``.
         """
-        missing = []
+        missing: list[str] = []
         if commit is not None and not self._fresh(commit):
             return {"missing": missing, "revoked": True}  # a fenced runner writes nothing
         for topic, rows in puts:
@@ -287,9 +305,18 @@ class BrokerExtension:
             return True
         return t.epochs.get((group, partition), epoch) == epoch
 
-    async def get(self, topic: str, partition: int, offset: int, max_messages: int, timeout: float = 0.0,
-                  group: str | None = None, epoch: int | None = None, commit: bool = False,
-                  max_bytes: int | None = None) -> dict[str, Any]:
+    async def get(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        max_messages: int,
+        timeout: float = 0.0,
+        group: str | None = None,
+        epoch: int | None = None,
+        commit: bool = False,
+        max_bytes: int | None = None,
+    ) -> dict[str, Any]:
         """Messages of one partition from ``offset``, waiting up to ``timeout`` for the first.
 
         With ``commit``, ``group``'s position first moves to ``offset`` (a consumer that
@@ -390,15 +417,34 @@ class BrokerRPC:
     async def write(self, puts: list, fallback: int = 0, commit: dict | None = None) -> dict[str, Any]:
         return await self.rpc.daskinfer_write(puts=puts, fallback=fallback, commit=commit)
 
-    async def get(self, topic: str, partition: int, offset: int, max_messages: int, timeout: float = 0.0,
-                  group: str | None = None, epoch: int | None = None, commit: bool = False,
-                  max_bytes: int | None = None) -> dict[str, Any]:
-        return await self.rpc.daskinfer_get(topic=topic, partition=partition, offset=offset,
-                                            max_messages=max_messages, timeout=timeout, group=group, epoch=epoch,
-                                            commit=commit, max_bytes=max_bytes)
+    async def get(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        max_messages: int,
+        timeout: float = 0.0,
+        group: str | None = None,
+        epoch: int | None = None,
+        commit: bool = False,
+        max_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        return await self.rpc.daskinfer_get(
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            max_messages=max_messages,
+            timeout=timeout,
+            group=group,
+            epoch=epoch,
+            commit=commit,
+            max_bytes=max_bytes,
+        )
 
     async def commit(self, topic: str, partition: int, group: str, offset: int, epoch: int | None = None) -> dict:
-        return await self.rpc.daskinfer_commit(topic=topic, partition=partition, group=group, offset=offset, epoch=epoch)
+        return await self.rpc.daskinfer_commit(
+            topic=topic, partition=partition, group=group, offset=offset, epoch=epoch
+        )
 
     async def assign(self, topic: str, partition: int, group: str, epoch: int) -> int:
         return await self.rpc.daskinfer_assign(topic=topic, partition=partition, group=group, epoch=epoch)

@@ -52,9 +52,20 @@ class EmbeddedConnector(Connector):
         Most bytes one topic read takes.
     """
 
-    def __init__(self, scheduler_rpc: Any, endpoint: DirectEndpoint, inbox: str, group: str, partition: int,
-                 epoch: int, *, max_queued_messages: int, max_queued_bytes: int, read_bytes: int,
-                 poll_timeout: float = 0.5):
+    def __init__(
+        self,
+        scheduler_rpc: Any,
+        endpoint: DirectEndpoint,
+        inbox: str,
+        group: str,
+        partition: int,
+        epoch: int,
+        *,
+        max_queued_messages: int,
+        max_queued_bytes: int,
+        read_bytes: int,
+        poll_timeout: float = 0.5,
+    ):
         self.broker = BrokerRPC(scheduler_rpc)
         self.endpoint = endpoint
         self.inbox = inbox
@@ -79,9 +90,18 @@ class EmbeddedConnector(Connector):
 
     def _start_poll(self, max_messages: int) -> None:
         if self._poll is None:
-            self._poll = asyncio.ensure_future(self.broker.get(
-                self.inbox, self.partition, self.position, max_messages, self.poll_timeout,
-                group=self.group, epoch=self.epoch, max_bytes=self.read_bytes))
+            self._poll = asyncio.ensure_future(
+                self.broker.get(
+                    self.inbox,
+                    self.partition,
+                    self.position,
+                    max_messages,
+                    self.poll_timeout,
+                    group=self.group,
+                    epoch=self.epoch,
+                    max_bytes=self.read_bytes,
+                )
+            )
             self._poll_max = max_messages
 
     def _topic_messages(self) -> list[bytes]:
@@ -96,7 +116,9 @@ class EmbeddedConnector(Connector):
             return []
         first = reply["offset"]
         if first > self.position:  # cannot happen while subscribed; say so if it does
-            logger.warning("partition %d of %r skipped offsets %d..%d", self.partition, self.inbox, self.position, first)
+            logger.warning(
+                "partition %d of %r skipped offsets %d..%d", self.partition, self.inbox, self.position, first
+            )
         msgs = reply["messages"]
         self.position = first + len(msgs)
         self.topic_end = reply.get("end", self.position)
@@ -106,9 +128,11 @@ class EmbeddedConnector(Connector):
         if self._revoked:
             raise PartitionRevoked(f"partition {self.partition} of {self.inbox!r} moved to another runner")
         self._start_poll(max_messages)
-        if not self.queue.items and not self._poll.done():  # type: ignore[union-attr]
+        poll = self._poll
+        assert poll is not None
+        if not self.queue.items and not poll.done():
             waiter = asyncio.ensure_future(self.queue.wait(timeout))
-            await asyncio.wait([waiter, self._poll], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)  # type: ignore[list-item]
+            await asyncio.wait([waiter, poll], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
         positions = EmbeddedPositions()
         payloads: list[bytes] = []
@@ -126,7 +150,7 @@ class EmbeddedConnector(Connector):
         by_topic: dict[str, list[tuple[str | None, bytes]]] = {}
         for w in writes:
             if w.target.startswith(REPLY_PREFIX):
-                by_client.setdefault(w.target[len(REPLY_PREFIX):], []).append(w.data)
+                by_client.setdefault(w.target[len(REPLY_PREFIX) :], []).append(w.data)
             else:
                 by_topic.setdefault(w.target, []).append((w.key, w.data))
         topic_end = None
@@ -139,9 +163,17 @@ class EmbeddedConnector(Connector):
                 finished.setdefault(client, []).append(seq)
                 self._taken.pop((client, seq), None)
         if by_topic or topic_end is not None:
-            commit = None if topic_end is None else {
-                "topic": self.inbox, "partition": self.partition, "group": self.group, "offset": topic_end,
-                "epoch": self.epoch}
+            commit = (
+                None
+                if topic_end is None
+                else {
+                    "topic": self.inbox,
+                    "partition": self.partition,
+                    "group": self.group,
+                    "offset": topic_end,
+                    "epoch": self.epoch,
+                }
+            )
             reply = await self.broker.write(list(by_topic.items()), fallback=self.partition, commit=commit)
             if reply["missing"]:
                 self.dropped += sum(len(by_topic[t]) for t in reply["missing"])
@@ -167,7 +199,12 @@ class EmbeddedConnector(Connector):
         self._taken.clear()
 
     def describe(self) -> dict[str, Any]:
-        return {"position": self.position, "committed": self.committed, "dropped": self.dropped,
-                "direct_queued": self.queue.messages, "direct_queued_bytes": self.queue.bytes,
-                "direct_received": self.queue.received,
-                "direct_parked": len(self.queue.parked)}
+        return {
+            "position": self.position,
+            "committed": self.committed,
+            "dropped": self.dropped,
+            "direct_queued": self.queue.messages,
+            "direct_queued_bytes": self.queue.bytes,
+            "direct_received": self.queue.received,
+            "direct_parked": len(self.queue.parked),
+        }

@@ -29,8 +29,7 @@ class PartitionLog:
         Seconds a message of a retained log is kept.
     """
 
-    def __init__(self, max_messages: int, max_bytes: int = 2**62, retain: bool = False,
-                 max_age: float | None = None):
+    def __init__(self, max_messages: int, max_bytes: int = 2**62, retain: bool = False, max_age: float | None = None):
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.retain = retain

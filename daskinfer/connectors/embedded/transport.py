@@ -48,11 +48,14 @@ class EmbeddedTransport(ClientTransport):
     async def receive(self, timeout: float) -> list[bytes]:
         assert self.reply_topic is not None
         # the read commits what the previous one returned (delivered by then)
-        reply = await self.broker.get(self.reply_topic, 0, self._offset, self.read_batch, timeout=timeout,
-                                      group="client", epoch=1, commit=True)
+        reply = await self.broker.get(
+            self.reply_topic, 0, self._offset, self.read_batch, timeout=timeout, group="client", epoch=1, commit=True
+        )
         if reply.get("deleted"):
-            raise ConnectionError(f"reply topic {self.reply_topic!r} was deleted (expired: this client did not "
-                                  "read it for longer than daskinfer.broker.reply-ttl)")
+            raise ConnectionError(
+                f"reply topic {self.reply_topic!r} was deleted (expired: this client did not "
+                "read it for longer than daskinfer.broker.reply-ttl)"
+            )
         msgs = reply["messages"]
         self._offset = reply["offset"] + len(msgs)
         return msgs

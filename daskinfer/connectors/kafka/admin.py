@@ -35,21 +35,28 @@ def topic_partitions(admin: AdminClient, topic: str, opts: KafkaOptions) -> int 
     try:
         md = admin.list_topics(timeout=opts.operation_timeout)
     except KafkaException as e:
-        raise BrokerError(f"kafka at {opts.bootstrap_servers}: cannot read topic metadata: {kafka_error(e) or e}") from e
+        raise BrokerError(
+            f"kafka at {opts.bootstrap_servers}: cannot read topic metadata: {kafka_error(e) or e}"
+        ) from e
     t = md.topics.get(topic)
     if t is None or t.error is not None:
         return None
     return len(t.partitions)
 
 
-def ensure_topic(admin: AdminClient, topic: str, partitions: int, opts: KafkaOptions,
-                 config: dict[str, str] | None = None) -> int:
+def ensure_topic(
+    admin: AdminClient, topic: str, partitions: int, opts: KafkaOptions, config: dict[str, str] | None = None
+) -> int:
     """Create ``topic`` unless it exists (``partitions`` -1: the broker's default); return its partitions."""
     have = topic_partitions(admin, topic, opts)
     if have is not None:
         return have
-    new = NewTopic(topic, num_partitions=partitions, replication_factor=opts.replication_factor,
-                   config={**opts.topic_config(), **(config or {})})
+    new = NewTopic(
+        topic,
+        num_partitions=partitions,
+        replication_factor=opts.replication_factor,
+        config={**opts.topic_config(), **(config or {})},
+    )
     try:
         admin.create_topics([new], operation_timeout=opts.operation_timeout)[topic].result(opts.operation_timeout)
     except KafkaException as e:
@@ -62,8 +69,10 @@ def ensure_topic(admin: AdminClient, topic: str, partitions: int, opts: KafkaOpt
         if have is not None:
             return have
         if time.monotonic() > deadline:
-            raise BrokerError(f"kafka at {opts.bootstrap_servers}: topic {topic!r} was created but does not show "
-                              f"in the metadata after {opts.operation_timeout:g}s")
+            raise BrokerError(
+                f"kafka at {opts.bootstrap_servers}: topic {topic!r} was created but does not show "
+                f"in the metadata after {opts.operation_timeout:g}s"
+            )
         time.sleep(0.02)
 
 
@@ -82,10 +91,14 @@ def probe_transactions(opts: KafkaOptions, group: str) -> str | None:
     A single broker with the default ``transaction.state.log.replication.factor`` of 3, a
     broker older than 0.11, or an ACL refusing the transactional id are the usual reasons.
     """
-    producer = Producer(opts.producer_config(**{
-        "transactional.id": f"daskinfer.{group}.probe",
-        "transaction.timeout.ms": max(1000, int(opts.transaction_timeout * 1000)),
-    }))
+    producer = Producer(
+        opts.producer_config(
+            **{
+                "transactional.id": f"daskinfer.{group}.probe",
+                "transaction.timeout.ms": max(1000, int(opts.transaction_timeout * 1000)),
+            }
+        )
+    )
     try:
         producer.init_transactions(opts.operation_timeout)
         return None
@@ -101,8 +114,10 @@ def _prepare(spec: dict[str, Any]) -> None:
     admin = AdminClient(opts.librdkafka())
     have = ensure_topic(admin, inbox, n, opts)
     if have != n:
-        raise ConfigError(f"pipeline {name!r}: kafka topic {inbox!r} exists with {have} partitions, not {n}; "
-                          f"deploy with partitions={have} or use another inbox")
+        raise ConfigError(
+            f"pipeline {name!r}: kafka topic {inbox!r} exists with {have} partitions, not {n}; "
+            f"deploy with partitions={have} or use another inbox"
+        )
     for topic in (spec["outbox"], spec["dead_letter"], *(spec.get("record_topics") or ())):
         if topic:
             ensure_topic(admin, topic, opts.outbox_partitions, opts)
@@ -112,12 +127,18 @@ def _prepare(spec: dict[str, Any]) -> None:
         if problem is None:
             exactly_once = True
         elif exactly_once is True:
-            raise ConfigError(f"pipeline {name!r}: exactly_once is set but kafka at {opts.bootstrap_servers} cannot "
-                              f"run transactions: {problem}. Set exactly_once to false (at-least-once) or fix the "
-                              f"brokers (transaction.state.log.replication.factor <= number of brokers)")
+            raise ConfigError(
+                f"pipeline {name!r}: exactly_once is set but kafka at {opts.bootstrap_servers} cannot "
+                f"run transactions: {problem}. Set exactly_once to false (at-least-once) or fix the "
+                f"brokers (transaction.state.log.replication.factor <= number of brokers)"
+            )
         else:
-            logger.warning("pipeline %r: kafka at %s cannot run transactions (%s); delivering at least once",
-                           name, opts.bootstrap_servers, problem)
+            logger.warning(
+                "pipeline %r: kafka at %s cannot run transactions (%s); delivering at least once",
+                name,
+                opts.bootstrap_servers,
+                problem,
+            )
             exactly_once = False
     spec["connector_options"] = dataclasses.replace(opts, exactly_once=exactly_once).to_options()
 

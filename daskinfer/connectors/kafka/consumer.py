@@ -79,13 +79,17 @@ class KafkaConnector(Connector):
         await self.reader.run(self._resume)
 
     def _open_consumer(self) -> Consumer:
-        return Consumer(self.opts.librdkafka(**{
-            "group.id": self.group,
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "isolation.level": "read_committed",  # skip requests of aborted producer transactions
-            "auto.offset.reset": "earliest",
-        }))
+        return Consumer(
+            self.opts.librdkafka(
+                **{
+                    "group.id": self.group,
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "isolation.level": "read_committed",  # skip requests of aborted producer transactions
+                    "auto.offset.reset": "earliest",
+                }
+            )
+        )
 
     def _resume(self) -> None:
         consumer, opts = self.consumer, self.opts
@@ -93,18 +97,31 @@ class KafkaConnector(Connector):
         deadline = time.monotonic() + opts.retry_timeout
         try:
             # read_committed: waits for the offset of a transaction still open (require_stable)
-            committed = retry(lambda timeout: consumer.committed([self._tp], timeout), deadline, opts,
-                              f"{self.name}: reading the committed offset")[0].offset
+            committed = retry(
+                lambda timeout: consumer.committed([self._tp], timeout),
+                deadline,
+                opts,
+                f"{self.name}: reading the committed offset",
+            )[0].offset
             if committed < 0:  # nothing committed yet: from the oldest message kept
-                committed = retry(lambda timeout: consumer.get_watermark_offsets(self._tp, timeout, False),
-                                  deadline, opts, f"{self.name}: reading the first offset")[0]
+                committed = retry(
+                    lambda timeout: consumer.get_watermark_offsets(self._tp, timeout, False),
+                    deadline,
+                    opts,
+                    f"{self.name}: reading the first offset",
+                )[0]
         except KafkaException as e:
-            raise BrokerError(f"{self.name}: kafka at {opts.bootstrap_servers} failed while reading the committed "
-                              f"offset: {e}") from e
+            raise BrokerError(
+                f"{self.name}: kafka at {opts.bootstrap_servers} failed while reading the committed offset: {e}"
+            ) from e
         consumer.assign([TopicPartition(self.inbox, self.partition, committed if committed >= 0 else OFFSET_BEGINNING)])
         self.position = self.committed = max(committed, 0)
-        logger.info("%s starts at offset %d (%s)", self.name, self.committed,
-                    "exactly once" if self.exactly_once else "at least once")
+        logger.info(
+            "%s starts at offset %d (%s)",
+            self.name,
+            self.committed,
+            "exactly once" if self.exactly_once else "at least once",
+        )
 
     # -- read ----------------------------------------------------------------------------------
     async def read(self, max_messages: int, timeout: float) -> Messages:
@@ -113,7 +130,7 @@ class KafkaConnector(Connector):
         msgs = await self._read(max_messages, timeout)
         if not msgs:
             return Messages([])
-        return Messages([m.value() for m in msgs], (msgs[0].offset(), msgs[-1].offset()))
+        return Messages([m.value() or b"" for m in msgs], (msgs[0].offset(), msgs[-1].offset()))
 
     async def _read(self, max_messages: int, timeout: float) -> list[Message]:
         if self._closed:
@@ -122,7 +139,7 @@ class KafkaConnector(Connector):
         assert consumer is not None, "KafkaConnector.start was not called"
         msgs = await self.reader.run(poll_messages, consumer, max_messages, timeout, lambda: self._closed, self.name)
         if msgs:
-            self.position = msgs[-1].offset() + 1
+            self.position = (msgs[-1].offset() or 0) + 1
             self.read_count += len(msgs)
         return msgs
 
@@ -131,8 +148,9 @@ class KafkaConnector(Connector):
         assert self.consumer is not None, "KafkaConnector.start was not called"
         _, high = self.consumer.get_watermark_offsets(self._tp, cached=True)
         if high < 0:  # nothing fetched yet: ask the broker
-            _, high = await asyncio.to_thread(self.consumer.get_watermark_offsets, self._tp,
-                                              self.opts.operation_timeout, False)
+            _, high = await asyncio.to_thread(
+                self.consumer.get_watermark_offsets, self._tp, self.opts.operation_timeout, False
+            )
         return max(0, high - self.committed)
 
     # -- write ---------------------------------------------------------------------------------

@@ -31,12 +31,22 @@ POLL_SLICE = 0.1  # s: longest one blocking poll runs before it looks whether it
 # a producer that meets these was replaced by a newer one with its transactional id
 FENCED_CODES = frozenset({KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH})
 # passing states (a broker restarting, a coordinator loading or moving) that librdkafka does not all mark retriable
-RETRY_CODES = frozenset({
-    KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
-    KafkaError.UNSTABLE_OFFSET_COMMIT, KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
-    KafkaError._ALL_BROKERS_DOWN, KafkaError._WAIT_COORD,
-})
+RETRY_CODES = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.UNSTABLE_OFFSET_COMMIT,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._WAIT_COORD,
+    }
+)
 # a result for a topic that is gone (a client's reply topic after the client closed)
 GONE_CODES = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION})
 
@@ -135,8 +145,9 @@ class KafkaOptions:
             retry_backoff_max=seconds("retry_backoff_max"),
             reconnect_backoff_max=seconds("reconnect_backoff_max"),
             reply_check_interval=seconds("reply_check_interval"),
-            max_message_bytes=settings.get_bytes(f"kafka.{CONFIG_KEYS['max_message_bytes']}",
-                                                 opts.get("max_message_bytes")),
+            max_message_bytes=settings.get_bytes(
+                f"kafka.{CONFIG_KEYS['max_message_bytes']}", opts.get("max_message_bytes")
+            ),
             client_config=client_config,
         )
         if not out.bootstrap_servers:
@@ -172,15 +183,17 @@ class KafkaOptions:
     def producer_config(self, **extra: Any) -> dict[str, Any]:
         """Idempotent producer, acks from all in-sync replicas, Java's key partitioner (murmur2), and
         no topic created by a write (a result for a reply topic that is gone must not bring it back)."""
-        return self.librdkafka(**{
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": round(self.linger * 1000),
-            "partitioner": "murmur2_random",
-            "allow.auto.create.topics": False,
-            "message.max.bytes": self.max_message_bytes,
-            **extra,
-        })
+        return self.librdkafka(
+            **{
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": round(self.linger * 1000),
+                "partitioner": "murmur2_random",
+                "allow.auto.create.topics": False,
+                "message.max.bytes": self.max_message_bytes,
+                **extra,
+            }
+        )
 
 
 def retry(call: Callable[[float], T], deadline: float, opts: KafkaOptions, what: str = "") -> T:
@@ -195,12 +208,16 @@ def retry(call: Callable[[float], T], deadline: float, opts: KafkaOptions, what:
             return call(max(0.1, min(opts.operation_timeout, deadline - time.monotonic())))
         except KafkaException as e:
             err = kafka_error(e)
-            passing = err is not None and (err.retriable() or err.code() in RETRY_CODES)
+            if err is None:
+                raise
+            passing = err.retriable() or err.code() in RETRY_CODES
             if not passing or err.txn_requires_abort() or err.fatal() or time.monotonic() > deadline:
                 raise
             tries += 1
             if tries == 1 or tries % 50 == 0:
-                logger.warning("%s: %s; trying again (%d)", what or getattr(call, "__name__", "kafka call"), err.str(), tries)
+                logger.warning(
+                    "%s: %s; trying again (%d)", what or getattr(call, "__name__", "kafka call"), err.str(), tries
+                )
             time.sleep(delay)
             delay = min(delay * 2, opts.retry_backoff_max)
 
@@ -218,8 +235,9 @@ class Lane:
         self._pool.shutdown(wait=False)
 
 
-def poll_messages(consumer: Consumer, max_messages: int, timeout: float, stopped: Callable[[], bool],
-                  what: str) -> list[Message]:
+def poll_messages(
+    consumer: Consumer, max_messages: int, timeout: float, stopped: Callable[[], bool], what: str
+) -> list[Message]:
     """Up to ``max_messages`` messages, waiting up to ``timeout`` s for the first (blocking).
 
     ``poll`` returns as soon as one message is there and ``consume(n, 0)`` takes what is

@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import numpy as np
-
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -36,7 +35,9 @@ def fit_frames(data: bytes, limit: int) -> list[bytes]:
         raise RequestTooLargeError(
             f"request {cols.ids[0]!r} is {len(data)} bytes, over kafka's message limit of {limit} bytes "
             f"(kafka.max-message-bytes); send its rows in smaller blocks, or raise the limit together with "
-            f"the topics' max.message.bytes", request_id=cols.ids[0])
+            f"the topics' max.message.bytes",
+            request_id=cols.ids[0],
+        )
     half = len(cols) // 2
     return fit_frames(_frame_of(cols, 0, half), limit) + fit_frames(_frame_of(cols, half, len(cols)), limit)
 
@@ -49,9 +50,17 @@ def _frame_of(cols: RequestColumns, a: int, b: int) -> bytes:
         ends = np.cumsum(cols.rows)
         r0, r1, rows = int(ends[a - 1]) if a else 0, int(ends[b - 1]), cols.rows[a:b]
     cut = lambda v: None if v is None else v[a:b]  # noqa: E731
-    return encode_request_frame(cols.ids[a:b], {k: v[r0:r1] for k, v in cols.inputs.items()}, rows=rows,
-                                batched=cols.batched, keys=cut(cols.keys), model=cols.model,
-                                deadlines=cut(cols.deadlines), reply_to=cols.reply_to, sent_at=cut(cols.sent_at))
+    return encode_request_frame(
+        cols.ids[a:b],
+        {k: v[r0:r1] for k, v in cols.inputs.items()},
+        rows=rows,
+        batched=cols.batched,
+        keys=cut(cols.keys),
+        model=cols.model,
+        deadlines=cut(cols.deadlines),
+        reply_to=cols.reply_to,
+        sent_at=cut(cols.sent_at),
+    )
 
 
 class KafkaTransport(ClientTransport):
@@ -91,9 +100,17 @@ class KafkaTransport(ClientTransport):
     >>> ic = InferenceClient(client, inbox="requests", transport=KafkaTransport("127.0.0.1:9092"))  # doctest: +SKIP
     """
 
-    def __init__(self, bootstrap_servers: str | None = None, *, partitions: int | None = None,
-                 read_batch: int | None = None, send_timeout: float | str | None = None,
-                 isolation_level: str | None = None, reply_retention: float | str | None = None, **options: Any):
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        partitions: int | None = None,
+        read_batch: int | None = None,
+        send_timeout: float | str | None = None,
+        isolation_level: str | None = None,
+        reply_retention: float | str | None = None,
+        **options: Any,
+    ):
         self.opts = KafkaOptions.resolve(options, bootstrap_servers=bootstrap_servers)
         self.partitions = partitions
         self.read_batch = int(settings.get("kafka.read-batch", read_batch))
@@ -118,15 +135,23 @@ class KafkaTransport(ClientTransport):
         n = ensure_topic(self.admin, inbox, int(settings.get("pipeline.partitions", self.partitions)), opts)
         ensure_topic(self.admin, reply_topic, 1, opts, config={"retention.ms": str(millis(self.reply_retention))})
         self.reply_topic = reply_topic
-        self.producer = Producer(opts.producer_config(**{
-            "message.timeout.ms": millis(self.send_timeout),
-            "on_delivery": self._on_delivery,
-        }))
-        self.consumer = Consumer(opts.librdkafka(**{
-            "group.id": reply_topic,  # nothing is committed: the topic is this client's alone
-            "enable.auto.commit": False,
-            "isolation.level": self.isolation_level,
-        }))
+        self.producer = Producer(
+            opts.producer_config(
+                **{
+                    "message.timeout.ms": millis(self.send_timeout),
+                    "on_delivery": self._on_delivery,
+                }
+            )
+        )
+        self.consumer = Consumer(
+            opts.librdkafka(
+                **{
+                    "group.id": reply_topic,  # nothing is committed: the topic is this client's alone
+                    "enable.auto.commit": False,
+                    "isolation.level": self.isolation_level,
+                }
+            )
+        )
         self.consumer.assign([TopicPartition(reply_topic, 0, OFFSET_BEGINNING)])
         return n
 
@@ -145,17 +170,21 @@ class KafkaTransport(ClientTransport):
         produce = producer.produce
         limit = self.opts.max_message_bytes
         for p, data in items:
-            for part in (fit_frames(data, limit) if len(data) > limit else (data,)):
+            for part in fit_frames(data, limit) if len(data) > limit else (data,):
                 self._produce(produce, inbox, part, p)
         left = producer.flush(self.send_timeout)
 
         if left:
-            raise TopicFullError(f"kafka topic {inbox!r}: {left} of {len(items)} requests not acknowledged by "
-                                 f"{self.opts.bootstrap_servers} within {self.send_timeout:g}s (kafka.send-timeout)")
+            raise TopicFullError(
+                f"kafka topic {inbox!r}: {left} of {len(items)} requests not acknowledged by "
+                f"{self.opts.bootstrap_servers} within {self.send_timeout:g}s (kafka.send-timeout)"
+            )
         if self._undelivered:
             err, msg = self._undelivered[0]
-            raise BrokerError(f"kafka topic {inbox!r}: {len(self._undelivered)} of {len(items)} requests were not "
-                              f"delivered, e.g. to partition {msg.partition()}: {err.str()}")
+            raise BrokerError(
+                f"kafka topic {inbox!r}: {len(self._undelivered)} of {len(items)} requests were not "
+                f"delivered, e.g. to partition {msg.partition()}: {err.str()}"
+            )
 
     def _produce(self, produce: Any, inbox: str, data: bytes, partition: int) -> None:
         while True:
@@ -163,17 +192,18 @@ class KafkaTransport(ClientTransport):
                 produce(inbox, data, partition=partition)
                 return
             except BufferError:  # librdkafka's queue is full: let it send
-                self.producer.poll(0.01)
+                self.producer.poll(0.01)  # type: ignore[union-attr]
 
     async def receive(self, timeout: float) -> list[bytes]:
         """Results on the reply topic after the last one returned, waiting up to ``timeout`` s for the first."""
         msgs = await self.receiver.run(self._receive, timeout)
-        return [m.value() for m in msgs]
+        return [m.value() or b"" for m in msgs]
 
     def _receive(self, timeout: float) -> list[Message]:
         assert self.consumer is not None and self.reply_topic is not None, "KafkaTransport.start was not called"
-        return poll_messages(self.consumer, self.read_batch, timeout, lambda: self._closed,
-                             f"reply topic {self.reply_topic!r}")
+        return poll_messages(
+            self.consumer, self.read_batch, timeout, lambda: self._closed, f"reply topic {self.reply_topic!r}"
+        )
 
     async def ack(self) -> None:
         """Nothing to do: the reply topic is this client's own, deleted by :meth:`close`."""

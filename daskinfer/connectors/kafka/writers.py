@@ -45,8 +45,9 @@ class ResultWriter:
         The runner's consumer (its group commits the offsets).
     """
 
-    def __init__(self, opts: KafkaOptions, name: str, inbox: str, partition: int, own_topics: set[str],
-                 consumer: Consumer):
+    def __init__(
+        self, opts: KafkaOptions, name: str, inbox: str, partition: int, own_topics: set[str], consumer: Consumer
+    ):
         self.opts = opts
         self.name = name
         self.inbox = inbox
@@ -93,7 +94,9 @@ class ResultWriter:
         """The exception to raise for a Kafka error: fenced -> PartitionRevoked, else BrokerError."""
         err = kafka_error(exc)
         if err is not None and err.code() in FENCED_CODES:
-            return PartitionRevoked(f"{self.name}: fenced by a newer runner of the partition while {what} ({err.str()})")
+            return PartitionRevoked(
+                f"{self.name}: fenced by a newer runner of the partition while {what} ({err.str()})"
+            )
         return BrokerError(f"{self.name}: kafka at {self.opts.bootstrap_servers} failed while {what}: {err or exc}")
 
     # -- helpers run on the lane -----------------------------------------------------------
@@ -119,8 +122,12 @@ class ResultWriter:
         live = [w for w in writes if w.target not in gone]
         self.dropped += len(writes) - len(live)
         self._reply_topics.update(dict.fromkeys(gone, (False, time.monotonic())))
-        logger.warning("%s: %d results for reply topics %s dropped: the topics are gone (clients that left)",
-                       self.name, len(writes) - len(live), sorted(gone))
+        logger.warning(
+            "%s: %d results for reply topics %s dropped: the topics are gone (clients that left)",
+            self.name,
+            len(writes) - len(live),
+            sorted(gone),
+        )
         return live
 
     def _topic_exists(self, producer: Producer, topic: str) -> bool:
@@ -174,13 +181,21 @@ class TransactionalWriter(ResultWriter):
 
     def _open(self) -> None:
         opts = self.opts
-        producer = Producer(opts.producer_config(**{
-            "transactional.id": self.transactional_id,
-            "transaction.timeout.ms": millis(opts.transaction_timeout),
-        }))
+        producer = Producer(
+            opts.producer_config(
+                **{
+                    "transactional.id": self.transactional_id,
+                    "transaction.timeout.ms": millis(opts.transaction_timeout),
+                }
+            )
+        )
         try:
-            retry(lambda timeout: self._guarded(producer, producer.init_transactions, timeout),
-                  time.monotonic() + opts.retry_timeout, opts, f"{self.name}: taking the transactional id")
+            retry(
+                lambda timeout: self._guarded(producer, producer.init_transactions, timeout),
+                time.monotonic() + opts.retry_timeout,
+                opts,
+                f"{self.name}: taking the transactional id",
+            )
         except KafkaException as e:
             raise self.failure("taking the transactional id", e) from e
         self.group_metadata = self.consumer.consumer_group_metadata()
@@ -212,9 +227,12 @@ class TransactionalWriter(ResultWriter):
             if job.done():
                 return job.result()
             job.add_done_callback(lambda f: f.cancelled() or f.exception())  # whatever it ends with, later
-            logger.warning("%s: a transactional call of librdkafka hangs past its timeout; fencing it with a new "
-                           "producer and making the transaction again", self.name)
-            self._left_behind.append((self.lane, producer))
+            logger.warning(
+                "%s: a transactional call of librdkafka hangs past its timeout; fencing it with a new "
+                "producer and making the transaction again",
+                self.name,
+            )
+            self._left_behind.append((self.lane, producer))  # type: ignore[arg-type]
             self.lane = Lane(f"kafka-write-{self.inbox}-{self.partition}")
             self.replaced += 1
             await self.lane.run(self._open)
@@ -232,18 +250,23 @@ class TransactionalWriter(ResultWriter):
                     producer.begin_transaction()
                     self._open_on = producer
                 else:
-                    self._pending[self._produced:] = self.live(producer, self._pending[self._produced:])
-                self.produce(producer, self._pending[self._produced:])
+                    self._pending[self._produced :] = self.live(producer, self._pending[self._produced :])
+                self.produce(producer, self._pending[self._produced :])
                 self._produced = len(self._pending)
                 if offsets is None:
                     return  # stays open: it commits with the offset of the read these results answer
                 # not called again after a failure (a second call after a timed-out
                 # AddOffsetsToTxn has waited forever): the transaction is made again instead
-                self._guarded(producer, producer.send_offsets_to_transaction, opts.operation_timeout,
-                              offsets, self.group_metadata)
+                self._guarded(
+                    producer, producer.send_offsets_to_transaction, opts.operation_timeout, offsets, self.group_metadata
+                )
                 # a commit that timed out is resumed by calling it again, as librdkafka asks
-                retry(lambda timeout: self._guarded(producer, producer.commit_transaction, timeout), deadline, opts,
-                      f"{self.name}: committing the transaction")
+                retry(
+                    lambda timeout: self._guarded(producer, producer.commit_transaction, timeout),
+                    deadline,
+                    opts,
+                    f"{self.name}: committing the transaction",
+                )
                 self._open_on, self._pending, self._produced = None, [], 0
                 return
             except KafkaException as e:
@@ -255,8 +278,9 @@ class TransactionalWriter(ResultWriter):
                     raise self.failure("writing a transaction of results", e) from e
                 if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:  # trying again cannot help
                     self._abort(producer, e)
-                    raise self.failure(f"writing a result over {opts.max_message_bytes} bytes "
-                                       f"(kafka.max-message-bytes)", e) from e
+                    raise self.failure(
+                        f"writing a result over {opts.max_message_bytes} bytes (kafka.max-message-bytes)", e
+                    ) from e
                 self._abort(producer, e)
                 if self.closed or time.monotonic() > deadline:
                     raise self.failure("writing a transaction of results", e) from e
@@ -273,8 +297,12 @@ class TransactionalWriter(ResultWriter):
     def _abort(self, producer: Producer, cause: BaseException) -> None:
         """Abort the open transaction; a producer that cannot is done (the partition restarts with a new one)."""
         try:
-            retry(lambda timeout: self._guarded(producer, producer.abort_transaction, timeout),
-                  time.monotonic() + self.opts.operation_timeout, self.opts, f"{self.name}: aborting the transaction")
+            retry(
+                lambda timeout: self._guarded(producer, producer.abort_transaction, timeout),
+                time.monotonic() + self.opts.operation_timeout,
+                self.opts,
+                f"{self.name}: aborting the transaction",
+            )
         except KafkaException as e:
             err = kafka_error(e)
             if err is not None and err.code() == KafkaError._STATE:  # no transaction was open
@@ -300,14 +328,18 @@ class AckedWriter(ResultWriter):
         self._undelivered: list[tuple[KafkaError, str]] = []
 
     def _open(self) -> None:
-        self.producer = Producer(self.opts.producer_config(**{
-            "message.timeout.ms": millis(self.opts.retry_timeout),
-            "on_delivery": self._on_delivery,
-        }))
+        self.producer = Producer(
+            self.opts.producer_config(
+                **{
+                    "message.timeout.ms": millis(self.opts.retry_timeout),
+                    "on_delivery": self._on_delivery,
+                }
+            )
+        )
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
-            self._undelivered.append((err, msg.topic()))
+            self._undelivered.append((err, msg.topic() or ""))
 
     async def write(self, writes: Writes, upto: int | None) -> None:
         await self.lane.run(self._write_then_commit, writes, upto)
@@ -319,15 +351,19 @@ class AckedWriter(ResultWriter):
         self.produce(producer, self.live(producer, writes))
         left = producer.flush(opts.retry_timeout)
         if left:
-            raise BrokerError(f"{self.name}: {left} results not delivered to kafka at {opts.bootstrap_servers} "
-                              f"within {opts.retry_timeout:g}s (retry_timeout); the offset stays uncommitted")
+            raise BrokerError(
+                f"{self.name}: {left} results not delivered to kafka at {opts.bootstrap_servers} "
+                f"within {opts.retry_timeout:g}s (retry_timeout); the offset stays uncommitted"
+            )
         gone = {t for e, t in self._undelivered if e.code() in GONE_CODES and t not in self.own_topics}
         failed = [(e, t) for e, t in self._undelivered if t not in gone]
         if gone:  # a reply topic deleted after the check: its results are dropped
             self.drop([OutMessage(t, None, b"") for _, t in self._undelivered if t in gone], gone)
         if failed:
-            raise BrokerError(f"{self.name}: {len(failed)} results not delivered, e.g. to {failed[0][1]!r}: "
-                              f"{failed[0][0].str()}; the offset stays uncommitted")
+            raise BrokerError(
+                f"{self.name}: {len(failed)} results not delivered, e.g. to {failed[0][1]!r}: "
+                f"{failed[0][0].str()}; the offset stays uncommitted"
+            )
         if upto is not None:
             # not waited for: commits go out in order, and one that is lost means only that
             # the next runner of the partition answers a few requests again

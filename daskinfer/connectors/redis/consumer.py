@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from redis.exceptions import ResponseError
 
-from collections.abc import Sequence
-
 from daskinfer.connectors.base import Connector, Messages, OutMessage, PartitionRevoked
 from daskinfer.connectors.redis.framing import (
+    as_str,
     last_xread_id,
     pack_messages,
-    as_str,
     unpack_entries,
 )
 from daskinfer.connectors.redis.link import CONNECTION_ERRORS, RedisLink, redact_url, redis_option, redis_url
@@ -66,7 +65,9 @@ class RedisConnector(Connector):
         self.fence = fence_key(self.inbox, partition, self.group)
         self.consumer = f"{self.group}-p{partition}-e{epoch}-g{self.generation}"
         self.outbox_max_length = int(redis_option(self.options, "outbox_max_length", "outbox-max-length"))
-        self.dead_letter_max_length = int(redis_option(self.options, "dead_letter_max_length", "dead-letter-max-length"))
+        self.dead_letter_max_length = int(
+            redis_option(self.options, "dead_letter_max_length", "dead-letter-max-length")
+        )
         self.link = RedisLink(redis_url(self.options), self.options, f"partition {partition} of {self.stream!r}")
         self._keys = (self.stream, self.fence)
         self._inflight: set[str] = set()  # read, not yet committed
@@ -92,8 +93,10 @@ class RedisConnector(Connector):
         claimed = 0
         cursor = "0-0"
         while True:
-            reply = await link.retry("claim", lambda: link.script(
-                "claim", self._keys, (self.group, self.consumer, self.token, cursor, CLAIM_COUNT)))
+            reply = await link.retry(
+                "claim",
+                lambda: link.script("claim", self._keys, (self.group, self.consumer, self.token, cursor, CLAIM_COUNT)),
+            )
             if reply == -1:
                 raise self._revoked()
             cursor = as_str(reply[0])
@@ -112,7 +115,9 @@ class RedisConnector(Connector):
                 await link.retry("delconsumer", lambda: link.redis.xgroup_delconsumer(self.stream, self.group, name))
         self._history = "0-0"
         if claimed:
-            logger.info("%s took over %d pending entries of %r from earlier runners", self.consumer, claimed, self.stream)
+            logger.info(
+                "%s took over %d pending entries of %r from earlier runners", self.consumer, claimed, self.stream
+            )
 
     async def _read_once(self, count: int) -> tuple[str, Any]:
         from_id = ">" if self._history is None else self._history
@@ -156,8 +161,13 @@ class RedisConnector(Connector):
             elif last is not None:
                 self._cursor = last
             if gone:
-                logger.warning("%s: %d pending entries of %r were deleted before they were processed: %s",
-                               self.consumer, len(gone), self.stream, gone[:5])
+                logger.warning(
+                    "%s: %d pending entries of %r were deleted before they were processed: %s",
+                    self.consumer,
+                    len(gone),
+                    self.stream,
+                    gone[:5],
+                )
                 await self.write_and_commit([], [Messages([], gone)])
             if payloads:
                 self.read_count += len(payloads)
@@ -169,8 +179,9 @@ class RedisConnector(Connector):
                 return Messages([], [])
             # wait for entries after the last one delivered to this group, without taking any
             cursor = self._cursor
-            woke = await link.retry("wait", lambda: link.redis.xread({self.stream: cursor}, count=1,
-                                                                      block=link.block_ms(left)))
+            woke = await link.retry(
+                "wait", lambda: link.redis.xread({self.stream: cursor}, count=1, block=link.block_ms(left))
+            )
             if not woke:
                 return Messages([], [])
             self._cursor = last_xread_id(woke, self._cursor)  # (a '>' read always starts after it anyway)
@@ -209,8 +220,11 @@ class RedisConnector(Connector):
             topics = list(by_topic)
             gone = [topics[k - 1] for k in reply]
             self.dropped += sum(len(by_topic[t]) for t in gone)
-            logger.warning("%s: results for reply streams %s dropped: the streams are gone (clients that left)",
-                           self.consumer, gone)
+            logger.warning(
+                "%s: results for reply streams %s dropped: the streams are gone (clients that left)",
+                self.consumer,
+                gone,
+            )
         if ids:
             self._inflight.difference_update(ids)
             self.committed += len(ids)
@@ -295,12 +309,11 @@ async def _prepare_streams(link: RedisLink, spec: dict[str, Any]) -> None:
     spec["redis_generation"] = await link.retry("prepare", setup)
     for p in range(n):
         try:
-            await link.retry("xgroup", lambda: link.redis.xgroup_create(inbox_stream(inbox, p), group, id="0",
-                                                                        mkstream=True))
+            await link.retry(
+                "xgroup", lambda: link.redis.xgroup_create(inbox_stream(inbox, p), group, id="0", mkstream=True)
+            )
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
     topics = [t for t in (spec.get("outbox"), spec.get("dead_letter"), *(spec.get("record_topics") or ())) if t]
     await link.retry("ensure", lambda: link.scripts([("ensure", (t,), ()) for t in topics]))
-
-

@@ -34,7 +34,7 @@ def unpack_entries(reply: list[bytes]) -> list[tuple[str, bytes | None]]:
     if not reply:
         return []
     buf, big = reply[0], iter(reply[1:])
-    out = []
+    out: list[tuple[str, bytes | None]] = []
     i, n = 0, len(buf)
     unpack = ENTRY_HEADER.unpack_from
     while i < n:

@@ -17,7 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from daskinfer import settings
 from daskinfer.connectors.redis.framing import as_str
-from daskinfer.connectors.redis.scripts import SCRIPTS, SCRIPT_SHAS
+from daskinfer.connectors.redis.scripts import SCRIPT_SHAS, SCRIPTS
 from daskinfer.exceptions import BrokerError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ T = TypeVar("T")
 
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
+
 def redis_option(options: dict[str, Any], name: str, key: str, value: Any = None) -> Any:
     """``value``, else ``options[name]``, else config ``daskinfer.redis.<key>``."""
     if value is None:
@@ -33,8 +34,15 @@ def redis_option(options: dict[str, Any], name: str, key: str, value: Any = None
     return settings.get(f"redis.{key}", value)
 
 
-_SSL_OPTIONS = ("username", "password", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
-                "ssl_check_hostname")
+_SSL_OPTIONS = (
+    "username",
+    "password",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+)
 
 
 class RedisLink:
@@ -84,8 +92,9 @@ class RedisLink:
                 if t0 is None:
                     t0 = now
                     self.reconnects += 1
-                    logger.warning("%s: lost Redis at %s during %s (%s); reconnecting", self.what,
-                                   redact_url(self.url), what, e)
+                    logger.warning(
+                        "%s: lost Redis at %s during %s (%s); reconnecting", self.what, redact_url(self.url), what, e
+                    )
                 if now - t0 + delay > self.reconnect_timeout:
                     raise BrokerError(
                         f"{self.what}: no connection to Redis at {redact_url(self.url)} for "
@@ -112,7 +121,8 @@ class RedisLink:
         except CONNECTION_ERRORS as e:
             raise BrokerError(
                 f"{self.what}: cannot reach Redis at {url} ({e}); start it there, or point the pipeline's "
-                f"connector_options['url'] (config daskinfer.redis.url) at a running server") from e
+                f"connector_options['url'] (config daskinfer.redis.url) at a running server"
+            ) from e
 
     async def load_scripts(self) -> None:
         for name, src in SCRIPTS.items():
@@ -172,5 +182,3 @@ def redact_url(url: str) -> str:
 
 def redis_url(options: dict[str, Any], url: str | None = None) -> str:
     return redis_option(options, "url", "url", url)
-
-

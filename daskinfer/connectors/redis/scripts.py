@@ -136,7 +136,9 @@ end
 # topics that were not there.  The entries are acknowledged first: if none of them was still
 # pending, an earlier run already wrote their results and nothing is written again (an
 # idempotent outbox, also when a reply was lost and the call retried).
-_DELIVER = _UNPACK_LUA + """
+_DELIVER = (
+    _UNPACK_LUA
+    + """
 local f = redis.call('GET', KEYS[2])
 if f and f ~= ARGV[2] then return -1 end
 local ids = {}
@@ -169,11 +171,14 @@ for i = 1, #ids, 1000 do
 end
 return missing
 """
+)
 
 # KEYS: stream; ARGV: bound, number of big messages, packed messages, the big ones.  Append
 # as many as fit under the bound (in order); return how many.  Entries are never trimmed:
 # the bound pushes back instead.
-_PUT = _UNPACK_LUA + """
+_PUT = (
+    _UNPACK_LUA
+    + """
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
 local added = 0
 if room > 0 then
@@ -185,6 +190,7 @@ if room > 0 then
 end
 return added
 """
+)
 
 # KEYS: stream.  Create an empty stream unless it exists.
 _ENSURE = """
@@ -195,8 +201,15 @@ return redis.call('XLEN', KEYS[1])
 """
 
 BIG_MESSAGE = 8192  # bytes: larger messages are not packed (Lua would copy them)
-SCRIPTS = {"start": _START, "claim": _CLAIM, "read": _READ, "fetch": _FETCH, "deliver": _DELIVER, "put": _PUT,
-            "ensure": _ENSURE}
+SCRIPTS = {
+    "start": _START,
+    "claim": _CLAIM,
+    "read": _READ,
+    "fetch": _FETCH,
+    "deliver": _DELIVER,
+    "put": _PUT,
+    "ensure": _ENSURE,
+}
 SCRIPTS = {name: src.replace("BIG", str(BIG_MESSAGE)) for name, src in SCRIPTS.items()}
 SCRIPT_SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
 
@@ -214,5 +227,3 @@ def meta_key(inbox: str) -> str:
 def fence_key(inbox: str, partition: int, group: str) -> str:
     """Name of the key that holds the fencing token of ``group``'s runner of ``partition``."""
     return f"{inbox}:{partition}:fence:{group}"
-
-

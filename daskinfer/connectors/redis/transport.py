@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.redis.consumer import RedisConnector, prepare_streams
-from daskinfer.connectors.redis.framing import next_entry_id, pack_messages, as_str, unpack_messages
+from daskinfer.connectors.redis.framing import as_str, next_entry_id, pack_messages, unpack_messages
 from daskinfer.connectors.redis.link import CONNECTION_ERRORS, RedisLink, redis_url
 from daskinfer.connectors.redis.scripts import fence_key, inbox_stream, meta_key
 from daskinfer.exceptions import TopicFullError
@@ -45,11 +46,20 @@ class RedisTransport(ClientTransport):
 
     Examples
     --------
-    >>> ic = InferenceClient(client, inbox="requests", transport=RedisTransport("redis://127.0.0.1:6379/0"))  # doctest: +SKIP
+    >>> transport = RedisTransport("redis://127.0.0.1:6379/0")
+    >>> ic = InferenceClient(client, inbox="requests", transport=transport)  # doctest: +SKIP
     """
 
-    def __init__(self, url: str | None = None, *, partitions: int | None = None, max_stream_length: int | None = None,
-                 put_timeout: float | str | None = None, read_batch: int | None = None, **options: Any):
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        partitions: int | None = None,
+        max_stream_length: int | None = None,
+        put_timeout: float | str | None = None,
+        read_batch: int | None = None,
+        **options: Any,
+    ):
         self.options = options
         self.url = redis_url(options, url)
         self.partitions = partitions
@@ -96,9 +106,9 @@ class RedisTransport(ClientTransport):
             parts = [p for p in by_part if done[p] < len(by_part[p])]
             if not parts:
                 return
-            calls = []
+            calls: list[tuple[str, Sequence[Any], Sequence[Any]]] = []
             for p in parts:
-                packed, big = pack_messages(by_part[p][done[p]:])
+                packed, big = pack_messages(by_part[p][done[p] :])
                 calls.append(("put", (inbox_stream(inbox, p),), (bound, len(big), packed, *big)))
             added = await link.retry("send", lambda: link.scripts(calls))
             progress = False
@@ -115,8 +125,9 @@ class RedisTransport(ClientTransport):
             if left <= 0:
                 full = [p for p in parts if done[p] < len(by_part[p])]
                 raise TopicFullError(
-                    f"redis inbox {inbox!r}: partition streams {[inbox_stream(inbox, p) for p in full]} stayed at their "
-                    f"bound of {bound} entries (redis.max-stream-length) for {self.put_timeout:g}s (redis.put-timeout); "
+                    f"redis inbox {inbox!r}: partition streams {[inbox_stream(inbox, p) for p in full]} stayed at "
+                    f"their bound of {bound} entries (redis.max-stream-length) for {self.put_timeout:g}s "
+                    "(redis.put-timeout); "
                     f"{sum(done.values())} of {len(items)} requests were appended. Is a pipeline consuming {inbox!r}?"
                 )
             self.full_waits += 1
@@ -143,8 +154,9 @@ class RedisTransport(ClientTransport):
             left = deadline - loop.time()
             if left <= 0:
                 return []
-            woke = await link.retry("receive", lambda: link.redis.xread({topic: last}, count=1,
-                                                                        block=link.block_ms(left)))
+            woke = await link.retry(
+                "receive", lambda: link.redis.xread({topic: last}, count=1, block=link.block_ms(left))
+            )
             if not woke:
                 return []
 

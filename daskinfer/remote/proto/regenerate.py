@@ -31,7 +31,9 @@ GRPC_FLOOR = "1.62.0"
 def main() -> int:
     from grpc_tools import protoc
 
-    rc = protoc.main(["protoc", f"-I{HERE}", f"--python_out={HERE}", f"--grpc_python_out={HERE}", os.path.join(HERE, PROTO)])
+    rc = protoc.main(
+        ["protoc", f"-I{HERE}", f"--python_out={HERE}", f"--grpc_python_out={HERE}", os.path.join(HERE, PROTO)]
+    )
     if rc != 0:
         return rc
     pb2 = os.path.join(HERE, "grpc_predict_v2_pb2.py")
