@@ -8,17 +8,13 @@ whatever the scheduler's own config says.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
 import dask
 import numpy as np
 import pytest
+from dask_processes import DaskProcesses
 from distributed import Client
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline
@@ -28,79 +24,12 @@ from daskinfer.testing import random_rows, run_onnx_directly
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-class Processes:
-    """Dask processes started for a test, stopped at its end."""
-
-    def __init__(self, tmp_path):
-        self.tmp_path = tmp_path
-        self.procs: list[subprocess.Popen] = []
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "DASK_LOGGING__DASKINFER": "info"}
-
-    def start(self, *args: str, name: str) -> subprocess.Popen:
-        log = open(self.tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=self.env)
-        self.procs.append(proc)
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.tmp_path / f"{name}.log").read_text()
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in self.procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
 @pytest.fixture
 def dask_cli_cluster(tmp_path):
-    procs = Processes(tmp_path)
-    sched_file = tmp_path / "scheduler.json"
-    procs.start(
-        "distributed.cli.dask_scheduler",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--dashboard-address",
-        ":0",
-        "--scheduler-file",
-        str(sched_file),
-        "--preload",
-        "daskinfer.preload",
-        name="scheduler",
-    )
-    deadline = time.monotonic() + 60
-    while not sched_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sched_file.exists(), procs.log("scheduler")
-    address = json.loads(sched_file.read_text())["address"]
-
-    def worker(name: str, nanny: bool = True) -> subprocess.Popen:
-        args = [
-            "distributed.cli.dask_worker",
-            address,
-            "--host",
-            "127.0.0.1",
-            "--nthreads",
-            "1",
-            "--dashboard-address",
-            ":0",
-            "--name",
-            name,
-            "--preload",
-            "daskinfer.preload",
-        ]
-        if not nanny:
-            args.append("--no-nanny")
-        return procs.start(*args, name=name)
-
+    procs = DaskProcesses(tmp_path)
+    address = procs.scheduler()
     try:
-        yield address, worker, procs
+        yield address, procs.worker, procs
     finally:
         procs.stop()
 

@@ -14,7 +14,6 @@ restarted at most a few times.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ import time
 import dask
 import numpy as np
 import pytest
+from dask_processes import DaskProcesses
 from distributed import Client
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, RemoteModel, deploy, deploy_pipeline
@@ -65,61 +65,14 @@ with Client(sys.argv[1]) as c:
 
 @pytest.fixture
 def process_cluster(tmp_path):
-    procs: list[subprocess.Popen] = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-    def start(*args: str, name: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-        procs.append(p)
-        return p
-
-    sched_file = tmp_path / "scheduler.json"
-    start(
-        "distributed.cli.dask_scheduler",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--dashboard-address",
-        ":0",
-        "--scheduler-file",
-        str(sched_file),
-        "--preload",
-        "daskinfer.preload",
-        name="scheduler",
-    )
-    deadline = time.monotonic() + 60
-    while not sched_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    address = json.loads(sched_file.read_text())["address"]
+    procs = DaskProcesses(tmp_path)
+    address = procs.scheduler()
     for i in range(2):
-        start(
-            "distributed.cli.dask_worker",
-            address,
-            "--host",
-            "127.0.0.1",
-            "--nthreads",
-            "1",
-            "--dashboard-address",
-            ":0",
-            "--name",
-            f"w{i}",
-            "--preload",
-            "daskinfer.preload",
-            name=f"w{i}",
-        )
+        procs.worker(f"w{i}")
     try:
-        yield address, start
+        yield address, procs.start
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        procs.stop()
 
 
 def test_soak_mixed_traffic_through_faults(process_cluster, mlp_path, request):

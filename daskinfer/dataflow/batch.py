@@ -220,19 +220,7 @@ class RequestBatch:
         requests = np.asarray(requests, dtype=np.int64)
         cols = self.columns if columns is None else columns
         if len(requests) == len(self.ids) and (requests == np.arange(len(requests))).all():
-            return RequestBatch(
-                self.ids,
-                dict(cols),
-                self.offsets,
-                self.batched,
-                self.keys,
-                self.model,
-                self.deadlines,
-                self.sent_at,
-                self.origin,
-                self.origins,
-                self.seq,
-            )
+            return self.with_columns(dict(cols))
         if len(requests) and requests[-1] - requests[0] == len(requests) - 1 and (np.diff(requests) == 1).all():
             return self.slice(int(requests[0]), int(requests[-1]) + 1, cols)
         rows = self.row_index(requests)
