@@ -9,7 +9,8 @@ Measured in one run, on the same model (the bundled MLP 16->64->64->2) and data:
 4. latency p50/p99 end to end at 10%, 50% and 80% of the peak of (3), measured in each producer
    (an open loop at the same share of the load each);
 5. Python CPU per single-row request in the partition runners (worker CPU time during a burst,
-   minus the time in the model, per request);
+   minus the time in the model and minus what the workers burn idle over as long, per request;
+   ``worker_us_per_req`` keeps the idle CPU in);
 6. a dataflow pipeline (map_batches -> infer -> infer -> map_batches) against the single-model
    pipeline, the same requests in the same run;
 7. a REST-per-request server (aiohttp + onnxruntime, one request per HTTP call, 64 concurrent
@@ -151,12 +152,26 @@ def _model_seconds(handle) -> float:
     return sum(r.get("busy", 0.0) for r in handle.status()["runners"])
 
 
-def runner_us_per_request(client, handle, ic: InferenceClient, rows: np.ndarray) -> float:
-    """Worker CPU per single-row request, not counting the time in the model (measured, not estimated)."""
-    cpu0, busy0 = sum(client.run(_worker_cpu).values()), _model_seconds(handle)
+def runner_us_per_request(client, handle, ic: InferenceClient, rows: np.ndarray) -> tuple[float, float]:
+    """Worker CPU per single-row request besides the model (measured, not estimated).
+
+    Returns ``(runner, worker)``: ``worker`` is all the workers' process CPU during the run, less
+    the time in the model, per request; ``runner`` is that less what the same workers burn while
+    idle (Dask's own heartbeats and monitors, measured just before for the same length of time).
+    """
+
+    def worker_cpu() -> float:
+        return sum(client.run(_worker_cpu).values())
+
+    t0, cpu0, busy0 = time.perf_counter(), worker_cpu(), _model_seconds(handle)
     bench_single(ic, rows)
-    cpu1, busy1 = sum(client.run(_worker_cpu).values()), _model_seconds(handle)
-    return ((cpu1 - cpu0) - (busy1 - busy0)) / len(rows) * 1e6
+    t1, cpu1, busy1 = time.perf_counter(), worker_cpu(), _model_seconds(handle)
+    idle0 = worker_cpu()
+    time.sleep(t1 - t0)
+    idle_rate = (worker_cpu() - idle0) / (t1 - t0)
+    worker = (cpu1 - cpu0) - (busy1 - busy0)
+    runner = worker - idle_rate * (t1 - t0)
+    return runner / len(rows) * 1e6, worker / len(rows) * 1e6
 
 
 def _pre(cols):
@@ -207,8 +222,11 @@ def main() -> None:
                 f"dataflow pipeline (map_batches -> infer -> infer -> map_batches): {flow_rate:,.0f} requests/s, "
                 f"{flow_rate / in_process:.2f}x the single-model pipeline"
             )
-            runner_us = runner_us_per_request(client, handle, ic, rows)
-            print(f"partition runners: {runner_us:.1f} us of worker CPU per single-row request besides the model")
+            runner_us, worker_us = runner_us_per_request(client, handle, ic, rows)
+            print(
+                f"partition runners: {runner_us:.1f} us of worker CPU per single-row request besides the model "
+                f"and the workers' idle CPU ({worker_us:.1f} us with it)"
+            )
         burst = run_producers(address, "bench", args.producers, mode="burst", n=n_single // args.producers)
         single = burst["requests_s"]
         print(
@@ -256,6 +274,7 @@ def main() -> None:
                 "single_req_s_in_process": round(in_process),
                 "p99_ms_80pct_each_producer": lat[80][2],
                 "runner_us_per_req": round(runner_us, 2),
+                "worker_us_per_req": round(worker_us, 2),
                 "dataflow_vs_single": round(flow_rate / in_process, 3),
             }
         )
