@@ -89,6 +89,16 @@ class RequestColumns:
         return int(self.rows.sum()) if self.rows is not None else len(self.ids)
 
 
+def _put_rows_and_keys(msg: dict[str, Any], rows: Any, batched: bool, keys: Sequence[str | None] | None) -> None:
+    """The fields request and result frames share: block row counts, the block flag, keys."""
+    if rows is not None:
+        msg["n"] = np.asarray(rows, dtype=np.int64)
+    if batched:
+        msg["b"] = True
+    if keys is not None and any(k is not None for k in keys):
+        msg["k"] = list(keys)
+
+
 def encode_request_frame(
     ids: Sequence[str],
     inputs: Mapping[str, np.ndarray],
@@ -103,12 +113,7 @@ def encode_request_frame(
 ) -> bytes:
     """Encode requests as one frame (see the module docstring for the fields)."""
     msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids), "in": dict(inputs)}
-    if rows is not None:
-        msg["n"] = np.asarray(rows, dtype=np.int64)
-    if batched:
-        msg["b"] = True
-    if keys is not None and any(k is not None for k in keys):
-        msg["k"] = list(keys)
+    _put_rows_and_keys(msg, rows, batched, keys)
     if model is not None:
         msg["m"] = model
     if deadlines is not None:
@@ -253,12 +258,7 @@ def encode_result_frame(
     msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids)}
     if outputs is not None:
         msg["out"] = dict(outputs)
-    if rows is not None:
-        msg["n"] = np.asarray(rows, dtype=np.int64)
-    if batched:
-        msg["b"] = True
-    if keys is not None and any(k is not None for k in keys):
-        msg["k"] = list(keys)
+    _put_rows_and_keys(msg, rows, batched, keys)
     if sent_at is not None:
         msg["t"] = np.asarray(sent_at, dtype=np.float64)
     if model is not None:
