@@ -252,7 +252,25 @@ def _user_error(label: str, fn: Any, e: BaseException) -> StageError:
     return StageError(f"{label} ({callable_name(fn)}) raised {type(e).__name__}: {e}", stage=label)
 
 
-class MapBatches(Stage):
+class _UserFunctionStage(Stage):
+    """A stage around one user function: a callable, or ``"module:function"`` resolved on the worker."""
+
+    def __init__(self, fn: Callable[..., Any] | str, name: str | None):
+        self.fn = fn
+        super().__init__(name or (fn if isinstance(fn, str) else callable_name(fn)))
+        self._resolved: Callable[..., Any] | None = None
+
+    def check(self) -> None:
+        check_callable(self.fn, self.label())
+
+    def resolve(self) -> Callable[..., Any]:
+        """The function itself (imported on first use where it was given as ``"module:function"``)."""
+        if self._resolved is None:
+            self._resolved = resolve_callable(self.fn, self.label())
+        return self._resolved
+
+
+class MapBatches(_UserFunctionStage):
     """``fn(columns) -> columns`` on each batch; what it returns replaces the columns.
 
     Parameters
@@ -269,13 +287,8 @@ class MapBatches(Stage):
     def __init__(self, fn: Callable[..., Any] | str, *, batch_format: str = "numpy", name: str | None = None):
         if batch_format not in ("numpy", "pandas"):
             raise ConfigError(f"map_batches: batch_format must be 'numpy' or 'pandas', got {batch_format!r}")
-        self.fn = fn
         self.batch_format = batch_format
-        super().__init__(name or (fn if isinstance(fn, str) else callable_name(fn)))
-        self._resolved: Callable[..., Any] | None = None
-
-    def check(self) -> None:
-        check_callable(self.fn, self.label())
+        super().__init__(fn, name)
 
     def _call(self, columns: dict[str, np.ndarray]) -> Any:
         fn = self._resolved
@@ -287,8 +300,7 @@ class MapBatches(Stage):
         return fn(columns)  # type: ignore[misc]
 
     async def apply(self, lives: list[Live], ctx: StageContext) -> list[Live]:
-        if self._resolved is None:
-            self._resolved = resolve_callable(self.fn, self.label())
+        self.resolve()
         out = []
         for live in lives:
             batch = live.batch
@@ -303,7 +315,7 @@ class MapBatches(Stage):
         return out
 
 
-class Filter(Stage):
+class Filter(_UserFunctionStage):
     """Keep the requests for which ``fn(columns)`` is true; the others are answered with
     :class:`~daskinfer.exceptions.RequestRejected` naming the filter.
 
@@ -314,25 +326,19 @@ class Filter(Stage):
     kind = "filter"
 
     def __init__(self, fn: Callable[..., Any] | str, *, reason: str | None = None, name: str | None = None):
-        self.fn = fn
         self.reason = reason
-        super().__init__(name or (fn if isinstance(fn, str) else callable_name(fn)))
-        self._resolved: Callable[..., Any] | None = None
-
-    def check(self) -> None:
-        check_callable(self.fn, self.label())
+        super().__init__(fn, name)
 
     async def apply(self, lives: list[Live], ctx: StageContext) -> list[Live]:
-        if self._resolved is None:
-            self._resolved = resolve_callable(self.fn, self.label())
+        fn = self.resolve()
         out = []
         for live in lives:
             batch = live.batch
             try:
-                mask = np.asarray(await ctx.call_user(self._resolved, dict(batch.columns), rows=batch.n_rows))
+                mask = np.asarray(await ctx.call_user(fn, dict(batch.columns), rows=batch.n_rows))
                 mask = self._per_request(mask, batch)
             except Exception as e:
-                ctx.fail(live, None, _user_error(self.label(), self._resolved, e))
+                ctx.fail(live, None, _user_error(self.label(), fn, e))
                 continue
             if mask.all():
                 out.append(live)
