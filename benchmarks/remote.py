@@ -11,6 +11,10 @@ requests (one row each) arrive one per message, served
     call, a few calls in flight;
 (c) through the same pipeline with the model in-process (``OnnxModel`` on the workers).
 
+``overlap_gain``: a remote model with 20 ms of service time (``benchmarks/_latency_model.py``,
+served with 8 instances) behind one partition of 32-row batches, ``max_inflight=4`` against
+``max_inflight=1``: the partition keeps reading while calls are in flight, so four calls overlap.
+
 (b) and (c) use the partitioned pipeline of :mod:`daskinfer.dataflow.pipeline` and its
 :class:`~daskinfer.InferenceClient` (one message per request), on a ``dask scheduler``
 and one-thread ``dask worker`` processes, as in a deployment.  Everything shares this
@@ -44,15 +48,17 @@ from daskinfer.testing import bundled_model_path, random_rows, run_onnx_directly
 REMOTE_BATCH = 1024  # rows per remote call (b)
 
 
-def start_model_server(port: int) -> subprocess.Popen:
-    """``daskinfer serve`` in its own process; returns once it serves."""
+OVERLAP_BATCH = 32  # rows per batch of the overlap runs: 32 rows / 20 ms = 1,600 req/s per call in flight
+
+
+def start_model_server(port: int, models: list[str] | None = None) -> subprocess.Popen:
+    """``daskinfer serve`` in its own process (``models``: its model arguments); returns once it serves."""
     cmd = [
         sys.executable,
         "-m",
         "daskinfer.cli",
         "serve",
-        "--onnx",
-        f"mlp={bundled_model_path()}",
+        *(models or ["--onnx", f"mlp={bundled_model_path()}"]),
         "--grpc-port",
         str(port),
         "--no-http",
@@ -60,7 +66,12 @@ def start_model_server(port: int) -> subprocess.Popen:
         "WARNING",
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        cwd=os.path.dirname(os.path.abspath(__file__)),  # where _latency_model.py is
     )
 
     async def ready() -> None:
@@ -130,6 +141,33 @@ def bench_pipeline(ic: InferenceClient, rows: np.ndarray) -> tuple[float, float,
     return rate, float(np.mean([r.timings.get("batch", 1) for r in results])), results
 
 
+def bench_overlap(client, port: int, n: int) -> dict[int, float]:
+    """Requests/s of ``n`` one-row requests through one partition calling the 20 ms service, by max_inflight."""
+    deploy(
+        client,
+        RemoteModel(
+            "slow-remote", f"127.0.0.1:{port}", remote_name="slow", max_batch_size=OVERLAP_BATCH, max_inflight=8
+        ),
+    )
+    rows = np.ones((n, 4), np.float32)
+    rates: dict[int, float] = {}
+    for inflight in (1, 4):
+        inbox = f"bench-overlap-{inflight}"
+        pipe = Pipeline(
+            model="slow-remote", inbox=inbox, partitions=1, max_inflight=inflight, max_batch_size=OVERLAP_BATCH
+        )
+        handle = deploy_pipeline(client, pipe)
+        try:
+            with InferenceClient(client, inbox=inbox) as ic:
+                bench_pipeline(ic, rows[:200])  # warm up
+                rate, _, results = bench_pipeline(ic, rows)
+                np.testing.assert_array_equal(results[-1].value(), rows[-1] * 2)
+                rates[inflight] = rate
+        finally:
+            handle.stop()
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short run (under 90 s)")
@@ -190,6 +228,24 @@ def main() -> None:
             server.wait(10)
         except subprocess.TimeoutExpired:
             server.kill()
+    slow_port = free_port()
+    slow_server = start_model_server(
+        slow_port, ["--python", "slow=_latency_model:predict", "--instances", "8", "--max-inflight", "8"]
+    )
+    try:
+        with process_cluster(n_workers=1) as client:
+            overlap = bench_overlap(client, slow_port, 3000 if q else 10_000)
+    finally:
+        slow_server.terminate()
+        try:
+            slow_server.wait(10)
+        except subprocess.TimeoutExpired:
+            slow_server.kill()
+    gain = overlap[4] / overlap[1]
+    print(
+        f"20 ms remote model, {OVERLAP_BATCH}-row batches: {overlap[1]:,.0f} req/s at max_inflight=1, "
+        f"{overlap[4]:,.0f} at max_inflight=4: overlap gain {gain:.2f}x (target >= 3)"
+    )
     print(
         f"batched vs unary: {batched / unary:.1f}x (target >= 10x); "
         f"batched vs in-process: {batched / inproc:.2f}x (target >= 0.5x)"
@@ -203,6 +259,9 @@ def main() -> None:
                 "inproc_req_s": round(inproc),
                 "batched_vs_unary": round(batched / unary, 2),
                 "batched_vs_inproc": round(batched / inproc, 3),
+                "overlap_inflight1_req_s": round(overlap[1]),
+                "overlap_inflight4_req_s": round(overlap[4]),
+                "overlap_gain": round(gain, 2),
             }
         )
     )

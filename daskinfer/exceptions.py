@@ -22,6 +22,7 @@ The tree::
     │   ├── TopicNotFoundError
     │   └── TopicFullError          producer pushed back longer than its timeout
     ├── RemoteModelError            a remote model service failed (names service and call)
+    ├── PartitionFailedError        a partition kept crashing; its waiting requests fail with the cause
     ├── ResultError                 raised by ``Result.value()`` / futures for an error result
     └── ConversionError             a model converted to ONNX gives other outputs than the original
 
@@ -210,6 +211,20 @@ class RemoteModelError(ModelError):
     def service_fault(self) -> bool:
         """Does this error say the service is unwell?  (It counts against the circuit breaker.)"""
         return self.fault != "request"
+
+
+class PartitionFailedError(DaskInferError):
+    """A partition of a pipeline kept crashing (``pipeline.max-restarts`` restarts within
+    ``pipeline.restart-window``): the requests waiting for it are answered with this error, which
+    names the cause, instead of waiting on.  The controller goes on restarting it, with backoff."""
+
+    def __init__(
+        self, message: str, *, pipeline: str | None = None, partition: int | None = None, cause: str | None = None
+    ):
+        super().__init__(message)
+        self.pipeline = pipeline
+        self.partition = partition
+        self.cause = cause
 
 
 class ResultError(DaskInferError):

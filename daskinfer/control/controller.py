@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import Status
@@ -46,6 +47,13 @@ class PipelineState:
         self.partitions: int = spec["partitions"]
         self.connector: str = spec["connector"]
         self.assigned: dict[int, str] = {}
+        st = spec["settings"]
+        self.restart_policy = RestartPolicy(
+            st["max_restarts"], st["restart_window"], st["restart_backoff"], st["restart_backoff_max"]
+        )
+        self.crashes: dict[int, list[float]] = {}  # partition -> when its runners stopped by themselves (in the window)
+        self.not_before: dict[int, float] = {}  # partition -> earliest restart (backoff)
+        self.crashed: dict[int, str] = {}  # partitions in a crash loop -> why (their waiting requests fail with it)
         self.epoch = 0
         self.lock = asyncio.Lock()
         self.moves = 0
@@ -54,6 +62,32 @@ class PipelineState:
         self.figures: dict[int, dict[str, Any]] = {}  # last status of each partition
         self.retired: Counter[str] = Counter()  # counters of partitions' earlier runners (moved, restarted)
         self.series = PipelineSeries(history)  # figures over time, one point per control loop tick
+
+    def crash(self, partition: int, cause: str, now: float) -> None:
+        """The runner of ``partition`` stopped by itself: back off before the restart, and mark the
+        partition as crashing once it stopped ``max_restarts`` times within the window."""
+        policy = self.restart_policy
+        times = [t for t in self.crashes.get(partition, []) if now - t < policy.window] + [now]
+        self.crashes[partition] = times
+        self.not_before[partition] = now + policy.backoff(len(times))
+        if len(times) >= policy.max_restarts:
+            self.crashed[partition] = (
+                f"partition {partition} of pipeline {self.name!r} stopped {len(times)} times within "
+                f"{policy.window:g}s ({len(times)} restarts); the last time: {cause}"
+            )
+            self.failures[partition] = self.crashed[partition]
+
+    def settle(self, now: float) -> bool:
+        """Forget crashes older than the window; True when a partition left its crash loop."""
+        changed = False
+        for p in list(self.crashed):
+            times = [t for t in self.crashes.get(p, []) if now - t < self.restart_policy.window]
+            self.crashes[p] = times
+            if len(times) < self.restart_policy.max_restarts:
+                del self.crashed[p]
+                self.failures.pop(p, None)
+                changed = True
+        return changed
 
     def next_epoch(self) -> int:
         self.epoch += 1
@@ -77,6 +111,20 @@ class PipelineState:
         for fig in self.figures.values():
             out.update({k: fig.get(k, 0) or 0 for k in _COUNTERS})
         return {k: out.get(k, 0) for k in _COUNTERS}
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a crashing partition is restarted: ``backoff(n)`` seconds before the restart after its
+    ``n``-th crash within ``window``; ``max_restarts`` crashes within it make it a crash loop."""
+
+    max_restarts: int
+    window: float
+    base: float
+    cap: float
+
+    def backoff(self, crashes: int) -> float:
+        return min(self.base * 2 ** max(crashes - 1, 0), self.cap)
 
 
 class ControllerEvents(SchedulerPlugin):
@@ -204,6 +252,7 @@ class ControllerExtension:
             "pipeline": state.name,
             "partitions": state.partitions,
             "owners": dict(state.assigned),
+            "crashed": dict(state.crashed),
         }
 
     # -- pipelines ------------------------------------------------------------------------------
@@ -350,7 +399,8 @@ class ControllerExtension:
                 ),
                 self.rpc_timeout,
             )
-            state.failures.pop(partition, None)
+            if partition not in state.crashed:
+                state.failures.pop(partition, None)
             return True
         except Exception as e:
             logger.warning("starting partition %d of %r on %s failed: %r", partition, state.name, worker, e)
@@ -385,7 +435,16 @@ class ControllerExtension:
                 if failed is not None and failed.get("fatal"):
                     state.failures[p] = failed.get("error") or "failed"
                     continue  # a configuration error: restarting cannot mend it
-                logger.warning("partition %d of %r on %s stopped; restarting it", p, state.name, w)
+                now = time.time()
+                state.crash(p, (failed or {}).get("error") or "the runner stopped", now)
+                logger.warning(
+                    "partition %d of %r on %s stopped (%s); restarting it in %.2gs",
+                    p,
+                    state.name,
+                    w,
+                    (failed or {}).get("error"),
+                    state.not_before[p] - now,
+                )
                 del state.assigned[p]
                 state.restarts += 1
                 self._routes_changed()
@@ -416,9 +475,16 @@ class ControllerExtension:
             if not live:
                 return
             await self._poll_runners(state)
+            now = time.time()
+            if state.settle(now):
+                self._routes_changed()
             load = Counter({w: 0 for w in live})
             load.update(state.assigned.values())
             missing = [p for p in range(state.partitions) if p not in state.assigned]
+            waiting = [state.not_before[p] - now for p in missing if state.not_before.get(p, 0) > now]
+            if waiting:
+                self.soon_later(min(waiting))  # backing off: restart those once their wait is over
+            missing = [p for p in missing if state.not_before.get(p, 0) <= now]
             starts = []
             for p in missing:
                 w = min(live, key=lambda a: (load[a], a))

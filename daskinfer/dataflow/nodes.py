@@ -7,8 +7,10 @@
   decode are kept apart as rejected);
 - ``smart_batch`` (:mod:`daskinfer.dataflow.streams`) groups what queued while the
   batches in flight run;
-- :class:`answer_batches` runs the pipeline's stages and emits the answers in read order;
-- :class:`write_results` writes them, then commits the reads, in order.
+- :class:`answer_batches` runs the pipeline's stages, one task per batch (up to
+  ``max_inflight`` at once), and emits the answers in read order;
+- :class:`write_results` writes them, then commits the reads, in order; one write at a
+  time, each taking everything that waits (so commits never hold up the reads).
 
 What the partition's runner needs from a node is a public attribute of that node.
 """
@@ -18,14 +20,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from streamz import Stream
 from streamz.sources import Source
 
-from daskinfer.connectors.base import Connector, PartitionRevoked
-from daskinfer.dataflow.batch import InboxBatch, Origin, Rejected, RequestBatch, group_by_signature
+from daskinfer.connectors.base import Connector, OutMessage, PartitionRevoked
+from daskinfer.dataflow.batch import (
+    InboxBatch,
+    Origin,
+    Rejected,
+    RequestBatch,
+    ResultBatch,
+    ResultPart,
+    group_by_signature,
+)
 from daskinfer.dataflow.results import ResultWriter
 from daskinfer.dataflow.run import answer
 from daskinfer.dataflow.stages import Stage, StageContext
@@ -74,8 +86,8 @@ def merge(batches: Sequence[InboxBatch]) -> InboxBatch:
 class InboxSource(Source):
     """Read one inbox partition through ``connector``; emit an :class:`InboxBatch` per read.
 
-    It waits on its downstream (back-pressure): nothing more is read while ``smart_batch``
-    holds a full queue.
+    It never waits for the batches it read to be answered: only for room in ``smart_batch``'s
+    queue (back-pressure), so reads go on while up to ``max_inflight`` batches run.
 
     Attributes
     ----------
@@ -142,12 +154,34 @@ class InboxSource(Source):
             await asyncio.gather(*pending)
 
 
+@dataclass(slots=True)
+class Answer:
+    """A batch's answers on their way to the writer, with when its requests came and ran (for the stats)."""
+
+    result: ResultBatch
+    received: list[float]
+    requests: list[int]
+    started: float
+    answered: float
+
+
+def failed_batch(batch: InboxBatch, exc: BaseException) -> ResultBatch:
+    """Every request of ``batch`` answered with ``exc``: what a batch gets when answering it failed
+    outside the stages' own error handling (a bug of ours), so the partition goes on."""
+    error = ("InternalError", f"answering the batch failed: {type(exc).__name__}: {exc}")
+    parts = [ResultPart(rb, None, error) for rb in batch.requests]
+    return ResultBatch(parts, batch.rejected, batch.reads, batch.n_rows)
+
+
 @Stream.register_api()
 class answer_batches(Stream):
     """Run ``stages`` on each list of inbox batches from ``smart_batch``; emit the answers in order.
 
-    Batches may finish out of order (several in flight); they are emitted in order, so
-    that results with the same key keep request order and commits only move forward.
+    Each batch runs as its own task, so up to ``max_inflight`` batches (``smart_batch``'s bound)
+    run at once; they may finish out of order, and are emitted in the order they were read, so
+    that results with the same key keep request order and commits only move forward.  A batch's
+    task ends once its answers are handed to the writer and the writer has room (back-pressure
+    by the bytes waiting to be written, never by a write or a commit in progress).
 
     Attributes
     ----------
@@ -156,7 +190,10 @@ class answer_batches(Stream):
     batches, rows : int
         Batches and rows answered so far.
     running : int
-        Batches being answered now.
+        Batches being answered now (or waiting for an earlier one to be emitted).
+    failures : int
+        Batches whose answering failed outside the stages' error handling (each request got an
+        ``InternalError`` result; the partition went on).
     stats : PartitionStats
         Histograms (batch size, queue wait, inference time, latency until written) and errors
         by type, updated once per batch.
@@ -176,6 +213,7 @@ class answer_batches(Stream):
         self.batches = 0
         self.rows = 0
         self.running = 0
+        self.failures = 0
         self.stats = PartitionStats()
         self._last_turn: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()  # referenced until done, so none is collected mid-flight
@@ -191,6 +229,16 @@ class answer_batches(Stream):
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def _run(self, batch: InboxBatch) -> ResultBatch:
+        try:
+            return await answer(batch, self.stages, self.context, self.outputs)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: B036 - even SystemExit from user code must not end the loop
+            self.failures += 1
+            logger.exception("answering a batch of %d requests failed; they get an error result", batch.n_rows)
+            return failed_batch(batch, e)
+
     async def _answer(self, batches: list[InboxBatch], metadata: Any) -> None:
         self._retain_refs(metadata)
         prev, turn = self._last_turn, asyncio.get_running_loop().create_future()
@@ -198,19 +246,17 @@ class answer_batches(Stream):
         self.running += 1
         try:
             started = time.time()
-            result = await answer(merge(batches), self.stages, self.context, self.outputs)
+            result = await self._run(merge(batches))
             answered = time.time()
             if prev is not None and not prev.done():
                 await asyncio.wait([prev])
             self.batches += 1
             self.rows += result.n_rows
-            pending = self._emit(result, metadata=metadata)
+            received, requests = arrivals(batches)
+            pending = self._emit(Answer(result, received, requests, started, answered), metadata=metadata)
             turn.set_result(None)
             if pending:
-                await asyncio.gather(*pending)  # written and committed (write_results' task)
-            received, requests = arrivals(batches)
-            self.stats.record_batch(received, requests, started, answered, time.time(), result.n_rows)
-            self.stats.record_errors(result)
+                await asyncio.gather(*pending)  # the writer's room
         finally:
             self.running -= 1
             if not turn.done():
@@ -220,30 +266,56 @@ class answer_batches(Stream):
 
 @Stream.register_api()
 class write_results(Stream):
-    """Sink: write each batch's answers, then commit the reads they answer, in batch order.
+    """Sink: write the answers, then commit the reads they answer, in the order they come.
 
-    If a write fails nothing later is committed and ``on_error(exc)`` is called (the runner
-    then stops, and the controller restarts the partition; the uncommitted reads are redone).
+    Answers queue here (in bytes, bounded by ``max_bytes``: ``update`` returns a future while more
+    waits); one write runs at a time and takes everything queued, so a slow write or commit makes
+    the next one bigger, not the reads slower.  Side records (a shadow's results) join the next
+    write; when the queue is full they are dropped and counted instead.
+
+    If a write fails nothing later is written or committed and ``on_error(exc)`` is called (the
+    runner then stops, and the controller restarts the partition; the uncommitted reads are redone).
 
     Attributes
     ----------
     written, errors : int
         Requests answered (and, of them, with an error) so far.
+    queued_bytes : int
+        Bytes of answers waiting to be written (or being written).
+    writes : int
+        Connector writes so far (each may carry several batches).
+    side_dropped : int
+        Side records dropped because the queue was full.
     idle : bool
-        No write is pending.
+        Nothing waits to be written.
     error : BaseException or None
         The write that failed.
     """
 
     def __init__(
-        self, upstream: Stream, connector: Connector, writer: ResultWriter, on_error: Any = None, **kwargs: Any
+        self,
+        upstream: Stream,
+        connector: Connector,
+        writer: ResultWriter,
+        *,
+        max_bytes: int = 64 * 2**20,
+        stats: PartitionStats | None = None,
+        on_error: Any = None,
+        **kwargs: Any,
     ):
         self.connector = connector
         self.writer = writer
+        self.max_bytes = max_bytes
+        self.stats = stats
         self.on_error = on_error
         self.error: BaseException | None = None
         self.written = 0
-        self._last: asyncio.Future | None = None
+        self.writes = 0
+        self.queued_bytes = 0
+        self.side_dropped = 0
+        self._queue: deque[tuple[Answer | None, list[OutMessage], int]] = deque()
+        self._task: asyncio.Task | None = None
+        self._room: list[asyncio.Future] = []
         super().__init__(upstream, **kwargs)
 
     @property
@@ -252,27 +324,74 @@ class write_results(Stream):
 
     @property
     def idle(self) -> bool:
-        return self._last is None or self._last.done()
+        return not self._queue and self._task is None
 
-    def update(self, x: Any, who: Any = None, metadata: Any = None) -> asyncio.Future:
-        prev = self._last
-        task = asyncio.ensure_future(self._write(x, prev))
-        self._last = task
-        return task
-
-    async def _write(self, result: Any, prev: asyncio.Future | None) -> None:
-        writes = self.writer.encode(result)
-        if prev is not None and not prev.done():
-            await asyncio.wait([prev])
+    def update(self, x: Answer, who: Any = None, metadata: Any = None) -> asyncio.Future | None:
         if self.error is not None:
-            return  # an earlier write failed: nothing after it may be committed
-        try:
-            await self.connector.write_and_commit(writes, result.reads)
-        except Exception as e:
-            self.error = e
-            if not isinstance(e, PartitionRevoked):
-                logger.error("writing results failed, stopping this partition: %s", e)
-            if self.on_error is not None:
-                self.on_error(e)
+            return None  # an earlier write failed: nothing after it may be written (the reads are redone)
+        self._put(x, self.writer.encode(x.result))
+        if self.queued_bytes > self.max_bytes:
+            fut = asyncio.get_running_loop().create_future()
+            self._room.append(fut)
+            return fut
+        return None
+
+    def record(self, parts: Sequence[ResultPart]) -> None:
+        """Write ``parts`` (results for other topics: a shadow's) with the next write, unless the queue is full."""
+        if self.error is not None or not parts:
             return
-        self.written += sum(len(p.batch) for p in result.parts if p.target is None) + len(result.rejected)
+        if self.queued_bytes > self.max_bytes:
+            self.side_dropped += sum(len(p.batch) for p in parts)
+            return
+        self._put(None, self.writer.encode(ResultBatch(list(parts), [], [])))
+
+    def _put(self, answer: Answer | None, writes: list[OutMessage]) -> None:
+        size = sum(len(w.data) for w in writes)
+        self._queue.append((answer, writes, size))
+        self.queued_bytes += size
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue and self.error is None:
+                taken = list(self._queue)
+                self._queue.clear()
+                writes = [w for _, ws, _ in taken for w in ws]
+                reads = [r for a, _, _ in taken if a is not None for r in a.result.reads]
+                try:
+                    await self.connector.write_and_commit(writes, reads)
+                except Exception as e:
+                    self._failed(e)
+                    return
+                self.writes += 1
+                now = time.time()
+                for a, _, size in taken:
+                    self.queued_bytes -= size
+                    if a is None:
+                        continue
+                    result = a.result
+                    self.written += sum(len(p.batch) for p in result.parts if p.target is None) + len(result.rejected)
+                    if self.stats is not None:
+                        self.stats.record_batch(a.received, a.requests, a.started, a.answered, now, result.n_rows)
+                        self.stats.record_errors(result)
+                self._wake()
+        finally:
+            self._task = None
+            if self.error is not None:
+                self._wake(everyone=True)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.error = exc
+        self._queue.clear()
+        if not isinstance(exc, PartitionRevoked):
+            logger.error("writing results failed, stopping this partition: %s", exc)
+        if self.on_error is not None:
+            self.on_error(exc)
+
+    def _wake(self, everyone: bool = False) -> None:
+        if everyone or self.queued_bytes <= self.max_bytes:
+            room, self._room = self._room, []
+            for fut in room:
+                if not fut.done():
+                    fut.set_result(None)

@@ -22,7 +22,7 @@ from daskinfer.dataflow import nodes, streams  # noqa: F401  (registers the stre
 from daskinfer.dataflow.nodes import InboxSource
 from daskinfer.dataflow.pipeline import PipelineSpec
 from daskinfer.dataflow.results import ResultWriter
-from daskinfer.dataflow.stages import Infer, Stage, StageContext
+from daskinfer.dataflow.stages import Infer, Shadow, Stage, StageContext, walk
 from daskinfer.dataflow.stats import PartitionStats
 from daskinfer.exceptions import ConfigError, ModelNotFoundError
 from daskinfer.models.registry import registry_for
@@ -60,6 +60,14 @@ def make_connector(spec: PipelineSpec, worker: Worker, partition: int, epoch: in
 
         return connector_for(spec.to_plain(), partition, epoch, worker)
     raise ConfigError(f"unknown connector {spec.connector!r}")
+
+
+def _sum_figures(figures: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for f in figures:
+        for k, v in f.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _model_names(stages: list[Stage], default: str | None) -> list[str]:
@@ -103,6 +111,7 @@ class PartitionRunner:
         self.fatal = False  # the start failed for a reason a restart cannot mend (configuration)
         self.start_task: asyncio.Future | None = None
         self.backlog = 0
+        self.stages: list[Stage] = []
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"daskinfer-{spec.name}-{partition}")
 
     async def start(self) -> None:
@@ -151,6 +160,9 @@ class PartitionRunner:
     async def _start(self) -> None:
         spec, st = self.spec, self.spec.settings
         stages = spec.load_stages()
+        for stage in walk(stages):  # a "module:function" that does not import fails the start (and the deploy)
+            stage.resolve_references()
+        self.stages = stages
         await self._wait_for_models(_model_names(stages, spec.model))
         self._check_outputs(stages)
         self.connector = make_connector(spec, self.worker, self.partition, self.epoch)
@@ -164,6 +176,7 @@ class PartitionRunner:
             inline_rows=st.inline_rows,
             max_bisect_calls=st.max_bisect_calls,
             install_models=False,
+            side=self._record,
         )
         writer = ResultWriter(spec.outbox, spec.dead_letter, spec.reply_prefixes)
         self.source = InboxSource(
@@ -171,8 +184,18 @@ class PartitionRunner:
         )
         self.batcher = self.source.smart_batch(st.max_batch_size, st.max_delay, st.max_inflight)
         self.answerer = self.batcher.answer_batches(stages, context, spec.outputs)
-        self.sink = self.answerer.write_results(self.connector, writer, on_error=self._failed)
+        self.sink = self.answerer.write_results(
+            self.connector, writer, max_bytes=st.write_bytes, stats=self.answerer.stats, on_error=self._failed
+        )
         self.source.start()
+
+    def _record(self, parts: list[Any]) -> None:
+        """Results for other topics (a shadow's), written apart from the answers."""
+        if self.sink is not None:
+            self.sink.record(parts)
+
+    def shadows(self) -> list[Shadow]:
+        return [s for s in walk(self.stages) if isinstance(s, Shadow)]
 
     def _failed(self, exc: BaseException) -> None:
         if self.source is not None:
@@ -221,6 +244,8 @@ class PartitionRunner:
                 end = time.monotonic() + (self.spec.settings.drain_timeout if timeout is None else timeout)
                 while time.monotonic() < end and not self.idle():
                     await asyncio.sleep(0.005)
+        for shadow in self.shadows():
+            shadow.cancel()
         if self.connector is not None:
             await self.connector.close()
         self.executor.shutdown(wait=False)
@@ -239,6 +264,9 @@ class PartitionRunner:
             "inflight": b.inflight if b else 0,
             "busy": ans.busy if ans else 0.0,
             "backlog": self.backlog,
+            "write_queued_bytes": sink.queued_bytes if sink else 0,
+            "writes": sink.writes if sink else 0,
+            "internal_errors": ans.failures if ans else 0,
         }
 
     async def status(self) -> dict[str, Any]:
@@ -265,5 +293,6 @@ class PartitionRunner:
             "max_batch_size": self.spec.settings.max_batch_size,
             "error": f"{type(error).__name__}: {error}" if error is not None else None,
             **(stats.snapshot() if stats is not None else {}),
+            **({"shadow": _sum_figures(s.figures() for s in self.shadows())} if self.shadows() else {}),
             **(self.connector.describe() if self.connector else {}),
         }

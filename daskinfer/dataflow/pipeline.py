@@ -68,6 +68,11 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_bisect_calls: int
     model_timeout: float
     drain_timeout: float
+    write_bytes: int
+    max_restarts: int
+    restart_window: float
+    restart_backoff: float
+    restart_backoff_max: float
     inbox_topic: dict[str, Any]
     retained_topic: dict[str, Any]
 
@@ -98,11 +103,24 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
             max_bisect_calls=settings.get("pipeline.max-bisect-calls"),
             model_timeout=settings.get_seconds("pipeline.model-timeout"),
             drain_timeout=settings.get_seconds("pipeline.drain-timeout"),
+            write_bytes=settings.get_bytes("pipeline.max-write-bytes"),
+            max_restarts=settings.get("pipeline.max-restarts"),
+            restart_window=settings.get_seconds("pipeline.restart-window"),
+            restart_backoff=settings.get_seconds("pipeline.restart-backoff"),
+            restart_backoff_max=settings.get_seconds("pipeline.restart-backoff-max"),
             inbox_topic=dataclasses.asdict(TopicSettings.from_config("inbox", pipe.partitions)),
             retained_topic=dataclasses.asdict(TopicSettings.from_config("retained")),
         )
         out = msgspec.convert(raw, cls, strict=True)  # types checked: "many" is not a count
-        for k in ("read_batch", "read_bytes", "max_request_size", "direct_max_messages", "direct_max_bytes"):
+        for k in (
+            "read_batch",
+            "read_bytes",
+            "max_request_size",
+            "direct_max_messages",
+            "direct_max_bytes",
+            "write_bytes",
+            "max_restarts",
+        ):
             if getattr(out, k) < 1:
                 raise ConfigError(f"pipeline setting {k} must be >= 1, got {getattr(out, k)}")
         return out

@@ -77,15 +77,36 @@ class ResultWriter:
             if part.error is not None:
                 self.errors += len(part.batch)
         for part, start, end in in_arrival_order(answers):
-            out += self._run(part, start, end, now)
+            out += self._encoded(part, start, end, now)
         for part in result.parts:
             if part.target is not None:  # recorded elsewhere (shadow, copies): order does not matter
                 for start, end in part.batch.runs():
-                    out += self._run(part, start, end, now)
+                    out += self._encoded(part, start, end, now)
         for rej in result.rejected:
             self.errors += 1
             out += self._rejected(rej, now)
         return out
+
+    def _encoded(self, part: ResultPart, start: int, end: int, now: float) -> list[OutMessage]:
+        """The messages of requests ``start:end`` of ``part``; answers that cannot be encoded (an
+        output no message can carry) become error results for those requests alone."""
+        try:
+            return self._run(part, start, end, now)
+        except Exception as e:
+            if part.error is not None:
+                raise  # an error result always encodes: this is a bug of ours
+            failed = ResultPart(
+                part.batch,
+                None,
+                (type(e).__name__, f"the answer could not be encoded: {e}"),
+                part.model,
+                part.version,
+                part.timings,
+                part.target,
+            )
+            if part.target is None:
+                self.errors += end - start
+            return self._run(failed, start, end, now)
 
     def _run(self, part: ResultPart, start: int, end: int, now: float) -> list[OutMessage]:
         batch = part.batch

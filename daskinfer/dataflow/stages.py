@@ -20,6 +20,7 @@ own client channel, never through a broker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -30,17 +31,20 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from daskinfer import settings
 from daskinfer.dataflow.batch import RequestBatch, ResultPart
 from daskinfer.exceptions import (
     ConfigError,
     DeadlineExceededError,
     InputValidationError,
+    ModelError,
     ModelNotAllowedError,
     RemoteModelError,
     RequestError,
     RequestRejected,
     StageError,
 )
+from daskinfer.wire.codec import wire_dtype
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
@@ -142,6 +146,10 @@ class StageContext:
         Extra model calls allowed per batch to find the requests at fault.
     seed : int, optional
         Seed of the random draws of :class:`Route`.
+    side : callable, optional
+        ``side(parts)`` writes results for other topics (a shadow's) apart from the answers, so
+        that they never hold the answers up (a deployed partition's writer); None: stages that
+        record such results run inline and add them to :attr:`recorded`.
     """
 
     def __init__(
@@ -156,8 +164,10 @@ class StageContext:
         max_bisect_calls: int = 32,
         seed: int | None = None,
         install_models: bool = True,
+        side: Callable[[list[ResultPart]], None] | None = None,
     ):
         self.registry = registry
+        self.side = side
         self.default_model = default_model
         self.allowed_models = None if allowed_models is None else frozenset(allowed_models)
         self.max_batch_size = max_batch_size
@@ -181,6 +191,7 @@ class StageContext:
             inline_rows=self.inline_rows,
             max_bisect_calls=self.max_bisect_calls,
             install_models=self.install_models,
+            side=self.side,
         )
         out.allowed_models = self.allowed_models
         out.rng = self.rng
@@ -228,6 +239,32 @@ class Stage:
     def check(self) -> None:
         """Cheap checks at deploy time (on the deploying client)."""
 
+    def resolve_references(self) -> None:
+        """Import what the stage names (``"module:function"``) where it runs, before any traffic;
+        raise :class:`~daskinfer.exceptions.ConfigError` naming a reference that does not resolve."""
+
+    def children(self) -> list[Stage]:
+        """Stages nested in this one (branches)."""
+        return []
+
+
+def walk(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` and every stage nested in them, depth first."""
+    out: list[Stage] = []
+    for s in stages:
+        out.append(s)
+        out += walk(s.children())
+    return out
+
+
+def check_wire_dtype(arr: np.ndarray, what: str) -> None:
+    """Raise unless ``arr``'s dtype can travel in a result (``what`` names its maker and the column)."""
+    if not wire_dtype(arr.dtype):
+        raise TypeError(
+            f"{what} has dtype {arr.dtype}: results cannot carry it (numbers, bools, strings, bytes and "
+            "datetimes they can: convert it, e.g. with .astype(str))"
+        )
+
 
 def _check_columns(out: Any, rows: int, label: str) -> dict[str, np.ndarray]:
     if not isinstance(out, Mapping):
@@ -240,6 +277,10 @@ def _check_columns(out: Any, rows: int, label: str) -> dict[str, np.ndarray]:
         if arr.ndim == 0 or len(arr) != rows:
             got = "a scalar" if arr.ndim == 0 else f"{len(arr)} rows"
             raise StageError(f"{label} returned column {k!r} with {got} for a batch of {rows} rows", stage=label)
+        try:
+            check_wire_dtype(arr, f"{label} returned column {k!r}, which")
+        except TypeError as e:
+            raise StageError(str(e), stage=label) from None
         cols[str(k)] = arr
     if not cols:
         raise StageError(f"{label} returned no columns", stage=label)
@@ -262,6 +303,9 @@ class _UserFunctionStage(Stage):
 
     def check(self) -> None:
         check_callable(self.fn, self.label())
+
+    def resolve_references(self) -> None:
+        self.resolve()
 
     def resolve(self) -> Callable[..., Any]:
         """The function itself (imported on first use where it was given as ``"module:function"``)."""
@@ -573,6 +617,12 @@ class Infer(Stage):
                 )
                 return []
             outs = {k: outs[k] for k in self.outputs}
+        for k, v in outs.items():
+            try:
+                check_wire_dtype(np.asarray(v), f"model {dep.name!r} output {k!r}")
+            except TypeError as e:
+                ctx.fail(live, None, ModelError(str(e), model=dep.name, version=dep.version))
+                return []
         columns = dict(batch.columns)
         columns.update(outs)
         timings = {"queue": live.timings.get("queue", 0.0), "infer": t1 - t0, "batch": rows}
@@ -610,44 +660,71 @@ class Ensemble(Stage):
     def mean(outputs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         return {k: np.mean([o[k] for o in outputs], axis=0) for k in outputs[0]}
 
-    async def apply(self, lives: list[Live], ctx: StageContext) -> list[Live]:
+    def resolve_references(self) -> None:
         if self._resolved is None:
             self._resolved = self.mean if self.combine is None else resolve_callable(self.combine, self.label())
+
+    async def apply(self, lives: list[Live], ctx: StageContext) -> list[Live]:
+        self.resolve_references()
         out = []
         for live in lives:
-            prefixes = []
-            cur = [live]
-            for i, member in enumerate(self.members):
-                cur = await member.apply(cur, ctx)
-                # keep each member's outputs apart, so the next member sees the original columns
-                prefixes.append(f"__{self.name}:{i}:")
-                cur = [
-                    c.replace(
-                        c.batch.with_columns(
-                            {
-                                **{k: v for k, v in c.batch.columns.items() if k not in (c.result or [])},
-                                **{prefixes[-1] + k: c.batch.columns[k] for k in (c.result or [])},
-                            }
-                        ),
-                        result=None,
-                    )
-                    for c in cur
-                ]
-            for c in cur:
-                cols = c.batch.columns
-                per_member = [{k[len(p) :]: v for k, v in cols.items() if k.startswith(p)} for p in prefixes]
-                rows = c.batch.n_rows
-                try:
-                    combined = _check_columns(
-                        await ctx.call_user(self._resolved, per_member, rows=rows), rows, self.label()
-                    )
-                except Exception as e:
-                    ctx.fail(c, None, _user_error(self.label(), self._resolved, e))
-                    continue
-                base = {k: v for k, v in cols.items() if not k.startswith("__")}
-                base.update(combined)
-                out.append(Live(c.batch.with_columns(base), list(combined), self.label(), None, c.timings))
+            out += await self._run(live, ctx)
         return out
+
+    async def _run(self, live: Live, ctx: StageContext) -> list[Live]:
+        """The members run at once, each on the same requests; a request one of them fails is answered
+        with the first such failure (in member order), the others are combined."""
+        batch = live.batch
+        forks = [ctx.fork() for _ in self.members]
+        results = await asyncio.gather(*(m.apply([live], f) for m, f in zip(self.members, forks)))
+        order = np.argsort(batch.seq, kind="stable")
+        sorted_seq = batch.seq[order]
+
+        def where(seq: np.ndarray) -> np.ndarray:  # positions in ``batch`` of requests by their seq
+            return order[np.searchsorted(sorted_seq, seq)]
+
+        failed = np.zeros(len(batch), dtype=bool)
+        answered = np.ones(len(batch), dtype=bool)
+        for res, f in zip(results, forks):
+            ctx.model_seconds += f.model_seconds
+            ctx.model_calls += f.model_calls
+            ctx.recorded += f.recorded
+            for part in f.failed:
+                at = where(part.batch.seq)
+                fresh = ~failed[at]
+                if fresh.all():
+                    ctx.failed.append(part)
+                elif fresh.any():
+                    idx = np.flatnonzero(fresh)
+                    ctx.failed.append(dataclasses.replace(part, batch=part.batch.take(idx)))
+                failed[at] = True
+            got = np.zeros(len(batch), dtype=bool)
+            for c in res:
+                got[where(c.batch.seq)] = True
+            answered &= got
+        keep = np.flatnonzero(answered & ~failed)
+        if not len(keep):
+            return []
+        per_member = []
+        for res in results:
+            joined = RequestBatch.concat([c.batch for c in res])
+            at = where(joined.seq)
+            inverse = np.empty(len(batch), dtype=np.int64)
+            inverse[at] = np.arange(len(at))
+            picked = joined.take(inverse[keep])
+            names = res[0].result or []
+            per_member.append({k: picked.columns[k] for k in names})
+        base = batch.take(keep)
+        rows = base.n_rows
+        combine = self._resolved
+        assert combine is not None
+        try:
+            combined = _check_columns(await ctx.call_user(combine, per_member, rows=rows), rows, self.label())
+        except Exception as e:
+            ctx.fail(live.replace(base), None, _user_error(self.label(), combine, e))
+            return []
+        timings = results[0][0].timings if results[0] else live.timings
+        return [Live(base.with_columns({**base.columns, **combined}), list(combined), self.label(), None, timings)]
 
 
 class Route(Stage):
@@ -704,6 +781,9 @@ class Route(Stage):
             for s in stages:
                 s.check()
 
+    def children(self) -> list[Stage]:
+        return [s for stages in self.branches.values() for s in stages]
+
     def _draw(self, batch: RequestBatch, ctx: StageContext) -> np.ndarray:
         n = len(batch)
         if self.by == "key" and batch.keys is not None:
@@ -729,17 +809,56 @@ class Route(Stage):
 class Shadow(Stage):
     """Run a branch on a copy of every batch; its results are recorded on ``topic``, not returned.
 
-    The requests go on unchanged; the shadow's errors are recorded, never returned either.
+    The requests go on unchanged; the shadow's errors are recorded, never returned either.  In a
+    deployed partition the shadow runs as a task of its own, off the answers' path: at most
+    ``max_inflight`` batches of it at once, and a batch that finds them all busy is not shadowed
+    (counted in :attr:`dropped`), so a slow shadow never slows the answers.
+
+    Parameters
+    ----------
+    branch : Pipeline, stage(s), model name or Model
+        What runs on the copy.
+    topic : str
+        Where its results go.
+    max_inflight : int, optional
+        Shadow batches running at once per partition; config ``daskinfer.pipeline.shadow-inflight``.
+
+    Attributes
+    ----------
+    running : int
+        Shadow batches running now.
+    shadowed, dropped : int
+        Requests the shadow ran on, and requests it skipped because it was behind.
     """
 
     kind = "shadow"
 
-    def __init__(self, branch: Any, topic: str, *, name: str | None = None):
+    def __init__(self, branch: Any, topic: str, *, max_inflight: int | None = None, name: str | None = None):
         if not topic:
             raise ConfigError("shadow needs a topic to record its results on")
         self.stages = as_stages(branch)
         self.topic = topic
+        self.max_inflight = int(settings.get("pipeline.shadow-inflight", max_inflight))  # resolved where it is made
+        if self.max_inflight < 1:
+            raise ConfigError(f"shadow: max_inflight must be >= 1, got {self.max_inflight}")
         super().__init__(name or topic)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.running = 0
+        self.shadowed = 0
+        self.dropped = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for k in ("running", "shadowed", "dropped", "_tasks"):
+            state.pop(k, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     def models(self) -> list[Any]:
         return [m for s in self.stages for m in s.models()]
@@ -747,15 +866,51 @@ class Shadow(Stage):
     def topics(self) -> list[str]:
         return [self.topic] + [t for s in self.stages for t in s.topics()]
 
+    def children(self) -> list[Stage]:
+        return list(self.stages)
+
+    def figures(self) -> dict[str, int]:
+        """What the partition's status shows of this shadow."""
+        return {"running": self.running, "shadowed": self.shadowed, "dropped": self.dropped}
+
     async def apply(self, lives: list[Live], ctx: StageContext) -> list[Live]:
-        shadow_ctx = ctx.fork()
-        done = await run_stages(self.stages, [live.replace(live.batch) for live in lives], shadow_ctx)
-        for part in [*finish(done), *shadow_ctx.failed]:
-            part.target = self.topic
-            ctx.recorded.append(part)
-        ctx.recorded += shadow_ctx.recorded
-        ctx.model_seconds += shadow_ctx.model_seconds
+        copies = [live.replace(live.batch) for live in lives]
+        if ctx.side is None:  # in this process: nowhere else to record, run inline
+            await self._shadow(copies, ctx.fork(), ctx)
+            return lives
+        n = sum(len(live.batch) for live in lives)
+        if self.running >= self.max_inflight:
+            self.dropped += n
+            return lives
+        self.running += 1
+        self.shadowed += n
+        task = asyncio.ensure_future(self._shadow(copies, ctx.fork(), None))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
         return lives
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self.running -= 1
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("shadow %r failed: %r", self.name, task.exception())
+
+    async def _shadow(self, lives: list[Live], shadow_ctx: StageContext, parent: StageContext | None) -> None:
+        done = await run_stages(self.stages, lives, shadow_ctx)
+        parts = [*finish(done), *shadow_ctx.failed]
+        for part in parts:
+            part.target = self.topic
+        parts += shadow_ctx.recorded
+        if parent is not None:
+            parent.recorded += parts
+            parent.model_seconds += shadow_ctx.model_seconds
+        elif shadow_ctx.side is not None:
+            shadow_ctx.side(parts)
+
+    def cancel(self) -> None:
+        """Stop the shadow batches still running (the partition stops)."""
+        for t in list(self._tasks):
+            t.cancel()
 
 
 class ToTopic(Stage):

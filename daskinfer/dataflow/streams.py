@@ -47,6 +47,10 @@ class smart_batch(Stream):
     downstream, everything queued (up to ``max_batch_size`` rows) is emitted at once
     as a list; while the downstream is busy, items queue up and form the next batch.
 
+    An upstream never waits for the batches downstream: ``update`` returns a future only
+    while the queue holds ``max_batch_size * max_inflight`` rows or more (back-pressure),
+    so a source keeps reading while batches are in flight.
+
     Parameters
     ----------
     max_batch_size : int, optional
@@ -91,15 +95,14 @@ class smart_batch(Stream):
             rows = rows_of(item)
             self._queue.append((item, rows, metadata, now))
             self._queued_rows += rows
-        result = self._flush()
+        self._flush()
         if self._queued_rows >= self.policy.max_batch_size * self.policy.max_inflight:
             fut = asyncio.get_event_loop().create_future()
             self._room.append(fut)
             return fut
-        return result
+        return None
 
-    def _flush(self):
-        results = []
+    def _flush(self) -> None:
         while True:
             oldest_wait = self._now() - self._queue[0][3] if self._queue else 0.0
             decision = self.policy.decide([q[1] for q in self._queue], self._inflight, oldest_wait)
@@ -119,9 +122,7 @@ class smart_batch(Stream):
                 task = asyncio.ensure_future(self._wait_downstream(pending))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            results.extend(out)
         self._wake_producers()
-        return results
 
     async def _wait_downstream(self, pending):
         try:

@@ -34,6 +34,12 @@ MAX_HEADER_BYTES = 1024  # a real header ([dtype, up to 32 dims]) is a few hundr
 _new_ext = tuple.__new__
 
 
+def wire_dtype(dtype: np.dtype) -> bool:
+    """Whether arrays of ``dtype`` can travel in messages (numbers, bools, strings, bytes, datetimes;
+    not object, void or structured dtypes)."""
+    return dtype.kind in _ALLOWED_KINDS and dtype.fields is None
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return _encode_array(obj)

@@ -11,6 +11,11 @@ partition's new owner.  Answers that arrive twice are dropped by request id in
 Back-pressure: at most ``window`` sends per partition wait for the worker's "queued"
 acknowledgement, and :meth:`DirectTransport.send` waits while a partition holds more
 than that many sends not yet on the wire.
+
+A partition in a crash loop (the routes say so: it stopped ``pipeline.max-restarts`` times
+within ``pipeline.restart-window``) answers nothing: its sends, and new ones while it stays
+so, are answered here with :class:`~daskinfer.exceptions.PartitionFailedError` results that
+name the cause, instead of waiting on.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.direct.endpoint import REPLY_PREFIX
 from daskinfer.connectors.direct.link import CommWriter
 from daskinfer.connectors.embedded.broker import ensure_broker_async
-from daskinfer.exceptions import ConfigError
+from daskinfer.exceptions import ConfigError, PartitionFailedError
+from daskinfer.wire.frames import ErrorColumns, encode_result_frame, peek_fields
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -89,6 +95,7 @@ class DirectTransport(ClientTransport):
         self.links: dict[str, _WorkerLink] = {}
         self.version = -1
         self.resent = 0  # sends handed back (moved) or lost with a worker, and sent again
+        self.crashed: dict[int, str] = {}  # partitions in a crash loop -> why
         self._seq = itertools.count()
         self._results: asyncio.Queue[list[bytes]] = asyncio.Queue()
         self._watcher: asyncio.Task | None = None
@@ -143,8 +150,38 @@ class DirectTransport(ClientTransport):
             state.owner = owner
         if moved:
             self._resend(moved)
+        self.crashed = {int(p): str(why) for p, why in (routes.get("crashed") or {}).items()}
+        if self.crashed:
+            self._answer_crashed([seq for seq, (p, _, _) in self.sends.items() if p in self.crashed])
         for p in range(len(self.partitions)):
             self._pump(p)
+
+    def _answer_crashed(self, seqs: list[int]) -> None:
+        """Answer the requests of ``seqs`` (sends to partitions in a crash loop) with the cause."""
+        frames = []
+        for seq in seqs:
+            entry = self.sends.pop(seq, None)
+            if entry is None:
+                continue
+            p, payloads, _ = entry
+            state = self.partitions[p]
+            state.inflight.discard(seq)
+            if seq in state.pending:
+                state.pending.remove(seq)
+            state.room.set()
+            why = self.crashed[p]
+            for data in payloads:
+                fields = peek_fields(data)
+                ids = fields.get("ids") or ([fields["id"]] if isinstance(fields.get("id"), str) else [])
+                if ids:
+                    n = len(ids)
+                    frames.append(
+                        encode_result_frame(
+                            [], None, errors=ErrorColumns(ids, [PartitionFailedError.__name__] * n, [why] * n, None)
+                        )
+                    )
+        if frames:
+            self._results.put_nowait(frames)
 
     def _fail(self, exc: BaseException) -> None:
         """Nothing more can be answered: the client's pending requests fail with ``exc``."""
@@ -198,6 +235,9 @@ class DirectTransport(ClientTransport):
                 await state.room.wait()
             seq = next(self._seq)
             self.sends[seq] = (p, payloads, None)
+            if p in self.crashed:
+                self._answer_crashed([seq])
+                continue
             state.pending.append(seq)
             self._pump(p)
 
