@@ -89,9 +89,10 @@ def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
     else:
         inputs = {k: np.stack([r.inputs[k] for r in reqs]) for k in names}
         rows = None
-    deadlines = None
-    if any(r.deadline is not None for r in reqs):
-        deadlines = np.array([np.nan if r.deadline is None else r.deadline for r in reqs])
+    budgets = None
+    if any(r.deadline is not None for r in reqs):  # the time left travels, not this machine's clock
+        now = time.time()
+        budgets = np.array([np.nan if r.deadline is None else r.deadline - now for r in reqs])
     keys = [r.key for r in reqs] if any(r.key is not None for r in reqs) else None
     return encode_request_frame(
         [r.id for r in reqs],
@@ -100,7 +101,7 @@ def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
         batched=first.batched,
         keys=keys,
         model=first.model,
-        deadlines=deadlines,
+        budgets=budgets,
         reply_to=reply_to,
         sent_at=np.array([r.sent_at for r in reqs]),
     )

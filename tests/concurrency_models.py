@@ -31,15 +31,17 @@ def calls() -> int:
 
 
 class Sleepy:
-    """``x * 2`` after ``seconds`` (``jitter``: a random time up to ``seconds``), counted."""
+    """``x * 2`` after ``seconds`` (``jitter``: a random time up to ``seconds``), counted;
+    ``load_seconds``: loading it takes that long (a big model on a worker that joins)."""
 
-    def __init__(self, seconds: float = 0.05, jitter: bool = False, count: bool = True):
+    def __init__(self, seconds: float = 0.05, jitter: bool = False, count: bool = True, load_seconds: float = 0.0):
         self.seconds = seconds
         self.jitter = jitter
         self.count = count
+        self.load_seconds = load_seconds
 
     def load(self) -> None:
-        pass
+        time.sleep(self.load_seconds)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self.count:

@@ -419,6 +419,21 @@ def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
         handle.stop()
 
 
+def test_the_transport_keeps_a_window_of_sends_in_flight_and_keeps_key_order(client, mlp, mlp_path, kafka_bootstrap):
+    """A send returns once the producer has its requests (the idempotent producer keeps each
+    partition's order), so the client's next send goes out before the brokers acknowledged the last."""
+    inbox = _inbox()
+    handle = deploy_pipeline(client, _pipeline(kafka_bootstrap, inbox, mlp, False, partitions=2))
+    transport = KafkaTransport(kafka_bootstrap, send_window=4)
+    try:
+        with InferenceClient(client, inbox=inbox, transport=transport) as ic:
+            check_rows_and_blocks(ic, 4000, mlp_path)
+    finally:
+        handle.stop()
+    assert 1 < transport.peak_in_flight <= 4, f"sends in flight at once: {transport.peak_in_flight} (window 4)"
+    assert transport.in_flight == 0 and transport.undelivered == 0
+
+
 def test_consumer_lag_reaches_the_scaling_figures(client, kafka_bootstrap, poll):
     """InferenceAdaptive reads the Kafka consumer lag (through the controller's load figures)."""
 

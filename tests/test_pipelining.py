@@ -270,3 +270,118 @@ def test_a_partition_that_keeps_crashing_fails_its_requests_with_the_cause(monke
         assert not r.ok and r.error_type == "PartitionFailedError", (r.error_type, r.error)
         assert "injected bug in decoding" in r.error and "3 restarts" in r.error, r.error
     assert "injected bug in decoding" in status["failures"][0], status
+
+
+# -- moves and clocks -----------------------------------------------------------------------------
+
+
+def _routes(client, inbox: str) -> dict:
+    async def get():
+        return await client.scheduler.daskinfer_routes(inbox=inbox, version=None, timeout=0)
+
+    return client.sync(get)
+
+
+def test_a_moved_partition_is_routed_to_once_it_serves_and_keeps_key_order(poll):
+    """A worker joins; its model takes 3 s to load.  The partition that moves there drains on the
+    old worker first, and clients are routed to the new one only once its runner reads: every
+    route seen points at a running runner, and answers keep their keys' order across the move."""
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            name = _name("bigload")
+            model = PythonModel(
+                name,
+                concurrency_models.Sleepy(0.02, count=False, load_seconds=3.0),
+                instances=2,
+                sample=np.ones((1, 4), np.float32),
+            )
+            deploy(client, model)
+            inbox = _name("moving")
+            handle = deploy_pipeline(client, Pipeline(model=name, inbox=inbox, partitions=2, max_inflight=2))
+            (first,) = client.scheduler_info()["workers"]
+            keys = [f"k{i}" for i in range(4)]
+            sent: dict[str, list[str]] = {k: [] for k in keys}
+            key_of: dict[str, str] = {}
+            bad_routes = []
+            moved_at = None
+            with InferenceClient(client, inbox=inbox) as ic:
+                cluster.scale(2)
+                deadline = time.monotonic() + 90
+                i = 0
+                while time.monotonic() < deadline:
+                    for _ in range(10):
+                        k = keys[i % len(keys)]
+                        rid = ic.send(ROW * i, key=k)
+                        sent[k].append(rid)
+                        key_of[rid] = k
+                        i += 1
+                    owners = _routes(client, inbox).get("owners") or {}
+                    runners = handle.status()["runners"]
+                    states = {(r["partition"], r["worker"]): r["state"] for r in runners if "partition" in r}
+                    for p, w in owners.items():
+                        if states.get((int(p), w), "running") != "running":  # (a runner just replaced: not seen)
+                            bad_routes.append((p, w, states.get((int(p), w))))
+                    if moved_at is None and any(w != first for w in owners.values()):
+                        moved_at = i
+                    if moved_at is not None and i > moved_at + 200:
+                        break
+                    time.sleep(0.01)
+                assert moved_at is not None, "no partition moved to the new worker"
+                arrived: list = []
+                end = time.monotonic() + 60
+                while len(arrived) < i and time.monotonic() < end:
+                    arrived += list(ic.results(timeout=0.5))
+            handle.stop()
+    assert not bad_routes, f"clients were routed to runners that did not serve yet: {bad_routes[:5]}"
+    ids = [r.id for r in arrived]
+    assert len(ids) == len(set(ids)) == i, f"{i - len(set(ids))} lost, {len(ids) - len(set(ids))} twice"
+    assert all(r.ok for r in arrived), [r.error for r in arrived if not r.ok][:3]
+    for k in keys:
+        assert [r.id for r in arrived if key_of[r.id] == k] == sent[k], f"key {k!r} out of order across the move"
+
+
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+@pytest.mark.skipif(
+    not os.path.exists(FAKETIME_LIB) and not os.environ.get("CI"), reason="libfaketime is not installed (faketime)"
+)
+def test_a_deadline_is_a_budget_a_worker_clock_that_is_off_neither_expires_nor_extends_it(tmp_path):
+    """The worker's clock is an hour ahead, then an hour behind (libfaketime): a request with 10 s
+    left is answered, and one with 0.3 s left that waits behind a 1 s batch is not."""
+    from dask_processes import DaskProcesses
+
+    procs = DaskProcesses(tmp_path)
+    procs.env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__))  # concurrency_models for the workers
+    procs.scheduler()
+    try:
+        with Client(procs.address) as client:
+            for skew in ("+1h", "-1h"):
+                procs.env.update(LD_PRELOAD=FAKETIME_LIB, FAKETIME=skew)  # (its monotonic clock moves by as much)
+                worker = procs.worker(f"skewed{skew}", nanny=False)
+                for k in ("LD_PRELOAD", "FAKETIME"):
+                    procs.env.pop(k)
+                client.wait_for_workers(1, timeout=60)
+                (addr,) = client.scheduler_info()["workers"]
+                off = client.run(time.time, workers=[addr])[addr] - time.time()
+                assert abs(abs(off) - 3600) < 60, f"the worker's clock is off by {off:.0f}s, not an hour"
+                name = _name("slow")
+                deploy(client, _sleepy(name, 1.0, instances=1, count=False))
+                pipe = Pipeline(model=name, inbox=_name("skew"), partitions=1, max_inflight=1)  # one batch at a time
+                handle = deploy_pipeline(client, pipe)
+                with InferenceClient(client, inbox=handle.inbox) as ic:
+                    ok = ic.submit(ROW, deadline=10.0).result(30)
+                    ahead = ic.submit(np.ones(3, np.float32))  # holds the model for 1 s (another shape: its own call)
+                    late = ic.submit(ROW, deadline=0.3).result(30)
+                    assert ahead.result(30).ok
+                handle.stop()
+                undeploy(client, name)
+                assert ok.ok, f"clock {skew}: a request with 10 s left failed: {ok.error}"
+                assert not late.ok and late.error_type == "DeadlineExceededError", (skew, late.error_type, late.error)
+                worker.terminate()
+                worker.wait(20)
+                deadline = time.monotonic() + 30
+                while client.scheduler_info()["workers"] and time.monotonic() < deadline:
+                    time.sleep(0.05)
+    finally:
+        procs.stop()

@@ -46,8 +46,12 @@ class PipelineState:
         self.inbox: str = spec["inbox"]
         self.partitions: int = spec["partitions"]
         self.connector: str = spec["connector"]
-        self.assigned: dict[int, str] = {}
+        self.assigned: dict[int, str] = {}  # where each partition's runner is placed
+        self.serving: dict[int, str] = {}  # the routes clients see: partitions whose runner serves
+        self.epochs: dict[int, int] = {}  # each partition's latest epoch
         st = spec["settings"]
+        self.drain_timeout: float = st["drain_timeout"]
+        self.model_timeout: float = st["model_timeout"]
         self.restart_policy = RestartPolicy(
             st["max_restarts"], st["restart_window"], st["restart_backoff"], st["restart_backoff_max"]
         )
@@ -92,6 +96,11 @@ class PipelineState:
     def next_epoch(self) -> int:
         self.epoch += 1
         return self.epoch
+
+    def unassign(self, partition: int) -> bool:
+        """The partition has no runner any more; True when it was in the routes."""
+        self.assigned.pop(partition, None)
+        return self.serving.pop(partition, None) is not None
 
     def retire_figures(self, partition: int) -> None:
         """The partition's runner is gone: keep its counters in the totals."""
@@ -162,6 +171,8 @@ class ControllerExtension:
         self.version = 0  # bumped whenever a route changes
         self._route_waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
+        self._reconciling: dict[str, asyncio.Task] = {}
+        self._tasks: set[asyncio.Task] = set()  # referenced until done
         self._task = asyncio.ensure_future(self._loop())
         scheduler.handlers.update(
             {
@@ -191,6 +202,8 @@ class ControllerExtension:
 
     def close(self) -> None:
         self._task.cancel()
+        for t in [*self._reconciling.values(), *self._tasks]:
+            t.cancel()
 
     async def _loop(self) -> None:
         while True:
@@ -199,12 +212,19 @@ class ControllerExtension:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
-            for name in list(self.pipelines):
-                try:
-                    await self.reconcile(name)
-                except Exception:  # pragma: no cover - keep the control loop alive
-                    logger.exception("reconciling pipeline %r failed", name)
+            for name in list(self.pipelines):  # each in a task of its own: a draining pipeline holds up no other
+                task = self._reconciling.get(name)
+                if task is None or task.done():
+                    self._reconciling[name] = asyncio.ensure_future(self._reconcile_logged(name))
+            for name in [n for n, t in self._reconciling.items() if t.done() and n not in self.pipelines]:
+                del self._reconciling[name]
             self.sample()
+
+    async def _reconcile_logged(self, name: str) -> None:
+        try:
+            await self.reconcile(name)
+        except Exception:  # pragma: no cover - keep the control loop alive
+            logger.exception("reconciling pipeline %r failed", name)
 
     def sample(self, now: float | None = None) -> None:
         """Add a point to every pipeline's time series from its partitions' latest figures (at most
@@ -251,7 +271,7 @@ class ControllerExtension:
             "version": self.version,
             "pipeline": state.name,
             "partitions": state.partitions,
-            "owners": dict(state.assigned),
+            "owners": dict(state.serving),
             "crashed": dict(state.crashed),
         }
 
@@ -286,6 +306,7 @@ class ControllerExtension:
                 return_exceptions=True,
             )
             state.assigned.clear()
+            state.serving.clear()
         self._routes_changed()
         return True
 
@@ -382,16 +403,19 @@ class ControllerExtension:
         for state in self.pipelines.values():
             for p, w in list(state.assigned.items()):
                 if w == worker:
-                    del state.assigned[p]
+                    state.unassign(p)
                     state.retire_figures(p)
                     changed = True
         if changed:
             self._routes_changed()
 
     async def _start_on(self, state: PipelineState, partition: int, worker: str) -> bool:
+        """Start a runner of ``partition`` on ``worker``; it enters the routes once it serves."""
         epoch = state.next_epoch()
+        if state.unassign(partition):
+            self._routes_changed()
         state.assigned[partition] = worker
-        self._routes_changed()
+        state.epochs[partition] = epoch
         try:
             await asyncio.wait_for(
                 self.scheduler.rpc(addr=worker).daskinfer_runner_start(
@@ -401,13 +425,46 @@ class ControllerExtension:
             )
             if partition not in state.crashed:
                 state.failures.pop(partition, None)
-            return True
         except Exception as e:
             logger.warning("starting partition %d of %r on %s failed: %r", partition, state.name, worker, e)
             state.failures[partition] = repr(e)
-            state.assigned.pop(partition, None)
-            self._routes_changed()
+            state.unassign(partition)
             return False
+        self._spawn(self._publish_when_serving(state, partition, worker, epoch))
+        return True
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _publish(self, state: PipelineState, partition: int, worker: str, epoch: int) -> None:
+        """Put a runner that serves into the routes (unless it was replaced meanwhile)."""
+        if (
+            self.pipelines.get(state.name) is state
+            and state.assigned.get(partition) == worker
+            and state.epochs.get(partition) == epoch
+            and state.serving.get(partition) != worker
+        ):
+            state.serving[partition] = worker
+            self._routes_changed()
+
+    async def _publish_when_serving(self, state: PipelineState, partition: int, worker: str, epoch: int) -> None:
+        """Wait until the runner reads (its models loaded, its connector open), then route clients to it."""
+        try:
+            status = await asyncio.wait_for(
+                self.scheduler.rpc(addr=worker).daskinfer_runner_wait(
+                    pipeline=state.name, partition=partition, epoch=epoch, timeout=state.model_timeout
+                ),
+                state.model_timeout + self.rpc_timeout,
+            )
+        except Exception as e:  # the worker left, or the runner did not start: the control loop sees it
+            logger.debug("partition %d of %r on %s did not start: %r", partition, state.name, worker, e)
+            return
+        if status.get("state") == "running":
+            self._publish(state, partition, worker, epoch)
+        else:
+            self.soon()
 
     async def _poll_runners(self, state: PipelineState) -> None:
         """Read each partition's figures; unassign partitions whose runner stopped by itself."""
@@ -428,6 +485,8 @@ class ControllerExtension:
             for r in runners:
                 if state.assigned.get(r["partition"]) == w:
                     state.record(r["partition"], r)
+                    if r["state"] == "running" and r.get("epoch") is not None:
+                        self._publish(state, r["partition"], w, r["epoch"])  # (if its own wait was lost)
             for p, addr in list(state.assigned.items()):
                 if addr != w or p in alive:
                     continue
@@ -445,7 +504,7 @@ class ControllerExtension:
                     (failed or {}).get("error"),
                     state.not_before[p] - now,
                 )
-                del state.assigned[p]
+                state.unassign(p)
                 state.restarts += 1
                 self._routes_changed()
 
@@ -459,19 +518,22 @@ class ControllerExtension:
             # partitions on workers that are leaving (retiring, closing): drain there, then move
             leaving = [(p, w) for p, w in state.assigned.items() if w not in live]
             if leaving:
+                # out of the routes first (clients hold new requests), then drain, then start elsewhere:
+                # never two runners answering the same requests
+                if any([state.serving.pop(p, None) is not None for p, _ in leaving]):
+                    self._routes_changed()
                 await asyncio.gather(
                     *(
-                        self._rpc_stop(w, name, p, True, self.rpc_timeout + 30)
+                        self._rpc_stop(w, name, p, True, state.drain_timeout + self.rpc_timeout)
                         for p, w in leaving
                         if w in self.scheduler.workers
                     )
                 )
                 for p, w in leaving:
                     if state.assigned.get(p) == w:
-                        del state.assigned[p]
+                        state.unassign(p)
                         state.retire_figures(p)
                 state.moves += len(leaving)
-                self._routes_changed()
             if not live:
                 return
             await self._poll_runners(state)
@@ -499,8 +561,10 @@ class ControllerExtension:
             idlest = min(live, key=lambda a: (load[a], a))
             if load[busiest] - load[idlest] > 1:
                 p = max(q for q, w in state.assigned.items() if w == busiest)
-                await self._rpc_stop(busiest, name, p, True, self.rpc_timeout)
-                del state.assigned[p]
+                if state.serving.pop(p, None) is not None:  # clients hold new requests while it drains
+                    self._routes_changed()
+                await self._rpc_stop(busiest, name, p, True, state.drain_timeout + self.rpc_timeout)
+                state.unassign(p)
                 state.retire_figures(p)
                 state.moves += 1
                 if await self._start_on(state, p, idlest):

@@ -41,6 +41,7 @@ class PartitionsExtension:
                 "daskinfer_runner_start": self.start_runner,
                 "daskinfer_runner_stop": self.stop_runner,
                 "daskinfer_runner_status": self.runner_status,
+                "daskinfer_runner_wait": self.wait_runner,
             }
         )
         if settings.metrics_enabled():
@@ -60,6 +61,18 @@ class PartitionsExtension:
         # sees "starting", then "running" or "failed"
         runner.start_task = asyncio.ensure_future(runner.start())
         logger.info("started partition %d of pipeline %r (epoch %d)", partition, pspec.name, epoch)
+        return await runner.status()
+
+    async def wait_runner(self, pipeline: str, partition: int, epoch: int, timeout: float) -> dict[str, Any]:
+        """The status of runner ``(pipeline, partition)`` of ``epoch`` once it started (or ``timeout`` s)."""
+        runner = self.runners.get((pipeline, partition))
+        if runner is None or runner.epoch != epoch:
+            return {"state": "gone"}
+        if runner.start_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(runner.start_task), timeout)
+            except (asyncio.TimeoutError, Exception):  # its status says how it went
+                pass
         return await runner.status()
 
     async def stop_runner(self, pipeline: str, partition: int | None = None, drain: bool = True) -> list[int]:

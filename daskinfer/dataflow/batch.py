@@ -126,6 +126,9 @@ class RequestBatch:
         if cols.rows is not None:
             offsets = np.zeros(n + 1, dtype=np.int64)
             np.cumsum(cols.rows, out=offsets[1:])
+        deadlines = cols.deadlines if cols.deadlines is not None else np.full(n, _NAN)
+        if cols.budgets is not None:  # time left when sent, counted from the read: no clock shared with the sender
+            deadlines = np.where(np.isnan(cols.budgets), deadlines, origin.received_at + cols.budgets)
         return cls(
             cols.ids,
             cols.inputs,
@@ -133,7 +136,7 @@ class RequestBatch:
             np.full(n, cols.batched, dtype=bool),
             cols.keys,
             cols.model,
-            cols.deadlines if cols.deadlines is not None else np.full(n, _NAN),
+            deadlines,
             cols.sent_at if cols.sent_at is not None else np.full(n, _NAN),
             np.zeros(n, dtype=np.int32),
             [origin],

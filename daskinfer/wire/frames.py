@@ -16,6 +16,8 @@ Request frame (a msgpack map; arrays travel as raw numpy buffers, see :mod:`.cod
      "k": [str | None, ...],    # keys (absent: none)
      "m": str,                  # model (absent: the pipeline's)
      "d": float64[n],           # deadlines, Unix seconds, NaN for none (absent: none)
+     "db": float64[n],          # deadline budgets: seconds left when sent, NaN for none; counted from when
+                                # the partition reads the frame, so no clock is shared (wins over "d")
      "r": str,                  # reply target of every request of the frame
      "t": float64[n]}           # times the requests were made (absent: unknown)
 
@@ -64,6 +66,9 @@ class RequestColumns:
         Model named by the requests.
     deadlines, sent_at : ndarray of float64, optional
         Per-request deadline and send time (Unix seconds; NaN: none).
+    budgets : ndarray of float64, optional
+        Per-request seconds left when it was sent (NaN: none); the reader counts them from when it
+        reads the message, so clocks that disagree between machines neither expire nor extend them.
     reply_to : str, optional
         Where the results go.
     framed : bool
@@ -80,6 +85,7 @@ class RequestColumns:
     sent_at: np.ndarray | None = None
     reply_to: str | None = None
     framed: bool = True
+    budgets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -110,6 +116,7 @@ def encode_request_frame(
     deadlines: np.ndarray | None = None,
     reply_to: str | None = None,
     sent_at: np.ndarray | None = None,
+    budgets: np.ndarray | None = None,
 ) -> bytes:
     """Encode requests as one frame (see the module docstring for the fields)."""
     msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids), "in": dict(inputs)}
@@ -118,6 +125,8 @@ def encode_request_frame(
         msg["m"] = model
     if deadlines is not None:
         msg["d"] = np.asarray(deadlines, dtype=np.float64)
+    if budgets is not None:
+        msg["db"] = np.asarray(budgets, dtype=np.float64)
     if reply_to is not None:
         msg["r"] = reply_to
     if sent_at is not None:
@@ -178,6 +187,7 @@ def _frame_from_wire(msg: dict[str, Any]) -> RequestColumns:
         sent_at=_per_request(msg, "t", n, float, "send times"),
         reply_to=msg.get("r"),
         framed=True,
+        budgets=_per_request(msg, "db", n, float, "deadline budgets"),
     )
 
 
@@ -212,6 +222,7 @@ def _single_from_wire(msg: Any) -> RequestColumns:
         sent_at=None if req.sent_at is None else np.array([req.sent_at], dtype=np.float64),
         reply_to=req.reply_to,
         framed=False,
+        budgets=None if req.budget is None else np.array([req.budget], dtype=np.float64),
     )
 
 

@@ -45,6 +45,9 @@ class Request:
         Topic for the result (the pipeline's outbox when None).
     sent_at : float, optional
         Unix time the client sent it (for latency figures).
+    budget : float, optional
+        Seconds the request may still take when sent (wire field ``db``); the partition counts
+        them from when it reads the message, so no clock is shared.  Wins over ``deadline``.
     """
 
     id: str
@@ -55,6 +58,7 @@ class Request:
     deadline: float | None = None
     reply_to: str | None = None
     sent_at: float | None = None
+    budget: float | None = None
 
     @property
     def rows(self) -> int:
@@ -74,6 +78,7 @@ class Request:
             ("d", self.deadline),
             ("r", self.reply_to),
             ("t", self.sent_at),
+            ("db", self.budget),
         ):
             if v is not None:
                 msg[k] = v
@@ -83,7 +88,7 @@ class Request:
         return codec.encode(self.to_wire())
 
 
-_REQUEST_FIELDS = (("k", str), ("m", str), ("r", str), ("d", (int, float)), ("t", (int, float)))
+_REQUEST_FIELDS = (("k", str), ("m", str), ("r", str), ("d", (int, float)), ("t", (int, float)), ("db", (int, float)))
 
 
 def request_from_wire(msg: Any) -> Request:
@@ -119,6 +124,7 @@ def request_from_wire(msg: Any) -> Request:
         deadline=msg.get("d"),
         reply_to=msg.get("r"),
         sent_at=msg.get("t"),
+        budget=msg.get("db"),
     )
 
 

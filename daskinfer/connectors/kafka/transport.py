@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -13,8 +15,15 @@ from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.kafka.admin import delete_topic, ensure_topic
 from daskinfer.connectors.kafka.link import KafkaOptions, Lane, kafka_error, millis, poll_messages
-from daskinfer.exceptions import BrokerError, RequestTooLargeError, TopicFullError
-from daskinfer.wire.frames import RequestColumns, decode_requests, encode_request_frame
+from daskinfer.exceptions import BrokerError, ConfigError, RequestTooLargeError, TopicFullError
+from daskinfer.wire.frames import (
+    ErrorColumns,
+    RequestColumns,
+    decode_requests,
+    encode_request_frame,
+    encode_result_frame,
+    peek_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +69,20 @@ def _frame_of(cols: RequestColumns, a: int, b: int) -> bytes:
         deadlines=cut(cols.deadlines),
         reply_to=cols.reply_to,
         sent_at=cut(cols.sent_at),
+        budgets=cut(cols.budgets),
     )
 
 
 class KafkaTransport(ClientTransport):
     """The client side of Kafka for :class:`~daskinfer.InferenceClient`.
 
-    Requests go to the inbox topic's partitions (an idempotent producer; a send returns once
-    the brokers acknowledged every request); a frame of requests over ``max_message_bytes`` is
-    cut into frames that fit.  Results come back on a reply topic of this
-    client's own (one partition, created by :meth:`start` with a retention, deleted by
+    Requests go to the inbox topic's partitions through an idempotent producer, which keeps
+    each partition's order with several requests in flight: a send returns once its requests are
+    handed to the producer, and waits only while ``send_window`` sends are not yet acknowledged by
+    the brokers.  A request the brokers do not take within ``send_timeout`` comes back as an error
+    result (:class:`~daskinfer.exceptions.TopicFullError`, or ``BrokerError`` naming Kafka's error).
+    A frame of requests over ``max_message_bytes`` is cut into frames that fit.  Results come
+    back on a reply topic of this client's own (one partition, created by :meth:`start` with a retention, deleted by
     :meth:`close`): every request names it, as Kafka's request-reply pattern does, and each
     result carries the request id in its ``correlation_id`` header.
 
@@ -83,7 +96,9 @@ class KafkaTransport(ClientTransport):
     read_batch : int, optional
         Most results one read takes; config ``kafka.read-batch``.
     send_timeout : float or str, optional
-        How long a send waits for the brokers to acknowledge; config ``kafka.send-timeout``.
+        How long a request waits for the brokers to acknowledge it; config ``kafka.send-timeout``.
+    send_window : int, optional
+        Sends not yet acknowledged before the next one waits; config ``kafka.send-window``.
     isolation_level : {"read_committed", "read_uncommitted"}, optional
         How the reply topic is read; config ``kafka.isolation-level``.  ``read_uncommitted``
         sees results of exactly-once pipelines before their transaction commits (sooner), and
@@ -107,6 +122,7 @@ class KafkaTransport(ClientTransport):
         partitions: int | None = None,
         read_batch: int | None = None,
         send_timeout: float | str | None = None,
+        send_window: int | None = None,
         isolation_level: str | None = None,
         reply_retention: float | str | None = None,
         **options: Any,
@@ -115,6 +131,9 @@ class KafkaTransport(ClientTransport):
         self.partitions = partitions
         self.read_batch = int(settings.get("kafka.read-batch", read_batch))
         self.send_timeout = settings.get_seconds("kafka.send-timeout", send_timeout)
+        self.send_window = int(settings.get("kafka.send-window", send_window))
+        if self.send_window < 1:
+            raise ConfigError(f"kafka send_window must be >= 1, got {self.send_window}")
         self.isolation_level = str(settings.get("kafka.isolation-level", isolation_level))
         self.reply_retention = settings.get_seconds("kafka.reply-retention", reply_retention)
         self.sender = Lane("kafka-send")
@@ -123,7 +142,11 @@ class KafkaTransport(ClientTransport):
         self.producer: Producer | None = None
         self.consumer: Consumer | None = None
         self.reply_topic: str | None = None
-        self._undelivered: list[tuple[KafkaError, Message]] = []
+        self._lock = threading.Lock()  # delivery reports run on whichever lane polls the producer
+        self._open_sends = 0  # sends with requests not yet acknowledged
+        self.peak_in_flight = 0  # most sends not yet acknowledged at once
+        self._failed: list[bytes] = []  # error results for requests the brokers did not take
+        self.undelivered = 0
         self._closed = False
 
     async def start(self, inbox: str, reply_topic: str) -> int:
@@ -139,7 +162,6 @@ class KafkaTransport(ClientTransport):
             opts.producer_config(
                 **{
                     "message.timeout.ms": millis(self.send_timeout),
-                    "on_delivery": self._on_delivery,
                 }
             )
         )
@@ -155,55 +177,97 @@ class KafkaTransport(ClientTransport):
         self.consumer.assign([TopicPartition(reply_topic, 0, OFFSET_BEGINNING)])
         return n
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._undelivered.append((err, msg))
-
     async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
-        """Append requests to their inbox partitions; return once the brokers acknowledged all."""
+        """Hand requests to the producer for their inbox partitions; wait while ``send_window``
+        earlier sends are not yet acknowledged by the brokers."""
         await self.sender.run(self._send, inbox, items)
 
     def _send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
         producer = self.producer
         assert producer is not None, "KafkaTransport.start was not called"
-        self._undelivered.clear()
-        produce = producer.produce
+        deadline = time.monotonic() + self.send_timeout
+        while self._open_sends >= self.send_window:
+            producer.poll(0.002)  # delivery reports close sends
+            if time.monotonic() > deadline:  # (each message also times out by itself)
+                raise TopicFullError(
+                    f"kafka topic {inbox!r}: {self._open_sends} sends not acknowledged by "
+                    f"{self.opts.bootstrap_servers} within {self.send_timeout:g}s (kafka.send-timeout)"
+                )
+        messages = []
         limit = self.opts.max_message_bytes
         for p, data in items:
-            for part in fit_frames(data, limit) if len(data) > limit else (data,):
-                self._produce(produce, inbox, part, p)
-        left = producer.flush(self.send_timeout)
+            messages += [(p, part) for part in (fit_frames(data, limit) if len(data) > limit else (data,))]
+        if not messages:
+            return
+        left = [len(messages)]
+        with self._lock:
+            self._open_sends += 1
+            self.peak_in_flight = max(self.peak_in_flight, self._open_sends)
 
-        if left:
-            raise TopicFullError(
-                f"kafka topic {inbox!r}: {left} of {len(items)} requests not acknowledged by "
-                f"{self.opts.bootstrap_servers} within {self.send_timeout:g}s (kafka.send-timeout)"
-            )
-        if self._undelivered:
-            err, msg = self._undelivered[0]
-            raise BrokerError(
-                f"kafka topic {inbox!r}: {len(self._undelivered)} of {len(items)} requests were not "
-                f"delivered, e.g. to partition {msg.partition()}: {err.str()}"
-            )
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            with self._lock:
+                if err is not None:
+                    self._undelivered(inbox, err, msg)
+                left[0] -= 1
+                if left[0] == 0:
+                    self._open_sends -= 1
 
-    def _produce(self, produce: Any, inbox: str, data: bytes, partition: int) -> None:
+        for p, data in messages:
+            self._produce(inbox, data, p, delivered)
+        producer.poll(0)
+
+    @property
+    def in_flight(self) -> int:
+        """Sends not yet acknowledged by the brokers."""
+        return self._open_sends
+
+    def _undelivered(self, inbox: str, err: KafkaError, msg: Message) -> None:
+        """A request the brokers did not take: its requests get an error result (under the lock)."""
+        self.undelivered += 1
+        fields = peek_fields(msg.value() or b"")
+        ids = fields.get("ids") or ([fields["id"]] if isinstance(fields.get("id"), str) else [])
+        if not ids:
+            return
+        timed_out = err.code() == KafkaError._MSG_TIMED_OUT
+        kind = TopicFullError.__name__ if timed_out else BrokerError.__name__
+        why = (
+            f"kafka topic {inbox!r} partition {msg.partition()}: the brokers at {self.opts.bootstrap_servers} did not "
+            + (
+                f"acknowledge the request within {self.send_timeout:g}s (kafka.send-timeout)"
+                if timed_out
+                else "take it"
+            )
+            + f": {err.str()}"
+        )
+        n = len(ids)
+        self._failed.append(encode_result_frame([], None, errors=ErrorColumns(ids, [kind] * n, [why] * n, None)))
+
+    def _produce(self, inbox: str, data: bytes, partition: int, on_delivery: Any) -> None:
+        producer = self.producer
+        assert producer is not None
         while True:
             try:
-                produce(inbox, data, partition=partition)
+                producer.produce(inbox, data, partition=partition, on_delivery=on_delivery)
                 return
             except BufferError:  # librdkafka's queue is full: let it send
-                self.producer.poll(0.01)  # type: ignore[union-attr]
+                producer.poll(0.01)
 
     async def receive(self, timeout: float) -> list[bytes]:
         """Results on the reply topic after the last one returned, waiting up to ``timeout`` s for the first."""
-        msgs = await self.receiver.run(self._receive, timeout)
-        return [m.value() or b"" for m in msgs]
+        return await self.receiver.run(self._receive, timeout)
 
-    def _receive(self, timeout: float) -> list[Message]:
+    def _receive(self, timeout: float) -> list[bytes]:
         assert self.consumer is not None and self.reply_topic is not None, "KafkaTransport.start was not called"
-        return poll_messages(
+        assert self.producer is not None
+        self.producer.poll(0)  # delivery reports of sends no new send is waiting on
+        with self._lock:
+            failed, self._failed = self._failed, []
+        if failed:
+            return failed
+        msgs = poll_messages(
             self.consumer, self.read_batch, timeout, lambda: self._closed, f"reply topic {self.reply_topic!r}"
         )
+        return [m.value() or b"" for m in msgs]
 
     async def ack(self) -> None:
         """Nothing to do: the reply topic is this client's own, deleted by :meth:`close`."""
