@@ -18,6 +18,7 @@ LAYERS = {
     "settings": 0,
     "exceptions": 0,
     "tensors": 0,
+    "suggest": 0,
     "wire": 1,
     "remote": 1,
     "models": 2,
