@@ -146,8 +146,8 @@ def _gateway_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=INBOX[:MODEL]",
-        help="v2 model NAME in front of the pipeline reading INBOX (MODEL: its deployed model, "
-        "default NAME); repeatable",
+        help="v2 model NAME in front of the pipeline reading INBOX (MODEL: a deployed model that requests "
+        "name, default none: the pipeline's own); repeatable",
     )
     p.add_argument("--host", default=None, help="interface to bind (default: daskinfer.gateway.host, 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None, help="KServe v2 REST port (default 8080; 0: any free port)")
