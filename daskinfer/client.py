@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from daskinfer import settings
+from daskinfer import config_check, settings
 from daskinfer.connectors.base import ClientTransport, partition_for
 from daskinfer.exceptions import ConfigError, TopicFullError
 from daskinfer.wire.frames import decode_results, encode_request_frame
@@ -177,6 +177,7 @@ class InferenceClient:
             from distributed import default_client
 
             client = default_client()
+        config_check.warn_unknown()  # keys dask.config.set added since import
         self.client = client
         self.inbox = inbox
         self.model = model
