@@ -23,10 +23,19 @@ from daskinfer.cli import admin, config, predict, run
 logger = logging.getLogger(__name__)
 
 
-def _name_value(text: str, what: str) -> tuple[str, str]:
+def model_name_and_target(text: str, kind: str) -> tuple[str, str]:
+    """``NAME=PATH`` / ``NAME=MODULE:FUNCTION``, or the target alone: then the name is the file's stem
+    (``models/churn.onnx`` -> ``churn``) or the function's (``pkg.mod:predict`` -> ``predict``)."""
     name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME={what}, got {text!r}")
+    if not sep:
+        name, value = "", text
+    if not value or (sep and not name):
+        what = "PATH" if kind == "onnx" else "MODULE:FUNCTION"
+        raise argparse.ArgumentTypeError(f"expected [NAME=]{what}, got {text!r}")
+    if not name:
+        name = (
+            os.path.splitext(os.path.basename(value))[0] if kind == "onnx" else value.rpartition(":")[2].split(".")[-1]
+        )
     return name, value
 
 
@@ -36,15 +45,19 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         "no Dask cluster is involved, so no --preload either."
     )
     p.add_argument(
-        "--onnx", action="append", default=[], metavar="NAME=PATH", help="serve an ONNX model file (repeatable)"
+        "--onnx",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="serve an ONNX model file, under NAME (default: the file's name without .onnx); repeatable",
     )
     p.add_argument(
         "--python",
         action="append",
         default=[],
-        metavar="NAME=MODULE:FUNCTION",
-        help="serve a Python callable f(batch) -> outputs, or a class with predict() (repeatable); "
-        "the current directory is importable",
+        metavar="[NAME=]MODULE:FUNCTION",
+        help="serve a Python callable f(batch) -> outputs, or a class with predict(), under NAME (default: the "
+        "function's name); repeatable; the current directory is importable",
     )
     p.add_argument("--host", default=None, help="interface to bind (default: daskinfer.remote.server.host, 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=None, help="KServe v2 gRPC port (default 8001; 0: any free port)")
@@ -84,18 +97,18 @@ def _serve_until_stopped(command: str, server: Any) -> int:
 
 
 def build_models(onnx: Sequence[str], python: Sequence[str], instances: int | None = None) -> list[Any]:
-    """Models from ``NAME=PATH`` and ``NAME=MODULE:FUNCTION`` specs."""
+    """Models from ``[NAME=]PATH`` and ``[NAME=]MODULE:FUNCTION`` specs (see :func:`model_name_and_target`)."""
     from daskinfer.models import OnnxModel, PythonModel
 
     models: list[Any] = []
     for spec in onnx:
-        name, path = _name_value(spec, "PATH")
+        name, path = model_name_and_target(spec, "onnx")
         models.append(OnnxModel(name, path, instances=instances))
     for spec in python:
-        name, target = _name_value(spec, "MODULE:FUNCTION")
+        name, target = model_name_and_target(spec, "python")
         module, sep, attr = target.partition(":")
         if not sep or not module or not attr:
-            raise argparse.ArgumentTypeError(f"expected NAME=MODULE:FUNCTION, got {spec!r}")
+            raise argparse.ArgumentTypeError(f"expected [NAME=]MODULE:FUNCTION, got {spec!r}")
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         obj: Any = importlib.import_module(module)
@@ -115,7 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"daskinfer serve: {e}", file=sys.stderr)
         return 2
     if not models:
-        print("daskinfer serve: give at least one --onnx NAME=PATH or --python NAME=MODULE:FUNCTION", file=sys.stderr)
+        print(
+            "daskinfer serve: give at least one --onnx [NAME=]PATH or --python [NAME=]MODULE:FUNCTION", file=sys.stderr
+        )
         return 2
     try:
         server = ModelServer(
@@ -316,10 +331,12 @@ else:
         name="infer",
         context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
         add_help_option=False,
+        short_help="Streaming model inference (daskinfer): dask infer --help",
+        help="daskinfer: streaming model inference. Run 'dask infer --help' for its commands.",
     )
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def dask_cli(args: tuple[str, ...]) -> None:
-        """daskinfer: streaming model inference (``dask infer serve ...``; ``dask infer --help``)."""
+        # click shows its help= text, not a docstring (which would show RST markup as it is)
         sys.exit(main(list(args), prog="dask infer"))
 
 

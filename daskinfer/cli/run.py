@@ -8,9 +8,16 @@ It prints the scheduler's address and its dashboard pages, deploys (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
+import os
+import signal
+import subprocess
 import sys
+import threading
+import urllib.parse
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -70,8 +77,54 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C back while the LocalCluster starts.
+
+    A terminal sends SIGINT to the whole foreground process group, worker processes
+    included.  One that is still starting (importing ``site``, before its preload ignores
+    SIGINT) dies with ``Fatal Python error: init_import_site`` and tracebacks, and a cluster
+    interrupted half-made fails again at exit.  So SIGINT is ignored while the cluster
+    starts: the processes it spawns inherit that (a disposition to ignore survives
+    ``exec``, where a handler does not).  A Ctrl-C pressed meanwhile still counts: a
+    ``sleep`` process started first, in the same process group, dies of it, and this
+    raises :class:`KeyboardInterrupt` once the cluster is up (it then stops with one line).
+    """
+    if threading.current_thread() is not threading.main_thread() or os.name != "posix":
+        yield
+        return
+    try:
+        witness: subprocess.Popen | None = subprocess.Popen(
+            ["sleep", "86400"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    except OSError:  # no sleep here: a Ctrl-C during the start is only lost
+        witness = None
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        pressed = witness is not None and witness.poll() is not None
+        if witness is not None:
+            witness.kill()
+            witness.wait()
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def _say(line: str) -> None:
     print(f"daskinfer: {line}", flush=True)
+
+
+def _pipelines_page(client: Any) -> str | None:
+    """The URL of the pipelines page (``/daskinfer``, next to the dashboard's ``/status``), or None."""
+    from daskinfer import settings
+    from daskinfer.control.dashboard import PAGE
+
+    link = client.dashboard_link
+    if not link or not settings.get("dashboard.enabled"):
+        return None
+    return link[: -len("/status")] + PAGE if link.endswith("/status") else urllib.parse.urljoin(link, PAGE)
 
 
 def _dashboard(client: Any) -> str:
@@ -88,12 +141,9 @@ def run(args: argparse.Namespace) -> int:
 
     SIGTERM raises in the main thread like Ctrl-C, so that it also stops a deploy that waits
     (for a broker, say).  The LocalCluster's workers ignore SIGINT (a terminal's Ctrl-C
-    reaches the whole process group): this command closes them once its pipelines stopped.
+    reaches the whole process group), and are started with it held back (:func:`_sigint_held`):
+    this command closes them once its pipelines stopped.
     """
-    import contextlib
-    import signal
-    import threading
-
     import dask
     from distributed import Client, LocalCluster
 
@@ -122,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 kw = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0", **(spec.get("cluster") or {})}
                 kw["preload"] = [*(kw.get("preload") or []), "daskinfer.cli.quiet_worker"]
-                cluster = stack.enter_context(LocalCluster(**kw))
+                with _sigint_held():
+                    cluster = stack.enter_context(LocalCluster(**kw))
                 client = stack.enter_context(Client(cluster))
             _say(f"scheduler {client.scheduler.address}, dashboard: {_dashboard(client)}")
             app = Deployment(client, spec, report=_say)
@@ -132,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
                     f"{len(handles)} pipeline(s) running on {client.scheduler.address}: "
                     + ", ".join(f"{h.name} (inbox {h.inbox!r})" for h in handles)
                 )
+                page = _pipelines_page(client)
+                if page is not None:  # served once the controller is installed, i.e. from the first deploy on
+                    _say(f"pipelines page: {page}")
                 _report_until(
                     client,
                     threading.Event(),

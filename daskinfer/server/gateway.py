@@ -65,6 +65,26 @@ def _scheduler_address(scheduler: Any) -> str:
     raise ConfigError(f"the gateway needs a scheduler address, a Client or a cluster, got {type(scheduler).__name__}")
 
 
+async def reach_scheduler(address: str, timeout: float) -> None:
+    """Fail at once, naming ``address``, when nothing listens there (Dask's own connect would retry a
+    refused connection for ``distributed.comm.timeouts.connect``, 30 s); TCP and TLS addresses only."""
+    from distributed.comm import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(location)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError:
+        raise ConnectionError(f"cannot reach the Dask scheduler at {address}: no answer within {timeout:g}s") from None
+    except OSError as e:
+        raise ConnectionError(
+            f"cannot reach the Dask scheduler at {address}: {e.strerror or e} (is a scheduler running there?)"
+        ) from None
+    writer.close()
+
+
 class PipelineModel(V2Model):
     """A v2 model whose requests go to a pipeline through an asynchronous InferenceClient."""
 
@@ -275,6 +295,7 @@ class Gateway(FrontDoor):
         self.scheduler_address = _scheduler_address(scheduler)
         self.routes = parse_routes(pipelines)
         self.timeout = settings.get_seconds("gateway.timeout", timeout)
+        self.connect_timeout = settings.get_seconds("gateway.connect-timeout")
         if self.timeout <= 0:
             raise ConfigError(f"the gateway's timeout must be positive, got {timeout!r}")
         self.max_concurrent_calls = int(settings.get("gateway.max-concurrent-calls", max_concurrent_calls))
@@ -286,7 +307,8 @@ class Gateway(FrontDoor):
     async def _open_service(self) -> V2Service:
         from distributed import Client
 
-        dask_client = await Client(self.scheduler_address, asynchronous=True)
+        await reach_scheduler(self.scheduler_address, self.connect_timeout)
+        dask_client = await Client(self.scheduler_address, asynchronous=True, timeout=self.connect_timeout)
         models: dict[str, PipelineModel] = {}
         try:
             for route in self.routes:
