@@ -23,6 +23,7 @@ from daskinfer.models.deploy import ModelMetadata, model_metadata
 from daskinfer.server.signature import Signature, Tensors, describe, models_named
 
 logger = logging.getLogger(__name__)
+_reported: set[str] = set()  # stage load failures already logged (the metadata is described every refresh)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ async def describe_route(dask_client: Any, route: Route, where: str = "the clust
         stages = pspec.load_stages()
     except Exception as e:  # a stage's function from a module this process cannot import
         why = f"not known: the stages of pipeline {pspec.name!r} cannot be loaded here ({type(e).__name__}: {e})"
-        logger.warning("gateway: %s", why)
+        if why not in _reported:
+            _reported.add(why)
+            logger.warning("gateway: %s", why)
         meta = await _metadata(dask_client, default) if default else None
         return RouteInfo(meta.version if meta else "1", "pipeline", Signature(Tensors(None, why), Tensors(None, why)))
     metas = {}
