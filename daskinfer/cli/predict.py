@@ -76,11 +76,6 @@ def _shipped(name: str, target: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dask.dataframe as dd
-    from distributed import Client, LocalCluster
-
-    import daskinfer
-    from daskinfer import settings
     from daskinfer.exceptions import DaskInferError
 
     try:
@@ -88,9 +83,15 @@ def run(args: argparse.Namespace) -> int:
     except (argparse.ArgumentTypeError, ImportError, AttributeError, DaskInferError) as e:
         print(f"daskinfer predict: {e}", file=sys.stderr)
         return 2
-    if "://" not in args.data and not os.path.exists(args.data):  # said before a cluster starts
+    if "://" not in args.data and not os.path.exists(args.data):  # said before dask.dataframe and a cluster start
         print(f"daskinfer predict: no such file or directory: {args.data}", file=sys.stderr)
         return 2
+    import dask.dataframe as dd
+    from distributed import Client, LocalCluster
+
+    import daskinfer
+    from daskinfer import settings
+
     with contextlib.ExitStack() as stack:
         if args.scheduler:
             client = stack.enter_context(Client(args.scheduler))
