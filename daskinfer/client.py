@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from daskinfer import settings
+from daskinfer import config_check, settings
 from daskinfer.connectors.base import ClientTransport, partition_for
-from daskinfer.exceptions import ConfigError, TopicFullError
+from daskinfer.exceptions import ConfigError, InputValidationError, TopicFullError
 from daskinfer.wire.frames import decode_results, encode_request_frame
 from daskinfer.wire.messages import Result, new_id
 
@@ -38,10 +38,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _as_inputs(inputs: Any) -> dict[str, np.ndarray]:
+def _as_inputs(inputs: Any, batched: bool = False) -> dict[str, np.ndarray]:
     if isinstance(inputs, Mapping):
-        return {str(k): np.asarray(v) for k, v in inputs.items()}
-    return {"x": np.asarray(inputs)}
+        block = {str(k): np.asarray(v) for k, v in inputs.items()}
+    else:
+        block = {"x": np.asarray(inputs)}
+    if not block:
+        raise InputValidationError("a request needs at least one input; got none")
+    for name, arr in block.items() if batched else ():
+        if arr.ndim == 0 or len(arr) == 0:  # said here, before it is sent, in the caller's words
+            got = "a scalar" if arr.ndim == 0 else f"0 rows (shape {list(arr.shape)})"
+            raise InputValidationError(f"a block needs at least one row; input {name!r} has {got}", input_name=name)
+    return block
 
 
 class _Outgoing:
@@ -178,6 +186,7 @@ class InferenceClient:
             from distributed import default_client
 
             client = default_client()
+        config_check.warn_unknown()  # keys dask.config.set added since import
         self.client = client
         self.inbox = inbox
         self.model = model
@@ -305,7 +314,7 @@ class InferenceClient:
         req = _Outgoing(
             p,
             rid,
-            _as_inputs(inputs),
+            _as_inputs(inputs, batched),
             batched,
             key,
             model or self.model,

@@ -21,6 +21,10 @@ with open(_DEFAULTS_PATH) as _f:
 
 dask.config.update_defaults(defaults)
 
+from daskinfer import config_check  # noqa: E402  (after the defaults: it checks what the user set on top)
+
+config_check.warn_unknown(config_check.check_sources())
+
 
 def get(key: str, value: Any = None) -> Any:
     """Return ``value`` unless it is None, else the config value ``daskinfer.<key>``."""

@@ -317,6 +317,53 @@ def test_request_that_is_not_a_map_is_a_codec_error():
         decode_request(codec.encode([1, 2, 3]))
 
 
+def test_an_empty_message_says_it_is_empty_and_where_redis_keeps_the_bytes():
+    # a Redis entry whose field is not 'd' reaches the decoder as 0 bytes
+    with pytest.raises(CodecError, match=r"empty message \(0 bytes\).*field 'd'"):
+        codec.decode(b"")
+
+
+def test_a_truncated_message_says_it_ends_early():
+    data = Request("req-7", {"x": np.zeros(16, np.float32)}).encode()[:-7]
+    with pytest.raises(CodecError, match=rf"its {len(data)} bytes end inside a msgpack value") as info:
+        codec.decode(data)
+    assert "incomplete input" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "field, hint",
+    [("inputs", "'in'"), ("key", "'k'"), ("reply_to", "'r'"), ("modle", "'m'"), ("extra", None)],
+)
+def test_an_unknown_request_field_is_named_with_the_field_it_may_mean(field, hint):
+    msg = {"id": "req-8", "in": {"x": np.zeros(16, np.float32)}, field: "value"}
+    with pytest.raises(RequestError, match=rf"request req-8: unknown field '{field}'") as info:
+        decode_request(codec.encode(msg))
+    assert info.value.request_id == "req-8"
+    if hint is None:
+        assert "did you mean" not in str(info.value)
+    else:
+        assert f"(did you mean {hint}?)" in str(info.value), str(info.value)
+    assert "['b', 'd', 'db', 'id', 'in', 'k', 'm', 'r', 't']" in str(info.value)
+
+
+def test_a_request_without_in_says_so_and_names_the_misspelt_field():
+    msg = {"id": "req-9", "inputs": {"x": np.zeros(16, np.float32)}}
+    with pytest.raises(RequestError, match=r"unknown field 'inputs' \(did you mean 'in'\?\)"):
+        decode_request(codec.encode(msg))
+    with pytest.raises(RequestError, match=r"request req-9 has no field 'in'"):
+        decode_request(codec.encode({"id": "req-9"}))
+    with pytest.raises(RequestError, match=r"request id must be .* unknown field 'ID' \(did you mean 'id'\?\)"):
+        decode_request(codec.encode({"ID": "req-9", "in": {"x": np.zeros(2)}}))
+
+
+def test_an_unknown_frame_field_is_named():
+    from daskinfer.wire.frames import decode_requests
+
+    msg = {"f": 1, "ids": ["a"], "in": {"x": np.zeros((1, 16), np.float32)}, "keys": ["k1"]}
+    with pytest.raises(CodecError, match=r"request frame: unknown field 'keys' \(did you mean 'k'\?\)"):
+        decode_requests(codec.encode(msg))
+
+
 def test_peek_finds_the_id_of_a_request_that_fails_to_decode():
     data = codec.encode({"id": "req-5", "r": "replies", "in": {"x": [1, 2]}})
     with pytest.raises(RequestError):

@@ -132,8 +132,10 @@ def test_bad_requests_are_400_and_never_reach_the_pipeline(cluster, mlp_inbox):
         url = f"{gw.http_url}/v2/models/mlp/infer"
         status, _, resp = _post_json(url, _v2_body(random_rows(2, n_in=15)))
         assert status == 400 and "expects shape [N, 16]" in resp["error"]
-        status, _, resp = _post_json(url, _v2_body(random_rows(2), name="y"))
-        assert status == 400 and "missing input 'x'" in resp["error"]
+        two = _v2_body(random_rows(2))
+        two["inputs"].append(_v2_body(random_rows(2), name="y")["inputs"][0])
+        status, _, resp = _post_json(url, two)
+        assert status == 400 and "unexpected input 'y'" in resp["error"]
         assert gw.service.statistics("mlp")["model_stats"][0]["inference_stats"]["fail"]["count"] == 2
         with grpc.insecure_channel(gw.grpc_address.removeprefix("grpc://")) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)

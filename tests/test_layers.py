@@ -18,6 +18,8 @@ LAYERS = {
     "settings": 0,
     "exceptions": 0,
     "tensors": 0,
+    "suggest": 0,
+    "config_check": 0,
     "wire": 1,
     "remote": 1,
     "models": 2,

@@ -18,15 +18,24 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from daskinfer.cli import admin, predict
+from daskinfer.cli import admin, config, predict, run
 
 logger = logging.getLogger(__name__)
 
 
-def _name_value(text: str, what: str) -> tuple[str, str]:
+def model_name_and_target(text: str, kind: str) -> tuple[str, str]:
+    """``NAME=PATH`` / ``NAME=MODULE:FUNCTION``, or the target alone: then the name is the file's stem
+    (``models/churn.onnx`` -> ``churn``) or the function's (``pkg.mod:predict`` -> ``predict``)."""
     name, sep, value = text.partition("=")
-    if not sep or not name or not value:
-        raise argparse.ArgumentTypeError(f"expected NAME={what}, got {text!r}")
+    if not sep:
+        name, value = "", text
+    if not value or (sep and not name):
+        what = "PATH" if kind == "onnx" else "MODULE:FUNCTION"
+        raise argparse.ArgumentTypeError(f"expected [NAME=]{what}, got {text!r}")
+    if not name:
+        name = (
+            os.path.splitext(os.path.basename(value))[0] if kind == "onnx" else value.rpartition(":")[2].split(".")[-1]
+        )
     return name, value
 
 
@@ -36,15 +45,19 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
         "no Dask cluster is involved, so no --preload either."
     )
     p.add_argument(
-        "--onnx", action="append", default=[], metavar="NAME=PATH", help="serve an ONNX model file (repeatable)"
+        "--onnx",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="serve an ONNX model file, under NAME (default: the file's name without .onnx); repeatable",
     )
     p.add_argument(
         "--python",
         action="append",
         default=[],
-        metavar="NAME=MODULE:FUNCTION",
-        help="serve a Python callable f(batch) -> outputs, or a class with predict() (repeatable); "
-        "the current directory is importable",
+        metavar="[NAME=]MODULE:FUNCTION",
+        help="serve a Python callable f(batch) -> outputs, or a class with predict(), under NAME (default: the "
+        "function's name); repeatable; the current directory is importable",
     )
     p.add_argument("--host", default=None, help="interface to bind (default: daskinfer.remote.server.host, 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=None, help="KServe v2 gRPC port (default 8001; 0: any free port)")
@@ -84,18 +97,18 @@ def _serve_until_stopped(command: str, server: Any) -> int:
 
 
 def build_models(onnx: Sequence[str], python: Sequence[str], instances: int | None = None) -> list[Any]:
-    """Models from ``NAME=PATH`` and ``NAME=MODULE:FUNCTION`` specs."""
+    """Models from ``[NAME=]PATH`` and ``[NAME=]MODULE:FUNCTION`` specs (see :func:`model_name_and_target`)."""
     from daskinfer.models import OnnxModel, PythonModel
 
     models: list[Any] = []
     for spec in onnx:
-        name, path = _name_value(spec, "PATH")
+        name, path = model_name_and_target(spec, "onnx")
         models.append(OnnxModel(name, path, instances=instances))
     for spec in python:
-        name, target = _name_value(spec, "MODULE:FUNCTION")
+        name, target = model_name_and_target(spec, "python")
         module, sep, attr = target.partition(":")
         if not sep or not module or not attr:
-            raise argparse.ArgumentTypeError(f"expected NAME=MODULE:FUNCTION, got {spec!r}")
+            raise argparse.ArgumentTypeError(f"expected [NAME=]MODULE:FUNCTION, got {spec!r}")
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         obj: Any = importlib.import_module(module)
@@ -115,7 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"daskinfer serve: {e}", file=sys.stderr)
         return 2
     if not models:
-        print("daskinfer serve: give at least one --onnx NAME=PATH or --python NAME=MODULE:FUNCTION", file=sys.stderr)
+        print(
+            "daskinfer serve: give at least one --onnx [NAME=]PATH or --python [NAME=]MODULE:FUNCTION", file=sys.stderr
+        )
         return 2
     try:
         server = ModelServer(
@@ -146,8 +161,8 @@ def _gateway_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=INBOX[:MODEL]",
-        help="v2 model NAME in front of the pipeline reading INBOX (MODEL: its deployed model, "
-        "default NAME); repeatable",
+        help="v2 model NAME in front of the pipeline reading INBOX (MODEL: a deployed model that requests "
+        "name, default none: the pipeline's own); repeatable",
     )
     p.add_argument("--host", default=None, help="interface to bind (default: daskinfer.gateway.host, 127.0.0.1)")
     p.add_argument("--http-port", type=int, default=None, help="KServe v2 REST port (default 8080; 0: any free port)")
@@ -184,137 +199,6 @@ def _gateway(args: argparse.Namespace) -> int:
         print(f"daskinfer gateway: {e}", file=sys.stderr)
         return 2
     return _serve_until_stopped("gateway", gateway)
-
-
-_PRELOAD_HELP = (
-    "On a cluster you start yourself, --preload daskinfer.preload on `dask scheduler` and `dask worker` is "
-    "optional: this command installs what the scheduler and workers need when it deploys; the preload only "
-    "makes them ready (and says so in their logs) when they start."
-)
-
-
-def _run_arguments(p: argparse.ArgumentParser) -> None:
-    p.description = (
-        "Deploy the models and pipelines of a YAML file and run them until Ctrl-C or SIGTERM; then stop "
-        "those pipelines and undeploy those models (also on an external scheduler). " + _PRELOAD_HELP
-    )
-    p.add_argument("file", help="deployment file (YAML: scheduler, cluster, config, models, pipelines; see conf/)")
-    p.add_argument("--scheduler", default=None, help="scheduler address (overrides the file's; none: a LocalCluster)")
-    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    p.add_argument(
-        "--report-interval",
-        default=None,
-        help="print each pipeline's figures this often, e.g. 5s (default: daskinfer.dashboard.report-interval;"
-        " 0: never)",
-    )
-
-
-def _report_until(client: Any, stop: Any, duration: float | None, interval: float) -> None:
-    """Wait for ``stop`` or ``duration`` seconds, printing every pipeline's line of figures each ``interval``."""
-    import time
-
-    from daskinfer.cli.status import figures_line, history
-
-    end = None if duration is None else time.monotonic() + duration
-    while True:
-        left = None if end is None else max(end - time.monotonic(), 0.0)
-        if interval <= 0 or (left is not None and left <= interval):
-            stop.wait(left)
-            return
-        if stop.wait(interval):
-            return
-        try:
-            pipelines = history(client)
-        except Exception as e:  # a slow or restarting scheduler must not end the run
-            logger.warning("cannot read the pipelines' figures: %s", e)
-            continue
-        for name, h in pipelines.items():
-            print(f"daskinfer: {figures_line(name, h)}", flush=True)
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C, so a Dask call it interrupts is cancelled."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
-
-
-def _say(line: str) -> None:
-    print(f"daskinfer: {line}", flush=True)
-
-
-def _dashboard(client: Any) -> str:
-    link = client.dashboard_link
-    if not link:
-        return "none"
-    if importlib.util.find_spec("bokeh") is None:
-        return f"{link} (its pages need bokeh: pip install bokeh; Prometheus metrics at /metrics)"
-    return link
-
-
-def _run(args: argparse.Namespace) -> int:
-    """Deploy, wait for Ctrl-C / SIGTERM / --duration, take down what was deployed.
-
-    SIGTERM raises in the main thread like Ctrl-C, so that it also stops a deploy that waits
-    (for a broker, say).  The LocalCluster's workers ignore SIGINT (a terminal's Ctrl-C
-    reaches the whole process group): this command closes them once its pipelines stopped.
-    """
-    import contextlib
-    import signal
-    import threading
-
-    import dask
-    from distributed import Client, LocalCluster
-
-    from daskinfer import settings
-    from daskinfer.cli.app import Deployment, flat_config, load_app
-    from daskinfer.exceptions import DaskInferError
-
-    try:
-        spec = load_app(args.file)
-    except DaskInferError as e:
-        print(f"daskinfer run: {e}", file=sys.stderr)
-        return 2
-    address = args.scheduler or spec.get("scheduler")
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    status = 0
-    try:
-        with dask.config.set(flat_config(spec.get("config") or {})), contextlib.ExitStack() as stack:
-            if address:
-                client = stack.enter_context(Client(address))
-            else:
-                kw = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0", **(spec.get("cluster") or {})}
-                kw["preload"] = [*(kw.get("preload") or []), "daskinfer.cli.quiet_worker"]
-                cluster = stack.enter_context(LocalCluster(**kw))
-                client = stack.enter_context(Client(cluster))
-            _say(f"scheduler {client.scheduler.address}, dashboard: {_dashboard(client)}")
-            app = Deployment(client, spec, report=_say)
-            try:
-                handles = app.deploy()
-                _say(
-                    f"{len(handles)} pipeline(s) running on {client.scheduler.address}: "
-                    + ", ".join(f"{h.name} (inbox {h.inbox!r})" for h in handles)
-                )
-                _report_until(
-                    client,
-                    threading.Event(),
-                    args.duration,
-                    settings.get_seconds("dashboard.report-interval", args.report_interval),
-                )
-            except DaskInferError as e:
-                print(f"daskinfer run: {e}", file=sys.stderr)
-                status = 1
-            except KeyboardInterrupt as e:
-                _say(
-                    f"stopped ({'SIGTERM' if isinstance(e, _Terminated) else 'Ctrl-C'}); taking down what was deployed"
-                )
-            finally:
-                app.teardown()
-    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM while starting or taking down
-        _say("stopped")
-    return status
 
 
 def _status_arguments(p: argparse.ArgumentParser) -> None:
@@ -383,7 +267,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "serve": ("serve models over the KServe v2 protocol (gRPC and REST)", _serve_arguments, _serve),
     "gateway": ("KServe v2 (REST and gRPC) in front of pipelines on a Dask cluster", _gateway_arguments, _gateway),
-    "run": ("deploy the models and pipelines of a YAML file and run them", _run_arguments, _run),
+    "run": ("deploy the models and pipelines of a YAML file and run them", run.add_arguments, run.run),
     "status": (
         "the pipelines on a scheduler: partitions, owners, rows/s, lag, p99, errors",
         _status_arguments,
@@ -405,6 +289,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
         predict.add_arguments,
         predict.run,
     ),
+    "config": ("check configuration: config check [FILE] names misspelt keys", config.add_arguments, config.run),
 }
 """name -> (help, add_arguments(parser), run(args) -> exit status)."""
 
@@ -446,10 +331,12 @@ else:
         name="infer",
         context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
         add_help_option=False,
+        short_help="Streaming model inference (daskinfer): dask infer --help",
+        help="daskinfer: streaming model inference. Run 'dask infer --help' for its commands.",
     )
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def dask_cli(args: tuple[str, ...]) -> None:
-        """daskinfer: streaming model inference (``dask infer serve ...``; ``dask infer --help``)."""
+        # click shows its help= text, not a docstring (which would show RST markup as it is)
         sys.exit(main(list(args), prog="dask infer"))
 
 

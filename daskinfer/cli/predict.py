@@ -46,12 +46,10 @@ def build_model(spec: str) -> Any:
     """An OnnxModel for ``[NAME=]PATH.onnx``, a PythonModel for ``[NAME=]MODULE:FUNCTION``."""
     from daskinfer.cli.main import build_models
 
-    name, sep, target = spec.partition("=")
-    if not sep:
-        name, target = "", spec
+    target = spec.partition("=")[2] or spec
     if target.endswith(".onnx") or os.path.isfile(target):
-        return build_models([f"{name or os.path.splitext(os.path.basename(target))[0]}={target}"], [])[0]
-    (model,) = build_models([], [f"{name or target.rpartition(':')[2].split('.')[-1]}={target}"])
+        return build_models([spec], [])[0]
+    (model,) = build_models([], [spec])
     return _shipped(model.name, target)
 
 
@@ -78,11 +76,6 @@ def _shipped(name: str, target: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dask.dataframe as dd
-    from distributed import Client, LocalCluster
-
-    import daskinfer
-    from daskinfer import settings
     from daskinfer.exceptions import DaskInferError
 
     try:
@@ -90,6 +83,15 @@ def run(args: argparse.Namespace) -> int:
     except (argparse.ArgumentTypeError, ImportError, AttributeError, DaskInferError) as e:
         print(f"daskinfer predict: {e}", file=sys.stderr)
         return 2
+    if "://" not in args.data and not os.path.exists(args.data):  # said before dask.dataframe and a cluster start
+        print(f"daskinfer predict: no such file or directory: {args.data}", file=sys.stderr)
+        return 2
+    import dask.dataframe as dd
+    from distributed import Client, LocalCluster
+
+    import daskinfer
+    from daskinfer import settings
+
     with contextlib.ExitStack() as stack:
         if args.scheduler:
             client = stack.enter_context(Client(args.scheduler))

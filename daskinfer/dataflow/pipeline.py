@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 
-from daskinfer import settings
+from daskinfer import config_check, settings
 from daskinfer.connectors.direct.endpoint import REPLY_PREFIX as DIRECT_PREFIX
 from daskinfer.connectors.embedded.broker import REPLY_PREFIX as TOPIC_PREFIX
 from daskinfer.connectors.embedded.broker import BrokerRPC, TopicSettings, ensure_broker_async
@@ -506,6 +506,7 @@ async def _prepare_embedded(client: Client, spec: PipelineSpec) -> None:
 
 
 async def _deploy_pipeline(client: Client, pipeline: Pipeline, wait: bool, timeout: float) -> PipelineHandle:
+    config_check.raise_unknown(where=f"deploy_pipeline {pipeline.name or pipeline.inbox!r}: the Dask config")
     spec = pipeline.resolve()
     await ensure_broker_async(client)
     from daskinfer.control.runtime import ensure_runtime_async
@@ -552,7 +553,8 @@ def deploy_pipeline(client: Client, pipeline: Pipeline, *, wait: bool = True, ti
     ------
     ConfigError
         The pipeline is wrong (unknown connector, a stage that cannot run, a model that is not
-        deployed, an output the model does not have...); nothing stays deployed.
+        deployed, an output the model does not have, a misspelt key under ``daskinfer:`` in the
+        Dask config...); nothing stays deployed.
     """
     return client.sync(_deploy_pipeline, client, pipeline, wait, timeout)
 

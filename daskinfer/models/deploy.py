@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from daskinfer import config_check
 from daskinfer.exceptions import ModelNotFoundError
 from daskinfer.models.plugin import ModelPlugin
 from daskinfer.models.spec import Model, parse_plugin_name, plugin_name
@@ -34,6 +35,7 @@ async def deployed_async(client: Client) -> dict[str, list[str]]:
 
 
 async def _deploy(client: Client, model: Model, validate: bool) -> Model:
+    config_check.raise_unknown(where=f"deploy {model.name!r}: the Dask config")
     if validate:
         await asyncio.to_thread(model.validate)
     model.deploy_seq = time.time_ns()
@@ -79,6 +81,8 @@ def deploy(client: Client, model: Model, *, validate: bool = True):
     ------
     ModelLoadError
         The model cannot be loaded (on the client or on a worker); nothing is left deployed.
+    ConfigError
+        The Dask config has a key under ``daskinfer:`` that does not exist (a misspelling).
 
     Examples
     --------

@@ -362,11 +362,35 @@ def _header_length(value: Any, size: int) -> int | None:
     return n
 
 
+def _refuse_constant(name: str) -> Any:
+    raise TensorDecodeError(
+        f"the request body holds {name}, which JSON does not allow (RFC 8259); send non-finite values as "
+        f"binary tensor data ({INFERENCE_HEADER}) or over gRPC"
+    )
+
+
 def _load_json(data: bytes) -> Any:
+    """Strict JSON: ``NaN``, ``Infinity`` and ``-Infinity`` are refused, as strict parsers do."""
     try:
-        return json.loads(data)
+        return json.loads(data, parse_constant=_refuse_constant)
+    except TensorDecodeError:
+        raise
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise TensorDecodeError(f"the request body is not JSON: {e}") from None
+
+
+def check_json_finite(name: str, arr: np.ndarray) -> None:
+    """Raise :class:`TensorDecodeError` if a float output to be sent as JSON holds NaN or infinity.
+
+    JSON has no such numbers; strict parsers (Go's ``encoding/json``, Jackson by default) refuse
+    bare ``NaN``.  The binary tensor data extension and gRPC carry them.
+    """
+    if arr.dtype.kind in "fc" and arr.size and not np.isfinite(arr).all():
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise TensorDecodeError(
+            f"output {name!r} holds {bad} NaN or infinite value(s), which JSON cannot carry; ask for it as binary "
+            f'data ({{"outputs": [{{"name": "{name}", "parameters": {{"binary_data": true}}}}]}}) or call over gRPC'
+        )
 
 
 def decode_rest_request(body: bytes, header_length: Any = None) -> RestInferRequest:
@@ -460,7 +484,9 @@ def encode_rest_response(
     """The body of a v2 REST inference response, and its JSON length when it carries binary data.
 
     ``binary(name)`` says which outputs go as binary data (Triton's extension); the
-    length is then the ``Inference-Header-Content-Length`` header's value.
+    length is then the ``Inference-Header-Content-Length`` header's value.  An output
+    to be sent as JSON that holds NaN or infinity raises :class:`TensorDecodeError`
+    (:func:`check_json_finite`): the JSON is strict.
     """
     tensors, raw = [], []
     for name, arr in outputs.items():
@@ -476,11 +502,12 @@ def encode_rest_response(
             )
             raw.append(data)
         else:
+            check_json_finite(name, arr)
             tensors.append(to_json_tensor(name, arr))
     resp: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": tensors}
     if request_id is not None:
         resp["id"] = request_id
-    head = json.dumps(resp, separators=(",", ":")).encode()
+    head = json.dumps(resp, separators=(",", ":"), allow_nan=False).encode()
     if not raw:
         return head, None
     return b"".join([head, *raw]), len(head)

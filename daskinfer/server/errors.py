@@ -17,12 +17,32 @@ error                   HTTP   gRPC                when
 A model's own exception text never goes back to the caller (it may hold paths, data
 or secrets): :class:`InternalError` says which model failed and gives an *error id*;
 the full text is logged with the same id.
+
+Which failed pipeline results are the caller's (400 / INVALID_ARGUMENT, with the reason)
+and which the server's (500 / INTERNAL, with an error id), by error type
+(:func:`caller_caused`):
+
+- the caller's: the request does not fit (``RequestError``, ``CodecError``,
+  ``InputValidationError``, ``RequestTooLargeError``), a filter turned it away
+  (``RequestRejected``), it names a model the pipeline does not serve
+  (``ModelNotAllowedError``), or a user stage raised on its input one of these or a
+  ``ValueError`` (a value it cannot take: a shape, a range, a text that is no number) or a
+  ``KeyError`` (a column it needs is missing).  A stage says "bad input" by raising
+  ``ValueError`` or :class:`~daskinfer.exceptions.InputValidationError`;
+- the server's: everything else: a model that fails (``ModelError``, ``OutputCountError``,
+  ``RemoteModelError``, any exception of the model itself), a stage that raised another
+  exception (``TypeError``, ``AttributeError``, ``ZeroDivisionError``...) or returned
+  something unusable;
+- ``DeadlineExceededError`` is 504, ``TopicFullError`` 503 (retry later),
+  ``ModelNotFoundError`` 503 (the model is not deployed where the request ran).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
+import re
 import uuid
 
 import grpc
@@ -32,8 +52,36 @@ from daskinfer.remote.v2 import TensorDecodeError
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ERROR_TYPES = frozenset({"RequestError", "InputValidationError", "CodecError", "RequestTooLargeError"})
+REQUEST_ERROR_TYPES = frozenset(
+    {
+        "RequestError",
+        "InputValidationError",
+        "CodecError",
+        "RequestTooLargeError",
+        "RequestRejected",
+        "ModelNotAllowedError",
+    }
+)
 """``Result.error_type`` values that mean the request itself was wrong (HTTP 400)."""
+
+_STAGE_RAISED = re.compile(r"\) raised ([A-Za-z_][A-Za-z0-9_]*): ")
+"""How a :class:`~daskinfer.exceptions.StageError` names what the user's function raised."""
+
+
+def caller_caused(error_type: str, message: str) -> bool:
+    """Whether a failed result is the caller's fault (see the module docstring for the rule)."""
+    if error_type in REQUEST_ERROR_TYPES:
+        return True
+    if error_type != "StageError":
+        return False
+    m = _STAGE_RAISED.search(message)
+    if m is None:  # the stage returned something unusable: the pipeline's fault
+        return False
+    raised = m.group(1)
+    builtin = getattr(builtins, raised, None)
+    if isinstance(builtin, type) and issubclass(builtin, (ValueError, KeyError)):
+        return True
+    return raised in REQUEST_ERROR_TYPES
 
 
 class ServerBindError(DaskInferError):
@@ -107,8 +155,8 @@ def classify(exc: BaseException, model: str, retry_after: float) -> ServiceError
 
 def from_result_error(error_type: str, message: str, model: str, retry_after: float) -> ServiceError:
     """The :class:`ServiceError` for a failed pipeline :class:`~daskinfer.Result`."""
-    if error_type in REQUEST_ERROR_TYPES:
-        return BadRequest(message)
+    if caller_caused(error_type, message):
+        return BadRequest(f"model {model!r}: {message}" if f"{model!r}" not in message else message)
     if error_type == "DeadlineExceededError":
         return TimedOut(f"model {model!r}: no answer within the request's timeout")
     if error_type == "TopicFullError":

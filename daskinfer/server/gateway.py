@@ -14,6 +14,15 @@ response.
   503 / RESOURCE_EXHAUSTED with ``Retry-After``.
 - The gateway keeps no state beyond the calls in flight (each process has its own reply
   topic), so several gateway processes can front the same pipelines.
+- The v2 metadata of a name describes its **pipeline**: the inputs its first stages read
+  and the outputs of its last stage, with dtypes and shapes, where the stages tell
+  (:mod:`daskinfer.server.signature`).  Where they do not (a ``map_batches`` stage), it
+  says so in the REST metadata's ``parameters`` and, once requests were answered, gives
+  the tensors they showed, marked as seen.  A request is checked against the inputs where
+  they are known; a one-input pipeline takes its input under any name, as the Python client.
+- A failed request is 400 / INVALID_ARGUMENT with the reason when the caller's request
+  caused it (a filter turned it away, its input does not fit), 500 / INTERNAL with an error
+  id for faults of the pipeline or model (the rule: :mod:`daskinfer.server.errors`).
 
 Start it with ``daskinfer gateway --scheduler ADDRESS --pipeline NAME=INBOX``.
 """
@@ -24,68 +33,24 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from daskinfer import settings
 from daskinfer.client import InferenceClient
-from daskinfer.exceptions import ConfigError, ModelNotFoundError, TopicFullError
+from daskinfer.exceptions import ConfigError, TopicFullError
 from daskinfer.models.contract import validate_block
-from daskinfer.models.deploy import ModelMetadata, model_metadata
 from daskinfer.server.errors import Overloaded, Unavailable, from_result_error
 from daskinfer.server.frontdoor import FrontDoor
+from daskinfer.server.routes import Route, RouteInfo, describe_route, parse_routes
 from daskinfer.server.service import CallStats, V2Model, V2Service, model_config, v2_metadata
+from daskinfer.server.signature import Tensors, seen
 
 logger = logging.getLogger(__name__)
 
 _ANSWER_GRACE = 1.0
 """Seconds past a request's deadline that the gateway waits for the pipeline's own deadline answer."""
-
-
-@dataclass(frozen=True)
-class Route:
-    """One v2 model name in front of one pipeline.
-
-    Parameters
-    ----------
-    name : str
-        The model name callers use (``/v2/models/{name}/infer``).
-    inbox : str
-        The pipeline's inbox topic.
-    model : str, optional
-        The deployed model that the pipeline runs for these requests; its inputs and
-        outputs are the v2 metadata. Default: ``name`` (and requests name no model, so
-        the pipeline's default model runs).
-    """
-
-    name: str
-    inbox: str
-    model: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> Route:
-        """``NAME=INBOX`` or ``NAME=INBOX:MODEL`` (the CLI's ``--pipeline``)."""
-        name, sep, rest = text.partition("=")
-        inbox, _, model = rest.partition(":")
-        if not sep or not name or not inbox:
-            raise ConfigError(f"expected NAME=INBOX or NAME=INBOX:MODEL, got {text!r}")
-        return cls(name, inbox, model or None)
-
-
-def _routes(pipelines: Mapping[str, str] | Iterable[Route | str]) -> list[Route]:
-    if isinstance(pipelines, Mapping):
-        routes = [Route.parse(f"{name}={inbox}") for name, inbox in pipelines.items()]
-    else:
-        routes = [p if isinstance(p, Route) else Route.parse(str(p)) for p in pipelines]
-    if not routes:
-        raise ConfigError("the gateway needs at least one pipeline (a v2 model name and its inbox)")
-    names = [r.name for r in routes]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ConfigError(f"the gateway is given model name(s) {dupes} twice; each name fronts one pipeline")
-    return routes
 
 
 def _scheduler_address(scheduler: Any) -> str:
@@ -100,6 +65,26 @@ def _scheduler_address(scheduler: Any) -> str:
     raise ConfigError(f"the gateway needs a scheduler address, a Client or a cluster, got {type(scheduler).__name__}")
 
 
+async def reach_scheduler(address: str, timeout: float) -> None:
+    """Fail at once, naming ``address``, when nothing listens there (Dask's own connect would retry a
+    refused connection for ``distributed.comm.timeouts.connect``, 30 s); TCP and TLS addresses only."""
+    from distributed.comm import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(location)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except asyncio.TimeoutError:
+        raise ConnectionError(f"cannot reach the Dask scheduler at {address}: no answer within {timeout:g}s") from None
+    except OSError as e:
+        raise ConnectionError(
+            f"cannot reach the Dask scheduler at {address}: {e.strerror or e} (is a scheduler running there?)"
+        ) from None
+    writer.close()
+
+
 class PipelineModel(V2Model):
     """A v2 model whose requests go to a pipeline through an asynchronous InferenceClient."""
 
@@ -107,34 +92,67 @@ class PipelineModel(V2Model):
         self,
         route: Route,
         client: InferenceClient,
-        meta: ModelMetadata,
+        info: RouteInfo,
         timeout: float,
         max_batch_size: int,
         retry_after: float,
     ):
         self.route = route
         self.client = client
-        self.meta = meta
         self.name = route.name
         self.timeout = timeout
         self.max_batch_size = max_batch_size
         self.retry_after = retry_after
         self.stats = CallStats()
+        self.seen_inputs: Tensors | None = None  # what answered requests showed, where the stages do not tell
+        self.seen_outputs: Tensors | None = None
+        self.info = info
+
+    @property
+    def info(self) -> RouteInfo:
+        return self._info
+
+    @info.setter
+    def info(self, info: RouteInfo) -> None:
+        if getattr(self, "_info", None) != info:  # a new deployment: what was seen may no longer hold
+            self.seen_inputs = self.seen_outputs = None
+        self._info = info
 
     @property
     def version(self) -> str:  # type: ignore[override]
-        return self.meta.version
+        return self.info.version
+
+    def tensors(self) -> tuple[Tensors, Tensors]:
+        """The inputs and outputs to report: the pipeline's where known, else those seen, else unknown."""
+        sig = self.info.signature
+        inputs = sig.inputs if sig.inputs.known else (self.seen_inputs or sig.inputs)
+        outputs = sig.outputs if sig.outputs.known else (self.seen_outputs or sig.outputs)
+        return inputs, outputs
 
     def metadata(self) -> dict[str, Any]:
-        meta = self.meta
-        return v2_metadata(self.name, meta.version, meta.kind, meta.inputs or [], meta.outputs or [])
+        inputs, outputs = self.tensors()
+        meta = v2_metadata(self.name, self.version, self.info.kind, list(inputs.specs or ()), list(outputs.specs or ()))
+        meta["parameters"] = {"inputs": inputs.source, "outputs": outputs.source}
+        return meta
 
     def config(self) -> dict[str, Any]:
-        meta = self.meta
-        return model_config(self.name, meta.kind, meta.inputs or [], meta.outputs or [], self.max_batch_size)
+        inputs, outputs = self.tensors()
+        return model_config(
+            self.name, self.info.kind, list(inputs.specs or ()), list(outputs.specs or ()), self.max_batch_size
+        )
+
+    def _checked(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs as the pipeline takes them; a bad request never reaches the pipeline."""
+        specs = self.info.signature.inputs.specs
+        if specs is None:
+            return inputs  # the pipeline's stages check them
+        if len(specs) == 1 and len(inputs) == 1:  # one input: under any name, as the Python client
+            inputs = {specs[0].name: next(iter(inputs.values()))}
+        validate_block(inputs, list(specs), self.name)
+        return inputs
 
     async def run(self, inputs: dict[str, np.ndarray], timeout: float | None) -> dict[str, np.ndarray]:
-        validate_block(inputs, self.meta.inputs, self.name)  # a bad request never reaches the pipeline
+        inputs = self._checked(inputs)
         timeout = self.timeout if timeout is None else min(timeout, self.timeout)
         try:
             future = self.client.submit_many(inputs, deadline=timeout)
@@ -154,7 +172,13 @@ class PipelineModel(V2Model):
             self.stats.timed_count += 1
             self.stats.queue_ns += int(timings["queue"] * 1e9)
             self.stats.infer_ns += int(timings["infer"] * 1e9)
-        return dict(result.outputs or {})
+        outputs = dict(result.outputs or {})
+        sig = self.info.signature
+        if not sig.inputs.known and self.seen_inputs is None:
+            self.seen_inputs = seen(inputs, sig.inputs.source)
+        if not sig.outputs.known and self.seen_outputs is None:
+            self.seen_outputs = seen(outputs, sig.outputs.source)
+        return outputs
 
 
 class GatewayService(V2Service):
@@ -180,14 +204,14 @@ class GatewayService(V2Service):
         return self._models
 
     async def _refresh_metadata(self) -> None:
-        """Follow version swaps: re-read each model's metadata every ``refresh`` seconds."""
+        """Follow version swaps and redeployments: describe each route again every ``refresh`` seconds."""
         while True:
             await asyncio.sleep(self.refresh)
             for m in self._models.values():
                 try:
-                    m.meta = await model_metadata(self.dask_client, m.route.model or m.name)
+                    m.info = await describe_route(self.dask_client, m.route)
                 except Exception as e:  # the model is being redeployed, a worker is gone...
-                    logger.warning("gateway: cannot refresh the metadata of model %r: %s", m.name, e)
+                    logger.warning("gateway: cannot refresh the metadata of %r: %s", m.name, e)
 
     async def aclose(self) -> None:
         self.ready = False
@@ -269,8 +293,9 @@ class Gateway(FrontDoor):
             tls_client_ca=tls_client_ca,
         )
         self.scheduler_address = _scheduler_address(scheduler)
-        self.routes = _routes(pipelines)
+        self.routes = parse_routes(pipelines)
         self.timeout = settings.get_seconds("gateway.timeout", timeout)
+        self.connect_timeout = settings.get_seconds("gateway.connect-timeout")
         if self.timeout <= 0:
             raise ConfigError(f"the gateway's timeout must be positive, got {timeout!r}")
         self.max_concurrent_calls = int(settings.get("gateway.max-concurrent-calls", max_concurrent_calls))
@@ -282,20 +307,15 @@ class Gateway(FrontDoor):
     async def _open_service(self) -> V2Service:
         from distributed import Client
 
-        dask_client = await Client(self.scheduler_address, asynchronous=True)
+        await reach_scheduler(self.scheduler_address, self.connect_timeout)
+        dask_client = await Client(self.scheduler_address, asynchronous=True, timeout=self.connect_timeout)
         models: dict[str, PipelineModel] = {}
         try:
             for route in self.routes:
-                try:
-                    meta = await model_metadata(dask_client, route.model or route.name)
-                except ModelNotFoundError as e:
-                    raise ConfigError(
-                        f"model {route.model or route.name!r} (for pipeline inbox {route.inbox!r}) "
-                        f"is not deployed on {self.scheduler_address}: {e}"
-                    ) from None
+                info = await describe_route(dask_client, route, where=self.scheduler_address)
                 ic = InferenceClient(dask_client, inbox=route.inbox, model=route.model, max_pending=self.max_pending)
                 await ic
-                models[route.name] = PipelineModel(route, ic, meta, self.timeout, self.max_batch_size, self.retry_after)
+                models[route.name] = PipelineModel(route, ic, info, self.timeout, self.max_batch_size, self.retry_after)
         except BaseException:
             for m in models.values():
                 await m.client.aclose()

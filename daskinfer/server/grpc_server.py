@@ -111,7 +111,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         model = await self._model(request.name, request.version, context)
-        return json_format.ParseDict(model.metadata(), pb.ModelMetadataResponse())
+        # the REST metadata's "parameters" (where the tensors come from) has no field in the gRPC message
+        return json_format.ParseDict(model.metadata(), pb.ModelMetadataResponse(), ignore_unknown_fields=True)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         model = await self._model(request.name, request.version, context)

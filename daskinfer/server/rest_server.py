@@ -14,7 +14,13 @@ Routes (Triton's, so that ``tritonclient.http`` works unchanged)::
     GET  /metrics                                       Prometheus metrics (with prometheus_client installed)
 
 Inference takes JSON tensors and Triton's binary tensor data extension
-(``Inference-Header-Content-Length``) and answers in kind.  Every error, unknown routes
+(``Inference-Header-Content-Length``) and answers in kind.  The JSON is strict, as
+strict parsers (Go's ``encoding/json``, Jackson by default) want it: ``NaN`` and
+``Infinity`` in a request are refused with 400, and an output asked for as JSON that
+holds NaN or infinity is refused with 400 naming the output and saying to ask for it as
+binary data (``"parameters": {"binary_data": true}``), which carries any value, as gRPC
+does.  (Triton writes bare ``NaN``, which strict parsers reject; MLServer and KServe
+write ``null``, which a typed parser reads as 0 without a word.)  Every error, unknown routes
 included, is ``{"error": "..."}`` with the status of :mod:`daskinfer.server.errors`;
 503 answers to a full server carry ``Retry-After``.  With a certificate the port speaks
 TLS only, and with client roots it requires client certificates (mutual TLS).
@@ -175,7 +181,10 @@ class RestApp:
         except v2.TensorDecodeError as e:
             raise BadRequest(f"model {model.name!r}: {e}") from None
         out = await self.service.infer(model, req.inputs, req.outputs, _timeout(req.parameters))
-        body, header_length = v2.encode_rest_response(model.name, model.version, req.id, out, req.wants_binary)
+        try:
+            body, header_length = v2.encode_rest_response(model.name, model.version, req.id, out, req.wants_binary)
+        except v2.TensorDecodeError as e:  # NaN or infinity in an output asked for as JSON
+            raise BadRequest(f"model {model.name!r}: {e}") from None
         if header_length is None:
             return web.Response(body=body, content_type="application/json")
         resp = web.Response(body=body, content_type="application/octet-stream")

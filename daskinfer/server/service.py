@@ -31,7 +31,12 @@ from daskinfer.server.errors import (
 )
 from daskinfer.tensors import TensorSpec, rows_of
 
-PLATFORMS = {"onnx": "onnxruntime_onnx", "python": "daskinfer_python", "remote": "daskinfer_remote"}
+PLATFORMS = {
+    "onnx": "onnxruntime_onnx",
+    "python": "daskinfer_python",
+    "remote": "daskinfer_remote",
+    "pipeline": "daskinfer_pipeline",
+}
 """v2 ``platform`` of each daskinfer model kind (Triton's name for ONNX)."""
 BACKENDS = {"onnx": "onnxruntime", "python": "python", "remote": "daskinfer"}
 """Triton ``backend`` of each daskinfer model kind, for the model configuration."""

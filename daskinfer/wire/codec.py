@@ -157,9 +157,18 @@ def decode(data: bytes | bytearray | memoryview, *, max_size: int | None = None)
     limit = max_size if max_size is not None else settings.get_bytes("codec.max-message-size")
     if len(data) > limit:
         raise RequestTooLargeError(f"message of {len(data)} bytes is over the limit of {limit} bytes")
+    if not data:
+        raise CodecError(
+            "empty message (0 bytes): expected a msgpack map (on a Redis stream, the message is the value of "
+            "the entry's field 'd'; an entry without that field is empty)"
+        )
     try:
         return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
     except CodecError:
         raise
     except Exception as e:  # msgpack raises several types for garbage
+        if "incomplete input" in str(e):
+            raise CodecError(
+                f"malformed message: its {len(data)} bytes end inside a msgpack value (cut short, or not msgpack)"
+            ) from None
         raise CodecError(f"malformed message ({type(e).__name__}: {e})") from None

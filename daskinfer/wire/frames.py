@@ -41,9 +41,11 @@ import numpy as np
 
 from daskinfer.exceptions import CodecError, InputValidationError
 from daskinfer.wire import codec
-from daskinfer.wire.messages import Result, request_from_wire
+from daskinfer.wire.messages import Result, request_from_wire, unknown_fields
 
 FRAME_VERSION = 1
+FRAME_KEYS = frozenset({"f", "ids", "in", "n", "b", "k", "m", "d", "r", "t", "db"})
+"""The fields of a request frame (version 1); any other field is refused."""
 
 
 @dataclass(slots=True)
@@ -150,6 +152,8 @@ def _describe(v: Any) -> str:
 
 
 def _frame_from_wire(msg: dict[str, Any]) -> RequestColumns:
+    if not msg.keys() <= FRAME_KEYS:
+        raise CodecError(f"request frame: {unknown_fields(msg, FRAME_KEYS, 'a request frame')}")
     ids = msg.get("ids")
     if type(ids) is not list or not ids or not all(type(i) is str and i for i in ids):
         raise CodecError("a request frame needs 'ids': a non-empty list of non-empty strings")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from daskinfer.exceptions import CodecError, RequestError, ResultError
+from daskinfer.suggest import did_you_mean
 from daskinfer.wire import codec
 
 
@@ -89,6 +90,30 @@ class Request:
 
 
 _REQUEST_FIELDS = (("k", str), ("m", str), ("r", str), ("d", (int, float)), ("t", (int, float)), ("db", (int, float)))
+REQUEST_KEYS = frozenset({"id", "in", "b", "k", "m", "d", "r", "t", "db"})
+"""The fields of a single request message (version 1); any other field is refused."""
+LONG_NAMES = {
+    "id": "id",
+    "inputs": "in",
+    "batched": "b",
+    "key": "k",
+    "model": "m",
+    "deadline": "d",
+    "reply_to": "r",
+    "sent_at": "t",
+    "budget": "db",
+    "deadline_budget": "db",
+}
+"""What each short field stands for (the names a producer may guess, for ``did you mean``)."""
+
+
+def unknown_fields(msg: dict[Any, Any], known: frozenset[str], what: str) -> str:
+    """``""`` when every field of ``msg`` is ``known``, else what is wrong, naming each unknown field."""
+    unknown = [k for k in msg if k not in known]
+    if not unknown:
+        return ""
+    named = ", ".join(f"{k!r}{did_you_mean(str(k), known, LONG_NAMES)}" for k in unknown)
+    return f"unknown field{'s' if len(unknown) > 1 else ''} {named}; the fields of {what} are {sorted(known)}"
 
 
 def request_from_wire(msg: Any) -> Request:
@@ -97,16 +122,24 @@ def request_from_wire(msg: Any) -> Request:
         raise CodecError(f"a request must be a map, got {type(msg).__name__}")
     rid = msg.get("id")
     if type(rid) is not str or not rid:
-        raise RequestError(f"request id must be a non-empty string, got {rid!r}")
+        unknown = unknown_fields(msg, REQUEST_KEYS, "a request")
+        raise RequestError(f"request id must be a non-empty string, got {rid!r}" + (f"; {unknown}" if unknown else ""))
+    if not msg.keys() <= REQUEST_KEYS:
+        raise RequestError(f"request {rid}: {unknown_fields(msg, REQUEST_KEYS, 'a request')}", request_id=rid)
     inputs = msg.get("in")
     if type(inputs) is not dict:
-        raise RequestError(
-            f"request {rid}: 'in' must be a map of input name to array, got {type(inputs).__name__}", request_id=rid
+        problem = (
+            f"request {rid} has no field 'in' (its inputs: a map of input name to array)"
+            if inputs is None
+            else f"request {rid}: 'in' must be a map of input name to array, got {type(inputs).__name__}"
         )
+        raise RequestError(problem, request_id=rid)
     for name, arr in inputs.items():
         if type(name) is not str or type(arr) is not np.ndarray:
             raise RequestError(
-                f"request {rid}: input {name!r} must be a numpy array, got {type(arr).__name__}", request_id=rid
+                f"request {rid}: input {name!r} must be a numpy array, got {type(arr).__name__} "
+                "(an array travels as msgpack extension type 1: a header [dtype, shape] and the raw bytes)",
+                request_id=rid,
             )
     for k, typ in _REQUEST_FIELDS:
         v = msg.get(k)

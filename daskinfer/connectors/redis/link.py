@@ -103,8 +103,9 @@ class RedisLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
                 continue
-            if t0 is not None:
-                logger.info("%s: Redis is back after %.2fs", self.what, time.monotonic() - t0)
+            if t0 is not None:  # at the level of the "lost" line, so that whoever saw one sees this one
+                url, took = redact_url(self.url), time.monotonic() - t0
+                logger.warning("%s: reconnected to Redis at %s after %.2fs", self.what, url, took)
             return out
 
     async def check(self) -> None:
