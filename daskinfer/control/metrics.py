@@ -33,7 +33,7 @@ from daskinfer.connectors.embedded.broker import EXTENSION as BROKER
 from daskinfer.dataflow.stats import Histogram
 from daskinfer.exceptions import ModelNotFoundError
 from daskinfer.models.registry import registry_for
-from daskinfer.models.remote import LoadedRemote
+from daskinfer.models.remote_loaded import LoadedRemote
 from daskinfer.remote.retry import CLOSED, HALF_OPEN, OPEN
 
 if TYPE_CHECKING:
