@@ -13,17 +13,12 @@ from daskinfer import (
     settings,  # noqa: F401  (loads the defaults into dask.config)
 )
 from daskinfer.client import InferenceClient
-from daskinfer.dataflow import nodes, streams  # noqa: F401  (registers the streamz operators)
+from daskinfer.connectors.registry import ConnectorPlugin, register_connector
+from daskinfer.control.admin import delete_topic, get_pipeline, pipelines, topics
+from daskinfer.control.deploy import PipelineHandle, deploy_pipeline
+from daskinfer.dataflow import streams  # noqa: F401  (registers the streamz operators)
 from daskinfer.dataflow.batching import BatchPolicy
-from daskinfer.dataflow.pipeline import (
-    Pipeline,
-    PipelineHandle,
-    delete_topic,
-    deploy_pipeline,
-    get_pipeline,
-    pipelines,
-    topics,
-)
+from daskinfer.dataflow.pipeline import Pipeline
 from daskinfer.exceptions import (
     CodecError,
     ConfigError,
@@ -41,9 +36,8 @@ from daskinfer.models import LoadedModel, Model, ModelPlugin, OnnxModel, PythonM
 from daskinfer.models.deploy import deploy, deployed_models, undeploy
 from daskinfer.server import ModelServer
 from daskinfer.testing import bundled_model_path
+from daskinfer.version import __version__
 from daskinfer.wire.messages import Request, Result
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):
@@ -56,9 +50,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "__version__",
     "BatchPolicy",
     "CodecError",
     "ConfigError",
+    "ConnectorPlugin",
     "DaskInferError",
     "InferenceClient",
     "InputValidationError",
@@ -78,6 +74,7 @@ __all__ = [
     "Request",
     "RequestError",
     "Result",
+    "register_connector",
     "ResultError",
     "StageError",
     "TensorSpec",

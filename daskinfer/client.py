@@ -28,7 +28,9 @@ import numpy as np
 
 from daskinfer import config_check, settings
 from daskinfer.connectors.base import ClientTransport, partition_for
-from daskinfer.exceptions import ConfigError, InputValidationError, TopicFullError
+from daskinfer.connectors.registry import transport_connector
+from daskinfer.control.install import ensure_control_async
+from daskinfer.exceptions import InputValidationError, TopicFullError
 from daskinfer.wire.frames import decode_results, encode_request_frame
 from daskinfer.wire.messages import Result, new_id
 
@@ -130,18 +132,11 @@ def _frames_in_order(batch: list[_Outgoing], max_requests: int) -> list[list[_Ou
 
 
 def _make_transport(client: Client, transport: ClientTransport | str | None) -> ClientTransport:
+    """A transport instance, or the one the connector that has transport kind ``transport`` makes."""
     if isinstance(transport, ClientTransport):
         return transport
-    kind = settings.get("client.transport", transport)
-    if kind == "direct":
-        from daskinfer.connectors.direct import DirectTransport
-
-        return DirectTransport(client)
-    if kind == "topic":
-        from daskinfer.connectors.embedded import EmbeddedTransport
-
-        return EmbeddedTransport(client)
-    raise ConfigError(f"unknown transport {kind!r}; expected 'direct', 'topic' or a ClientTransport")
+    kind = str(settings.get("client.transport", transport))
+    return transport_connector(kind).make_transport(client, kind)
 
 
 class InferenceClient:
@@ -192,10 +187,7 @@ class InferenceClient:
         self.model = model
         self.asynchronous = bool(client.asynchronous)
         self.transport: ClientTransport = _make_transport(client, transport)
-        from daskinfer.connectors.direct import DirectTransport
-
-        prefix = "direct:" if isinstance(self.transport, DirectTransport) else "daskinfer-replies-"
-        self.reply_target = f"{prefix}{new_id()[:16]}"
+        self.reply_target = self.transport.make_reply_target(new_id()[:16])
         self.dedupe_window = int(settings.get("client.dedupe-window", dedupe_window))
         self.max_pending = int(settings.get("client.max-pending", max_pending))
         self.max_unclaimed = int(settings.get("client.max-unclaimed"))
@@ -226,6 +218,8 @@ class InferenceClient:
     async def _start(self) -> InferenceClient:
         if self._started:
             return self
+        if self.transport.uses_scheduler:
+            await ensure_control_async(self.client)
         self._n_partitions = await self.transport.start(self.inbox, self.reply_target)
         self._aloop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()

@@ -21,12 +21,12 @@ async def dask_setup(server) -> None:  # noqa: ANN001 - a Worker or a Scheduler
     import daskinfer  # noqa: F401  (config defaults, streamz operators)
 
     if isinstance(server, Worker):
-        from daskinfer.control.runtime import partitions_of
+        from daskinfer.control.worker import partitions_of
 
         partitions_of(server)
         logger.info("daskinfer ready on worker %s (partitions and direct endpoint)", server.address)
     elif isinstance(server, Scheduler):
-        from daskinfer.connectors.embedded.broker import BrokerPlugin
+        from daskinfer.control.install import ControlPlugin
 
-        await BrokerPlugin().start(server)
+        await ControlPlugin().start(server)
         logger.info("daskinfer broker and controller ready on the scheduler %s", server.address)

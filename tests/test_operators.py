@@ -276,3 +276,12 @@ def test_dask_batch_with_a_bad_item_answers_the_good_items_of_that_batch(client,
     assert len(answers) == len(good)
     for g, o in zip(good, answers):
         np.testing.assert_allclose(o, _direct(mlp_path, g), rtol=1e-6, atol=1e-7)
+
+
+def test_only_the_operators_meant_for_users_are_registered_on_streamz():
+    """The partition's own nodes stay internal: streamz's ``Stream`` gets ``smart_batch``, ``infer``
+    and ``run_pipeline``, not the data path's answering and writing nodes."""
+    for name in ("smart_batch", "infer", "run_pipeline"):
+        assert callable(getattr(Stream, name, None)), name
+    for name in ("answer_batches", "write_results"):
+        assert not hasattr(Stream, name), f"internal node {name!r} is registered on every streamz Stream"

@@ -150,7 +150,7 @@ def test_unknown_model_and_deadline_become_error_results(client, mlp):
 @pytest.mark.parametrize("transport", ["direct", "topic"])
 def test_fast_producer_is_pushed_back_and_memory_stays_bounded(client, transport):
     def slow(x):
-        time.sleep(0.002)
+        time.sleep(0.005)  # one instance: at most 20 rows per 5 ms, slower than the producer
         return x * 2
 
     deploy(client, PythonModel("slow", slow))

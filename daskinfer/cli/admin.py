@@ -63,7 +63,7 @@ def pipelines_arguments(p: argparse.ArgumentParser) -> None:
 
 def pipelines_command(args: argparse.Namespace) -> int:
     """List the running pipelines: name, inbox, connector, partitions, partitions running, model."""
-    from daskinfer.dataflow.pipeline import pipelines
+    from daskinfer.control.admin import pipelines
 
     def run() -> int:
         with _connect(args) as client:
@@ -95,7 +95,7 @@ def topics_arguments(p: argparse.ArgumentParser) -> None:
 
 def topics_command(args: argparse.Namespace) -> int:
     """List the embedded broker's topics, or delete one (not the inbox of a running pipeline)."""
-    from daskinfer.dataflow.pipeline import delete_topic, topics
+    from daskinfer.control.admin import delete_topic, topics
 
     def run() -> int:
         if args.action == "delete" and not args.name:

@@ -28,7 +28,8 @@ from daskinfer.exceptions import ConfigError
 if TYPE_CHECKING:
     from distributed import Client
 
-    from daskinfer.dataflow.pipeline import Pipeline, PipelineHandle
+    from daskinfer.control.deploy import PipelineHandle
+    from daskinfer.dataflow.pipeline import Pipeline
     from daskinfer.models.spec import Model
 
 _TOP_KEYS = {"scheduler", "cluster", "config", "models", "pipelines"}
@@ -141,7 +142,8 @@ class Deployment:
 
     def deploy(self) -> list[PipelineHandle]:
         """Deploy the models, then start the pipelines; return the pipelines' handles."""
-        from daskinfer.dataflow.pipeline import deploy_pipeline, pipelines
+        from daskinfer.control.admin import pipelines
+        from daskinfer.control.deploy import deploy_pipeline
         from daskinfer.models.deploy import deploy, deployed_models
 
         path = self.spec["_path"]
@@ -167,7 +169,7 @@ class Deployment:
 
     def teardown(self) -> None:
         """Stop the pipelines and undeploy the models that :meth:`deploy` started."""
-        from daskinfer.dataflow.pipeline import get_pipeline, pipelines
+        from daskinfer.control.admin import get_pipeline, pipelines
         from daskinfer.models.deploy import deployed_models, undeploy
 
         running = pipelines(self.client)

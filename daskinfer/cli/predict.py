@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_model(spec: str) -> Any:
     """An OnnxModel for ``[NAME=]PATH.onnx``, a PythonModel for ``[NAME=]MODULE:FUNCTION``."""
-    from daskinfer.cli.main import build_models
+    from daskinfer.cli.models import build_models
 
     target = spec.partition("=")[2] or spec
     if target.endswith(".onnx") or os.path.isfile(target):

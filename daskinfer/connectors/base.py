@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
+
+DIRECT_REPLY_PREFIX = "direct:"
+"""Reply targets of clients of the direct transport: ``direct:{client id}`` (answers go back over its comm)."""
+TOPIC_REPLY_PREFIX = "daskinfer-replies-"
+"""Reply targets (topics, streams) that broker transports make for their clients: ``daskinfer-replies-{id}``."""
 
 
 @dataclass(slots=True)
@@ -88,8 +93,25 @@ class ClientTransport:
 
     Implementations: :class:`daskinfer.connectors.direct.DirectTransport` (the default),
     :class:`daskinfer.connectors.embedded.EmbeddedTransport`,
-    :class:`daskinfer.connectors.redis.RedisTransport`.
+    :class:`daskinfer.connectors.redis.RedisTransport`,
+    :class:`daskinfer.connectors.kafka.KafkaTransport`.
+
+    Attributes
+    ----------
+    reply_prefix : str
+        How this transport's reply targets begin (a pipeline lets requests name only reply
+        targets with the prefixes of its connector's transports).
+    uses_scheduler : bool
+        It talks to daskinfer's control path on the Dask scheduler (routes, embedded topics):
+        :class:`~daskinfer.InferenceClient` installs it there before :meth:`start`.
     """
+
+    reply_prefix: ClassVar[str] = TOPIC_REPLY_PREFIX
+    uses_scheduler: ClassVar[bool] = False
+
+    def make_reply_target(self, client_id: str) -> str:
+        """The reply target of the client ``client_id``."""
+        return f"{self.reply_prefix}{client_id}"
 
     async def start(self, inbox: str, reply_target: str) -> int:
         """Connect, find ``inbox``, open ``reply_target``; return the inbox's partitions."""

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from daskinfer import settings
 from daskinfer.control.series import PipelineSeries
 
 if TYPE_CHECKING:
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONTROLLER = "daskinfer-controller"
+IDLE_INTERVAL = 1.0  # seconds between two looks of the control loop while no pipeline runs
 _PLACEABLE = (Status.running, Status.paused)
 _COUNTERS = ("read", "answered", "errors", "batches", "rows", "busy", "claimed")
 
@@ -40,18 +40,22 @@ _COUNTERS = ("read", "answered", "errors", "batches", "rows", "busy", "claimed")
 class PipelineState:
     """One deployed pipeline and where its partitions run."""
 
-    def __init__(self, spec: dict[str, Any], history: int = 600):
+    def __init__(self, spec: dict[str, Any]):
         self.spec = spec
         self.name: str = spec["name"]
         self.inbox: str = spec["inbox"]
         self.partitions: int = spec["partitions"]
         self.connector: str = spec["connector"]
+        self.routed: bool = spec["routed"]  # clients reach the partitions through the routes (direct)
         self.assigned: dict[int, str] = {}  # where each partition's runner is placed
         self.serving: dict[int, str] = {}  # the routes clients see: partitions whose runner serves
         self.epochs: dict[int, int] = {}  # each partition's latest epoch
         st = spec["settings"]
         self.drain_timeout: float = st["drain_timeout"]
         self.model_timeout: float = st["model_timeout"]
+        self.control_timeout: float = st["control_timeout"]  # longest wait for a worker's start/stop/status answer
+        self.poll_timeout = min(self.control_timeout, 2.0)  # a status call is quick: one that is not, is leaving
+        self.rebalance_interval: float = st["rebalance_interval"]
         self.restart_policy = RestartPolicy(
             st["max_restarts"], st["restart_window"], st["restart_backoff"], st["restart_backoff_max"]
         )
@@ -65,7 +69,7 @@ class PipelineState:
         self.failures: dict[int, str] = {}
         self.figures: dict[int, dict[str, Any]] = {}  # last status of each partition
         self.retired: Counter[str] = Counter()  # counters of partitions' earlier runners (moved, restarted)
-        self.series = PipelineSeries(history)  # figures over time, one point per control loop tick
+        self.series = PipelineSeries(st["history"])  # figures over time, one point per control loop tick
 
     def crash(self, partition: int, cause: str, now: float) -> None:
         """The runner of ``partition`` stopped by itself: back off before the restart, and mark the
@@ -153,7 +157,7 @@ class ControllerEvents(SchedulerPlugin):
         pass
 
     async def close(self) -> None:
-        self.controller.close()
+        self.controller.teardown()
 
 
 class ControllerExtension:
@@ -163,10 +167,6 @@ class ControllerExtension:
         self.scheduler = scheduler
         self.pipelines: dict[str, PipelineState] = {}
         self.events = ControllerEvents(self)
-        self.rpc_timeout = settings.get_seconds("pipeline.control-timeout")
-        self.interval = settings.get_seconds("pipeline.rebalance-interval")
-        self.poll_timeout = min(self.rpc_timeout, 2.0)
-        self.history = int(settings.get("dashboard.history"))
         self._sampled_at = 0.0
         self.version = 0  # bumped whenever a route changes
         self._route_waiters: list[asyncio.Future] = []
@@ -185,14 +185,12 @@ class ControllerExtension:
                 "daskinfer_routes": self.routes,
             }
         )
-        if settings.metrics_enabled():
-            from daskinfer.control.metrics import watch_controller
 
-            watch_controller(self)
-        if settings.get("dashboard.enabled"):
-            from daskinfer.control.dashboard import add_page
-
-            add_page(scheduler, self)
+    @property
+    def interval(self) -> float:
+        """Seconds between two looks at placement: the shortest ``rebalance-interval`` of the pipelines
+        (each pipeline's settings came with it from the client that deployed it)."""
+        return min((p.rebalance_interval for p in self.pipelines.values()), default=IDLE_INTERVAL)
 
     def soon(self) -> None:
         self._wake.set()
@@ -200,7 +198,8 @@ class ControllerExtension:
     def soon_later(self, delay: float = 0.5) -> None:
         asyncio.get_running_loop().call_later(delay, self._wake.set)
 
-    def close(self) -> None:
+    def teardown(self) -> None:
+        """Stop the control loop and its tasks (the scheduler calls this when it closes)."""
         self._task.cancel()
         for t in [*self._reconciling.values(), *self._tasks]:
             t.cancel()
@@ -246,7 +245,7 @@ class ControllerExtension:
 
     def _serving(self, inbox: str) -> PipelineState | None:
         for state in self.pipelines.values():
-            if state.inbox == inbox and state.connector == "embedded":
+            if state.inbox == inbox and state.routed:
                 return state
         return None
 
@@ -283,14 +282,14 @@ class ControllerExtension:
         name = spec["name"]
         if name in self.pipelines:
             raise ValueError(f"pipeline {name!r} is already running; stop it first (PipelineHandle.stop())")
-        if spec["connector"] == "embedded":
+        if spec["routed"]:
             other = self._serving(spec["inbox"])
             if other is not None:
                 raise ValueError(
                     f"inbox {spec['inbox']!r} is already served by pipeline {other.name!r}; "
                     "stop it first or use another inbox"
                 )
-        self.pipelines[name] = PipelineState(spec, self.history)
+        self.pipelines[name] = PipelineState(spec)
         await self.reconcile(name)
         return self.pipeline_assignments(name)
 
@@ -302,7 +301,7 @@ class ControllerExtension:
         async with state.lock:
             workers = set(state.assigned.values()) & set(self.scheduler.workers)
             await asyncio.gather(
-                *(self._rpc_stop(w, name, None, drain, self.rpc_timeout + 60) for w in workers),
+                *(self._rpc_stop(w, name, None, drain, state.drain_timeout + state.control_timeout) for w in workers),
                 return_exceptions=True,
             )
             state.assigned.clear()
@@ -343,7 +342,7 @@ class ControllerExtension:
         for w in set(state.assigned.values()):
             try:
                 runners += await asyncio.wait_for(
-                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=name), self.rpc_timeout
+                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=name), state.control_timeout
                 )
             except Exception as e:
                 runners.append({"worker": w, "error": repr(e)})
@@ -421,7 +420,7 @@ class ControllerExtension:
                 self.scheduler.rpc(addr=worker).daskinfer_runner_start(
                     spec=state.spec, partition=partition, epoch=epoch
                 ),
-                self.rpc_timeout,
+                state.control_timeout,
             )
             if partition not in state.crashed:
                 state.failures.pop(partition, None)
@@ -456,7 +455,7 @@ class ControllerExtension:
                 self.scheduler.rpc(addr=worker).daskinfer_runner_wait(
                     pipeline=state.name, partition=partition, epoch=epoch, timeout=state.model_timeout
                 ),
-                state.model_timeout + self.rpc_timeout,
+                state.model_timeout + state.control_timeout,
             )
         except Exception as e:  # the worker left, or the runner did not start: the control loop sees it
             logger.debug("partition %d of %r on %s did not start: %r", partition, state.name, worker, e)
@@ -473,7 +472,7 @@ class ControllerExtension:
         async def poll(w: str) -> list[dict[str, Any]] | None:
             try:  # a status call is quick; a worker that does not answer soon is leaving
                 return await asyncio.wait_for(
-                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), self.poll_timeout
+                    self.scheduler.rpc(addr=w).daskinfer_runner_status(pipeline=state.name), state.poll_timeout
                 )
             except Exception:
                 return None
@@ -524,7 +523,7 @@ class ControllerExtension:
                     self._routes_changed()
                 await asyncio.gather(
                     *(
-                        self._rpc_stop(w, name, p, True, state.drain_timeout + self.rpc_timeout)
+                        self._rpc_stop(w, name, p, True, state.drain_timeout + state.control_timeout)
                         for p, w in leaving
                         if w in self.scheduler.workers
                     )
@@ -563,7 +562,7 @@ class ControllerExtension:
                 p = max(q for q, w in state.assigned.items() if w == busiest)
                 if state.serving.pop(p, None) is not None:  # clients hold new requests while it drains
                     self._routes_changed()
-                await self._rpc_stop(busiest, name, p, True, state.drain_timeout + self.rpc_timeout)
+                await self._rpc_stop(busiest, name, p, True, state.drain_timeout + state.control_timeout)
                 state.unassign(p)
                 state.retire_figures(p)
                 state.moves += 1

@@ -12,7 +12,7 @@ from daskinfer.control.controller import CONTROLLER
 
 
 def pipeline_spec_on_scheduler(inbox: str, dask_scheduler: Any = None) -> dict[str, Any] | None:
-    """The plain spec (:meth:`~daskinfer.dataflow.pipeline.PipelineSpec.to_plain`) of the pipeline
+    """The plain spec (:meth:`~daskinfer.dataflow.spec.PipelineSpec.to_plain`) of the pipeline
     that reads ``inbox``, or None when none does (or daskinfer's controller is not installed)."""
     controller = dask_scheduler.extensions.get(CONTROLLER) if dask_scheduler is not None else None
     if controller is None:

@@ -1,10 +1,7 @@
-"""The worker end of the control path: the partitions this worker runs, and the RPC handlers
-the scheduler's controller calls to start, stop and inspect them.
-
-:class:`RuntimePlugin` is a worker plugin, so workers that join later have it too
-(``dask worker --preload daskinfer.preload`` installs it when the worker starts).  When
-the worker closes, its partitions drain first: what they read is answered, what they did
-not take goes back to the clients, who send it to the new owners.
+"""The partitions a worker runs, and the RPC handlers the scheduler's controller calls to start,
+stop and inspect them (installed on every worker by :mod:`daskinfer.control.worker`).  When the
+worker closes, its partitions drain first: what they read is answered, what they did not take
+goes back to the clients, who send it to the new owners.
 """
 
 from __future__ import annotations
@@ -13,19 +10,15 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
-from daskinfer import settings
 from daskinfer.connectors.direct.endpoint import endpoint_for
 from daskinfer.dataflow.partition import PartitionRunner
-from daskinfer.dataflow.pipeline import PipelineSpec
+from daskinfer.dataflow.spec import PipelineSpec
 
 if TYPE_CHECKING:
-    from distributed import Client, Worker
+    from distributed import Worker
 
 logger = logging.getLogger(__name__)
 
-RUNTIME_PLUGIN = "daskinfer-runtime"
 EXTENSION = "daskinfer-partitions"
 
 
@@ -44,10 +37,6 @@ class PartitionsExtension:
                 "daskinfer_runner_wait": self.wait_runner,
             }
         )
-        if settings.metrics_enabled():
-            from daskinfer.control.metrics import watch_worker
-
-            watch_worker(self)
 
     async def start_runner(self, spec: dict[str, Any], partition: int, epoch: int) -> dict[str, Any]:
         pspec = PipelineSpec.from_plain(spec)
@@ -100,30 +89,3 @@ class PartitionsExtension:
         end = loop.time() + timeout
         while self.runners and loop.time() < end:
             await asyncio.sleep(0.01)
-
-
-def partitions_of(worker: Worker) -> PartitionsExtension:
-    ext = worker.extensions.get(EXTENSION)
-    if ext is None:
-        ext = worker.extensions[EXTENSION] = PartitionsExtension(worker)
-    return ext
-
-
-class RuntimePlugin(WorkerPlugin):
-    """Gives every worker (also later ones) the partition handlers and the direct endpoint."""
-
-    name = RUNTIME_PLUGIN
-    idempotent = True
-
-    def setup(self, worker: Worker) -> None:
-        partitions_of(worker)
-
-    async def teardown(self, worker: Worker) -> None:
-        ext = worker.extensions.get(EXTENSION)
-        if ext is not None:
-            await ext.close(drain=True)
-
-
-async def ensure_runtime_async(client: Client) -> None:
-    """Register :class:`RuntimePlugin` with ``client``'s cluster (once)."""
-    await client.register_plugin(RuntimePlugin())

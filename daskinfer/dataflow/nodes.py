@@ -1,18 +1,20 @@
 """The streamz nodes of a partition's data path::
 
-    InboxSource(connector) -> smart_batch -> answer_batches(stages) -> write_results(connector)
+    InboxSource(connector) -> smart_batch -> AnswerBatches(stages) -> WriteResults(connector)
 
 - :class:`InboxSource` (a streamz ``Source``) reads the inbox partition and decodes each read
   into an :class:`~daskinfer.dataflow.batch.InboxBatch` (columns; messages that do not
   decode are kept apart as rejected);
 - ``smart_batch`` (:mod:`daskinfer.dataflow.streams`) groups what queued while the
   batches in flight run;
-- :class:`answer_batches` runs the pipeline's stages, one task per batch (up to
+- :class:`AnswerBatches` runs the pipeline's stages, one task per batch (up to
   ``max_inflight`` at once), and emits the answers in read order;
-- :class:`write_results` writes them, then commits the reads, in order; one write at a
+- :class:`WriteResults` writes them, then commits the reads, in order; one write at a
   time, each taking everything that waits (so commits never hold up the reads).
 
-What the partition's runner needs from a node is a public attribute of that node.
+What the partition's runner needs from a node is a public attribute of that node.  The two
+last nodes are this data path's own: they are not registered on streamz's ``Stream`` (only the
+operators meant for users are, see :mod:`daskinfer.dataflow.streams`).
 """
 
 from __future__ import annotations
@@ -173,8 +175,7 @@ def failed_batch(batch: InboxBatch, exc: BaseException) -> ResultBatch:
     return ResultBatch(parts, batch.rejected, batch.reads, batch.n_rows)
 
 
-@Stream.register_api()
-class answer_batches(Stream):
+class AnswerBatches(Stream):
     """Run ``stages`` on each list of inbox batches from ``smart_batch``; emit the answers in order.
 
     Each batch runs as its own task, so up to ``max_inflight`` batches (``smart_batch``'s bound)
@@ -264,8 +265,7 @@ class answer_batches(Stream):
             self._release_refs(metadata)
 
 
-@Stream.register_api()
-class write_results(Stream):
+class WriteResults(Stream):
     """Sink: write the answers, then commit the reads they answer, in the order they come.
 
     Answers queue here (in bytes, bounded by ``max_bytes``: ``update`` returns a future while more

@@ -2,7 +2,7 @@
 
 :class:`PartitionRunner` builds the partition's dataflow (see :mod:`daskinfer.dataflow.nodes`)::
 
-    InboxSource(connector) -> smart_batch -> answer_batches(stages) -> write_results(connector)
+    InboxSource(connector) -> smart_batch -> AnswerBatches(stages) -> WriteResults(connector)
 
 It waits for the pipeline's models to be loaded on this worker, checks what can be
 checked before traffic (declared model outputs), and then reads.  Models run in their
@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from daskinfer.connectors.base import Connector
-from daskinfer.dataflow import nodes, streams  # noqa: F401  (registers the streamz nodes)
-from daskinfer.dataflow.nodes import InboxSource
-from daskinfer.dataflow.pipeline import PipelineSpec
+from daskinfer.connectors.registry import load_connector
+from daskinfer.dataflow import streams  # noqa: F401  (registers smart_batch on streamz)
+from daskinfer.dataflow.nodes import AnswerBatches, InboxSource, WriteResults
 from daskinfer.dataflow.results import ResultWriter
+from daskinfer.dataflow.spec import PipelineSpec
 from daskinfer.dataflow.stages import Infer, Shadow, Stage, StageContext, walk
 from daskinfer.dataflow.stats import PartitionStats
 from daskinfer.exceptions import ConfigError, ModelNotFoundError
@@ -34,32 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 def make_connector(spec: PipelineSpec, worker: Worker, partition: int, epoch: int) -> Connector:
-    """The connector named by ``spec.connector`` for one inbox partition."""
-    if spec.connector == "embedded":
-        from daskinfer.connectors.direct.endpoint import endpoint_for
-        from daskinfer.connectors.embedded.connector import EmbeddedConnector
-
-        st = spec.settings
-        return EmbeddedConnector(
-            worker.scheduler,
-            endpoint_for(worker),
-            spec.inbox,
-            spec.name,
-            partition,
-            epoch,
-            max_queued_messages=st.direct_max_messages,
-            max_queued_bytes=st.direct_max_bytes,
-            read_bytes=st.read_bytes,
-        )
-    if spec.connector == "redis":
-        from daskinfer.connectors.redis import RedisConnector
-
-        return RedisConnector(spec.to_plain(), partition, epoch, consumer=f"{worker.address}/{partition}")
-    if spec.connector == "kafka":
-        from daskinfer.connectors.kafka import connector_for
-
-        return connector_for(spec.to_plain(), partition, epoch, worker)
-    raise ConfigError(f"unknown connector {spec.connector!r}")
+    """The connector of one inbox partition, from the pipeline's connector plugin."""
+    return load_connector(spec.connector_ref).partition(spec.to_plain(), worker, partition, epoch)
 
 
 def _sum_figures(figures: Any) -> dict[str, int]:
@@ -183,9 +160,14 @@ class PartitionRunner:
             self.connector, max_messages=st.read_batch, max_request_size=st.max_request_size, max_rows=st.max_batch_size
         )
         self.batcher = self.source.smart_batch(st.max_batch_size, st.max_delay, st.max_inflight)
-        self.answerer = self.batcher.answer_batches(stages, context, spec.outputs)
-        self.sink = self.answerer.write_results(
-            self.connector, writer, max_bytes=st.write_bytes, stats=self.answerer.stats, on_error=self._failed
+        self.answerer = AnswerBatches(self.batcher, stages, context, spec.outputs)
+        self.sink = WriteResults(
+            self.answerer,
+            self.connector,
+            writer,
+            max_bytes=st.write_bytes,
+            stats=self.answerer.stats,
+            on_error=self._failed,
         )
         self.source.start()
 

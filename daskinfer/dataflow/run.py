@@ -13,7 +13,6 @@ from daskinfer.dataflow.stages import Live, Stage, StageContext, finish, run_sta
 from daskinfer.exceptions import ResultError
 
 if TYPE_CHECKING:
-    from daskinfer.dataflow.pipeline import Pipeline
     from daskinfer.models.registry import ModelRegistry
 
 
@@ -41,13 +40,17 @@ def _columns(inputs: Mapping[str, Any] | np.ndarray) -> dict[str, np.ndarray]:
 
 
 async def run_local(
-    pipe: Pipeline,
+    stages: Sequence[Stage],
     inputs: Mapping[str, Any] | np.ndarray,
     *,
+    model: str | None = None,
+    models: Sequence[str] | None = None,
+    outputs: Sequence[str] | None = None,
     registry: ModelRegistry | None = None,
     errors: str = "raise",
 ) -> dict[str, np.ndarray]:
-    """Run ``pipe`` in this process on ``inputs`` (each row one request); see :meth:`Pipeline.arun`."""
+    """Run ``stages`` in this process on ``inputs`` (each row one request); see
+    :meth:`~daskinfer.dataflow.pipeline.Pipeline.arun`."""
     from daskinfer.models.registry import local_registry
 
     if errors not in ("raise", "return"):
@@ -66,8 +69,8 @@ async def run_local(
         np.zeros(n, dtype=np.int32),
         [Origin(None, True, time.time())],
     )
-    ctx = StageContext(registry or local_registry(), default_model=pipe.model, allowed_models=pipe.models)
-    result = await answer(InboxBatch([rb], [], [], n), pipe.effective_stages(), ctx, pipe.outputs)
+    ctx = StageContext(registry or local_registry(), default_model=model, allowed_models=models)
+    result = await answer(InboxBatch([rb], [], [], n), stages, ctx, outputs)
     out: dict[str, np.ndarray] = {}
     failed: dict[int, tuple[str, str]] = {}
     for part in result.parts:

@@ -1,6 +1,6 @@
 """Figures of a partition's data path: counters and fixed-bucket histograms.
 
-:class:`PartitionStats` is updated once per batch by ``answer_batches`` (never once per
+:class:`PartitionStats` is updated once per batch by the partition's writer (never once per
 request): queue waits and latencies of the requests of one inbox read are one value with
 a count, so a batch adds a handful of values whatever its size.  Metrics collectors, the
 controller's time series and ``daskinfer status`` read it; it holds plain numbers, so a

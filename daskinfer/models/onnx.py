@@ -101,7 +101,7 @@ class LoadedOnnx(LoadedModel):
         )
         self.session = session
         self._output_names = [o.name for o in outputs]
-        self.inline_rows = int(settings.get("onnx.inline-rows"))
+        self.inline_rows = 0  # set from the spec (OnnxModel.inline_rows)
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
         values = self.session.run(self._output_names, block)
@@ -186,6 +186,7 @@ class OnnxModel(Model):
                 f"model {name!r}: graph_optimization_level must be one of {sorted(OPT_LEVELS)}, got {level!r}"
             )
         self.graph_optimization_level = level
+        self.inline_rows = int(settings.get("onnx.inline-rows"))  # read here: settings travel with the spec
         available = ort.get_available_providers()
         unknown = [p for p in self.providers if p not in available]
         if unknown or not self.providers:
@@ -217,7 +218,9 @@ class OnnxModel(Model):
                 path=self.path,
             ) from e
         outputs = check_outputs(self.name, self.source, session, self.selected_outputs)
-        return self._configure(LoadedOnnx(self.name, self.version, session, outputs))
+        loaded = self._configure(LoadedOnnx(self.name, self.version, session, outputs))
+        loaded.inline_rows = self.inline_rows
+        return loaded
 
     def validate(self) -> None:
         self.load().close()

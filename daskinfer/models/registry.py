@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from daskinfer import settings
 from daskinfer.exceptions import ModelLoadError, ModelNotFoundError
 from daskinfer.tensors import rows_of
 
@@ -210,9 +209,8 @@ def load_deployment(model: Model) -> Deployment:
     """Load ``model.instances`` instances and warm them up."""
     instances = [model.load() for _ in range(model.instances)]
     if model.warmup:
-        rows = int(settings.get("models.warmup-rows"))
         for inst in instances:
-            block = inst.warmup_block(rows)
+            block = inst.warmup_block(model.warmup_rows)
             if block is None:
                 continue
             try:

@@ -80,6 +80,7 @@ class Model:
         self.warmup = bool(settings.get("models.warmup", warmup))
         self.allow_nan = bool(settings.get("models.allow-nan", allow_nan))
         self.cast_inputs = bool(settings.get("models.cast-inputs", cast_inputs))
+        self.warmup_rows = int(settings.get("models.warmup-rows"))  # (read here: settings travel with the spec)
         self.selected_outputs = _output_names(name, outputs)
         self.deploy_seq = 0  # set by deploy(); newer deployments win on every worker
 

@@ -141,7 +141,7 @@ class FrontDoor(abc.ABC):
         """Open the service and start serving (in the running event loop)."""
         if self.service is not None:
             return self
-        from daskinfer import __version__
+        from daskinfer.version import __version__
 
         service = await self._open_service()
         try:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daskinfer.control.lookup import pipeline_spec_on_scheduler
-from daskinfer.dataflow.pipeline import PipelineSpec
+from daskinfer.dataflow.spec import PipelineSpec
 from daskinfer.dataflow.stages import Infer
 from daskinfer.exceptions import ConfigError, ModelNotFoundError
 from daskinfer.models.deploy import ModelMetadata, model_metadata

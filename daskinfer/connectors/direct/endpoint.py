@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ENDPOINT = "daskinfer-direct"
-REPLY_PREFIX = "direct:"
 
 
 class QueuedSend:

@@ -30,10 +30,8 @@ from distributed.comm import connect
 from distributed.comm.core import CommClosedError
 
 from daskinfer import settings
-from daskinfer.connectors.base import ClientTransport
-from daskinfer.connectors.direct.endpoint import REPLY_PREFIX
+from daskinfer.connectors.base import DIRECT_REPLY_PREFIX, ClientTransport
 from daskinfer.connectors.direct.link import CommWriter
-from daskinfer.connectors.embedded.broker import ensure_broker_async
 from daskinfer.exceptions import ConfigError, PartitionFailedError
 from daskinfer.wire.frames import ErrorColumns, encode_result_frame, peek_fields
 
@@ -72,6 +70,8 @@ class _PartitionState:
 class DirectTransport(ClientTransport):
     """Send requests straight to the workers that own their partitions.
 
+    Needs the pipeline controller on the scheduler (:class:`~daskinfer.InferenceClient` installs it).
+
     Parameters
     ----------
     client : distributed.Client
@@ -82,6 +82,9 @@ class DirectTransport(ClientTransport):
         How long :meth:`start` waits for a pipeline to serve the inbox; config
         ``daskinfer.client.start-timeout``.
     """
+
+    reply_prefix = DIRECT_REPLY_PREFIX
+    uses_scheduler = True
 
     def __init__(self, client: Client, *, window: int | None = None, start_timeout: float | str | None = None):
         self.client = client
@@ -109,10 +112,10 @@ class DirectTransport(ClientTransport):
 
     async def start(self, inbox: str, reply_target: str) -> int:
         """Find the pipeline serving ``inbox`` (waiting up to ``start_timeout``); return its partitions."""
-        await ensure_broker_async(self.client)
         self.inbox = inbox
-        self.client_id = reply_target[len(REPLY_PREFIX) :] if reply_target.startswith(REPLY_PREFIX) else reply_target
-        self.reply_target = REPLY_PREFIX + self.client_id
+        prefix = DIRECT_REPLY_PREFIX
+        self.client_id = reply_target[len(prefix) :] if reply_target.startswith(prefix) else reply_target
+        self.reply_target = prefix + self.client_id
         loop = asyncio.get_running_loop()
         end = loop.time() + self.start_timeout
         routes = await self._routes(0)

@@ -7,7 +7,6 @@
 """
 
 from daskinfer.connectors.embedded.broker import (
-    REPLY_PREFIX,
     BrokerPlugin,
     BrokerRPC,
     TopicSettings,
@@ -19,7 +18,6 @@ from daskinfer.connectors.embedded.log import PartitionLog
 from daskinfer.connectors.embedded.transport import EmbeddedTransport
 
 __all__ = [
-    "REPLY_PREFIX",
     "BrokerPlugin",
     "BrokerRPC",
     "EmbeddedConnector",

@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "daskinfer-broker"
 EXTENSION = "daskinfer-broker"
-REPLY_PREFIX = "daskinfer-replies-"
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,8 @@ class BrokerExtension:
         )
         self._sweeper = asyncio.ensure_future(self._sweep_loop())
 
-    def close(self) -> None:
+    def teardown(self) -> None:
+        """Stop the sweeper (the scheduler calls this when it closes)."""
         self._sweeper.cancel()
 
     async def _sweep_loop(self) -> None:
@@ -362,28 +362,27 @@ class BrokerExtension:
         return 0 if t is None else sum(log.lag(group) for log in t.logs)
 
 
+def install_broker(scheduler: Scheduler) -> BrokerExtension:
+    """The broker's extension on ``scheduler`` (once)."""
+    ext = scheduler.extensions.get(EXTENSION)
+    if ext is None:
+        ext = scheduler.extensions[EXTENSION] = BrokerExtension(scheduler)
+    return ext
+
+
 class BrokerPlugin(SchedulerPlugin):
-    """Installs :class:`BrokerExtension` and the pipeline controller on the scheduler."""
+    """Installs :class:`BrokerExtension` on the scheduler (the topics alone; the pipeline controller
+    comes with :class:`daskinfer.control.install.ControlPlugin`, which installs this too)."""
 
     name = PLUGIN_NAME
     idempotent = True
 
     async def start(self, scheduler: Scheduler) -> None:
-        from daskinfer.control.controller import CONTROLLER, ControllerExtension
-
-        if EXTENSION not in scheduler.extensions:
-            scheduler.extensions[EXTENSION] = BrokerExtension(scheduler)
-            controller = ControllerExtension(scheduler)
-            scheduler.extensions[CONTROLLER] = controller
-            scheduler.add_plugin(controller.events, name="daskinfer-controller-events")
-            scheduler.set_metadata(keys=["daskinfer", "controller"], value=True)  # for InferenceAdaptive
-
-    async def close(self) -> None:
-        pass
+        install_broker(scheduler)
 
 
 async def ensure_broker_async(client: Client) -> None:
-    """Install the embedded broker and the controller on ``client``'s scheduler (once)."""
+    """Install the embedded broker on ``client``'s scheduler (once)."""
     await client.register_plugin(BrokerPlugin())
 
 

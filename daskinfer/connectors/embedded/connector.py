@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from daskinfer.connectors.base import Connector, Messages, OutMessage, PartitionRevoked
-from daskinfer.connectors.direct.endpoint import REPLY_PREFIX, DirectEndpoint, PartitionQueue
+from daskinfer.connectors.base import DIRECT_REPLY_PREFIX, Connector, Messages, OutMessage, PartitionRevoked
+from daskinfer.connectors.direct.endpoint import DirectEndpoint, PartitionQueue
 from daskinfer.connectors.embedded.broker import BrokerRPC
 
 logger = logging.getLogger(__name__)
@@ -149,8 +149,8 @@ class EmbeddedConnector(Connector):
         by_client: dict[str, list[bytes]] = {}
         by_topic: dict[str, list[tuple[str | None, bytes]]] = {}
         for w in writes:
-            if w.target.startswith(REPLY_PREFIX):
-                by_client.setdefault(w.target[len(REPLY_PREFIX) :], []).append(w.data)
+            if w.target.startswith(DIRECT_REPLY_PREFIX):
+                by_client.setdefault(w.target[len(DIRECT_REPLY_PREFIX) :], []).append(w.data)
             else:
                 by_topic.setdefault(w.target, []).append((w.key, w.data))
         topic_end = None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport
-from daskinfer.connectors.embedded.broker import BrokerRPC, TopicSettings, ensure_broker_async
+from daskinfer.connectors.embedded.broker import BrokerRPC, TopicSettings
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -26,6 +26,8 @@ class EmbeddedTransport(ClientTransport):
         Most results one read takes; config ``daskinfer.client.read-batch``.
     """
 
+    uses_scheduler = True
+
     def __init__(self, client: Client, read_batch: int | None = None):
         self.client = client
         self.broker = BrokerRPC(client.scheduler)
@@ -34,7 +36,6 @@ class EmbeddedTransport(ClientTransport):
         self._offset = 0
 
     async def start(self, inbox: str, reply_target: str) -> int:
-        await ensure_broker_async(self.client)
         # an inbox no pipeline created yet gets the pipelines' default partition count
         inbox_settings = await self.broker.create_topic(inbox, TopicSettings.from_config("inbox"))
         await self.broker.create_topic(reply_target, TopicSettings.from_config("reply", partitions=1))

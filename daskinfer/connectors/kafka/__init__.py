@@ -38,21 +38,24 @@ size): a client's request frame over it is cut into frames that fit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib
+from typing import Any
 
-from daskinfer.connectors.kafka.admin import prepare
-from daskinfer.connectors.kafka.consumer import KafkaConnector
-from daskinfer.connectors.kafka.link import KafkaOptions
-from daskinfer.connectors.kafka.transport import KafkaTransport
-from daskinfer.connectors.kafka.writers import CORRELATION_HEADER
-
-if TYPE_CHECKING:
-    from distributed import Worker
-
-
-def connector_for(spec: dict[str, Any], partition: int, epoch: int, worker: Worker) -> KafkaConnector:
-    """The connector of one inbox partition on ``worker`` (what the partition runner asks for)."""
-    return KafkaConnector(spec, partition, epoch, consumer=f"{worker.address}/{partition}")
+# imported on first use, so that the connector's plugin (.plugin) loads without confluent-kafka
+_EXPORTS = {
+    "prepare": "daskinfer.connectors.kafka.admin",
+    "KafkaConnector": "daskinfer.connectors.kafka.consumer",
+    "KafkaOptions": "daskinfer.connectors.kafka.link",
+    "KafkaTransport": "daskinfer.connectors.kafka.transport",
+    "CORRELATION_HEADER": "daskinfer.connectors.kafka.writers",
+}
 
 
-__all__ = ["CORRELATION_HEADER", "KafkaConnector", "KafkaOptions", "KafkaTransport", "connector_for", "prepare"]
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = ["CORRELATION_HEADER", "KafkaConnector", "KafkaOptions", "KafkaTransport", "prepare"]

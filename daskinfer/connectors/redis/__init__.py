@@ -41,8 +41,27 @@ Redis Cluster is not supported; use a single server (or a primary with replicas)
 ...                      transport=RedisTransport("redis://127.0.0.1:6379/0"))  # doctest: +SKIP
 """
 
-from daskinfer.connectors.redis.consumer import RedisConnector, prepare_streams
-from daskinfer.connectors.redis.scripts import fence_key, inbox_stream, meta_key
-from daskinfer.connectors.redis.transport import RedisTransport
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# imported on first use, so that the connector's plugin (.plugin) loads without the redis package
+_EXPORTS = {
+    "RedisConnector": "daskinfer.connectors.redis.consumer",
+    "prepare_streams": "daskinfer.connectors.redis.consumer",
+    "RedisTransport": "daskinfer.connectors.redis.transport",
+    "fence_key": "daskinfer.connectors.redis.scripts",
+    "inbox_stream": "daskinfer.connectors.redis.scripts",
+    "meta_key": "daskinfer.connectors.redis.scripts",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = ["RedisConnector", "RedisTransport", "fence_key", "inbox_stream", "meta_key", "prepare_streams"]
