@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from daskinfer.connectors.embedded.broker import BrokerRPC
+from daskinfer.connectors.embedded.rpc import BrokerRPC
 from daskinfer.control.deploy import PipelineHandle
 from daskinfer.control.install import ensure_control_async
 from daskinfer.exceptions import DaskInferError

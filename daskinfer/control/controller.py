@@ -18,13 +18,12 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from daskinfer.control.series import PipelineSeries
+from daskinfer.control.state import PipelineState
 
 if TYPE_CHECKING:
     from distributed import Scheduler
@@ -34,110 +33,6 @@ logger = logging.getLogger(__name__)
 CONTROLLER = "daskinfer-controller"
 IDLE_INTERVAL = 1.0  # seconds between two looks of the control loop while no pipeline runs
 _PLACEABLE = (Status.running, Status.paused)
-_COUNTERS = ("read", "answered", "errors", "batches", "rows", "busy", "claimed")
-
-
-class PipelineState:
-    """One deployed pipeline and where its partitions run."""
-
-    def __init__(self, spec: dict[str, Any]):
-        self.spec = spec
-        self.name: str = spec["name"]
-        self.inbox: str = spec["inbox"]
-        self.partitions: int = spec["partitions"]
-        self.connector: str = spec["connector"]
-        self.routed: bool = spec["routed"]  # clients reach the partitions through the routes (direct)
-        self.assigned: dict[int, str] = {}  # where each partition's runner is placed
-        self.serving: dict[int, str] = {}  # the routes clients see: partitions whose runner serves
-        self.epochs: dict[int, int] = {}  # each partition's latest epoch
-        st = spec["settings"]
-        self.drain_timeout: float = st["drain_timeout"]
-        self.model_timeout: float = st["model_timeout"]
-        self.control_timeout: float = st["control_timeout"]  # longest wait for a worker's start/stop/status answer
-        self.poll_timeout = min(self.control_timeout, 2.0)  # a status call is quick: one that is not, is leaving
-        self.rebalance_interval: float = st["rebalance_interval"]
-        self.restart_policy = RestartPolicy(
-            st["max_restarts"], st["restart_window"], st["restart_backoff"], st["restart_backoff_max"]
-        )
-        self.crashes: dict[int, list[float]] = {}  # partition -> when its runners stopped by themselves (in the window)
-        self.not_before: dict[int, float] = {}  # partition -> earliest restart (backoff)
-        self.crashed: dict[int, str] = {}  # partitions in a crash loop -> why (their waiting requests fail with it)
-        self.epoch = 0
-        self.lock = asyncio.Lock()
-        self.moves = 0
-        self.restarts = 0
-        self.failures: dict[int, str] = {}
-        self.figures: dict[int, dict[str, Any]] = {}  # last status of each partition
-        self.retired: Counter[str] = Counter()  # counters of partitions' earlier runners (moved, restarted)
-        self.series = PipelineSeries(st["history"])  # figures over time, one point per control loop tick
-
-    def crash(self, partition: int, cause: str, now: float) -> None:
-        """The runner of ``partition`` stopped by itself: back off before the restart, and mark the
-        partition as crashing once it stopped ``max_restarts`` times within the window."""
-        policy = self.restart_policy
-        times = [t for t in self.crashes.get(partition, []) if now - t < policy.window] + [now]
-        self.crashes[partition] = times
-        self.not_before[partition] = now + policy.backoff(len(times))
-        if len(times) >= policy.max_restarts:
-            self.crashed[partition] = (
-                f"partition {partition} of pipeline {self.name!r} stopped {len(times)} times within "
-                f"{policy.window:g}s ({len(times)} restarts); the last time: {cause}"
-            )
-            self.failures[partition] = self.crashed[partition]
-
-    def settle(self, now: float) -> bool:
-        """Forget crashes older than the window; True when a partition left its crash loop."""
-        changed = False
-        for p in list(self.crashed):
-            times = [t for t in self.crashes.get(p, []) if now - t < self.restart_policy.window]
-            self.crashes[p] = times
-            if len(times) < self.restart_policy.max_restarts:
-                del self.crashed[p]
-                self.failures.pop(p, None)
-                changed = True
-        return changed
-
-    def next_epoch(self) -> int:
-        self.epoch += 1
-        return self.epoch
-
-    def unassign(self, partition: int) -> bool:
-        """The partition has no runner any more; True when it was in the routes."""
-        self.assigned.pop(partition, None)
-        return self.serving.pop(partition, None) is not None
-
-    def retire_figures(self, partition: int) -> None:
-        """The partition's runner is gone: keep its counters in the totals."""
-        fig = self.figures.pop(partition, None)
-        if fig:
-            self.retired.update({k: fig.get(k, 0) or 0 for k in _COUNTERS})
-
-    def record(self, partition: int, status: dict[str, Any]) -> None:
-        old = self.figures.get(partition)
-        if old is not None and old.get("epoch") != status.get("epoch"):
-            self.retire_figures(partition)
-        self.figures[partition] = status
-
-    def totals(self) -> dict[str, float]:
-        """Counters over every runner the pipeline had (they only grow)."""
-        out = Counter(self.retired)
-        for fig in self.figures.values():
-            out.update({k: fig.get(k, 0) or 0 for k in _COUNTERS})
-        return {k: out.get(k, 0) for k in _COUNTERS}
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """How a crashing partition is restarted: ``backoff(n)`` seconds before the restart after its
-    ``n``-th crash within ``window``; ``max_restarts`` crashes within it make it a crash loop."""
-
-    max_restarts: int
-    window: float
-    base: float
-    cap: float
-
-    def backoff(self, crashes: int) -> float:
-        return min(self.base * 2 ** max(crashes - 1, 0), self.cap)
 
 
 class ControllerEvents(SchedulerPlugin):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from daskinfer import settings
-from daskinfer.connectors.embedded.broker import TopicSettings
+from daskinfer.connectors.embedded.topics import TopicSettings
 from daskinfer.dataflow.batching import BatchPolicy
 from daskinfer.exceptions import ConfigError
 

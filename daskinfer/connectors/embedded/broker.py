@@ -24,15 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from daskinfer import settings
 from daskinfer.connectors.base import partition_for
-from daskinfer.connectors.embedded.log import PartitionLog
-from daskinfer.exceptions import ConfigError, RequestTooLargeError, TopicFullError, TopicNotFoundError
+from daskinfer.connectors.embedded.sweeper import Sweeper
+from daskinfer.connectors.embedded.topics import Topic, TopicSettings, wait_for_wake
+from daskinfer.exceptions import RequestTooLargeError, TopicFullError, TopicNotFoundError
 
 if TYPE_CHECKING:
     from distributed import Client, Scheduler
@@ -41,93 +42,6 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "daskinfer-broker"
 EXTENSION = "daskinfer-broker"
-
-
-@dataclass(frozen=True)
-class TopicSettings:
-    """How a topic is bounded; resolved where the topic is made (see :meth:`from_config`)."""
-
-    partitions: int = 1
-    max_messages: int = 100_000
-    max_bytes: int = 1 << 30
-    retain: bool = False  # drop oldest past the bounds (outbox, dead letters, replies) instead of pushing back
-    max_age: float | None = None  # retained topics: seconds a message is kept
-    ttl: float | None = None  # reply topics: deleted after this long without a read
-    max_message_size: int = 64 << 20
-
-    @classmethod
-    def from_config(cls, kind: str, partitions: int | None = None, **overrides: Any) -> TopicSettings:
-        """Settings of an ``"inbox"``, ``"retained"`` or ``"reply"`` topic from ``daskinfer.broker.*``."""
-        if kind == "inbox":
-            base: dict[str, Any] = dict(
-                max_messages=int(settings.get("broker.max-messages")),
-                max_bytes=settings.get_bytes("broker.max-bytes"),
-                retain=False,
-            )
-        elif kind in ("retained", "reply"):
-            base = dict(
-                max_messages=int(settings.get("broker.retained-messages")),
-                max_bytes=settings.get_bytes("broker.retained-bytes"),
-                retain=True,
-                max_age=settings.get_seconds("broker.retention") or None,
-            )
-            if kind == "reply":
-                base["ttl"] = settings.get_seconds("broker.reply-ttl")
-        else:
-            raise ConfigError(f"unknown topic kind {kind!r} (inbox, retained, reply)")
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        out = cls(
-            partitions=int(settings.get("pipeline.partitions", partitions)),
-            max_message_size=settings.get_bytes("codec.max-message-size"),
-            **base,
-        )
-        if out.partitions < 1 or out.max_messages < 1 or out.max_bytes < 1:
-            raise ConfigError(f"topic settings must be >= 1: {out}")
-        return out
-
-
-async def _wait(waiters: list[asyncio.Future], timeout: float) -> None:
-    """Wait until woken (see :meth:`Topic.wake`) or ``timeout`` s, leaving no stale waiter."""
-    fut = asyncio.get_running_loop().create_future()
-    waiters.append(fut)
-    try:
-        await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
-        try:
-            waiters.remove(fut)
-        except ValueError:
-            pass
-
-
-class Topic:
-    """A topic's partitions and the producers and readers waiting on them."""
-
-    def __init__(self, name: str, spec: TopicSettings):
-        self.name = name
-        self.settings = spec
-        self.logs = [
-            PartitionLog(spec.max_messages, spec.max_bytes, spec.retain, spec.max_age) for _ in range(spec.partitions)
-        ]
-        self.data_waiters: list[list[asyncio.Future]] = [[] for _ in range(spec.partitions)]
-        self.room_waiters: list[list[asyncio.Future]] = [[] for _ in range(spec.partitions)]
-        # (group, partition) -> epoch: readers/committers with another epoch are revoked
-        self.epochs: dict[tuple[str, int], int] = {}
-        self.last_read = time.monotonic()
-
-    @staticmethod
-    def wake(waiters: list[asyncio.Future]) -> None:
-        for f in waiters:
-            if not f.done():
-                f.set_result(None)
-        waiters.clear()
-
-    def wake_all(self) -> None:
-        for ws in self.data_waiters + self.room_waiters:
-            Topic.wake(ws)
-
-    @property
-    def dropped(self) -> int:
-        return sum(log.dropped for log in self.logs)
 
 
 class BrokerExtension:
@@ -150,33 +64,15 @@ class BrokerExtension:
                 "daskinfer_assign": self.assign,
             }
         )
-        self._sweeper = asyncio.ensure_future(self._sweep_loop())
+        self.sweeper = Sweeper(self.topics, self.delete_topic)
 
     def teardown(self) -> None:
         """Stop the sweeper (the scheduler calls this when it closes)."""
-        self._sweeper.cancel()
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            try:
-                self.sweep()
-            except Exception:  # pragma: no cover - keep sweeping
-                logger.exception("sweeping topics failed")
+        self.sweeper.stop()
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Expire retained messages by age; delete reply topics nobody read for their ttl."""
-        now_m = time.monotonic() if now is None else now
-        gone = []
-        for name, t in list(self.topics.items()):
-            if t.settings.ttl is not None and now_m - t.last_read > t.settings.ttl:
-                gone.append(name)
-                self.delete_topic(name)
-                logger.info("deleted reply topic %r: no reads for %gs (its client is gone)", name, t.settings.ttl)
-            elif t.settings.retain and t.settings.max_age is not None:
-                for log in t.logs:
-                    log.expire()
-        return gone
+        """Expire retained messages by age; delete reply topics nobody read for their ttl (see :class:`Sweeper`)."""
+        return self.sweeper.sweep(now)
 
     def _topic(self, name: str) -> Topic:
         try:
@@ -262,7 +158,7 @@ class BrokerExtension:
                         f"bounds {log.max_messages} messages, {log.max_bytes} bytes) for {timeout:g}s; "
                         f"{i} of {len(datas)} messages for it were appended"
                     )
-                await _wait(t.room_waiters[p], left)
+                await wait_for_wake(t.room_waiters[p], left)
                 if topic not in self.topics:
                     raise TopicNotFoundError(f"topic {topic!r} was deleted")
         return len(messages)
@@ -330,7 +226,7 @@ class BrokerExtension:
             self.commit(topic, partition, group, offset, epoch)
         log = t.logs[partition]
         if log.end <= offset and timeout > 0:
-            await _wait(t.data_waiters[partition], timeout)
+            await wait_for_wake(t.data_waiters[partition], timeout)
             if topic not in self.topics:  # deleted while waiting: nothing more will come
                 return {"offset": offset, "messages": [], "end": offset, "deleted": True}
             t.last_read = time.monotonic()
@@ -389,61 +285,3 @@ async def ensure_broker_async(client: Client) -> None:
 def ensure_broker(client: Client):
     """Install the embedded broker on ``client``'s scheduler (once)."""
     return client.sync(ensure_broker_async, client)
-
-
-class BrokerRPC:
-    """Async calls to the embedded broker through a scheduler rpc (``client.scheduler``, ``worker.scheduler``)."""
-
-    def __init__(self, rpc: Any):
-        self.rpc = rpc
-
-    async def create_topic(self, name: str, spec: TopicSettings) -> TopicSettings:
-        """Create ``name`` with ``spec`` unless it exists; return the topic's settings."""
-        return TopicSettings(**(await self.rpc.daskinfer_topic_create(name=name, spec=asdict(spec))))
-
-    async def info(self, topic: str) -> dict[str, Any]:
-        return await self.rpc.daskinfer_topic_info(name=topic)
-
-    async def list_topics(self) -> dict[str, dict[str, Any]]:
-        return await self.rpc.daskinfer_topic_list()
-
-    async def delete_topic(self, name: str) -> bool:
-        return await self.rpc.daskinfer_topic_delete(name=name)
-
-    async def put(self, topic: str, messages: list[tuple[int, bytes]], timeout: float | None = None) -> int:
-        return await self.rpc.daskinfer_put(topic=topic, messages=messages, timeout=timeout)
-
-    async def write(self, puts: list, fallback: int = 0, commit: dict | None = None) -> dict[str, Any]:
-        return await self.rpc.daskinfer_write(puts=puts, fallback=fallback, commit=commit)
-
-    async def get(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        max_messages: int,
-        timeout: float = 0.0,
-        group: str | None = None,
-        epoch: int | None = None,
-        commit: bool = False,
-        max_bytes: int | None = None,
-    ) -> dict[str, Any]:
-        return await self.rpc.daskinfer_get(
-            topic=topic,
-            partition=partition,
-            offset=offset,
-            max_messages=max_messages,
-            timeout=timeout,
-            group=group,
-            epoch=epoch,
-            commit=commit,
-            max_bytes=max_bytes,
-        )
-
-    async def commit(self, topic: str, partition: int, group: str, offset: int, epoch: int | None = None) -> dict:
-        return await self.rpc.daskinfer_commit(
-            topic=topic, partition=partition, group=group, offset=offset, epoch=epoch
-        )
-
-    async def assign(self, topic: str, partition: int, group: str, epoch: int) -> int:
-        return await self.rpc.daskinfer_assign(topic=topic, partition=partition, group=group, epoch=epoch)

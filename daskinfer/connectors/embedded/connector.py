@@ -19,7 +19,7 @@ from typing import Any
 
 from daskinfer.connectors.base import DIRECT_REPLY_PREFIX, Connector, Messages, OutMessage, PartitionRevoked
 from daskinfer.connectors.direct.endpoint import DirectEndpoint, PartitionQueue
-from daskinfer.connectors.embedded.broker import BrokerRPC
+from daskinfer.connectors.embedded.rpc import BrokerRPC
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 from daskinfer.connectors.base import DIRECT_REPLY_PREFIX, TOPIC_REPLY_PREFIX, ClientTransport, Connector
 from daskinfer.connectors.direct.endpoint import endpoint_for
 from daskinfer.connectors.direct.transport import DirectTransport
-from daskinfer.connectors.embedded.broker import BrokerRPC, TopicSettings
 from daskinfer.connectors.embedded.connector import EmbeddedConnector
+from daskinfer.connectors.embedded.rpc import BrokerRPC
+from daskinfer.connectors.embedded.topics import TopicSettings
 from daskinfer.connectors.embedded.transport import EmbeddedTransport
 from daskinfer.connectors.registry import ConnectorPlugin
 from daskinfer.exceptions import ConfigError

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport
-from daskinfer.connectors.embedded.broker import BrokerRPC, TopicSettings
+from daskinfer.connectors.embedded.rpc import BrokerRPC
+from daskinfer.connectors.embedded.topics import TopicSettings
 
 if TYPE_CHECKING:
     from distributed import Client
