@@ -6,7 +6,9 @@ results and inbox offset in one Kafka transaction):
 
 1. end to end with columnar blocks of 4096 rows per message (rows/s);
 2. end to end with one request per message (requests/s);
-3. latency p50/p99 end to end at 10% of the peak single-request rate of (2).
+3. latency p50/p99 end to end at 10% of the peak single-request rate of (2);
+4. the floor: one bare hop through the same broker (confluent-kafka produce -> consume of small
+   messages at the same rate, same client settings), which a request and its answer take twice.
 
 A Kafka broker (KRaft, one JVM; jars from ``tests/kafka/pom.xml``, see ``tests/kafka_broker.py``)
 on free loopback ports, a `dask scheduler` process and two one-thread `dask worker` processes;
@@ -60,6 +62,50 @@ def bench_pipeline(
     return {"single": single, "blocks": blocks, "p50": p50, "p99": p99}
 
 
+def bench_raw_hop(bootstrap: str, rate: float, seconds: float) -> tuple[float, float]:
+    """p50/p99 ms of one bare produce -> consume hop at ``rate`` messages/s (the broker's own latency here)."""
+    import threading
+
+    import numpy as np
+    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for f in admin.create_topics([NewTopic("bench-raw-hop", 1, 1)]).values():
+        f.result(30)
+    common = {"bootstrap.servers": bootstrap, "socket.nagle.disable": True}
+    producer = Producer({**common, "linger.ms": 1, "enable.idempotence": True, "acks": "all"})
+    consumer = Consumer({**common, "group.id": "bench-raw-hop", "enable.auto.commit": False})
+    consumer.assign([TopicPartition("bench-raw-hop", 0, 0)])
+    latencies: list[float] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        while not done.is_set():
+            m = consumer.poll(0.05)
+            if m is not None and m.error() is None:
+                latencies.append(time.time() - float(m.value()))
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    t0, sent = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(int(rate * (time.perf_counter() - t0)) - sent):
+            producer.produce("bench-raw-hop", str(time.time()).encode())
+            sent += 1
+        producer.poll(0)
+        time.sleep(0.0005)
+    producer.flush(10)
+    end = time.monotonic() + 10
+    while len(latencies) < sent and time.monotonic() < end:
+        time.sleep(0.01)
+    done.set()
+    reader.join(5)
+    consumer.close()
+    ms = np.array(latencies[len(latencies) // 10 :]) * 1e3  # past the first tenth (connections warming up)
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
 def kafka_pipeline(bootstrap: str, exactly_once: bool, partitions: int) -> Pipeline:
     inbox = f"bench-{'eos' if exactly_once else 'alo'}"
     return Pipeline(
@@ -110,6 +156,11 @@ def main() -> None:
                 eos = run(
                     "kafka, exactly once", kafka_pipeline(bootstrap, True, args.partitions), KafkaTransport(bootstrap)
                 )
+            hop50, hop99 = bench_raw_hop(bootstrap, alo["single"] * 0.1, lat_seconds)
+            print(
+                f"the floor: one bare kafka hop (produce -> consume) at {alo['single'] * 0.1:,.0f} msg/s: "
+                f"p50 {hop50:.1f} ms, p99 {hop99:.1f} ms (a request and its answer take two)"
+            )
         finally:
             broker.stop()
 
@@ -134,6 +185,10 @@ def main() -> None:
                 "embedded_single_req_s": round(embedded["single"]),
                 "embedded_block_rows_s": round(embedded["blocks"]),
                 "embedded_p99_ms_10pct": round(embedded["p99"], 2),
+                "kafka_raw_hop_p50_ms": round(hop50, 2),
+                "kafka_raw_hop_p99_ms": round(hop99, 2),
+                "kafka_vs_embedded_single": round(alo["single"] / embedded["single"], 3),
+                "kafka_vs_embedded_blocks": round(alo["blocks"] / embedded["blocks"], 3),
             }
         )
     )

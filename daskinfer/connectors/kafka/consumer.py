@@ -137,11 +137,16 @@ class KafkaConnector(Connector):
             raise PartitionRevoked(f"{self.name}: connector closed")
         consumer = self.consumer
         assert consumer is not None, "KafkaConnector.start was not called"
-        msgs = await self.reader.run(poll_messages, consumer, max_messages, timeout, lambda: self._closed, self.name)
+        msgs = await self.reader.run(self._commit_and_poll, consumer, max_messages, timeout)
         if msgs:
             self.position = (msgs[-1].offset() or 0) + 1
             self.read_count += len(msgs)
         return msgs
+
+    def _commit_and_poll(self, consumer: Consumer, max_messages: int, timeout: float) -> list[Message]:
+        """On the reader's thread: poll, committing what was written meanwhile (at least once)."""
+        commit = self.writer.commit_pending if isinstance(self.writer, AckedWriter) else None
+        return poll_messages(consumer, max_messages, timeout, lambda: self._closed, self.name, commit)
 
     async def backlog(self) -> int:
         """Messages of this partition not yet committed (consumer lag), from the last fetch's high watermark."""
@@ -194,6 +199,11 @@ class KafkaConnector(Connector):
             self.reader.shutdown()
 
     def _close_consumer(self) -> None:
+        if isinstance(self.writer, AckedWriter):
+            try:
+                self.writer.commit_pending()
+            except Exception as e:  # the next runner answers those requests again
+                logger.info("%s: last commit failed: %s", self.name, e)
         if self.consumer is not None:
             self.consumer.close()
 

@@ -236,17 +236,25 @@ class Lane:
 
 
 def poll_messages(
-    consumer: Consumer, max_messages: int, timeout: float, stopped: Callable[[], bool], what: str
+    consumer: Consumer,
+    max_messages: int,
+    timeout: float,
+    stopped: Callable[[], bool],
+    what: str,
+    between: Callable[[], None] | None = None,
 ) -> list[Message]:
     """Up to ``max_messages`` messages, waiting up to ``timeout`` s for the first (blocking).
 
     ``poll`` returns as soon as one message is there and ``consume(n, 0)`` takes what is
     already queued: ``consume(n, timeout)`` alone would wait all of ``timeout`` for ``n``.
     Errors that librdkafka recovers from by itself (a broker restarting) are logged and left
-    out; a fatal one raises :class:`~daskinfer.exceptions.BrokerError`.
+    out; a fatal one raises :class:`~daskinfer.exceptions.BrokerError`.  ``between()`` runs before
+    each slice of the wait, on this thread (what else must use the consumer: a commit).
     """
     deadline = time.monotonic() + timeout
     while not stopped():
+        if between is not None:
+            between()
         first = consumer.poll(min(POLL_SLICE, max(0.0, deadline - time.monotonic())))
         if first is not None:
             msgs = [first]

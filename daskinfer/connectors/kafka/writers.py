@@ -7,8 +7,11 @@ Needs ``confluent-kafka`` (``pip install daskinfer[kafka]``).  Each writer owns 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -320,54 +323,101 @@ class TransactionalWriter(ResultWriter):
         super()._flush()
 
 
+class _Write:
+    """One write of an at-least-once writer: results not yet acknowledged, and the offset it commits."""
+
+    __slots__ = ("left", "upto", "errors")
+
+    def __init__(self, left: int, upto: int | None):
+        self.left = left
+        self.upto = upto
+        self.errors: list[tuple[KafkaError, str]] = []
+
+
 class AckedWriter(ResultWriter):
-    """At least once: results are written and acknowledged by the brokers, then the offset is committed."""
+    """At least once: results are produced at once, without waiting for the previous write's
+    acknowledgements; the inbox offset of a write is committed once its results and every earlier
+    write's are acknowledged (in order), on the reader's thread (see :meth:`commit_pending`)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._undelivered: list[tuple[KafkaError, str]] = []
+        self._writes: deque[_Write] = deque()  # in write order, until acknowledged
+        self._lock = threading.Lock()  # delivery reports run on whichever thread polls the producer
+        self._failed: BrokerError | None = None
+        self.to_commit: int | None = None  # acknowledged and not yet committed
 
     def _open(self) -> None:
-        self.producer = Producer(
-            self.opts.producer_config(
-                **{
-                    "message.timeout.ms": millis(self.opts.retry_timeout),
-                    "on_delivery": self._on_delivery,
-                }
-            )
-        )
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._undelivered.append((err, msg.topic() or ""))
+        self.producer = Producer(self.opts.producer_config(**{"message.timeout.ms": millis(self.opts.retry_timeout)}))
 
     async def write(self, writes: Writes, upto: int | None) -> None:
-        await self.lane.run(self._write_then_commit, writes, upto)
+        await self.lane.run(self._produce_write, writes, upto)
 
-    def _write_then_commit(self, writes: Writes, upto: int | None) -> None:
-        producer, consumer, opts = self.producer, self.consumer, self.opts
+    def _produce_write(self, writes: Writes, upto: int | None) -> None:
+        producer = self.producer
         assert producer is not None
-        self._undelivered.clear()
-        self.produce(producer, self.live(producer, writes))
-        left = producer.flush(opts.retry_timeout)
-        if left:
-            raise BrokerError(
-                f"{self.name}: {left} results not delivered to kafka at {opts.bootstrap_servers} "
-                f"within {opts.retry_timeout:g}s (retry_timeout); the offset stays uncommitted"
-            )
-        gone = {t for e, t in self._undelivered if e.code() in GONE_CODES and t not in self.own_topics}
-        failed = [(e, t) for e, t in self._undelivered if t not in gone]
-        if gone:  # a reply topic deleted after the check: its results are dropped
-            self.drop([OutMessage(t, None, b"") for _, t in self._undelivered if t in gone], gone)
-        if failed:
-            raise BrokerError(
-                f"{self.name}: {len(failed)} results not delivered, e.g. to {failed[0][1]!r}: "
-                f"{failed[0][0].str()}; the offset stays uncommitted"
-            )
-        if upto is not None:
-            # not waited for: commits go out in order, and one that is lost means only that
-            # the next runner of the partition answers a few requests again
-            try:
-                consumer.commit(offsets=[TopicPartition(self.inbox, self.partition, upto)], asynchronous=True)
-            except KafkaException as e:
-                raise self.failure("committing the offset", e) from e
+        self._raise_failure()
+        live = self.live(producer, writes)
+        entry = _Write(len(live), upto)
+        with self._lock:
+            self._writes.append(entry)
+        delivered = functools.partial(self._delivered, entry)
+        for target, key, data, cid in live:
+            headers: list[tuple[str, str | bytes | None]] | None = [(CORRELATION_HEADER, cid)] if cid else None
+            while True:
+                try:
+                    producer.produce(target, data, key, headers=headers, on_delivery=delivered)
+                    break
+                except BufferError:  # librdkafka's queue is full: let it send
+                    producer.poll(0.01)
+        producer.poll(0)
+        self._advance()
+
+    def _delivered(self, entry: _Write, err: KafkaError | None, msg: Message) -> None:
+        with self._lock:
+            if err is not None:
+                entry.errors.append((err, msg.topic() or ""))
+            entry.left -= 1
+
+    def _advance(self) -> None:
+        """Move the offset to commit past the writes acknowledged in full, in order."""
+        with self._lock:
+            while self._writes and self._writes[0].left <= 0 and self._failed is None:
+                entry = self._writes.popleft()
+                gone = {t for e, t in entry.errors if e.code() in GONE_CODES and t not in self.own_topics}
+                failed = [(e, t) for e, t in entry.errors if t not in gone]
+                if gone:  # a reply topic deleted after the check: its results are dropped
+                    self.drop([OutMessage(t, None, b"") for _, t in entry.errors if t in gone], gone)
+                if failed:
+                    self._failed = BrokerError(
+                        f"{self.name}: {len(failed)} results not delivered to kafka at {self.opts.bootstrap_servers}, "
+                        f"e.g. to {failed[0][1]!r}: {failed[0][0].str()}; the offset stays uncommitted"
+                    )
+                elif entry.upto is not None:
+                    self.to_commit = entry.upto
+
+    def _raise_failure(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+
+    def commit_pending(self) -> None:
+        """Commit the offset of what the brokers acknowledged (not waited for: commits go out in order,
+        and one that is lost means only that the next runner answers a few requests again).  Called
+        on the thread that polls the consumer (a commit from another would wait for the poll in
+        progress); raises once a result was not delivered (the partition stops, its reads are redone)."""
+        if self.producer is not None:
+            self.producer.poll(0)  # delivery reports of writes no new write is serving
+        self._advance()
+        self._raise_failure()
+        with self._lock:
+            upto, self.to_commit = self.to_commit, None
+        if upto is None:
+            return
+        try:
+            self.consumer.commit(offsets=[TopicPartition(self.inbox, self.partition, upto)], asynchronous=True)
+        except KafkaException as e:
+            raise self.failure("committing the offset", e) from e
+
+    @property
+    def unacknowledged(self) -> int:
+        """Writes whose results the brokers have not all acknowledged yet."""
+        return len(self._writes)
