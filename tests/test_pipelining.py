@@ -8,6 +8,7 @@ on a loaded machine.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import statistics
@@ -15,12 +16,13 @@ import time
 import uuid
 
 import concurrency_models
-import dask
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from distributed.utils_test import gen_cluster
 from kafka_broker import kafka_bootstrap, kafka_broker  # noqa: F401  (fixtures)
 from redis_server import redis_server, redis_url  # noqa: F401  (fixtures)
+from timing import scaled
 
 from daskinfer import InferenceClient, Pipeline, PythonModel, deploy, deploy_pipeline, pipelines, undeploy
 from daskinfer.exceptions import ConfigError
@@ -236,35 +238,36 @@ def test_a_shadow_ten_times_slower_leaves_the_answers_latency_alone(client):
     assert sum(s.get("dropped", 0) for s in shadow) > 0, f"the shadow fell behind and dropped work: {shadow}"
 
 
-def test_a_partition_that_keeps_crashing_fails_its_requests_with_the_cause(monkeypatch):
+@gen_cluster(
+    client=True,
+    nthreads=[("127.0.0.1", 1)],
+    timeout=scaled(90),
+    config={
+        "daskinfer.pipeline.max-restarts": 3,
+        "daskinfer.pipeline.restart-window": "20s",
+        "daskinfer.pipeline.restart-backoff": "100ms",
+    },
+)
+async def test_a_partition_that_keeps_crashing_fails_its_requests_with_the_cause(c, s, a, monkeypatch):
     """A bug of ours (here: an injected one) crashes the partition whenever it reads: after
     ``max-restarts`` restarts within ``restart-window`` its waiting requests fail naming the cause,
-    and ``status()`` shows it."""
+    and ``status()`` shows it.  (An in-process cluster: the bug is injected into its worker.)"""
     from daskinfer.dataflow import nodes
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected bug in decoding")
 
-    with dask.config.set(
-        {
-            "daskinfer.pipeline.max-restarts": 3,
-            "daskinfer.pipeline.restart-window": "20s",
-            "daskinfer.pipeline.restart-backoff": "100ms",
-        }
-    ):
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
-            with Client(cluster) as client:
-                name = _name("crash")
-                deploy(client, _sleepy(name, 0.001, instances=1, count=False))
-                handle = deploy_pipeline(client, Pipeline(model=name, inbox=_name("crashy"), partitions=1))
-                monkeypatch.setattr(nodes, "decode_read", broken)
-                with InferenceClient(client, inbox=handle.inbox) as ic:
-                    t0 = time.monotonic()
-                    futures = [ic.submit(ROW * i) for i in range(5)]
-                    failed = [f.result(40) for f in futures]
-                    took = time.monotonic() - t0
-                    status = handle.status()
-                handle.stop()
+    name = _name("crash")
+    await deploy(c, _sleepy(name, 0.001, instances=1, count=False))
+    handle = await deploy_pipeline(c, Pipeline(model=name, inbox=_name("crashy"), partitions=1))
+    monkeypatch.setattr(nodes, "decode_read", broken)
+    async with InferenceClient(c, inbox=handle.inbox) as ic:
+        t0 = time.monotonic()
+        futures = [ic.submit(ROW * i) for i in range(5)]
+        failed = await asyncio.wait_for(asyncio.gather(*futures), scaled(40))
+        took = time.monotonic() - t0
+        status = await handle.status()
+    await handle.stop()
     assert took < 20 + 5, f"requests failed after {took:.1f}s (restart-window 20s)"
     for r in failed:
         assert not r.ok and r.error_type == "PartitionFailedError", (r.error_type, r.error)
