@@ -320,7 +320,7 @@ def test_deploying_a_pipeline_whose_model_is_not_deployed_fails_at_once_naming_i
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="model 'nowhere' is not deployed; deploy it first"):
         deploy_pipeline(client, Pipeline(model="nowhere", inbox=f"nowhere-{uuid.uuid4().hex[:6]}"))
-    assert time.monotonic() - t0 < 10, "it fails at deploy, not after the partitions' model timeout"
+    assert time.monotonic() - t0 < 30, "it fails at deploy, not after the partitions' model timeout (60 s)"
 
 
 def test_an_output_the_model_does_not_have_fails_at_deploy(client, two_models):
