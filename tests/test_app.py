@@ -89,6 +89,7 @@ pipelines:
         undeploy(client, "app-mlp")
 
 
+@pytest.mark.slow  # daskinfer run starts a LocalCluster of worker processes
 def test_cli_run_and_errors():
     proc = subprocess.run(
         [sys.executable, "-m", "daskinfer.cli", "run", os.path.join(ROOT, "conf", "local.yaml"), "--duration", "1"],

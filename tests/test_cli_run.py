@@ -46,6 +46,7 @@ pipelines: [{{model: mlp, inbox: requests, connector: redis}}]
 # -- Redis that is not there -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # daskinfer run starts a LocalCluster of worker processes
 def test_run_without_redis_says_so_at_once_and_hides_the_password(tmp_path):
     url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"  # nothing listens there
     proc = subprocess.run(
@@ -106,6 +107,7 @@ def _connected(pid: int, port: int) -> bool:
     return any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections("tcp"))
 
 
+@pytest.mark.slow  # daskinfer run starts a LocalCluster of worker processes
 def test_run_stops_on_sigterm_while_it_waits_for_redis(tmp_path, hung_redis, poll):
     run = Run(["run", _redis_app(tmp_path, hung_redis.url)])
     try:
@@ -121,7 +123,7 @@ def test_run_stops_on_sigterm_while_it_waits_for_redis(tmp_path, hung_redis, pol
 # -- stopping, cleaning up --------------------------------------------------------------------------
 
 
-def test_ctrl_c_stops_run_cleanly_without_worker_tracebacks():
+def test_ctrl_c_stops_run_cleanly_without_worker_tracebacks():  # (the fast run's one LocalCluster of `daskinfer run`)
     run = Run(["run", os.path.join(ROOT, "conf", "local.yaml")])
     try:
         run.wait_for("pipeline(s) running")

@@ -126,7 +126,7 @@ def test_a_canary_at_10_percent_gets_10_percent_and_every_request_is_answered_on
     deploy(client, OnnxModel("canary-m", mlp_path, version="2"))
     pipe = Pipeline(model="stable-m", inbox=f"canary-{uuid.uuid4().hex[:8]}", partitions=2).canary("canary-m", 0.1)
     handle = deploy_pipeline(client, pipe)
-    n = 100_000
+    n = 30_000  # the share is within 0.1 +- 0.01 unless 5.8 standard deviations off (random draws)
     rows = random_rows(1000, seed=14)
     try:
         with InferenceClient(client, inbox=pipe.inbox) as ic:

@@ -327,6 +327,7 @@ def test_prepare_checks_the_inbox_and_the_options(kafka_bootstrap):
     assert spec["connector_options"]["retry_timeout"] == 120.0, "settings travel resolved in the spec"
 
 
+@pytest.mark.slow  # a second Kafka broker
 def test_exactly_once_auto_falls_back_where_the_brokers_cannot_run_transactions(tmp_path, caplog):
     """A single broker left with the default transaction log replication (3) cannot run transactions:
     ``auto`` delivers at least once (and says so), ``true`` refuses to deploy, naming the problem."""
@@ -394,7 +395,11 @@ def test_transport_round_trip_and_close_deletes_the_reply_topic(kafka_bootstrap,
 # -- end to end on the session cluster ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("exactly_once", [True, False], ids=["exactly-once", "at-least-once"])
+@pytest.mark.parametrize(
+    "exactly_once",
+    [True, pytest.param(False, marks=pytest.mark.slow)],  # (at least once: also the send-window test below)
+    ids=["exactly-once", "at-least-once"],
+)
 def test_outputs_equal_onnxruntime_rows_and_blocks_key_order_each_answered_once(
     client, mlp, mlp_path, kafka_bootstrap, exactly_once, poll
 ):
@@ -439,6 +444,7 @@ def test_the_transport_keeps_a_window_of_sends_in_flight_and_keeps_key_order(cli
     assert transport.in_flight == 0 and transport.undelivered == 0
 
 
+@pytest.mark.slow  # a model slower than the traffic, until the lag is gone
 def test_consumer_lag_reaches_the_scaling_figures(client, kafka_bootstrap, poll):
     """InferenceAdaptive reads the Kafka consumer lag (through the controller's load figures)."""
 
@@ -454,7 +460,7 @@ def test_consumer_lag_reaches_the_scaling_figures(client, kafka_bootstrap, poll)
     load = lambda: client.sync(client.scheduler.daskinfer_pipeline_load)  # noqa: E731
     try:
         with InferenceClient(client, inbox=inbox, transport=KafkaTransport(kafka_bootstrap)) as ic:
-            rows = np.arange(2000, dtype=np.float32)[:, None]
+            rows = np.arange(1000, dtype=np.float32)[:, None]
             for i, row in enumerate(rows):
                 ic.send(row, key=f"k{i % 4}")
             poll(lambda: load()["backlog"] > 200, timeout=30, what="the lag in the load figures")
@@ -507,6 +513,7 @@ pipelines:
 # -- chaos: exactly once through a worker kill and a broker kill ---------------------------------------
 
 
+@pytest.mark.slow  # 50,000 requests, a cluster of its own, a worker and the broker killed
 def test_exactly_once_50k_through_a_worker_kill_and_a_broker_kill(kafka_broker, kafka_bootstrap, mlp_path):
     """50,000 requests without reply topics (results go to the outbox); one worker process and the
     broker are SIGKILLed mid-stream.  An independent read_committed consumer of the outbox reads

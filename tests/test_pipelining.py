@@ -71,7 +71,7 @@ def sleepy_model(client):
     undeploy(client, name)
 
 
-@pytest.mark.parametrize("kind", ["embedded", "redis", "kafka"])
+@pytest.mark.parametrize("kind", ["embedded", "redis", pytest.param("kafka", marks=pytest.mark.slow)])
 def test_model_calls_overlap_up_to_max_inflight_under_steady_traffic(client, sleepy_model, kind, request):
     """200 requests/s into one partition of a 50 ms model with 2 instances: while one batch runs
     the partition reads on and runs the next, so two model calls run at once."""
@@ -174,6 +174,7 @@ def own_cluster():
             yield cluster, client
 
 
+@pytest.mark.slow  # a cluster of its own, a worker killed
 def test_a_worker_killed_with_four_batches_in_flight_loses_and_repeats_nothing(own_cluster):
     cluster, client = own_cluster
     name = _name("slow")
@@ -286,6 +287,7 @@ def _routes(client, inbox: str) -> dict:
     return client.sync(get)
 
 
+@pytest.mark.slow  # a cluster of its own, a model that loads for 3 s
 def test_a_moved_partition_is_routed_to_once_it_serves_and_keeps_key_order(poll):
     """A worker joins; its model takes 3 s to load.  The partition that moves there drains on the
     old worker first, and clients are routed to the new one only once its runner reads: every
@@ -350,6 +352,7 @@ FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 @pytest.mark.skipif(
     not os.path.exists(FAKETIME_LIB) and not os.environ.get("CI"), reason="libfaketime is not installed (faketime)"
 )
+@pytest.mark.slow  # dask CLI processes, two skewed workers
 def test_a_deadline_is_a_budget_a_worker_clock_that_is_off_neither_expires_nor_extends_it(tmp_path, poll):
     """The worker's clock is an hour ahead, then an hour behind (libfaketime): a request with 10 s
     left is answered, and one with 0.3 s left that waits behind a 1 s batch is not."""

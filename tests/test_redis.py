@@ -436,6 +436,7 @@ def test_fast_producer_never_grows_the_inbox_past_its_bound(client, redis_url, r
         undeploy(client, model)
 
 
+@pytest.mark.slow  # a cluster of its own, a worker killed
 def test_sigkill_a_worker_mid_stream_its_pending_entries_are_taken_over(redis_url, r, poll):
     """A runner killed with its worker: the partition's new runner claims what it had read and not acked."""
     import signal

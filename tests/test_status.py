@@ -98,6 +98,7 @@ def test_status_of_a_scheduler_without_pipelines():
     assert "no daskinfer pipelines on" in proc.stderr and "no daskinfer controller" in proc.stderr
 
 
+@pytest.mark.slow  # daskinfer run starts a LocalCluster of worker processes
 @pytest.mark.timeout(420)
 def test_run_prints_figures_while_it_runs():
     """Two lines of figures for the pipeline, the last with the rates of its interval (no traffic: 0).
