@@ -10,6 +10,7 @@ import uuid
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from timing import scaled
 
 from daskinfer import InferenceClient, undeploy
 from daskinfer.cli.app import build_model, deploy_app, flat_config, load_app
@@ -88,17 +89,21 @@ pipelines:
         undeploy(client, "app-mlp")
 
 
+@pytest.mark.slow  # daskinfer run starts a LocalCluster of worker processes
 def test_cli_run_and_errors():
     proc = subprocess.run(
         [sys.executable, "-m", "daskinfer.cli", "run", os.path.join(ROOT, "conf", "local.yaml"), "--duration", "1"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(240),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "2 pipeline(s) running" in proc.stdout and "inbox 'requests'" in proc.stdout
     proc = subprocess.run(
-        [sys.executable, "-m", "daskinfer.cli", "run", "/no/such.yaml"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "daskinfer.cli", "run", "/no/such.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
     )
     assert proc.returncode == 2 and "cannot read deployment file" in proc.stderr
 

@@ -107,7 +107,7 @@ def _read_topic(client, topic: str, broker: str, url: str | None) -> list[bytes]
     return client.sync(read)
 
 
-@pytest.mark.parametrize("broker", ["embedded", "redis", "kafka"])
+@pytest.mark.parametrize("broker", ["embedded", "redis", pytest.param("kafka", marks=pytest.mark.slow)])
 def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, client, strict_mlp, mlp_path, request):
     tag = uuid.uuid4().hex[:6]
     inbox, outbox, dead = f"bad-in-{tag}", f"bad-out-{tag}", f"bad-dead-{tag}"

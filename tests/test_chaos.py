@@ -18,11 +18,15 @@ from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a rea
 from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline
 from daskinfer.testing import random_rows, run_onnx_directly
 
+pytestmark = pytest.mark.slow  # 50,000 requests per broker, a cluster of its own, a worker and the broker killed
+
 N = 50_000
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def own_cluster():
+    """The chaos tests' cluster (not the session's: they kill its workers); each test ends with
+    two workers again, its nanny having replaced the one it killed."""
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             client.wait_for_workers(2)

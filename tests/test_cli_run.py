@@ -8,75 +8,20 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import uuid
 
 import pytest
+from cli_process import CLI, ENV, Run
 from redis_server import RedisServer, free_port
+from timing import scaled
 
 import daskinfer
 from daskinfer import InferenceClient, Pipeline, deploy_pipeline
 
-pytestmark = pytest.mark.timeout(150)
+# long enough for a LocalCluster of worker processes to start and stop on a machine whose cores are busy
+pytestmark = pytest.mark.timeout(420)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = [sys.executable, "-m", "daskinfer.cli"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-class Run:
-    """``daskinfer ARGS`` in its own session (so a test can Ctrl-C its whole process group).
-
-    Reads stdout and stderr in threads; :meth:`wait_for` polls them with a deadline.
-    """
-
-    def __init__(self, args: list[str]):
-        self.proc = subprocess.Popen(
-            [*CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True
-        )
-        self.out: list[str] = []
-        self.err: list[str] = []
-        self._readers = [
-            threading.Thread(target=self._read, args=(s, into), daemon=True)
-            for s, into in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))
-        ]
-        for t in self._readers:
-            t.start()
-
-    @staticmethod
-    def _read(stream, into: list[str]) -> None:
-        for line in stream:
-            into.append(line)
-
-    @property
-    def stdout(self) -> str:
-        return "".join(self.out)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.err)
-
-    def wait_for(self, text: str, poll, timeout: float = 90) -> None:
-        poll(
-            lambda: text in self.stdout or text in self.stderr or self.proc.poll() is not None,
-            timeout=timeout,
-            what=f"{text!r} from daskinfer",
-        )
-        assert text in self.stdout or text in self.stderr, f"exited {self.proc.returncode}:\n{self.stderr[-3000:]}"
-
-    def finish(self, timeout: float = 60) -> int:
-        try:
-            rc = self.proc.wait(timeout)
-        finally:
-            self.kill()
-        for t in self._readers:
-            t.join(10)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
 
 
 def _app(tmp_path, text: str) -> str:
@@ -101,10 +46,11 @@ pipelines: [{{model: mlp, inbox: requests, connector: redis}}]
 # -- Redis that is not there -----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # daskinfer run starts a LocalCluster of worker processes
 def test_run_without_redis_says_so_at_once_and_hides_the_password(tmp_path):
     url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"  # nothing listens there
     proc = subprocess.run(
-        [*CLI, "run", _redis_app(tmp_path, url)], capture_output=True, text=True, timeout=120, env=ENV
+        [*CLI, "run", _redis_app(tmp_path, url)], capture_output=True, text=True, timeout=scaled(180), env=ENV
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     port = url.rsplit(":", 1)[1].split("/")[0]
@@ -161,13 +107,14 @@ def _connected(pid: int, port: int) -> bool:
     return any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections("tcp"))
 
 
+@pytest.mark.slow  # daskinfer run starts a LocalCluster of worker processes
 def test_run_stops_on_sigterm_while_it_waits_for_redis(tmp_path, hung_redis, poll):
     run = Run(["run", _redis_app(tmp_path, hung_redis.url)])
     try:
-        run.wait_for("deploying pipeline 'requests'", poll)
+        run.wait_for("deploying pipeline 'requests'")
         poll(lambda: _connected(run.proc.pid, hung_redis.port), what="daskinfer run waiting on the hung Redis")
         run.proc.send_signal(signal.SIGTERM)
-        assert run.finish(timeout=30) == 0, run.stderr[-3000:]  # well before the 60 s deploy timeout
+        assert run.finish(timeout=30) == 0, run.output()  # well before the 60 s deploy timeout
     finally:
         run.kill()
     assert "stopped" in run.stdout and "Traceback" not in run.stderr, run.stderr[-3000:]
@@ -176,20 +123,20 @@ def test_run_stops_on_sigterm_while_it_waits_for_redis(tmp_path, hung_redis, pol
 # -- stopping, cleaning up --------------------------------------------------------------------------
 
 
-def test_ctrl_c_stops_run_cleanly_without_worker_tracebacks(poll):
+def test_ctrl_c_stops_run_cleanly_without_worker_tracebacks():  # (the fast run's one LocalCluster of `daskinfer run`)
     run = Run(["run", os.path.join(ROOT, "conf", "local.yaml")])
     try:
-        run.wait_for("pipeline(s) running", poll)
+        run.wait_for("pipeline(s) running")
         assert "dashboard: http://" in run.stdout
         os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
-        assert run.finish() == 0, run.stderr[-3000:]
+        assert run.finish() == 0, run.output()
     finally:
         run.kill()
     assert "Traceback" not in run.stderr and "KeyboardInterrupt" not in run.stderr, run.stderr[-3000:]
     assert "stopped pipeline 'requests'" in run.stdout and "undeployed model 'mlp'" in run.stdout
 
 
-def test_run_on_an_external_scheduler_undeploys_what_it_deployed(client, tmp_path, poll):
+def test_run_on_an_external_scheduler_undeploys_what_it_deployed(client, tmp_path):
     name = f"ext-{uuid.uuid4().hex[:6]}"
     path = _app(
         tmp_path,
@@ -200,13 +147,13 @@ pipelines: [{{model: {name}, inbox: {name}, partitions: 2}}]
     )
     run = Run(["run", path, "--scheduler", client.scheduler.address])
     try:
-        run.wait_for("pipeline(s) running", poll)
+        run.wait_for("pipeline(s) running")
         assert "dashboard: http://" in run.stdout
         assert name in daskinfer.pipelines(client) and name in daskinfer.deployed_models(client)
         with InferenceClient(client, inbox=name) as ic:
             assert ic.predict(daskinfer.testing.random_rows(3)).shape == (3, 2)
         run.proc.send_signal(signal.SIGTERM)
-        assert run.finish() == 0, run.stderr[-3000:]
+        assert run.finish() == 0, run.output()
     finally:
         run.kill()
     assert name not in daskinfer.pipelines(client)
@@ -218,7 +165,7 @@ pipelines: [{{model: {name}, inbox: {name}, partitions: 2}}]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=ENV)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=scaled(120), env=ENV)
 
 
 def test_pipelines_and_topics_subcommands(client, mlp_deployed):
@@ -257,11 +204,15 @@ def test_admin_subcommands_without_a_scheduler_say_what_to_give():
 
 def test_dask_infer_help_names_dask_infer():
     proc = subprocess.run(
-        [sys.executable, "-m", "dask", "infer", "--help"], capture_output=True, text=True, timeout=60, env=ENV
+        [sys.executable, "-m", "dask", "infer", "--help"], capture_output=True, text=True, timeout=scaled(120), env=ENV
     )
     assert proc.returncode == 0 and proc.stdout.startswith("usage: dask infer"), proc.stdout + proc.stderr
     proc = subprocess.run(
-        [sys.executable, "-m", "dask", "infer", "run", "--help"], capture_output=True, text=True, timeout=60, env=ENV
+        [sys.executable, "-m", "dask", "infer", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=scaled(120),
+        env=ENV,
     )
     assert proc.stdout.startswith("usage: dask infer run"), proc.stdout + proc.stderr
 

@@ -126,7 +126,7 @@ def test_a_canary_at_10_percent_gets_10_percent_and_every_request_is_answered_on
     deploy(client, OnnxModel("canary-m", mlp_path, version="2"))
     pipe = Pipeline(model="stable-m", inbox=f"canary-{uuid.uuid4().hex[:8]}", partitions=2).canary("canary-m", 0.1)
     handle = deploy_pipeline(client, pipe)
-    n = 100_000
+    n = 30_000  # the share is within 0.1 +- 0.01 unless 5.8 standard deviations off (random draws)
     rows = random_rows(1000, seed=14)
     try:
         with InferenceClient(client, inbox=pipe.inbox) as ic:
@@ -151,7 +151,7 @@ def test_a_canary_at_10_percent_gets_10_percent_and_every_request_is_answered_on
     assert {r.version for r in got.values() if r.model == "canary-m"} == {"2"}
 
 
-def test_shadow_results_are_recorded_and_not_returned(client, mlp_path, second_model_bytes):
+def test_shadow_results_are_recorded_and_not_returned(client, mlp_path, second_model_bytes, poll):
     deploy(client, OnnxModel("live-m", mlp_path))
     deploy(client, OnnxModel("shadow-m", mlp_path, version="9"))
     inbox = f"shadow-{uuid.uuid4().hex[:8]}"
@@ -159,16 +159,27 @@ def test_shadow_results_are_recorded_and_not_returned(client, mlp_path, second_m
     pipe = Pipeline(model="live-m", inbox=inbox, partitions=1).shadow("shadow-m", topic=topic).infer("live-m")
     handle = deploy_pipeline(client, pipe)
     rows = random_rows(300, seed=15)
-    try:
-        with InferenceClient(client, inbox=inbox) as ic:
-            results = [f.result(30) for f in [ic.submit({"x": r}) for r in rows]]
-            returned = list(ic.results(timeout=0.5))
 
+    def read_recorded() -> list:
         async def read():
             b = BrokerRPC(client.scheduler)
             return (await b.get(topic, 0, 0, 100_000))["messages"]
 
-        recorded = [r for data in client.sync(read) for r in decode_results(data).results()]
+        return [r for data in client.sync(read) for r in decode_results(data).results()]
+
+    try:
+        with InferenceClient(client, inbox=inbox) as ic:
+            results = [f.result(60) for f in [ic.submit({"x": r}) for r in rows]]
+            recorded: list = []
+
+            def all_recorded() -> bool:
+                recorded[:] = read_recorded()
+                return len(recorded) >= len(rows)
+
+            poll(all_recorded, interval=0.05, what="a shadow result recorded for every request")
+            # one more answer: whatever the pipeline sent this client for the requests before it is here by now
+            assert ic.submit({"x": rows[0]}).result(60).ok
+            returned = list(ic.results(timeout=0))
     finally:
         handle.stop()
         undeploy(client, "live-m")
@@ -309,7 +320,7 @@ def test_deploying_a_pipeline_whose_model_is_not_deployed_fails_at_once_naming_i
     t0 = time.monotonic()
     with pytest.raises(ConfigError, match="model 'nowhere' is not deployed; deploy it first"):
         deploy_pipeline(client, Pipeline(model="nowhere", inbox=f"nowhere-{uuid.uuid4().hex[:6]}"))
-    assert time.monotonic() - t0 < 10, "it fails at deploy, not after the partitions' model timeout"
+    assert time.monotonic() - t0 < 30, "it fails at deploy, not after the partitions' model timeout (60 s)"
 
 
 def test_an_output_the_model_does_not_have_fails_at_deploy(client, two_models):

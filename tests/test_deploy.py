@@ -9,11 +9,14 @@ import time
 
 import numpy as np
 import pytest
+from distributed import Worker
+from distributed.utils_test import gen_cluster
+from timing import scaled
 
 import daskinfer
 from daskinfer import OnnxModel, PythonModel
 from daskinfer.exceptions import ModelLoadError, ModelNotFoundError
-from daskinfer.testing import random_rows, run_onnx_directly
+from daskinfer.testing import bundled_model_path, random_rows, run_onnx_directly
 
 
 def predict_on_worker(name, x):
@@ -40,23 +43,19 @@ def test_deployed_onnx_model_runs_in_a_dask_task(client, mlp_deployed, mlp_path)
         )
 
 
-def test_worker_that_joins_later_serves_the_model(client, cluster, mlp_deployed, mlp_path, poll):
-    before = set(client.scheduler_info()["workers"])
-    cluster.scale(3)
-    try:
-        client.wait_for_workers(3, timeout=60)
-        (new,) = set(client.scheduler_info(n_workers=-1)["workers"]) - before
+@gen_cluster(client=True, nthreads=[("127.0.0.1", 1)] * 2, timeout=scaled(60))
+async def test_worker_that_joins_later_serves_the_model(c, s, a, b):
+    """(Its own in-process cluster: a third worker joins it.)"""
+    mlp_path = bundled_model_path()
+    await daskinfer.deploy(c, OnnxModel("mlp", mlp_path))
+    async with Worker(s.address, nthreads=1) as new:
+        await c.wait_for_workers(3)
         x = random_rows(33, seed=5)
-        out = client.submit(predict_on_worker, "mlp", x, workers=[new], allow_other_workers=False, pure=False).result()
+        out = await c.submit(predict_on_worker, "mlp", x, workers=[new.address], allow_other_workers=False, pure=False)
         np.testing.assert_allclose(
             out["probabilities"], run_onnx_directly(mlp_path, {"x": x})["probabilities"], rtol=1e-6, atol=1e-7
         )
-        assert client.run(worker_models, workers=[new]) == {new: {"mlp": "1"}}
-    finally:
-        cluster.scale(2)
-        poll(
-            lambda: len(client.scheduler_info(n_workers=-1)["workers"]) == 2, timeout=60, what="scale down to 2 workers"
-        )
+        assert await c.run(worker_models, workers=[new.address]) == {new.address: {"mlp": "1"}}
 
 
 def test_broken_model_fails_at_deploy_naming_the_file_and_leaves_nothing(client, tmp_path):

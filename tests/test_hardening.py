@@ -101,7 +101,7 @@ def test_a_dead_letter_topic_nobody_reads_never_wedges_the_pipeline(client, mlp)
         handle.stop()
 
 
-def test_the_reply_topic_of_a_client_that_stopped_reading_expires(client, mlp):
+def test_the_reply_topic_of_a_client_that_stopped_reading_expires(client, mlp, poll):
     tag = _tag()
     handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=f"in-{tag}", partitions=1))
     try:
@@ -116,10 +116,7 @@ def test_the_reply_topic_of_a_client_that_stopped_reading_expires(client, mlp):
         def topic_exists() -> bool:
             return reply in client.sync(BrokerRPC(client.scheduler).list_topics)
 
-        deadline = time.monotonic() + 15
-        while topic_exists():
-            assert time.monotonic() < deadline, "the abandoned reply topic was not deleted"
-            time.sleep(0.2)
+        poll(lambda: not topic_exists(), interval=0.1, what="the abandoned reply topic deleted")
         with InferenceClient(client, inbox=f"in-{tag}") as ic:  # others go on
             assert ic.submit(random_rows(1)[0]).result(30).ok
     finally:
@@ -153,18 +150,17 @@ def test_pending_requests_fail_when_their_pipeline_goes_away(client):
             ic = InferenceClient(client, inbox=f"in-{tag}")
             ic.start()
         futures = [ic.submit(np.ones(2, np.float32)) for _ in range(200)]
-        futures[0].result(30)
+        futures[0].result(60)
         handle.stop(drain=False)
-        t0 = time.monotonic()
         errors = []
         for f in futures[1:]:
             try:
-                f.result(20)
+                f.result(60)
             except Exception as e:  # noqa: BLE001 - what a caller sees
                 errors.append(e)
         assert errors, "requests of a stopped pipeline fail instead of waiting forever"
-        assert time.monotonic() - t0 < 15
-        assert "stopped and none took its place" in str(errors[0])
+        # each failed because its pipeline stopped (not because result() ran out of time)
+        assert all("stopped and none took its place" in str(e) for e in errors), {type(e) for e in errors}
         with pytest.raises(ConnectionError, match="stopped receiving results"):
             ic.submit(np.ones(2, np.float32))
         ic.close()
@@ -199,7 +195,7 @@ def test_an_async_client_pushes_back_instead_of_buffering_without_bound(cluster,
     assert refused >= 100 and answered == 200 - refused and ok
 
 
-def test_results_nobody_collects_are_bounded(client, mlp):
+def test_results_nobody_collects_are_bounded(client, mlp, poll):
     tag = _tag()
     handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=f"in-{tag}", partitions=1))
     try:
@@ -208,10 +204,8 @@ def test_results_nobody_collects_are_bounded(client, mlp):
         with ic:
             for r in random_rows(300):
                 ic.send(r)
-            deadline = time.monotonic() + 30
-            while ic.received < 300 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            kept = list(ic.results(timeout=0.5))
+            poll(lambda: ic.received == 300, what="all 300 results received")
+            kept = list(ic.results(timeout=0))  # what is kept for results() is there by now
         assert ic.received == 300 and len(kept) == 50 and ic.unclaimed_dropped == 250
     finally:
         handle.stop()

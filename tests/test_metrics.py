@@ -113,7 +113,6 @@ def test_worker_and_scheduler_metrics_move_with_traffic(client, metrics_model, p
         scheduler_url = client.dashboard_link.replace("/status", "/metrics")
         poll(
             lambda: total(scrape(scheduler_url), "daskinfer_pipeline_requests_total", **p) == 313,
-            timeout=15,
             what="the scheduler's totals",
         )
         sched = scrape(scheduler_url)

@@ -16,6 +16,7 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 CELL_TIMEOUT = 150  # seconds one cell may take: the notebooks are sized for a 2-core laptop
 
 
+@pytest.mark.slow  # each notebook in a kernel of its own
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path):
     nbformat = require("nbformat", "daskinfer[notebooks]")

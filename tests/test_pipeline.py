@@ -100,7 +100,6 @@ def test_20k_mixed_requests_answered_exactly_once_in_key_order(client, mlp, mlp_
         # (a runner counts its answers once their write returns: the client may have them a moment before)
         poll(
             lambda: sum(x["answered"] for x in handle.status()["runners"]) == n_requests + 3,
-            timeout=10,
             what="the runners counting every answer written",
         )
     finally:
@@ -238,13 +237,13 @@ def test_a_pipeline_with_a_max_delay_answers_and_batches_within_it(client, mlp, 
         with InferenceClient(client, inbox=inbox) as ic:
             rows = random_rows(40, seed=41)
             t0 = time.monotonic()
-            first = ic.submit(rows[0]).result(10)
+            first = ic.submit(rows[0]).result(60)
             assert first.ok and time.monotonic() - t0 < 5
             futures = []
             for r in rows[1:]:  # a trickle: each flushed alone, gathered by the delay into a few batches
                 futures.append(ic.submit(r))
                 time.sleep(0.002)
-            results = [f.result(10) for f in futures]
+            results = [f.result(60) for f in futures]
     finally:
         handle.stop()
     assert all(r.ok for r in results)

@@ -70,6 +70,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # every README block in a fresh process, with its cluster
 def test_readme_python_blocks_run_in_order(tmp_path):
     runnable = [(b.line, b.code) for b in BLOCKS if b.not_run is None]
     assert runnable, "README.md has no python block to run"

@@ -17,7 +17,7 @@ from daskinfer.exceptions import RemoteModelError
 from daskinfer.testing import random_rows, run_onnx_directly
 
 DEADLINE = 3.0
-SLACK = 0.75  # scheduling slack on a busy 2-core machine
+SLACK = 1.5  # scheduling slack on a 2-core machine whose cores are busy
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_server_killed_and_restarted_mid_stream(mlp_path, breaker_failures):
         )
         marks["restarted"] = time.monotonic()
         await producer
-        await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE + 5)
+        await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE + 30)
         loaded.close()
         return outcomes, twice, i, loaded.stats, loaded.breaker, marks
 

@@ -41,7 +41,8 @@ def test_idle_scales_down_one_at_a_time_and_never_below_one():
 
 @pytest.fixture
 def one_worker_cluster():
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    # in-process workers (threads): scaling decides on inbox lag, whatever a worker runs in
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             yield cluster, client
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 import uuid
 
 import numpy as np
+import pytest
+from cli_process import Run
 from distributed import LocalCluster
+from timing import scaled
 
 from daskinfer import InferenceClient, Pipeline, deploy_pipeline
 from daskinfer.cli.status import COLUMNS, figures_line, status_table
@@ -20,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "daskinfer.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "daskinfer.cli", *args], capture_output=True, text=True, timeout=scaled(timeout)
     )
 
 
@@ -94,13 +98,30 @@ def test_status_of_a_scheduler_without_pipelines():
     assert "no daskinfer pipelines on" in proc.stderr and "no daskinfer controller" in proc.stderr
 
 
+@pytest.mark.slow  # daskinfer run starts a LocalCluster of worker processes
+@pytest.mark.timeout(420)
 def test_run_prints_figures_while_it_runs():
-    proc = _cli("run", os.path.join(ROOT, "conf", "local.yaml"), "--duration", "3", "--report-interval", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("daskinfer: requests: 2/2 partitions")]
-    assert len(lines) >= 2, proc.stdout
-    assert all(line.endswith("errors 0") or line.endswith("errors 0 (no rates yet)") for line in lines)
-    assert "0 req/s, 0 rows/s, lag 0" in lines[-1]  # no traffic: rates of the last interval
+    """Two lines of figures for the pipeline, the last with the rates of its interval (no traffic: 0).
+
+    It reads the output until they are there (the first lines may come before the controller has
+    placed the partitions or measured a rate), then stops the run with SIGTERM.
+    """
+    head = "daskinfer: requests: 2/2 partitions"
+
+    def lines() -> list[str]:
+        return [line for line in run.stdout.splitlines() if line.startswith(head)]
+
+    run = Run(["run", os.path.join(ROOT, "conf", "local.yaml"), "--report-interval", "1"])
+    try:
+        run.wait_until(
+            lambda: len(lines()) >= 2 and "0 req/s, 0 rows/s, lag 0" in lines()[-1],
+            what="two lines of figures, the last with rates",
+        )
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.finish() == 0, run.output()
+    finally:
+        run.kill()
+    assert all(line.endswith("errors 0") or line.endswith("errors 0 (no rates yet)") for line in lines()), run.stdout
 
 
 def _history(points: list[dict], owners: dict, errors: int = 0) -> dict:
