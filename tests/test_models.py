@@ -420,7 +420,9 @@ def test_the_inline_path_never_waits_on_the_event_loop_for_an_instance_a_thread_
     def predict(x):
         if threading.current_thread() in hammer_thread:  # hold the instance until the loop runs
             loop_ran.clear()
-            if not loop_ran.wait(1.0):
+            if not loop_ran.wait(
+                10.0
+            ):  # a loop that waits for the instance never runs again; a busy one does within 10 s
                 stalls.append("the event loop stalled waiting for the instance")
         return x
 
