@@ -29,10 +29,15 @@ class Messages:
         The messages, in inbox order.
     positions : object
         What the connector needs to commit them (an offset range, entry ids...).
+    meta : list, optional
+        Per message, its metadata, or None when it has none: Kafka headers (name -> bytes) and
+        the message key as ``key``; the Redis entry's fields other than ``d``.  ``None``: no
+        message has any.  It may mark a message as v2 (KServe) JSON (:mod:`daskinfer.wire.v2json`).
     """
 
     payloads: list[bytes]
     positions: Any = None
+    meta: list[dict[str, Any] | None] | None = None
 
     def __len__(self) -> int:
         return len(self.payloads)
@@ -45,6 +50,7 @@ class OutMessage(NamedTuple):
     key: str | None  # partitioning key (None: the connector picks)
     data: bytes  # an encoded result, result frame or dead letter
     correlation_id: str | None = None  # the request id of a single result (brokers with headers use it)
+    headers: tuple[tuple[str, str], ...] = ()  # more headers (Kafka) or entry fields (Redis): a v2 answer's
 
 
 class PartitionRevoked(Exception):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from daskinfer.wire.frames import RequestColumns
+from daskinfer.wire.v2json import V2Reply
 
 _NAN = float("nan")
 
@@ -33,6 +34,7 @@ class Origin:
     framed: bool  # a request frame (answered with result frames) or a single request message
     received_at: float  # when the partition read it (Unix seconds)
     data: bytes = b""  # raw bytes, kept for the dead-letter topic of a single message
+    v2: V2Reply | None = None  # a v2 (KServe) request, answered in v2 (see daskinfer.wire.v2json)
 
 
 @dataclass(slots=True)

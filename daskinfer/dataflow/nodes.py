@@ -20,6 +20,7 @@ operators meant for users are, see :mod:`daskinfer.dataflow.streams`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import deque
@@ -46,22 +47,27 @@ from daskinfer.dataflow.stages import Stage, StageContext
 from daskinfer.dataflow.stats import PartitionStats, arrivals
 from daskinfer.dataflow.streams import Items
 from daskinfer.wire.frames import decode_requests, peek_fields
+from daskinfer.wire.v2json import rejected_reply
 
 logger = logging.getLogger(__name__)
 
 
 def decode_read(payloads: list[bytes], read: Any, max_request_size: int) -> InboxBatch:
-    """One read's messages as request batches by signature, and the messages that did not decode."""
+    """One read's messages as request batches by signature, and the messages that did not decode.
+
+    ``read.meta`` (Kafka headers, Redis entry fields) may mark a message as v2 (KServe) JSON."""
     now = time.time()
     decoded = []
     rejected = []
-    for data in payloads:
+    metas = getattr(read, "meta", None) or itertools.repeat(None)
+    for data, meta in zip(payloads, metas):
         try:
-            cols = decode_requests(data, max_size=max_request_size)
+            cols = decode_requests(data, max_size=max_request_size, meta=meta)
         except Exception as e:  # CodecError, RequestError: this message alone fails
-            rejected.append(Rejected(Origin(None, False, now, data), e, peek_fields(data)))
+            origin = Origin(None, False, now, data, rejected_reply(meta))
+            rejected.append(Rejected(origin, e, peek_fields(data, meta)))
             continue
-        decoded.append((cols, Origin(cols.reply_to, cols.framed, now, b"" if cols.framed else data)))
+        decoded.append((cols, Origin(cols.reply_to, cols.framed, now, b"" if cols.framed else data, cols.v2)))
     requests, n = group_by_signature(decoded)
     return InboxBatch(requests, rejected, [read], sum(b.n_rows for b in requests) + len(rejected), n)
 

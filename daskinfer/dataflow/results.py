@@ -5,7 +5,8 @@ its requests came from: a result frame for a request frame, single result messag
 single request messages (other producers expect one answer per request).  Requests in
 error also leave a dead letter with their raw bytes (or, for a frame, their own rows
 re-encoded).  A result whose reply target is not one a client made goes to the
-dead-letter topic with the reason, instead of anywhere the request asked.
+dead-letter topic with the reason, instead of anywhere the request asked.  A request that
+came as v2 (KServe) JSON is answered with a v2 response (:mod:`daskinfer.wire.v2json`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from daskinfer.connectors.base import OutMessage
 from daskinfer.dataflow.batch import Origin, Rejected, RequestBatch, ResultBatch, ResultPart
 from daskinfer.exceptions import ReplyTargetError
-from daskinfer.wire import codec
+from daskinfer.wire import codec, v2json
 from daskinfer.wire.frames import ErrorColumns, encode_result_frame
 from daskinfer.wire.messages import Result
 
@@ -122,6 +123,10 @@ class ResultWriter:
             return self._dead_letters(batch, start, end, origin, (type(err).__name__, str(err)), now)
         if origin.framed:
             msgs.append(OutMessage(target, None, self._frame(part, start, end)))
+        elif origin.v2 is not None:
+            for i in range(start, end):
+                data, headers = self._v2(part, i, origin.v2)
+                msgs.append(OutMessage(target, batch.keys[i] if batch.keys else None, data, batch.ids[i], headers))
         else:
             for i in range(start, end):
                 msgs.append(
@@ -180,6 +185,16 @@ class ResultWriter:
         outputs = {k: (v[r0:r1] if batch.batched[i] else v[r0]) for k, v in (part.outputs or {}).items()}
         return Result(batch.ids[i], outputs, **common).encode()
 
+    @staticmethod
+    def _v2(part: ResultPart, i: int, reply: v2json.V2Reply) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+        """The v2 response to request ``i`` of ``part`` (a block: its rows keep the row dimension)."""
+        batch = part.batch
+        if part.error is not None:
+            return v2json.encode_error(batch.ids[i], *part.error)
+        r0, r1 = batch.request_rows(i, i + 1)
+        outputs = {k: v[r0:r1] for k, v in (part.outputs or {}).items()}
+        return v2json.encode_response(batch.ids[i], part.model, part.version, outputs, reply)
+
     def _dead_letters(
         self, batch: RequestBatch, start: int, end: int, origin: Origin, error: tuple[str, str], now: float
     ) -> list[OutMessage]:
@@ -194,21 +209,11 @@ class ResultWriter:
                 )
             else:
                 data = origin.data
+            letter = {"id": batch.ids[i], "error_type": error[0], "error": error[1], "data": data, "at": now}
+            if origin.v2 is not None:
+                letter["headers"] = dict(origin.v2.headers)
             out.append(
-                OutMessage(
-                    self.dead_letter,
-                    batch.keys[i] if batch.keys else None,
-                    codec.encode(
-                        {
-                            "id": batch.ids[i],
-                            "error_type": error[0],
-                            "error": error[1],
-                            "data": data,
-                            "at": now,
-                        }
-                    ),
-                    batch.ids[i],
-                )
+                OutMessage(self.dead_letter, batch.keys[i] if batch.keys else None, codec.encode(letter), batch.ids[i])
             )
         return out
 
@@ -217,7 +222,10 @@ class ResultWriter:
         rid = fields.get("id")
         rid = rid if isinstance(rid, str) else f"undecodable-{abs(hash(rej.origin.data)) % 10**12}"
         reply_to = fields.get("r")
-        origin = Origin(reply_to if isinstance(reply_to, str) else None, False, rej.origin.received_at, rej.origin.data)
+        v2 = rej.origin.v2
+        origin = Origin(
+            reply_to if isinstance(reply_to, str) else None, False, rej.origin.received_at, rej.origin.data, v2
+        )
         key = fields.get("k") if isinstance(fields.get("k"), str) else None
         err = (type(rej.error).__name__, str(rej.error))
         msgs = []
@@ -234,6 +242,9 @@ class ResultWriter:
                         ),
                     )
                 )
+            elif v2 is not None:
+                data, headers = v2json.encode_error(rid if isinstance(fields.get("id"), str) else None, *err)
+                msgs.append(OutMessage(target, key, data, rid, headers))
             else:
                 sent = fields.get("t")
                 msgs.append(
@@ -252,20 +263,8 @@ class ResultWriter:
                     )
                 )
         if self.dead_letter:
-            msgs.append(
-                OutMessage(
-                    self.dead_letter,
-                    key,
-                    codec.encode(
-                        {
-                            "id": rid,
-                            "error_type": err[0],
-                            "error": err[1],
-                            "data": rej.origin.data,
-                            "at": now,
-                        }
-                    ),
-                    rid,
-                )
-            )
+            letter = {"id": rid, "error_type": err[0], "error": err[1], "data": rej.origin.data, "at": now}
+            if v2 is not None:
+                letter["headers"] = dict(v2.headers)
+            msgs.append(OutMessage(self.dead_letter, key, codec.encode(letter), rid))
         return msgs

@@ -281,6 +281,8 @@ def json_data_to_array(data: Any, datatype: str, shape: Sequence[int], tensor: s
         parsed = np.asarray(data)
     except ValueError as e:  # ragged nesting
         raise TensorDecodeError(f"tensor {tensor!r}: 'data' is not a regular array: {e}") from None
+    if dtype is not None and dtype.kind in "iu" and parsed.dtype.kind in "fO":
+        parsed = _exact_ints(data, parsed, dtype, tensor)
     if parsed.size != n:
         raise TensorDecodeError(f"tensor {tensor!r}: shape {list(shape)} needs {n} values, got {parsed.size}")
     if n and parsed.dtype.kind not in _JSON_KINDS.get(datatype, "iub"):
@@ -298,6 +300,21 @@ def json_data_to_array(data: Any, datatype: str, shape: Sequence[int], tensor: s
     _check_range(parsed, dtype, tensor)
     with np.errstate(over="ignore"):  # floats beyond FP16/FP32 become inf, as on every v2 server
         return parsed.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_ints(data: list, parsed: np.ndarray, dtype: np.dtype, tensor: str) -> np.ndarray:
+    """Integers beyond int64 (UINT64's upper half), which numpy reads as floats (losing digits) or objects."""
+    exact = np.array(data, dtype=object)
+    flat = exact.ravel().tolist()
+    if not flat or not all(type(v) is int for v in flat):
+        return parsed  # not all integers: the datatype check says so
+    info = np.iinfo(dtype)
+    bad = next((v for v in flat if not info.min <= v <= info.max), None)
+    if bad is not None:
+        raise TensorDecodeError(
+            f"tensor {tensor!r}: value {bad} is outside the range of {datatype_of(dtype)} [{info.min}, {info.max}]"
+        )
+    return np.array(flat, dtype=dtype).reshape(exact.shape)
 
 
 # -- REST bodies, with Triton's binary tensor data extension ---------------------------------
@@ -377,6 +394,19 @@ def _load_json(data: bytes) -> Any:
         raise
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise TensorDecodeError(f"the request body is not JSON: {e}") from None
+
+
+def timeout_parameter(params: dict[str, Any]) -> float | None:
+    """Triton's ``timeout`` request parameter (microseconds), in seconds; ``None`` when absent.
+
+    Raises :class:`TensorDecodeError` when it is not a positive integer.
+    """
+    value = params.get("timeout")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise TensorDecodeError(f"parameter 'timeout' is {value!r}, expected a positive number of microseconds")
+    return value / 1e6
 
 
 def check_json_finite(name: str, arr: np.ndarray) -> None:

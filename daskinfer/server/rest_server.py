@@ -83,12 +83,10 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def _timeout(params: dict[str, Any]) -> float | None:
     """Triton's ``timeout`` request parameter (microseconds), in seconds."""
-    value = params.get("timeout")
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise BadRequest(f"parameter 'timeout' is {value!r}, expected a positive number of microseconds")
-    return value / 1e6
+    try:
+        return v2.timeout_parameter(params)
+    except v2.TensorDecodeError as e:
+        raise BadRequest(str(e)) from None
 
 
 class RestApp:

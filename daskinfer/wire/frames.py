@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from daskinfer.exceptions import CodecError, InputValidationError
-from daskinfer.wire import codec
+from daskinfer.wire import codec, v2json
 from daskinfer.wire.messages import Result, request_from_wire, unknown_fields
 
 FRAME_VERSION = 1
@@ -75,6 +75,8 @@ class RequestColumns:
         Where the results go.
     framed : bool
         True for a frame (results go back as a frame); False for a single request message.
+    v2 : V2Reply, optional
+        Set for a request that came as v2 (KServe) JSON: it is answered in v2 (:mod:`.v2json`).
     """
 
     ids: list[str]
@@ -88,6 +90,7 @@ class RequestColumns:
     reply_to: str | None = None
     framed: bool = True
     budgets: np.ndarray | None = None
+    v2: v2json.V2Reply | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -230,15 +233,25 @@ def _single_from_wire(msg: Any) -> RequestColumns:
     )
 
 
-def decode_requests(data: bytes, *, max_size: int | None = None) -> RequestColumns:
+def decode_requests(data: bytes, *, max_size: int | None = None, meta: v2json.Meta | None = None) -> RequestColumns:
     """Decode a request frame or a single request message.
+
+    ``meta`` (Kafka headers, Redis entry fields) may mark a v2 (KServe) request: see :mod:`.v2json`.
 
     Raises
     ------
     CodecError, RequestError, RequestTooLargeError
         The bytes are not a valid request or frame; the error says what is wrong.
     """
-    msg = codec.decode(data, max_size=max_size)
+    if meta is not None and v2json.marked(meta):
+        single, reply = v2json.decode_request(data, meta, max_size=max_size)
+        cols = _single_from_wire(single)
+        cols.v2 = reply
+        return cols
+    try:
+        msg = codec.decode(data, max_size=max_size)
+    except CodecError as e:
+        raise v2json.unmarked(data, e) from None
     if type(msg) is dict and "f" in msg:
         if msg["f"] != FRAME_VERSION:
             raise CodecError(f"unknown frame version {msg['f']!r} (this daskinfer reads version {FRAME_VERSION})")
@@ -443,8 +456,10 @@ def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns
     )
 
 
-def peek_fields(data: bytes) -> dict[str, Any]:
+def peek_fields(data: bytes, meta: v2json.Meta | None = None) -> dict[str, Any]:
     """Best effort: the id(s), reply target, key and send time of a message that failed to decode."""
+    if meta is not None and v2json.marked(meta):
+        return v2json.peek_fields(data, meta)
     try:
         msg = codec.decode(data)
     except Exception:

@@ -126,11 +126,19 @@ class KafkaConnector(Connector):
     # -- read ----------------------------------------------------------------------------------
     async def read(self, max_messages: int, timeout: float) -> Messages:
         """Up to ``max_messages`` messages, waiting up to ``timeout`` s for the first; their
-        positions are the offsets ``(first, last)`` (offsets between may be transaction markers)."""
+        positions are the offsets ``(first, last)`` (offsets between may be transaction markers);
+        the headers of those that have some, with the message key, are their ``meta``."""
         msgs = await self._read(max_messages, timeout)
         if not msgs:
             return Messages([])
-        return Messages([m.value() or b"" for m in msgs], (msgs[0].offset(), msgs[-1].offset()))
+        meta: list[dict[str, Any] | None] | None = None
+        for i, m in enumerate(msgs):
+            headers = m.headers()
+            if headers:
+                if meta is None:
+                    meta = [None] * len(msgs)
+                meta[i] = {**dict(headers), "key": m.key()}
+        return Messages([m.value() or b"" for m in msgs], (msgs[0].offset(), msgs[-1].offset()), meta)
 
     async def _read(self, max_messages: int, timeout: float) -> list[Message]:
         if self._closed:

@@ -146,10 +146,12 @@ class ResultWriter:
     @staticmethod
     def produce(producer: Producer, writes: Writes) -> None:
         produce = producer.produce
-        for target, key, data, cid in writes:
+        for target, key, data, cid, more in writes:
             while True:
                 try:
-                    if cid:
+                    if more:
+                        produce(target, data, key, headers=[(CORRELATION_HEADER, cid), *more] if cid else list(more))
+                    elif cid:
                         produce(target, data, key, headers=[(CORRELATION_HEADER, cid)])
                     else:
                         produce(target, data, key)

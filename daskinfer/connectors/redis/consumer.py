@@ -13,6 +13,7 @@ from daskinfer.connectors.base import Connector, Messages, OutMessage, Partition
 from daskinfer.connectors.redis.framing import (
     as_str,
     last_xread_id,
+    more_fields,
     pack_messages,
     unpack_entries,
 )
@@ -144,9 +145,10 @@ class RedisConnector(Connector):
             payloads: list[bytes] = []
             ids: list[str] = []
             gone: list[str] = []
+            metas: list[dict[str, Any] | None] = []
             inflight = self._inflight
             last = None
-            for eid, data in unpack_entries(reply):
+            for eid, data, meta in unpack_entries(reply):
                 last = eid
                 if history is not None and eid in inflight:
                     continue  # read before the reconnect and still being processed
@@ -156,6 +158,7 @@ class RedisConnector(Connector):
                 inflight.add(eid)
                 payloads.append(data)
                 ids.append(eid)
+                metas.append(meta)
             if history is not None:
                 self._history = last  # None when the history is exhausted: on to new entries
             elif last is not None:
@@ -171,7 +174,7 @@ class RedisConnector(Connector):
                 await self.write_and_commit([], [Messages([], gone)])
             if payloads:
                 self.read_count += len(payloads)
-                return Messages(payloads, ids)
+                return Messages(payloads, ids, metas if any(m is not None for m in metas) else None)
             if last is not None or history is not None:
                 continue
             left = deadline - loop.time()
@@ -197,29 +200,34 @@ class RedisConnector(Connector):
             return
         if self.link.closed:
             raise PartitionRevoked(f"{self.consumer}: connector closed")
-        by_topic: dict[str, list[bytes]] = {}
+        # per topic, runs of messages with the same more fields (a v2 answer's content-type), in order
+        by_topic: dict[str, list[tuple[tuple[tuple[str, str], ...], list[bytes]]]] = {}
         for w in writes:
-            by_topic.setdefault(w.target, []).append(w.data)
+            runs = by_topic.setdefault(w.target, [])
+            if runs and runs[-1][0] == w.headers:
+                runs[-1][1].append(w.data)
+            else:
+                runs.append((w.headers, [w.data]))
         keys: list[str] = [self.stream, self.fence]
         args: list[Any] = [self.group, self.token, " ".join(ids)]
-        for topic, datas in by_topic.items():
+        for topic, runs in by_topic.items():
             if topic == self.outbox or topic in self.record_topics:
                 maxlen, create = self.outbox_max_length, 1
             elif topic == self.dead_letter:
                 maxlen, create = self.dead_letter_max_length, 1
             else:  # a client's reply stream: only while it exists
                 maxlen, create = self.outbox_max_length, 0
-            packed, big = pack_messages(datas)
-            keys.append(topic)
-            args += [maxlen, create, len(big), packed, *big]
+            for more, datas in runs:
+                packed, big = pack_messages(datas)
+                keys.append(topic)
+                args += [maxlen, create, more_fields(more), len(big), packed, *big]
         link = self.link
         reply = await link.retry("write", lambda: link.script("deliver", keys, args))
         if reply == -1:
             raise self._revoked()
         if reply:
-            topics = list(by_topic)
-            gone = [topics[k - 1] for k in reply]
-            self.dropped += sum(len(by_topic[t]) for t in gone)
+            gone = sorted({keys[k + 1] for k in reply})
+            self.dropped += sum(len(datas) for t in gone for _, datas in by_topic[t])
             logger.warning(
                 "%s: results for reply streams %s dropped: the streams are gone (clients that left)",
                 self.consumer,

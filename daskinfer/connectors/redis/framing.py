@@ -8,7 +8,7 @@ from typing import Any
 
 from daskinfer.connectors.redis.scripts import BIG_MESSAGE
 
-ENTRY_HEADER = struct.Struct(">II")
+ENTRY_HEADER = struct.Struct(">III")
 LENGTH = struct.Struct(">I")
 GONE_MARKER = 0xFFFFFFFF
 NEXT_MARKER = 0xFFFFFFFE
@@ -29,27 +29,52 @@ def pack_messages(messages: Sequence[bytes]) -> tuple[bytes, list[bytes]]:
     return b"".join(parts), big
 
 
-def unpack_entries(reply: list[bytes]) -> list[tuple[str, bytes | None]]:
-    """``(id, data)`` pairs of a read script's reply (data None: the entry was deleted)."""
+def unpack_entries(reply: list[bytes]) -> list[tuple[str, bytes | None, dict[str, bytes] | None]]:
+    """``(id, data, meta)`` of each entry of a read script's reply (data None: the entry was
+    deleted; meta: its fields other than ``d``, None when it has none)."""
     if not reply:
         return []
     buf, big = reply[0], iter(reply[1:])
-    out: list[tuple[str, bytes | None]] = []
+    out: list[tuple[str, bytes | None, dict[str, bytes] | None]] = []
     i, n = 0, len(buf)
     unpack = ENTRY_HEADER.unpack_from
     while i < n:
-        lid, ld = unpack(buf, i)
-        i += 8
+        lid, ld, lm = unpack(buf, i)
+        i += 12
         eid = buf[i : i + lid].decode()
         i += lid
+        meta = None
+        if lm:
+            meta = _fields(buf[i : i + lm])
+            i += lm
         if ld == GONE_MARKER:
-            out.append((eid, None))
+            out.append((eid, None, None))
         elif ld == NEXT_MARKER:
-            out.append((eid, next(big)))
+            out.append((eid, next(big), meta))
         else:
-            out.append((eid, buf[i : i + ld]))
+            out.append((eid, buf[i : i + ld], meta))
             i += ld
     return out
+
+
+def _fields(buf: bytes) -> dict[str, bytes]:
+    """Fields packed by the read script: per field a uint32 length and the name, a uint32 length and the value."""
+    out: dict[str, bytes] = {}
+    i, n = 0, len(buf)
+    unpack = LENGTH.unpack_from
+    while i < n:
+        (ln,) = unpack(buf, i)
+        name = buf[i + 4 : i + 4 + ln].decode("utf-8", "replace")
+        i += 4 + ln
+        (lv,) = unpack(buf, i)
+        out.setdefault(name, buf[i + 4 : i + 4 + lv])
+        i += 4 + lv
+    return out
+
+
+def more_fields(fields: tuple[tuple[str, str], ...]) -> str:
+    """Fields of an entry after ``d`` as the deliver script takes them (each name and value ends in a newline)."""
+    return "".join(f"{name}\n{value}\n" for name, value in fields)
 
 
 def unpack_messages(buf: bytes, big: list[bytes]) -> list[bytes]:

@@ -35,8 +35,10 @@ return {r[1], #r[2]}
 # KEYS: stream, fence; ARGV: group, consumer, token, count, id ('>' for new entries, else
 # the id after which to re-read this consumer's pending entries).  Returns -1 when another
 # runner owns the partition, else {packed, big...} where packed holds per entry the lengths
-# of id and data (0xFFFFFFFF: the entry was deleted meanwhile) as two uint32, the id, and
-# the data unless it is big; an entry without a 'd' field has empty data.
+# of id, data (0xFFFFFFFF: the entry was deleted meanwhile) and meta as three uint32, the id,
+# the meta (the entry's other fields: per field a uint32 length and the name, a uint32 length
+# and the value; empty for daskinfer's own entries) and the data unless it is big; an entry
+# without a 'd' field has empty data.
 _READ = """
 local f = redis.call('GET', KEYS[2])
 if not f then
@@ -51,18 +53,24 @@ local parts, out = {}, {''}
 for i, e in ipairs(r[1][2]) do
   local fv = e[2]
   if fv then
-    local d = ''
+    local d, m = nil, {}
     for j = 1, #fv, 2 do
-      if fv[j] == 'd' then d = fv[j + 1] break end
+      if fv[j] == 'd' and not d then
+        d = fv[j + 1]
+      else
+        m[#m + 1] = struct.pack('>I4', #fv[j]) .. fv[j] .. struct.pack('>I4', #fv[j + 1]) .. fv[j + 1]
+      end
     end
+    d = d or ''
+    local meta = table.concat(m)
     if #d > BIG then
-      parts[i] = struct.pack('>I4I4', #e[1], 4294967294) .. e[1]
+      parts[i] = struct.pack('>I4I4I4', #e[1], 4294967294, #meta) .. e[1] .. meta
       out[#out + 1] = d
     else
-      parts[i] = struct.pack('>I4I4', #e[1], #d) .. e[1] .. d
+      parts[i] = struct.pack('>I4I4I4', #e[1], #d, #meta) .. e[1] .. meta .. d
     end
   else
-    parts[i] = struct.pack('>I4I4', #e[1], 4294967295) .. e[1]
+    parts[i] = struct.pack('>I4I4I4', #e[1], 4294967295, 0) .. e[1]
   end
 end
 out[1] = table.concat(parts)
@@ -129,8 +137,10 @@ end
 
 # KEYS: stream, fence, topic streams...; ARGV: group, token, ids to acknowledge (separated by
 # spaces), then per topic: approximate maxlen (0: none), create the stream ('1') or only
-# append to an existing one ('0': a reply stream whose client left gets nothing), number of
-# big messages, packed messages, the big ones.  Writes the results and then acknowledges and
+# append to an existing one ('0': a reply stream whose client left gets nothing), more
+# fields of each entry after 'd' (name and value, each ending in a newline; '': none),
+# number of big messages, packed messages, the big ones.  A topic may come several times
+# (runs of messages with other fields).  Writes the results and then acknowledges and
 # deletes the processed inbox entries, atomically: both happen or neither.  Returns -1 when
 # another runner owns the partition (nothing written), else the (1-based) numbers of the
 # topics that were not there.  The entries are acknowledged first: if none of them was still
@@ -153,17 +163,19 @@ if #ids > 0 and acked == 0 then return {} end
 local missing = {}
 local a = 4
 for k = 1, #KEYS - 2 do
-  local key, maxlen, create, nbig = KEYS[k + 2], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local key, maxlen, create, nbig = KEYS[k + 2], ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 3])
+  local more = {}
+  for s in string.gmatch(ARGV[a + 2], '([^\\n]*)\\n') do more[#more + 1] = s end
   local kind = redis.call('TYPE', key)['ok']
   if (create == '0' and kind == 'none') or (kind ~= 'none' and kind ~= 'stream') then
     -- a reply stream that is gone, or a key that is not a stream: its results are dropped (and
     -- counted), never a failure after the acknowledgement above
     missing[#missing + 1] = k
-    a = a + 4 + nbig
+    a = a + 5 + nbig
   elseif maxlen == '0' then
-    a = each(a + 3, nbig, function(d) redis.call('XADD', key, '*', 'd', d) end)
+    a = each(a + 4, nbig, function(d) redis.call('XADD', key, '*', 'd', d, unpack(more)) end)
   else
-    a = each(a + 3, nbig, function(d) redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'd', d) end)
+    a = each(a + 4, nbig, function(d) redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'd', d, unpack(more)) end)
   end
 end
 for i = 1, #ids, 1000 do
