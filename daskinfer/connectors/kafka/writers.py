@@ -144,17 +144,17 @@ class ResultWriter:
         return t is not None and t.error is None
 
     @staticmethod
-    def produce(producer: Producer, writes: Writes) -> None:
+    def produce(producer: Producer, writes: Writes, on_delivery: Callable[..., None] | None = None) -> None:
+        """Produce ``writes`` (the request id in the correlation header), waiting only while
+        librdkafka's queue is full; ``on_delivery(err, msg)`` for each, if given."""
         produce = producer.produce
         for target, key, data, cid, more in writes:
+            headers: list[tuple[str, str | bytes | None]] | None = (
+                [(CORRELATION_HEADER, cid), *more] if cid else list(more)
+            ) or None
             while True:
                 try:
-                    if more:
-                        produce(target, data, key, headers=[(CORRELATION_HEADER, cid), *more] if cid else list(more))
-                    elif cid:
-                        produce(target, data, key, headers=[(CORRELATION_HEADER, cid)])
-                    else:
-                        produce(target, data, key)
+                    produce(target, data, key, headers=headers, on_delivery=on_delivery)
                     break
                 except BufferError:  # librdkafka's queue is full: let it send
                     producer.poll(0.01)
@@ -362,15 +362,7 @@ class AckedWriter(ResultWriter):
         entry = _Write(len(live), upto)
         with self._lock:
             self._writes.append(entry)
-        delivered = functools.partial(self._delivered, entry)
-        for target, key, data, cid in live:
-            headers: list[tuple[str, str | bytes | None]] | None = [(CORRELATION_HEADER, cid)] if cid else None
-            while True:
-                try:
-                    producer.produce(target, data, key, headers=headers, on_delivery=delivered)
-                    break
-                except BufferError:  # librdkafka's queue is full: let it send
-                    producer.poll(0.01)
+        self.produce(producer, live, functools.partial(self._delivered, entry))
         producer.poll(0)
         self._advance()
 
