@@ -6,9 +6,12 @@ arrays as tuples), so the expected messages below are written with tuples.
 
 from __future__ import annotations
 
+import asyncio
+
 import msgpack
+from distributed import Scheduler, Worker
 from distributed.comm import connect
-from distributed.utils_test import async_poll_for, gen_cluster
+from distributed.utils_test import async_poll_for
 
 from daskinfer.connectors.direct.endpoint import endpoint_for
 from daskinfer.connectors.direct.link import open_stream, post, read_messages
@@ -31,14 +34,13 @@ def test_client_of_reads_only_direct_reply_targets():
 async def _open(worker, client_id: str):
     comm = await connect(worker.address)
     await comm.write({"op": CONNECT_OP, "client": client_id, "reply": False})
-    return comm, open_stream(comm), aiter(read_messages(comm))
+    return open_stream(comm), aiter(read_messages(comm))
 
 
-@gen_cluster(nthreads=[("127.0.0.1", 1)])
-async def test_worker_queues_answers_and_moves_sends(s, a):
+async def _queues_answers_and_moves(a: Worker) -> None:
     endpoint = endpoint_for(a)
     queue = endpoint.open_queue("in", 0, max_messages=2, max_bytes=1_000)
-    comm, stream, messages = await _open(a, "c1")
+    stream, messages = await _open(a, "c1")
     try:
         post(stream, Send("in", 0, 1, [b"r1"]))
         assert await anext(messages) == Queued((1,))
@@ -58,3 +60,11 @@ async def test_worker_queues_answers_and_moves_sends(s, a):
         stream.abort()
     assert not endpoint.deliver("nobody", [b"lost"], [1])
     assert endpoint.undeliverable == 1
+
+
+def test_worker_queues_answers_and_moves_sends():
+    async def main() -> None:
+        async with Scheduler(port=0, dashboard_address=":0") as s, Worker(s.address, nthreads=1) as a:
+            await _queues_answers_and_moves(a)
+
+    asyncio.run(main())
