@@ -7,7 +7,9 @@ scheduler is not in the data path).
 - :mod:`.transport`: the client side (:class:`DirectTransport`): routes from the
   scheduler, one connection per worker, every request kept until it is answered and
   sent again to the new owner when its partition moves or its worker dies.
-- :mod:`.link`: a comm writer that coalesces what is queued into one write.
+- :mod:`.protocol`: the messages (named ops, one dataclass each).
+- :mod:`.link`: the batched streams both ends write (distributed's ``BatchedSend``) and
+  the client's reader of the worker's stream.
 """
 
 from daskinfer.connectors.direct.endpoint import ENDPOINT, DirectEndpoint

@@ -1,18 +1,16 @@
 """The worker side of the direct transport: client connections and per-partition request queues.
 
-A client opens one comm to each worker it sends to (op ``daskinfer_direct``) and keeps it.
-Messages on it are lists of small dicts:
-
-- client -> worker: ``{"op": "send", "i": inbox, "p": partition, "s": seq, "d": [bytes, ...]}``
-- worker -> client: ``{"op": "q", "s": [seq, ...]}`` (queued: room for more),
-  ``{"op": "m", "s": [seq, ...]}`` (moved: send these to the partition's new owner),
-  ``{"op": "r", "d": [bytes, ...], "s": [seq, ...]}`` (results, and the sends now fully answered).
+A client opens one comm to each worker it sends to (op ``daskinfer_direct``) and keeps it;
+the messages on it are those of :mod:`.protocol`.  The worker reads a client's stream
+with its own ``handle_stream``, which hands each :class:`~.protocol.Send` to the
+``daskinfer-send`` stream handler, and writes back on a
+:class:`~distributed.batched.BatchedSend` (:mod:`.link`).
 
 Each partition hosted here has a :class:`PartitionQueue`, bounded in messages and bytes.
-A send that does not fit waits (in order) and is acknowledged only when it is queued, so
-a client holds at most a few unacknowledged sends per partition: back-pressure reaches
-the producer.  When the partition leaves this worker, what it has not taken is answered
-"moved", and the client sends it to the new owner.
+A send that does not fit waits (in order) and is acknowledged (``daskinfer-queued``) only
+when it is queued, so a client holds at most a few unacknowledged sends per partition:
+back-pressure reaches the producer.  When the partition leaves this worker, what it has
+not taken is answered ``daskinfer-moved``, and the client sends it to the new owner.
 """
 
 from __future__ import annotations
@@ -21,30 +19,32 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from distributed.comm.core import CommClosedError
-
-from daskinfer.connectors.direct.link import CommWriter
+from daskinfer.connectors.direct.link import open_stream, post
+from daskinfer.connectors.direct.protocol import CONNECT_OP, Message, Moved, Queued, Results, Send
 
 if TYPE_CHECKING:
     from distributed import Worker
+    from distributed.batched import BatchedSend
 
 logger = logging.getLogger(__name__)
 
 ENDPOINT = "daskinfer-direct"
 
 
+@dataclass(slots=True)
 class QueuedSend:
-    """One send of one client: a few request messages (usually one frame)."""
+    """One send of one client, held here: a few request messages (usually one frame)."""
 
-    __slots__ = ("client", "seq", "payloads", "nbytes")
+    client: str
+    seq: int
+    payloads: Sequence[bytes]
+    nbytes: int = field(init=False)
 
-    def __init__(self, client: str, seq: int, payloads: list[bytes]):
-        self.client = client
-        self.seq = seq
-        self.payloads = payloads
-        self.nbytes = sum(len(p) for p in payloads)
+    def __post_init__(self) -> None:
+        self.nbytes = sum(len(p) for p in self.payloads)
 
 
 class PartitionQueue:
@@ -82,7 +82,7 @@ class PartitionQueue:
     def offer(self, send: QueuedSend) -> bool:
         """Queue ``send`` if it fits (and nothing waits before it); else park it. True if queued."""
         if self.closed:
-            self.endpoint.reply(send.client, "m", [send.seq])
+            self.endpoint.post(send.client, Moved([send.seq]))
             return False
         if not self.parked and self._fits(send):
             self._push(send)
@@ -115,7 +115,7 @@ class PartitionQueue:
             self._push(s)
             admitted.setdefault(s.client, []).append(s.seq)
         for client, seqs in admitted.items():
-            self.endpoint.reply(client, "q", seqs)
+            self.endpoint.post(client, Queued(seqs))
         return out
 
     async def wait(self, timeout: float) -> bool:
@@ -139,13 +139,12 @@ class PartitionQueue:
         return left
 
 
+@dataclass(slots=True)
 class ClientLink:
-    """This worker's connection to one client."""
+    """This worker's connection to one client: the stream it writes to."""
 
-    def __init__(self, client: str, comm: Any):
-        self.client = client
-        self.comm = comm
-        self.writer = CommWriter(comm)
+    client: str
+    stream: BatchedSend
 
 
 class DirectEndpoint:
@@ -156,7 +155,8 @@ class DirectEndpoint:
         self.clients: dict[str, ClientLink] = {}
         self.queues: dict[tuple[str, int], PartitionQueue] = {}
         self.undeliverable = 0  # results for clients no longer connected here
-        worker.handlers["daskinfer_direct"] = self.serve
+        worker.handlers[CONNECT_OP] = self.serve
+        worker.stream_handlers[Send.op] = self._on_send
 
     # -- the partitions' side -------------------------------------------------------------
     def open_queue(self, inbox: str, partition: int, max_messages: int, max_bytes: int) -> PartitionQueue:
@@ -179,57 +179,50 @@ class DirectEndpoint:
         for client, seq in untaken:
             moved.setdefault(client, []).append(seq)
         for client, seqs in moved.items():
-            self.reply(client, "m", seqs)
+            self.post(client, Moved(seqs))
 
     def deliver(self, client: str, data: list[bytes], done: list[int]) -> bool:
         """Send results (and the sends they complete) to a client; False if it is not connected."""
-        link = self.clients.get(client)
-        if link is None or link.writer.closed:
-            self.undeliverable += len(data)
-            return False
-        link.writer.send({"op": "r", "d": data, "s": done})
-        return True
+        if self.post(client, Results(data, done)):
+            return True
+        self.undeliverable += len(data)
+        return False
 
-    def reply(self, client: str, op: str, seqs: list[int]) -> None:
+    def post(self, client: str, message: Message) -> bool:
+        """Queue ``message`` for ``client``; False if it is not connected here."""
         link = self.clients.get(client)
-        if link is not None:
-            link.writer.send({"op": op, "s": seqs})
+        return link is not None and post(link.stream, message)
 
     def connected(self, client: str) -> bool:
         return client in self.clients
 
     # -- the clients' side -------------------------------------------------------------------
     async def serve(self, comm: Any, client: str) -> None:
-        """Handler of ``daskinfer_direct``: read a client's sends until it disconnects."""
-        link = ClientLink(client, comm)
+        """Handler of ``daskinfer_direct``: read a client's stream until it disconnects."""
+        link = ClientLink(client, open_stream(comm))
         old = self.clients.get(client)
-        if old is not None:
-            old.writer.close()
+        if old is not None:  # the client reconnected before this worker saw its old comm close
+            old.stream.abort()
         self.clients[client] = link
         logger.debug("client %s connected", client)
         try:
-            while True:
-                msgs = await comm.read()
-                for msg in msgs if isinstance(msgs, (list, tuple)) else [msgs]:
-                    if msg.get("op") == "send":
-                        self._on_send(client, msg)
-        except (CommClosedError, OSError):
-            pass
+            await self.worker.handle_stream(comm, extra={"client": client})
         finally:
             if self.clients.get(client) is link:
                 del self.clients[client]
-            link.writer.close()
+            link.stream.abort()
             for q in self.queues.values():  # a gone client's parked sends would only take room
                 q.parked = deque(s for s in q.parked if s.client != client)
 
-    def _on_send(self, client: str, msg: dict[str, Any]) -> None:
-        seq = msg["s"]
-        q = self.queues.get((msg["i"], msg["p"]))
+    def _on_send(self, client: str, **fields: Any) -> None:
+        """Stream handler of ``daskinfer-send`` (``client`` comes from :meth:`serve`)."""
+        send = Send(**fields)
+        q = self.queues.get((send.inbox, send.partition))
         if q is None:
-            self.reply(client, "m", [seq])
+            self.post(client, Moved([send.seq]))
             return
-        if q.offer(QueuedSend(client, seq, msg["d"])):
-            self.reply(client, "q", [seq])
+        if q.offer(QueuedSend(client, send.seq, send.data)):
+            self.post(client, Queued([send.seq]))
 
     def describe(self) -> dict[str, Any]:
         return {

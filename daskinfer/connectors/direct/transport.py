@@ -2,15 +2,16 @@
 
 The client learns from the scheduler which worker owns each partition of the inbox
 (and is told when that changes: a long-poll on the controller), keeps one comm per
-worker, and sends each partition's requests to its owner.  It keeps every send until
-the worker says it is fully answered; a send the worker hands back ("moved": the
-partition left it) or that was on a worker whose comm broke is sent again, first, to the
+worker, and sends each partition's requests to its owner (the messages of
+:mod:`.protocol`).  It keeps every send until the worker says it is fully answered
+(``daskinfer-results``); a send the worker hands back (``daskinfer-moved``: the partition
+left it) or that was on a worker whose comm broke is sent again, first, to the
 partition's new owner.  Answers that arrive twice are dropped by request id in
 :class:`~daskinfer.InferenceClient`, so each request is answered once from the caller's view.
 
-Back-pressure: at most ``window`` sends per partition wait for the worker's "queued"
-acknowledgement, and :meth:`DirectTransport.send` waits while a partition holds more
-than that many sends not yet on the wire.
+Back-pressure: at most ``window`` sends per partition wait for the worker's
+``daskinfer-queued`` acknowledgement, and :meth:`DirectTransport.send` waits while a
+partition holds more than that many sends not yet on the wire.
 
 A partition in a crash loop (the routes say so: it stopped ``pipeline.max-restarts`` times
 within ``pipeline.restart-window``) answers nothing: its sends, and new ones while it stays
@@ -24,6 +25,8 @@ import asyncio
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from distributed.comm import connect
@@ -31,12 +34,14 @@ from distributed.comm.core import CommClosedError
 
 from daskinfer import settings
 from daskinfer.connectors.base import DIRECT_REPLY_PREFIX, ClientTransport
-from daskinfer.connectors.direct.link import CommWriter
+from daskinfer.connectors.direct.link import open_stream, post, read_messages
+from daskinfer.connectors.direct.protocol import CONNECT_OP, Moved, Queued, Results, Send, client_of
 from daskinfer.exceptions import ConfigError, PartitionFailedError
 from daskinfer.wire.frames import ErrorColumns, encode_result_frame, peek_fields
 
 if TYPE_CHECKING:
     from distributed import Client
+    from distributed.batched import BatchedSend
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +53,35 @@ class PipelineNotFoundError(ConfigError, LookupError):
     """No pipeline serves the inbox a client sends to."""
 
 
+@dataclass(slots=True)
+class _HeldSend:
+    """A send kept until it is answered: its partition, its messages, and the worker it is on the wire to."""
+
+    partition: int
+    payloads: list[bytes]
+    worker: str | None = None  # None: waiting to be sent (again)
+
+
+@dataclass(slots=True)
 class _WorkerLink:
-    def __init__(self, address: str):
-        self.address = address
-        self.comm: Any = None
-        self.writer: CommWriter | None = None
-        self.reader: asyncio.Task | None = None
-        self.ready = asyncio.Event()
-        self.failed = False
+    """The comm to one worker: the stream this client writes, and the task that reads the worker's."""
+
+    address: str
+    comm: Any = None
+    stream: BatchedSend | None = None
+    reader: asyncio.Task | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    failed: bool = False
 
 
+@dataclass(slots=True)
 class _PartitionState:
-    def __init__(self) -> None:
-        self.pending: deque[int] = deque()  # seqs not on the wire, in send order
-        self.inflight: set[int] = set()  # on the wire, not yet acknowledged as queued
-        self.owner: str | None = None
-        self.room = asyncio.Event()
+    pending: deque[int] = field(default_factory=deque)  # seqs not on the wire, in send order
+    inflight: set[int] = field(default_factory=set)  # on the wire, not yet acknowledged as queued
+    owner: str | None = None
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
         self.room.set()
 
 
@@ -94,17 +112,22 @@ class DirectTransport(ClientTransport):
         self.reply_target: str | None = None
         self.client_id: str | None = None
         self.partitions: list[_PartitionState] = []
-        self.sends: dict[int, tuple[int, list[bytes], str | None]] = {}  # seq -> (partition, payloads, worker)
+        self.sends: dict[int, _HeldSend] = {}  # by seq
         self.links: dict[str, _WorkerLink] = {}
         self.version = -1
         self.resent = 0  # sends handed back (moved) or lost with a worker, and sent again
         self.crashed: dict[int, str] = {}  # partitions in a crash loop -> why
         self._seq = itertools.count()
-        self._results: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        self._results: asyncio.Queue[Sequence[bytes]] = asyncio.Queue()
         self._watcher: asyncio.Task | None = None
         self._down: dict[str, float] = {}  # worker -> when its comm last failed (reconnects wait a little)
         self._closed = False
         self.error: BaseException | None = None
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Results: self._on_results,
+            Queued: self._on_queued,
+            Moved: self._on_moved,
+        }
 
     # -- routes ---------------------------------------------------------------------------------
     async def _routes(self, timeout: float, version: int | None = None) -> dict[str, Any]:
@@ -113,9 +136,9 @@ class DirectTransport(ClientTransport):
     async def start(self, inbox: str, reply_target: str) -> int:
         """Find the pipeline serving ``inbox`` (waiting up to ``start_timeout``); return its partitions."""
         self.inbox = inbox
-        prefix = DIRECT_REPLY_PREFIX
-        self.client_id = reply_target[len(prefix) :] if reply_target.startswith(prefix) else reply_target
-        self.reply_target = prefix + self.client_id
+        client_id = client_of(reply_target)
+        self.client_id = reply_target if client_id is None else client_id
+        self.reply_target = self.make_reply_target(self.client_id)
         loop = asyncio.get_running_loop()
         end = loop.time() + self.start_timeout
         routes = await self._routes(0)
@@ -149,13 +172,13 @@ class DirectTransport(ClientTransport):
             if state.owner is not None and owner != state.owner:
                 # the partition left its worker: what went there unanswered goes again to the new owner (the
                 # old one may still answer it while it drains: the client drops the second answer)
-                moved += [seq for seq, (q, _, w) in self.sends.items() if q == p and w == state.owner]
+                moved += [seq for seq, s in self.sends.items() if s.partition == p and s.worker == state.owner]
             state.owner = owner
         if moved:
             self._resend(moved)
         self.crashed = {int(p): str(why) for p, why in (routes.get("crashed") or {}).items()}
         if self.crashed:
-            self._answer_crashed([seq for seq, (p, _, _) in self.sends.items() if p in self.crashed])
+            self._answer_crashed([seq for seq, s in self.sends.items() if s.partition in self.crashed])
         for p in range(len(self.partitions)):
             self._pump(p)
 
@@ -163,17 +186,17 @@ class DirectTransport(ClientTransport):
         """Answer the requests of ``seqs`` (sends to partitions in a crash loop) with the cause."""
         frames = []
         for seq in seqs:
-            entry = self.sends.pop(seq, None)
-            if entry is None:
+            held = self.sends.pop(seq, None)
+            if held is None:
                 continue
-            p, payloads, _ = entry
+            p = held.partition
             state = self.partitions[p]
             state.inflight.discard(seq)
             if seq in state.pending:
                 state.pending.remove(seq)
             state.room.set()
             why = self.crashed[p]
-            for data in payloads:
+            for data in held.payloads:
                 fields = peek_fields(data)
                 ids = fields.get("ids") or ([fields["id"]] if isinstance(fields.get("id"), str) else [])
                 if ids:
@@ -237,7 +260,7 @@ class DirectTransport(ClientTransport):
                 state.room.clear()
                 await state.room.wait()
             seq = next(self._seq)
-            self.sends[seq] = (p, payloads, None)
+            self.sends[seq] = _HeldSend(p, payloads)
             if p in self.crashed:
                 self._answer_crashed([seq])
                 continue
@@ -258,15 +281,18 @@ class DirectTransport(ClientTransport):
             link = self._connect(owner)
         if not link.ready.is_set():
             return  # _connect pumps again once connected
-        assert link.writer is not None
+        assert link.stream is not None and self.inbox is not None
         while state.pending and len(state.inflight) < self.window:
             seq = state.pending.popleft()
-            entry = self.sends.get(seq)
-            if entry is None:
+            held = self.sends.get(seq)
+            if held is None:
                 continue
-            self.sends[seq] = (p, entry[1], owner)
+            held.worker = owner
             state.inflight.add(seq)
-            link.writer.send({"op": "send", "i": self.inbox, "p": p, "s": seq, "d": entry[1]})
+            if not post(link.stream, Send(self.inbox, p, seq, held.payloads)):
+                # the comm closed and its reader has not said so yet: this send goes again with the others
+                self._lost(link, CommClosedError(f"comm to {owner} closed"))
+                return
         if len(state.pending) < self.window:
             state.room.set()
 
@@ -279,53 +305,52 @@ class DirectTransport(ClientTransport):
     async def _serve_link(self, link: _WorkerLink) -> None:
         try:
             comm = await connect(link.address, **self.client.connection_args)
-            await comm.write({"op": "daskinfer_direct", "client": self.client_id, "reply": False})
+            await comm.write({"op": CONNECT_OP, "client": self.client_id, "reply": False})
             link.comm = comm
-            link.writer = CommWriter(comm, on_error=lambda e: self._lost(link, e))
+            link.stream = open_stream(comm)  # a failed write aborts the comm: the read below then fails
             link.ready.set()
             for p, state in enumerate(self.partitions):
                 if state.owner == link.address:
                     self._pump(p)
-            while True:
-                msgs = await comm.read()
-                for msg in msgs if isinstance(msgs, (list, tuple)) else [msgs]:
-                    self._on_message(msg)
+            handlers = self._handlers
+            async for message in read_messages(comm):
+                handlers[type(message)](message)
         except asyncio.CancelledError:
             raise
         except (CommClosedError, OSError, Exception) as e:  # noqa: B014 - any failure loses the link
             self._lost(link, e)
 
-    def _on_message(self, msg: dict[str, Any]) -> None:
-        op = msg.get("op")
-        if op == "r":
-            if msg["d"]:
-                self._results.put_nowait(msg["d"])
-            for seq in msg["s"]:
-                entry = self.sends.pop(seq, None)
-                if entry is not None:
-                    self.partitions[entry[0]].inflight.discard(seq)
-        elif op == "q":
-            touched = set()
-            for seq in msg["s"]:
-                entry = self.sends.get(seq)
-                if entry is not None:
-                    self.partitions[entry[0]].inflight.discard(seq)
-                    touched.add(entry[0])
-            for p in touched:
-                self._pump(p)
-        elif op == "m":
-            self._resend(msg["s"])
+    def _on_results(self, msg: Results) -> None:
+        if msg.data:
+            self._results.put_nowait(msg.data)
+        for seq in msg.seqs:
+            held = self.sends.pop(seq, None)
+            if held is not None:
+                self.partitions[held.partition].inflight.discard(seq)
 
-    def _resend(self, seqs: list[int]) -> None:
+    def _on_queued(self, msg: Queued) -> None:
+        touched = set()
+        for seq in msg.seqs:
+            held = self.sends.get(seq)
+            if held is not None:
+                self.partitions[held.partition].inflight.discard(seq)
+                touched.add(held.partition)
+        for p in touched:
+            self._pump(p)
+
+    def _on_moved(self, msg: Moved) -> None:
+        self._resend(msg.seqs)
+
+    def _resend(self, seqs: Iterable[int]) -> None:
         """Put sends back at the head of their partitions' queues (oldest first)."""
         touched: dict[int, list[int]] = {}
         for seq in seqs:
-            entry = self.sends.get(seq)
-            if entry is None or entry[2] is None:
+            held = self.sends.get(seq)
+            if held is None or held.worker is None:
                 continue  # answered, or already waiting to be sent
-            self.sends[seq] = (entry[0], entry[1], None)
-            self.partitions[entry[0]].inflight.discard(seq)
-            touched.setdefault(entry[0], []).append(seq)
+            held.worker = None
+            self.partitions[held.partition].inflight.discard(seq)
+            touched.setdefault(held.partition, []).append(seq)
         for p, ss in touched.items():
             state = self.partitions[p]
             state.pending.extendleft(sorted(ss, reverse=True))
@@ -339,8 +364,8 @@ class DirectTransport(ClientTransport):
         link.ready.clear()
         if self.links.get(link.address) is link:
             del self.links[link.address]
-        if link.writer is not None:
-            link.writer.close()
+        if link.stream is not None:
+            link.stream.abort()
         if self._closed:
             return
         loop = asyncio.get_running_loop()
@@ -349,7 +374,7 @@ class DirectTransport(ClientTransport):
         logger.info(
             "connection to worker %s lost (%s); its unanswered requests will go to the new owners", link.address, exc
         )
-        self._resend([seq for seq, (_, _, w) in self.sends.items() if w == link.address])
+        self._resend([seq for seq, s in self.sends.items() if s.worker == link.address])
 
     def _retry(self) -> None:
         if not self._closed:
@@ -382,13 +407,10 @@ class DirectTransport(ClientTransport):
         for link in list(self.links.values()):
             if link.reader is not None:
                 link.reader.cancel()
-            if link.writer is not None:
-                link.writer.close()
-            if link.comm is not None:
-                try:
-                    await link.comm.close()
-                except Exception:  # pragma: no cover - already broken
-                    pass
+            if link.stream is not None:
+                link.stream.abort()  # what is not written yet was for requests that now fail anyway
+            elif link.comm is not None:
+                link.comm.abort()
         self.links.clear()
         for state in self.partitions:
             state.room.set()

@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from daskinfer.connectors.base import DIRECT_REPLY_PREFIX, Connector, Messages, OutMessage, PartitionRevoked
+from daskinfer.connectors.base import Connector, Messages, OutMessage, PartitionRevoked
 from daskinfer.connectors.direct.endpoint import DirectEndpoint, PartitionQueue
+from daskinfer.connectors.direct.protocol import client_of
 from daskinfer.connectors.embedded.rpc import BrokerRPC
 
 logger = logging.getLogger(__name__)
@@ -149,8 +150,9 @@ class EmbeddedConnector(Connector):
         by_client: dict[str, list[bytes]] = {}
         by_topic: dict[str, list[tuple[str | None, bytes]]] = {}
         for w in writes:
-            if w.target.startswith(DIRECT_REPLY_PREFIX):
-                by_client.setdefault(w.target[len(DIRECT_REPLY_PREFIX) :], []).append(w.data)
+            client = client_of(w.target)
+            if client is not None:
+                by_client.setdefault(client, []).append(w.data)
             else:
                 by_topic.setdefault(w.target, []).append((w.key, w.data))
         topic_end = None

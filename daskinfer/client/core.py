@@ -1,14 +1,10 @@
-"""The client API: send requests to a pipeline and get their results.
-
->>> ic = InferenceClient(client, inbox="requests")             # doctest: +SKIP
->>> ic.submit({"x": row}).result().value()                     # one row   # doctest: +SKIP
->>> ic.predict({"x": block})                                   # a block, one message  # doctest: +SKIP
+"""The client API (:class:`InferenceClient`): lifecycle, submit/predict/send/results, futures.
 
 By default requests go straight to the workers that own their partitions and results
 come straight back (:mod:`daskinfer.connectors.direct`); the scheduler is not in the data
-path.  Single rows flushed together to one partition travel as one columnar frame.  Each
-answer is delivered once: a result whose request id was already answered (a request
-processed twice after a failure or a move) is dropped.
+path.  Single rows flushed together to one partition travel as one columnar frame
+(:mod:`daskinfer.client.outgoing`).  Each answer is delivered once: a result whose request
+id was already answered (a request processed twice after a failure or a move) is dropped.
 """
 
 from __future__ import annotations
@@ -21,114 +17,22 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from daskinfer import config_check, settings
+from daskinfer.client.outgoing import OutgoingQueue, OutgoingRequest, as_inputs
 from daskinfer.connectors.base import ClientTransport, partition_for
 from daskinfer.connectors.registry import transport_connector
 from daskinfer.control.install import ensure_control_async
-from daskinfer.exceptions import InputValidationError, TopicFullError
-from daskinfer.wire.frames import decode_results, encode_request_frame
+from daskinfer.exceptions import TopicFullError
+from daskinfer.wire.frames import decode_results
 from daskinfer.wire.messages import Result, new_id
 
 if TYPE_CHECKING:
     from distributed import Client
 
 logger = logging.getLogger(__name__)
-
-
-def _as_inputs(inputs: Any, batched: bool = False) -> dict[str, np.ndarray]:
-    if isinstance(inputs, Mapping):
-        block = {str(k): np.asarray(v) for k, v in inputs.items()}
-    else:
-        block = {"x": np.asarray(inputs)}
-    if not block:
-        raise InputValidationError("a request needs at least one input; got none")
-    for name, arr in block.items() if batched else ():
-        if arr.ndim == 0 or len(arr) == 0:  # said here, before it is sent, in the caller's words
-            got = "a scalar" if arr.ndim == 0 else f"0 rows (shape {list(arr.shape)})"
-            raise InputValidationError(f"a block needs at least one row; input {name!r} has {got}", input_name=name)
-    return block
-
-
-class _Outgoing:
-    """One request waiting to be flushed into a frame."""
-
-    __slots__ = ("partition", "id", "inputs", "batched", "key", "model", "deadline", "sent_at", "group")
-
-    def __init__(
-        self,
-        partition: int,
-        rid: str,
-        inputs: dict[str, np.ndarray],
-        batched: bool,
-        key: str | None,
-        model: str | None,
-        deadline: float | None,
-        sent_at: float,
-    ):
-        self.partition = partition
-        self.id = rid
-        self.inputs = inputs
-        self.batched = batched
-        self.key = key
-        self.model = model
-        self.deadline = deadline
-        self.sent_at = sent_at
-        # requests that can share one frame: same partition, model, form, input names, dtypes and row shape
-        self.group = (
-            partition,
-            model,
-            batched,
-            tuple((k, v.dtype, v.shape[1:] if batched else v.shape) for k, v in inputs.items()),
-        )
-
-
-def _frame(reqs: list[_Outgoing], reply_to: str) -> bytes:
-    first = reqs[0]
-    names = list(first.inputs)
-    if first.batched and len(reqs) == 1:
-        inputs = first.inputs  # one block: encoded as it is (no copy to join it with nothing)
-        rows = np.array([len(first.inputs[names[0]])], dtype=np.int64)
-    elif first.batched:
-        inputs = {k: np.concatenate([r.inputs[k] for r in reqs]) for k in names}
-        rows = np.array([len(r.inputs[names[0]]) for r in reqs], dtype=np.int64)
-    else:
-        inputs = {k: np.stack([r.inputs[k] for r in reqs]) for k in names}
-        rows = None
-    budgets = None
-    if any(r.deadline is not None for r in reqs):  # the time left travels, not this machine's clock
-        now = time.time()
-        budgets = np.array([np.nan if r.deadline is None else r.deadline - now for r in reqs])
-    keys = [r.key for r in reqs] if any(r.key is not None for r in reqs) else None
-    return encode_request_frame(
-        [r.id for r in reqs],
-        inputs,
-        rows=rows,
-        batched=first.batched,
-        keys=keys,
-        model=first.model,
-        budgets=budgets,
-        reply_to=reply_to,
-        sent_at=np.array([r.sent_at for r in reqs]),
-    )
-
-
-def _frames_in_order(batch: list[_Outgoing], max_requests: int) -> list[list[_Outgoing]]:
-    """Requests grouped into frames per partition, a new frame wherever the kind of request changes
-    (so that a partition receives its requests in the order they were made) or a frame is full."""
-    open_: dict[int, list[_Outgoing]] = {}
-    frames: list[list[_Outgoing]] = []
-    for r in batch:
-        cur = open_.get(r.partition)
-        if cur is None or cur[0].group != r.group or len(cur) >= max_requests:
-            cur = open_[r.partition] = []
-            frames.append(cur)
-        cur.append(r)
-    return frames
 
 
 def _make_transport(client: Client, transport: ClientTransport | str | None) -> ClientTransport:
@@ -192,17 +96,22 @@ class InferenceClient:
         self.max_pending = int(settings.get("client.max-pending", max_pending))
         self.max_unclaimed = int(settings.get("client.max-unclaimed"))
         self._max_size = settings.get_bytes("codec.max-message-size")
-        self._flush_max = int(settings.get("client.flush-batch"))
-        self._frame_max = int(settings.get("client.max-frame-requests"))
         self.duplicates = 0
         self.received = 0
         self.unclaimed_dropped = 0
         self._waiters: dict[str, Any] = {}
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._outq: collections.deque[_Outgoing] = collections.deque()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
-        self._flushing = False
+        self._outgoing = OutgoingQueue(
+            self.transport,
+            inbox,
+            self.reply_target,
+            self._lock,
+            self._fail_ids,
+            flush_batch=int(settings.get("client.flush-batch")),
+            frame_requests=int(settings.get("client.max-frame-requests")),
+        )
         self._rr = itertools.count()
         self._ids = itertools.count()
         self._id_prefix = new_id()[:16] + "-"  # unique per client; a counter makes ids cheap
@@ -305,10 +214,10 @@ class InferenceClient:
         now = time.time()
         rid = request_id or f"{self._id_prefix}{next(self._ids)}"
         p = partition_for(key, self._n_partitions, next(self._rr))
-        req = _Outgoing(
+        req = OutgoingRequest(
             p,
             rid,
-            _as_inputs(inputs, batched),
+            as_inputs(inputs, batched),
             batched,
             key,
             model or self.model,
@@ -317,47 +226,25 @@ class InferenceClient:
         )
         in_loop = self._in_loop()
         with self._lock:
-            if len(self._waiters) + len(self._outq) >= self.max_pending:
+            if len(self._waiters) + len(self._outgoing) >= self.max_pending:
                 if in_loop:  # an event loop must not block: the caller gets back-pressure as an error
                     raise TopicFullError(
                         f"InferenceClient holds {self.max_pending} unanswered requests (max_pending); retry later"
                     )
-                while len(self._waiters) + len(self._outq) >= self.max_pending and not self._closed:
+                while len(self._waiters) + len(self._outgoing) >= self.max_pending and not self._closed:
                     self._room.wait(1.0)
             if waiter is not None:
                 self._waiters[rid] = waiter
-            self._outq.append(req)
-            kick = not self._flushing
-            self._flushing = True
-        if kick:
+            start_flush = self._outgoing.append(req)
+        if start_flush:
             if in_loop:
-                self._spawn(self._flush())
+                self._spawn(self._outgoing.flush())
             else:
-                self._aloop.call_soon_threadsafe(self._spawn, self._flush())
+                self._aloop.call_soon_threadsafe(self._spawn, self._outgoing.flush())
         return rid
 
     def _in_loop(self) -> bool:
         return threading.get_ident() == self._loop_thread
-
-    async def _flush(self) -> None:
-        while True:
-            with self._lock:
-                n = min(len(self._outq), self._flush_max)
-                if n == 0:
-                    self._flushing = False
-                    return
-                batch = [self._outq.popleft() for _ in range(n)]
-            items = []
-            for reqs in _frames_in_order(batch, self._frame_max):
-                try:
-                    items.append((reqs[0].partition, _frame(reqs, self.reply_target)))
-                except Exception as e:  # an input the codec cannot carry fails its own requests
-                    self._fail_ids([r.id for r in reqs], e)
-            try:
-                await self.transport.send(self.inbox, items)
-            except Exception as e:
-                logger.error("sending %d requests to %r failed: %s", len(batch), self.inbox, e)
-                self._fail_ids([r.id for r in batch], e)
 
     def _fail_ids(self, ids: list[str], exc: BaseException) -> None:
         for rid in ids:
@@ -540,4 +427,4 @@ class InferenceClient:
     @property
     def queued(self) -> int:
         """Requests not yet handed to the transport (bounded by ``max_pending``)."""
-        return len(self._outq)
+        return len(self._outgoing)

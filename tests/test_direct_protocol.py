@@ -1,0 +1,70 @@
+"""The direct transport's protocol against a real worker: named ops, plain msgpack, a batched stream each way.
+
+Messages read from a comm hold tuples where they were sent with lists (distributed reads msgpack
+arrays as tuples), so the expected messages below are written with tuples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+from distributed import Scheduler, Worker
+from distributed.comm import connect
+from distributed.utils_test import async_poll_for
+
+from daskinfer.connectors.direct.endpoint import endpoint_for
+from daskinfer.connectors.direct.link import open_stream, post, read_messages
+from daskinfer.connectors.direct.protocol import CONNECT_OP, TO_CLIENT, Moved, Queued, Results, Send, client_of
+
+
+def test_messages_are_plain_msgpack_with_named_ops():
+    for message in (Send("in", 1, 7, [b"frame"]), Queued([7, 8]), Moved([9]), Results([b"result"], [7])):
+        msg = msgpack.unpackb(msgpack.packb(message.to_msg()))  # no pickle, no ext types: plain msgpack
+        assert msg["op"] == message.op and msg["op"].startswith("daskinfer-")
+        kind = {Send.op: Send, **TO_CLIENT}[msg.pop("op")]
+        assert kind(**msg) == message
+
+
+def test_client_of_reads_only_direct_reply_targets():
+    assert client_of("direct:abc") == "abc"
+    assert client_of("daskinfer-replies-abc") is None
+
+
+async def _open(worker, client_id: str):
+    comm = await connect(worker.address)
+    await comm.write({"op": CONNECT_OP, "client": client_id, "reply": False})
+    return open_stream(comm), aiter(read_messages(comm))
+
+
+async def _queues_answers_and_moves(a: Worker) -> None:
+    endpoint = endpoint_for(a)
+    queue = endpoint.open_queue("in", 0, max_messages=2, max_bytes=1_000)
+    stream, messages = await _open(a, "c1")
+    try:
+        post(stream, Send("in", 0, 1, [b"r1"]))
+        assert await anext(messages) == Queued((1,))
+        post(stream, Send("in", 5, 2, [b"r2"]))  # no such partition here
+        assert await anext(messages) == Moved((2,))
+        post(stream, Send("in", 0, 3, [b"r3", b"r4"]))  # does not fit: parked, acknowledged once queued
+        await async_poll_for(lambda: queue.parked, timeout=5)
+        (taken,) = queue.take(1)
+        assert (taken.client, taken.seq, taken.payloads) == ("c1", 1, (b"r1",))
+        assert await anext(messages) == Queued((3,))
+        assert endpoint.deliver("c1", [b"answer"], [1])
+        assert await anext(messages) == Results((b"answer",), (1,))
+        endpoint.close_queue(queue)  # the partition leaves: what it did not take goes back
+        assert await anext(messages) == Moved((3,))
+        assert not stream.recent_message_log  # request and result frames are not kept after they are written
+    finally:
+        stream.abort()
+    assert not endpoint.deliver("nobody", [b"lost"], [1])
+    assert endpoint.undeliverable == 1
+
+
+def test_worker_queues_answers_and_moves_sends():
+    async def main() -> None:
+        async with Scheduler(port=0, dashboard_address=":0") as s, Worker(s.address, nthreads=1) as a:
+            await _queues_answers_and_moves(a)
+
+    asyncio.run(main())
