@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 from distributed import Client
 
@@ -25,8 +25,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def process_cluster(n_workers: int = 2, threads: int = 1) -> Iterator[Client]:
-    """Start a scheduler and ``n_workers`` one-thread workers on loopback; yield a client."""
+def process_cluster(
+    n_workers: int = 2,
+    threads: int = 1,
+    worker_args: Sequence[Sequence[str]] = (),
+    worker_env: Sequence[Mapping[str, str]] = (),
+) -> Iterator[Client]:
+    """Start a scheduler and ``n_workers`` one-thread workers on loopback; yield a client.
+
+    ``worker_args[i]`` and ``worker_env[i]``: more ``dask worker`` arguments and environment of
+    worker ``i`` (e.g. ``["--resources", "GPU=1"]`` and ``{"CUDA_VISIBLE_DEVICES": "0"}``)."""
     port = free_port()
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     py = sys.executable
@@ -48,7 +56,8 @@ def process_cluster(n_workers: int = 2, threads: int = 1) -> Iterator[Client]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("dask scheduler did not start") from None
                 time.sleep(0.1)
-        for _ in range(n_workers):
+        for i in range(n_workers):
+            extra = list(worker_args[i]) if i < len(worker_args) else []
             procs.append(
                 subprocess.Popen(
                     [
@@ -62,10 +71,11 @@ def process_cluster(n_workers: int = 2, threads: int = 1) -> Iterator[Client]:
                         "--no-dashboard",
                         "--host",
                         "127.0.0.1",
+                        *extra,
                     ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                    env=env,
+                    env={**env, **(worker_env[i] if i < len(worker_env) else {})},
                 )
             )
         with Client(f"127.0.0.1:{port}") as client:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,20 @@ def _produce(
     )
 
 
+def run_spawned(target: Callable[..., None], args: Sequence[tuple]) -> list[Any]:
+    """Run ``target(*a, out)`` for each ``a`` of ``args``, each in a process of its own, all at once;
+    return what each put on the queue ``out`` (one item each)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, out)) for a in args]
+    for p in procs:
+        p.start()
+    reports = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(60)
+    return reports
+
+
 def run_producers(
     address: str,
     inbox: str,
@@ -87,18 +102,10 @@ def run_producers(
     ``mode``: ``"burst"`` (``n`` single rows each, as fast as possible), ``"blocks"`` (``n`` blocks of
     ``block`` rows each) or ``"open"`` (``rate`` requests/s each for ``seconds``).
     """
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     start_at = time.time() + 8.0  # every producer connected by then
-    procs = [
-        ctx.Process(target=_produce, args=(address, inbox, mode, n, rate, seconds, block, i, start_at, out))
-        for i in range(producers)
-    ]
-    for p in procs:
-        p.start()
-    reports = [out.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join(60)
+    reports = run_spawned(
+        _produce, [(address, inbox, mode, n, rate, seconds, block, i, start_at) for i in range(producers)]
+    )
     wall = max(r["seconds"] for r in reports)
     lat_all = np.concatenate([np.array(r["lat_ms"]) for r in reports]) if reports else np.zeros(1)
     return {

@@ -45,8 +45,9 @@ class DaskProcesses:
         self.address = json.loads(sched_file.read_text())["address"]
         return self.address
 
-    def worker(self, name: str, nanny: bool = True) -> subprocess.Popen:
-        """Start a one-thread worker of the scheduler (``nanny=False``: a bare worker process)."""
+    def worker(self, name: str, nanny: bool = True, *extra: str) -> subprocess.Popen:
+        """Start a one-thread worker of the scheduler (``nanny=False``: a bare worker process);
+        ``extra``: more ``dask worker`` arguments (``"--resources", "GPU=1"``)."""
         assert self.address is not None, "start the scheduler first"
         args = [
             "distributed.cli.dask_worker", self.address, "--host", "127.0.0.1", "--nthreads", "1",
@@ -54,7 +55,7 @@ class DaskProcesses:
         ]  # fmt: skip
         if not nanny:
             args.append("--no-nanny")
-        return self.start(*args, name=name)
+        return self.start(*args, *extra, name=name)
 
     def stop(self) -> None:
         for p in self.procs:

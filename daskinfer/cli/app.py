@@ -7,6 +7,7 @@ The file (see ``conf/local.yaml``)::
     config: {daskinfer: {batching: {max-batch-size: 2048}}}   # dask config overrides
     models:
       - {kind: onnx, name: mlp, path: bundled}       # "bundled" = daskinfer's small MLP
+      - {kind: onnx, name: big, path: big.onnx, resources: {GPU: 1}, providers: [CUDAExecutionProvider]}
       - {kind: python, name: clf, directory: models/clf, module: handler, function: predict}
     pipelines:
       - {model: mlp, inbox: requests, outbox: results, partitions: 2}
@@ -83,26 +84,35 @@ def build_model(entry: dict[str, Any], base: str, where: str) -> Model:
     def rel(p: str) -> str:
         return p if os.path.isabs(p) else os.path.join(base, p)
 
-    try:
-        if kind == "onnx":
-            path = entry.pop("path", None)
-            if not path:
-                raise ConfigError(f"{where}: an onnx model needs a 'path' (or 'bundled')")
-            return OnnxModel(name, bundled_model_path() if path == "bundled" else rel(path), **entry)
-        if kind == "python":
-            for k in ("directory", "wheels"):
-                if entry.get(k):
-                    entry[k] = rel(entry[k])
-            if "predict" in entry:
-                raise ConfigError(f"{where}: a python model in a file takes directory/module/function, not predict")
-            return PythonModel(name, **entry)
-        if kind == "remote":
-            from daskinfer.models.remote import RemoteModel
+    if kind == "onnx":
+        path = entry.pop("path", None)
+        if not path:
+            raise ConfigError(f"{where}: an onnx model needs a 'path' (or 'bundled')")
+        entry["model"] = bundled_model_path() if path == "bundled" else rel(path)
+        return _made(OnnxModel, name, entry, where)
+    if kind == "python":
+        for k in ("directory", "wheels"):
+            if entry.get(k):
+                entry[k] = rel(entry[k])
+        if "predict" in entry:
+            raise ConfigError(f"{where}: a python model in a file takes directory/module/function, not predict")
+        return _made(PythonModel, name, entry, where)
+    if kind == "remote":
+        from daskinfer.models.remote import RemoteModel
 
-            return RemoteModel(name, **entry)
+        return _made(RemoteModel, name, entry, where)
+    raise ConfigError(f"{where}: unknown model kind {kind!r}; expected onnx, python or remote")
+
+
+def _made(cls: type[Model], name: str, entry: dict[str, Any], where: str) -> Model:
+    """``cls(name, **entry)``; a wrong key or value (``resources: GPU``) is a :class:`ConfigError`
+    naming the file's entry."""
+    try:
+        return cls(name, **entry)
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from e
-    raise ConfigError(f"{where}: unknown model kind {kind!r}; expected onnx, python or remote")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
 
 
 def build_pipeline(entry: dict[str, Any], where: str) -> Pipeline:

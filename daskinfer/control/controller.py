@@ -20,9 +20,9 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from distributed.core import Status
 from distributed.diagnostics.plugin import SchedulerPlugin
 
+from daskinfer.control.placement import nowhere, placeable_workers
 from daskinfer.control.state import PipelineState
 
 if TYPE_CHECKING:
@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER = "daskinfer-controller"
 IDLE_INTERVAL = 1.0  # seconds between two looks of the control loop while no pipeline runs
-_PLACEABLE = (Status.running, Status.paused)
 
 
 class ControllerEvents(SchedulerPlugin):
@@ -170,8 +169,9 @@ class ControllerExtension:
         }
 
     # -- pipelines ------------------------------------------------------------------------------
-    def _placeable_workers(self) -> list[str]:
-        return sorted(a for a, ws in self.scheduler.workers.items() if ws.status in _PLACEABLE)
+    def _placeable_workers(self, state: PipelineState) -> list[str]:
+        """Workers that may take a partition of ``state``: placeable, with the resources it needs."""
+        return placeable_workers(self.scheduler.workers, state.resources)
 
     async def start_pipeline(self, spec: dict[str, Any]) -> dict[str, Any]:
         name = spec["name"]
@@ -214,19 +214,7 @@ class ControllerExtension:
             logger.info("stopping pipeline %r partition %s on %s failed: %s", name, partition, worker, e)
 
     def pipeline_assignments(self, name: str) -> dict[str, Any]:
-        state = self.pipelines[name]
-        return {
-            "name": name,
-            "state": "running",
-            "inbox": state.inbox,
-            "connector": state.connector,
-            "assigned": dict(state.assigned),
-            "partitions": state.partitions,
-            "moves": state.moves,
-            "restarts": state.restarts,
-            "failures": dict(state.failures),
-            "model": state.spec.get("model"),
-        }
+        return self.pipelines[name].assignments()
 
     async def pipeline_status(self, name: str) -> dict[str, Any]:
         if name not in self.pipelines:
@@ -264,29 +252,7 @@ class ControllerExtension:
     def history_of(self, name: str | None = None, last: int | None = None) -> dict[str, dict[str, Any]]:
         """Figures over time of pipeline ``name`` (all when None): the latest ``last`` points of
         the pipeline and of each partition, each partition's owner and state, and the totals."""
-        out = {}
-        for pname, state in self.pipelines.items():
-            if name is not None and pname != name:
-                continue
-            owners = {}
-            for p, w in sorted(state.assigned.items()):
-                fig = state.figures.get(p) or {}
-                owners[p] = {
-                    "worker": w,
-                    "state": fig.get("state", "starting"),
-                    "answered": fig.get("answered", 0),
-                    "errors": fig.get("errors", 0),
-                }
-            out[pname] = {
-                **state.series.to_plain(last),
-                "owners": owners,
-                "totals": state.totals(),
-                "partitions": state.partitions,
-                "failures": dict(state.failures),
-                "inbox": state.inbox,
-                "model": state.spec.get("model"),
-            }
-        return out
+        return {pname: state.history(last) for pname, state in self.pipelines.items() if name is None or pname == name}
 
     def list_pipelines(self) -> dict[str, dict[str, Any]]:
         return {name: self.pipeline_assignments(name) for name in self.pipelines}
@@ -408,7 +374,7 @@ class ControllerExtension:
         if state is None:
             return
         async with state.lock:
-            live = self._placeable_workers()
+            live = self._placeable_workers(state)
             # partitions on workers that are leaving (retiring, closing): drain there, then move
             leaving = [(p, w) for p, w in state.assigned.items() if w not in live]
             if leaving:
@@ -429,7 +395,13 @@ class ControllerExtension:
                         state.retire_figures(p)
                 state.moves += len(leaving)
             if not live:
+                if state.resources:  # say why in status(): no worker has what its models need
+                    state.waiting_for = nowhere(self.scheduler.workers, state.resources)
+                    for p in range(state.partitions):
+                        if p not in state.assigned and p not in state.crashed:
+                            state.failures[p] = state.waiting_for
                 return
+            state.waiting_for = None
             await self._poll_runners(state)
             now = time.time()
             if state.settle(now):

@@ -21,6 +21,7 @@ from daskinfer.control.install import ensure_control_async
 from daskinfer.control.worker import ensure_runtime_async
 from daskinfer.dataflow.spec import PipelineSpec
 from daskinfer.exceptions import ConfigError
+from daskinfer.models.deploy import _deploy, deployed_async, placements_async
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -62,6 +63,13 @@ class PipelineHandle:
                 await self._stop(drain=False)
                 raise ConfigError(f"pipeline {self.name!r} cannot start: {failed[0]['error']}")
             if time.monotonic() > end:
+                if st.get("waiting_for") and not running:  # no worker has the resources its models need
+                    await self._stop(drain=False)
+                    raise TimeoutError(
+                        f"pipeline {self.name!r}: no partition could start within {timeout:g}s: {st['waiting_for']}; "
+                        "the pipeline was stopped (its models stay deployed, loaded by workers that join with "
+                        "those resources)"
+                    )
                 why = [r.get("error") for r in runners if r.get("error")] or list(st.get("failures", {}).values())
                 starting = [r for r in runners if r.get("state") == "starting"]
                 waiting = starting[0].get("waiting_for") if starting else None
@@ -101,8 +109,6 @@ class PipelineHandle:
 async def _deploy_models(client: Client, pipe: Pipeline) -> None:
     """Deploy Model specs named in stages unless that name and version are deployed already; check
     that the models named by string are deployed (a missing one fails here, naming it)."""
-    from daskinfer.models.deploy import _deploy, deployed_async
-
     deployed = await deployed_async(client)
     for m in pipe.models_used():
         if isinstance(m, str):
@@ -121,7 +127,7 @@ async def _deploy_models(client: Client, pipe: Pipeline) -> None:
 
 async def _deploy_pipeline(client: Client, pipeline: Pipeline, wait: bool, timeout: float) -> PipelineHandle:
     config_check.raise_unknown(where=f"deploy_pipeline {pipeline.name or pipeline.inbox!r}: the Dask config")
-    spec = pipeline.resolve()
+    spec = pipeline.resolve(await placements_async(client, pipeline.named_models()))
     await ensure_control_async(client)
     await ensure_runtime_async(client)
     await _deploy_models(client, pipeline)
@@ -147,8 +153,19 @@ def deploy_pipeline(client: Client, pipeline: Pipeline, *, wait: bool = True, ti
         Seconds to wait for that, and at most for the connector's broker to answer
         (a Redis that cannot be reached fails at once).
 
+    Notes
+    -----
+    The partitions run only on workers that have every Dask worker resource the pipeline's
+    models ask for (``OnnxModel(..., resources={"GPU": 1})``; also models named by string, as
+    they were deployed).  While no worker has them, ``status()`` says so (``waiting_for`` and
+    each partition's ``failures``: ``"no worker with GPU=1 ..."``); at ``timeout`` with no
+    partition placed, the pipeline is stopped and a ``TimeoutError`` names the resources.
+    Workers that join with them get the models and a share of the partitions.
+
     Raises
     ------
+    TimeoutError
+        Not every partition ran within ``timeout``.
     ConfigError
         The pipeline is wrong (unknown connector, a stage that cannot run, a model that is not
         deployed, an output the model does not have, a misspelt key under ``daskinfer:`` in the

@@ -10,7 +10,8 @@ histograms (:mod:`daskinfer.dataflow.stats`), the collectors only read them.
 Workers (:class:`WorkerCollector`): per partition (labels ``worker``, ``pipeline``,
 ``partition``) requests, errors by type, rows, batches, in-flight batches, queued rows,
 inbox backlog, and histograms of batch size, queue wait, inference time and latency; per
-model the version loaded; per remote model calls, attempts, retries, failures and the
+model the version loaded, with the device and execution provider in use (``daskinfer_model_info``)
+and, where NVML reads it, the memory of its GPU; per remote model calls, attempts, retries, failures and the
 circuit breaker's state.  The scheduler (:class:`SchedulerCollector`): per pipeline the
 partitions placed, moves, restarts, totals over every runner it had, lag per partition and
 the p50/p99 latency of the last sample; per topic of the embedded broker the messages and bytes
@@ -153,12 +154,29 @@ class WorkerCollector:
             except ModelNotFoundError:  # retired since names() (loading runs in a thread)
                 continue
             kind = getattr(dep.model, "kind", "")
+            info = dep.first.describe()
+            device = str(info.get("device") or "")
             out.gauge(
                 "daskinfer_model_info",
-                "1 for each model version loaded and current on this worker",
-                {"worker": worker, "model": name, "version": version, "kind": kind},
+                "1 for each model version loaded and current on this worker, with its device and the execution "
+                "provider in use (ONNX)",
+                {
+                    "worker": worker,
+                    "model": name,
+                    "version": version,
+                    "kind": kind,
+                    "device": device,
+                    "provider": str(info.get("provider") or ""),
+                },
                 1,
             )
+            for what, value in (info.get("device_memory") or {}).items():
+                out.gauge(
+                    "daskinfer_model_device_memory_bytes",
+                    "Memory of the GPU a model runs on (the whole device, as NVML reads it): used and total",
+                    {"worker": worker, "model": name, "device": device, "kind": what},
+                    value,
+                )
             remotes = [i for i in dep.instances if isinstance(i, LoadedRemote)]
             if remotes:
                 WorkerCollector._remote(out, {"worker": worker, "model": name, "service": remotes[0].service}, remotes)

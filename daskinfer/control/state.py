@@ -46,6 +46,8 @@ class PipelineState:
         self.figures: dict[int, dict[str, Any]] = {}  # last status of each partition
         self.retired: Counter[str] = Counter()  # counters of partitions' earlier runners (moved, restarted)
         self.series = PipelineSeries(st["history"])  # figures over time, one point per control loop tick
+        self.resources: dict[str, float] = dict(spec.get("resources") or {})  # what its workers must have
+        self.waiting_for: str | None = None  # why partitions have no worker ("no worker with GPU=1 ...")
 
     def crash(self, partition: int, cause: str, now: float) -> None:
         """The runner of ``partition`` stopped by itself: back off before the restart, and mark the
@@ -93,6 +95,45 @@ class PipelineState:
         if old is not None and old.get("epoch") != status.get("epoch"):
             self.retire_figures(partition)
         self.figures[partition] = status
+
+    def assignments(self) -> dict[str, Any]:
+        """Where its partitions run, what failed, what it waits for (the head of ``status()``)."""
+        return {
+            "name": self.name,
+            "state": "running",
+            "inbox": self.inbox,
+            "connector": self.connector,
+            "assigned": dict(self.assigned),
+            "partitions": self.partitions,
+            "moves": self.moves,
+            "restarts": self.restarts,
+            "failures": dict(self.failures),
+            "model": self.spec.get("model"),
+            "resources": dict(self.resources),
+            "waiting_for": self.waiting_for,
+        }
+
+    def history(self, last: int | None = None) -> dict[str, Any]:
+        """Figures over time: the latest ``last`` points of the pipeline and of each partition, each
+        partition's owner and state, and the totals."""
+        owners = {}
+        for p, w in sorted(self.assigned.items()):
+            fig = self.figures.get(p) or {}
+            owners[p] = {
+                "worker": w,
+                "state": fig.get("state", "starting"),
+                "answered": fig.get("answered", 0),
+                "errors": fig.get("errors", 0),
+            }
+        return {
+            **self.series.to_plain(last),
+            "owners": owners,
+            "totals": self.totals(),
+            "partitions": self.partitions,
+            "failures": dict(self.failures),
+            "inbox": self.inbox,
+            "model": self.spec.get("model"),
+        }
 
     def totals(self) -> dict[str, float]:
         """Counters over every runner the pipeline had (they only grow)."""

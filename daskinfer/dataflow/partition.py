@@ -148,7 +148,7 @@ class PartitionRunner:
             registry_for(self.worker),
             default_model=spec.model,
             allowed_models=spec.models,
-            max_batch_size=st.max_batch_size,
+            max_batch_size=st.model_batch_size,
             executor=self.executor,
             inline_rows=st.inline_rows,
             max_bisect_calls=st.max_bisect_calls,
@@ -273,6 +273,8 @@ class PartitionRunner:
             "fatal": self.fatal,
             **self.counters(),
             "max_batch_size": self.spec.settings.max_batch_size,
+            # the models it runs as loaded here: device, execution providers in use, device memory
+            "models": registry_for(self.worker).describe(_model_names(self.stages, self.spec.model)),
             "error": f"{type(error).__name__}: {error}" if error is not None else None,
             **(stats.snapshot() if stats is not None else {}),
             **({"shadow": _sum_figures(s.figures() for s in self.shadows())} if self.shadows() else {}),

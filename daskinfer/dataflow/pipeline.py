@@ -38,8 +38,10 @@ from daskinfer.dataflow.stages import (
     Shadow,
     Stage,
     ToTopic,
+    walk,
 )
 from daskinfer.exceptions import ConfigError
+from daskinfer.models.device import merge_resources
 
 if TYPE_CHECKING:
     from daskinfer.models.registry import ModelRegistry
@@ -154,9 +156,15 @@ class Pipeline:
         inputs: Mapping[str, str] | None = None,
         outputs: Sequence[str] | str | None = None,
         name: str | None = None,
+        max_batch_size: int | None = None,
     ) -> Pipeline:
-        """Append a model call; its outputs join the columns; see :class:`Infer`."""
-        return self.then(Infer(model, inputs=inputs, outputs=outputs, name=name))
+        """Append a model call; its outputs join the columns; see :class:`Infer`.
+
+        ``max_batch_size``: most rows in one call of this model (larger batches are cut), e.g.
+        bigger for a GPU model; a pipeline without its own ``max_batch_size`` forms batches up
+        to the largest stage's.
+        """
+        return self.then(Infer(model, inputs=inputs, outputs=outputs, name=name, max_batch_size=max_batch_size))
 
     def ensemble(
         self, models: Sequence[Any], combine: Callable[..., Any] | str | None = None, *, name: str | None = None
@@ -216,8 +224,20 @@ class Pipeline:
             out.append(self.model)
         return out
 
-    def resolve(self) -> PipelineSpec:
-        """Check the pipeline and resolve its settings here (the deploying client)."""
+    def named_models(self) -> list[str]:
+        """The models named by string (in stages, the default ``model``, the ``models`` allow-list):
+        deployed before the pipeline is."""
+        names = [m for m in self.models_used() if isinstance(m, str)] + list(self.models or [])
+        return list(dict.fromkeys(names))
+
+    def resolve(self, named: Mapping[str, Mapping[str, Any]] | None = None) -> PipelineSpec:
+        """Check the pipeline and resolve its settings here (the deploying client).
+
+        ``named``: what the cluster recorded of the models named by string when they were
+        deployed (``{name: {"resources": ..., "max_batch_size": ...}}``, see
+        :func:`~daskinfer.models.deploy.placements_async`); with the model specs of the stages, it
+        gives the worker resources the partitions need and the largest rows per call asked for.
+        """
         from distributed.protocol.pickle import dumps
 
         name = self.name or self.inbox
@@ -229,7 +249,8 @@ class Pipeline:
         stages = self.effective_stages()
         for s in stages:
             s.check()
-        st = PipelineSettings.from_config(self)
+        resources, limits = self._needs(stages, named or {})
+        st = PipelineSettings.from_config(self, limits)
         partitions = int(st.inbox_topic["partitions"])
         outputs = [self.outputs] if isinstance(self.outputs, str) else self.outputs
         return PipelineSpec(
@@ -249,7 +270,26 @@ class Pipeline:
             stages=dumps(stages),
             reply_prefixes=[*plugin.reply_prefixes, *settings.get("pipeline.reply-prefixes")],
             record_topics=list(dict.fromkeys(t for s in stages for t in s.topics())),
+            resources=resources,
         )
+
+    def _needs(self, stages: list[Stage], named: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, float], list[int]]:
+        """The worker resources the partitions need (every model's, merged) and the rows per call
+        the infer stages ask for (theirs, else their model's)."""
+        specs = [m for s in stages for m in s.models() if not isinstance(m, str)]
+        resources = merge_resources(
+            *(m.resources for m in specs), *((named.get(n) or {}).get("resources") or {} for n in self.named_models())
+        )
+        limits = []
+        for s in walk(stages):
+            if not isinstance(s, Infer):
+                continue
+            limit = s.batch_limit()
+            if limit is None and (s.model is None or isinstance(s.model, str)):
+                limit = (named.get(s.model_name or self.model or "") or {}).get("max_batch_size")
+            if limit:
+                limits.append(int(limit))
+        return resources, limits
 
     # -- running in this process -----------------------------------------------------------------
     async def arun(

@@ -5,7 +5,7 @@ workers load: they came from the deploying client over Dask's comms)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -21,9 +21,15 @@ if TYPE_CHECKING:
 
 class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
     """A pipeline's settings, resolved once on the deploying client and shipped with it, so that
-    scheduler, workers and clients agree whatever their own config says."""
+    scheduler, workers and clients agree whatever their own config says.
+
+    ``max_batch_size`` is the most rows smart batching puts in a batch; ``model_batch_size`` the
+    most rows in one model call of a stage that sets no limit of its own (nor its model).  They
+    differ only where a pipeline that sets no ``max_batch_size`` has a stage or model asking for
+    bigger calls: its batches grow to that stage's limit, the other stages' calls do not."""
 
     max_batch_size: int
+    model_batch_size: int
     max_delay: float
     max_inflight: int
     read_batch: int
@@ -47,21 +53,26 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
     retained_topic: dict[str, Any]
 
     @classmethod
-    def from_config(cls, pipe: Any) -> PipelineSettings:
+    def from_config(cls, pipe: Any, stage_limits: Sequence[int] = ()) -> PipelineSettings:
         """Resolve the settings from arguments and ``daskinfer.*`` config; raise :class:`ConfigError`
-        naming the setting when a value has the wrong type or is out of bounds."""
+        naming the setting when a value has the wrong type or is out of bounds.  ``stage_limits``:
+        the rows per call that the stages (or their models) ask for."""
         try:
-            return cls._from_config(pipe)
+            return cls._from_config(pipe, stage_limits)
         except (TypeError, ValueError, msgspec.ValidationError) as e:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"pipeline {pipe.name or pipe.inbox!r}: invalid setting: {e}") from e
 
     @classmethod
-    def _from_config(cls, pipe: Any) -> PipelineSettings:
+    def _from_config(cls, pipe: Any, stage_limits: Sequence[int]) -> PipelineSettings:
         policy = BatchPolicy.from_config(pipe.max_batch_size, pipe.max_delay, pipe.max_inflight)
+        batch = policy.max_batch_size
+        if pipe.max_batch_size is None:  # batches as large as the largest stage asks for
+            batch = max([batch, *stage_limits])
         raw = dict(
-            max_batch_size=policy.max_batch_size,
+            max_batch_size=batch,
+            model_batch_size=policy.max_batch_size,
             max_delay=policy.max_delay,
             max_inflight=policy.max_inflight,
             read_batch=settings.get("broker.get-batch", pipe.read_batch),
@@ -119,6 +130,8 @@ class PipelineSpec(msgspec.Struct, frozen=True, kw_only=True):
     stages: bytes  # pickled by the deploying client; never bytes from a broker
     reply_prefixes: list[str]
     record_topics: list[str]  # topics stages record results on (shadow, copies): made at deploy
+    # Dask worker resources its partitions' workers must have: the largest amount of each that its models ask for
+    resources: dict[str, float] = msgspec.field(default_factory=dict)
 
     def to_plain(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)

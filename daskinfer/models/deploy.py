@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from daskinfer import config_check
 from daskinfer.exceptions import ModelNotFoundError
+from daskinfer.models.device import format_resources, missing_resources
 from daskinfer.models.plugin import ModelPlugin
 from daskinfer.models.spec import Model, parse_plugin_name, plugin_name
 from daskinfer.tensors import TensorSpec
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from distributed import Client
 
 logger = logging.getLogger(__name__)
+
+PLACEMENTS = "daskinfer-model-placements"  # scheduler metadata: what pipelines need to know of a model deployed by name
 
 
 def _scheduler_plugins(dask_scheduler=None) -> list[str]:
@@ -53,8 +56,45 @@ async def _deploy(client: Client, model: Model, validate: bool) -> Model:
     for version in before.get(model.name, []):
         if version != model.version:
             await client.unregister_worker_plugin(plugin_name(model.name, version))
+            await _forget_placement(client, model.name, version)
+    await client.scheduler.set_metadata(
+        keys=[PLACEMENTS, model.name, model.version],
+        value={"resources": model.resources, "max_batch_size": model.max_batch_size, "seq": model.deploy_seq},
+    )
+    if model.resources:
+        await _warn_if_nowhere(client, model)
     logger.info("deployed %r", model)
     return model
+
+
+async def _warn_if_nowhere(client: Client, model: Model) -> None:
+    workers = (await client.scheduler.identity())["workers"].values()
+    if not any(not missing_resources(w.get("resources") or {}, model.resources) for w in workers):
+        logger.warning(
+            "model %r needs worker resources %s and no worker has them yet; it loads on workers that join with "
+            "them (dask worker --resources %r)",
+            model.name,
+            format_resources(model.resources),
+            " ".join(f"{k}={v:g}" for k, v in model.resources.items()),
+        )
+
+
+async def _forget_placement(client: Client, name: str, version: str) -> None:
+    versions = dict(await client.scheduler.get_metadata(keys=[PLACEMENTS, name], default=None) or {})
+    if versions.pop(version, None) is not None:
+        await client.scheduler.set_metadata(keys=[PLACEMENTS, name], value=versions)
+
+
+async def placements_async(client: Client, names: list[str]) -> dict[str, dict[str, Any]]:
+    """What deploy recorded of each of ``names``'s current version (the newest deployed): its
+    ``resources`` and ``max_batch_size``, so that a pipeline that names it is placed and batched
+    for it.  Names not deployed are left out."""
+    out = {}
+    for name in names:
+        versions = await client.scheduler.get_metadata(keys=[PLACEMENTS, name], default=None) or {}
+        if versions:
+            out[name] = max(versions.values(), key=lambda info: info.get("seq", 0))
+    return out
 
 
 def deploy(client: Client, model: Model, *, validate: bool = True):
@@ -99,6 +139,7 @@ async def _undeploy(client: Client, name: str, version: str | None) -> list[str]
         raise KeyError(f"model {name!r}{'' if version is None else f' version {version!r}'} is not deployed")
     for v in versions:
         await client.unregister_worker_plugin(plugin_name(name, v))
+        await _forget_placement(client, name, v)
     return versions
 
 

@@ -25,6 +25,7 @@ class LoadedModel:
     cast_inputs: bool = False  # True: inputs are cast to the declared dtypes where safe
     select_outputs: list[str] | None = None  # outputs kept, in this order, from a model that returns a mapping
     inline_rows: int = 0  # batches up to this many rows may run on the event loop (fast models only)
+    device: str = "cpu"  # where it runs: the device its worker holds ("cuda:0") or "cpu"
 
     def __init__(
         self,
@@ -81,6 +82,11 @@ class LoadedModel:
     def warmup_block(self, rows: int) -> Any:
         """A zero batch of ``rows`` rows matching the inputs, or None if shapes are unknown."""
         return zero_block(self.inputs, rows)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``status()`` and the metrics show of this instance: its device (and, for kinds
+        that know them, the execution providers in use and the device memory)."""
+        return {"device": self.device}
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
         raise NotImplementedError

@@ -8,6 +8,8 @@ workers that do not share the client's file system); each worker builds its own
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,15 @@ import onnxruntime as ort
 
 from daskinfer import settings
 from daskinfer.exceptions import ConfigError, ModelLoadError
+from daskinfer.models.device import CPU, device_index, device_memory
 from daskinfer.models.loaded import LoadedModel
+from daskinfer.models.onnx_providers import (
+    CPU_PROVIDER,
+    check_providers,
+    check_used,
+    runs_on_gpu,
+    session_providers,
+)
 from daskinfer.models.spec import Model
 from daskinfer.tensors import TensorSpec
 
@@ -89,9 +99,20 @@ def check_outputs(model: str, source: str, session: ort.InferenceSession, select
 
 
 class LoadedOnnx(LoadedModel):
-    """An onnxruntime session plus the model's signature (``outputs``: the ones it runs)."""
+    """An onnxruntime session plus the model's signature (``outputs``: the ones it runs).
 
-    def __init__(self, name: str, version: str, session: ort.InferenceSession, outputs: list[Any] | None = None):
+    ``io_binding``: run through an ``IOBinding`` (inputs bound from host memory, outputs allocated
+    by onnxruntime on the session's device, then copied back in one step).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        session: ort.InferenceSession,
+        outputs: list[Any] | None = None,
+        io_binding: bool = False,
+    ):
         outputs = session.get_outputs() if outputs is None else outputs
         super().__init__(
             name,
@@ -102,10 +123,33 @@ class LoadedOnnx(LoadedModel):
         self.session = session
         self._output_names = [o.name for o in outputs]
         self.inline_rows = 0  # set from the spec (OnnxModel.inline_rows)
+        self.providers = list(session.get_providers())  # the providers in use, first the one that runs
+        self.io_binding = io_binding
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "provider": self.providers[0] if self.providers else None,
+            "providers": self.providers,
+            "io_binding": self.io_binding,
+            "device_memory": device_memory(self.device),
+        }
 
     def _run(self, block: dict[str, np.ndarray]) -> Any:
+        if self.io_binding:
+            return self._run_bound(block)
         values = self.session.run(self._output_names, block)
         return dict(zip(self._output_names, values))
+
+    def _run_bound(self, block: dict[str, np.ndarray]) -> Any:
+        on_gpu = runs_on_gpu(self.providers)
+        binding = self.session.io_binding()
+        for name, arr in block.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        for name in self._output_names:
+            binding.bind_output(name, "cuda" if on_gpu else "cpu", device_index(self.device) if on_gpu else 0)
+        self.session.run_with_iobinding(binding)
+        return dict(zip(self._output_names, binding.copy_outputs_to_cpu()))
 
 
 class OnnxModel(Model):
@@ -121,12 +165,28 @@ class OnnxModel(Model):
         The graph outputs to run and return (default: all); a name the graph lacks is a
         ``ModelLoadError`` at deploy.  Every output returned must be a tensor: a skl2onnx
         classifier's default ZipMap output is refused with the conversion option that avoids it.
-    version, instances, warmup, allow_nan, cast_inputs
+    version, instances, warmup, allow_nan, cast_inputs, resources, max_batch_size
         See :class:`~daskinfer.models.spec.Model`.
     intra_op_num_threads, inter_op_num_threads : int, optional
         onnxruntime threads; config ``daskinfer.onnx.*`` (1 suits one-thread Dask workers).
     providers : list of str, optional
-        Execution providers in order of preference; config ``daskinfer.onnx.providers``.
+        Execution providers in order of preference, e.g. ``["CUDAExecutionProvider"]`` or
+        ``["TensorrtExecutionProvider", "CUDAExecutionProvider"]``; config ``daskinfer.onnx.providers``.
+        The CPU is a fallback only where the list names ``"CPUExecutionProvider"``: without it a
+        model whose provider is missing, or cannot start on the worker (no GPU, no driver), fails
+        to load, naming the providers available there.  A provider this onnxruntime lacks is
+        refused here, naming the available ones (unless the CPU is listed as a fallback).  The
+        provider in use shows in ``status()`` and in the ``daskinfer_model_info`` metric.
+    provider_options : list of dict, optional
+        One dict of options per provider (onnxruntime's, e.g. ``{"device_id": 1}``,
+        ``{"trt_fp16_enable": True}``); config ``daskinfer.onnx.provider-options``.  GPU
+        providers run on device 0 of what their worker sees (its own GPU where each worker
+        sees one, through ``CUDA_VISIBLE_DEVICES``) unless the options name a ``device_id``.
+    io_binding : bool, optional
+        Run through an onnxruntime ``IOBinding``: inputs bound from host memory, outputs left to
+        onnxruntime on the session's device and copied back in one step.  Meant for GPU
+        sessions; on the CPU it runs the same path with nothing to save.  Config
+        ``daskinfer.onnx.io-binding`` (default off).
     graph_optimization_level : {"disable", "basic", "extended", "all"}, optional
 
     Examples
@@ -134,6 +194,8 @@ class OnnxModel(Model):
     >>> from daskinfer import OnnxModel, deploy, bundled_model_path
     >>> model = OnnxModel("mlp", bundled_model_path())
     >>> deploy(client, model)  # doctest: +SKIP
+    >>> big = OnnxModel("big", "big.onnx", resources={"GPU": 1},  # doctest: +SKIP
+    ...                 providers=["CUDAExecutionProvider"], max_batch_size=16384)
     """
 
     kind = "onnx"
@@ -152,7 +214,11 @@ class OnnxModel(Model):
         intra_op_num_threads: int | None = None,
         inter_op_num_threads: int | None = None,
         providers: list[str] | None = None,
+        provider_options: list[Mapping[str, Any]] | None = None,
+        io_binding: bool | None = None,
         graph_optimization_level: str | None = None,
+        resources: Mapping[str, float] | None = None,
+        max_batch_size: int | None = None,
     ):
         super().__init__(
             name,
@@ -162,6 +228,8 @@ class OnnxModel(Model):
             allow_nan=allow_nan,
             cast_inputs=cast_inputs,
             outputs=outputs,
+            resources=resources,
+            max_batch_size=max_batch_size,
         )
         if isinstance(model, (bytes, bytearray, memoryview)):
             self.path = None
@@ -179,7 +247,17 @@ class OnnxModel(Model):
                 ) from e
         self.intra_op_num_threads = int(settings.get("onnx.intra-op-num-threads", intra_op_num_threads))
         self.inter_op_num_threads = int(settings.get("onnx.inter-op-num-threads", inter_op_num_threads))
-        self.providers = list(settings.get("onnx.providers", providers))
+        self.providers, self.provider_options = check_providers(
+            name,
+            settings.get("onnx.providers", providers),
+            settings.get("onnx.provider-options", provider_options),
+            ort.get_available_providers(),
+            ort.get_all_providers(),
+        )
+        binding = settings.get("onnx.io-binding", io_binding)
+        if not isinstance(binding, bool):
+            raise ConfigError(f"model {name!r}: io_binding must be true or false, got {binding!r}")
+        self.io_binding = binding
         level = settings.get("onnx.graph-optimization-level", graph_optimization_level)
         if level not in OPT_LEVELS:
             raise ConfigError(
@@ -187,13 +265,6 @@ class OnnxModel(Model):
             )
         self.graph_optimization_level = level
         self.inline_rows = int(settings.get("onnx.inline-rows"))  # read here: settings travel with the spec
-        available = ort.get_available_providers()
-        unknown = [p for p in self.providers if p not in available]
-        if unknown or not self.providers:
-            raise ConfigError(
-                f"model {name!r}: execution providers {unknown or self.providers} are not available "
-                f"in this onnxruntime; available: {available}"
-            )
 
     @property
     def source(self) -> str:
@@ -206,10 +277,30 @@ class OnnxModel(Model):
         so.graph_optimization_level = OPT_LEVELS[self.graph_optimization_level]
         return so
 
-    def load(self) -> LoadedOnnx:
-        providers = [p for p in self.providers if p in ort.get_available_providers()] or ["CPUExecutionProvider"]
+    def load(self, *, device: str = CPU) -> LoadedOnnx:
+        """An onnxruntime session on ``device`` (the device the worker holds: GPU providers run on
+        its index unless their options name a ``device_id``)."""
+        where = _where()
+        providers, options = session_providers(
+            self.name, self.providers, self.provider_options, ort.get_available_providers(), device, where
+        )
+        session = self._session(providers, options)
+        used = session.get_providers()
+        check_used(self.name, providers, used, where)
+        outputs = check_outputs(self.name, self.source, session, self.selected_outputs)
+        runs_on = CPU
+        if runs_on_gpu(used):  # the GPU its provider runs on: the worker's, or the options' device_id
+            runs_on = f"cuda:{dict(zip(providers, options))[used[0]]['device_id']}"
+        loaded = LoadedOnnx(self.name, self.version, session, outputs, io_binding=self.io_binding)
+        loaded = self._configure(loaded, runs_on)
+        loaded.inline_rows = self.inline_rows
+        return loaded
+
+    def _session(self, providers: list[str], options: list[dict[str, str]]) -> ort.InferenceSession:
         try:
-            session = ort.InferenceSession(self.model_bytes, sess_options=self.session_options(), providers=providers)
+            return ort.InferenceSession(
+                self.model_bytes, sess_options=self.session_options(), providers=providers, provider_options=options
+            )
         except Exception as e:
             raise ModelLoadError(
                 f"ONNX model {self.source} (model {self.name!r}) cannot be loaded by onnxruntime: "
@@ -217,10 +308,19 @@ class OnnxModel(Model):
                 model=self.name,
                 path=self.path,
             ) from e
-        outputs = check_outputs(self.name, self.source, session, self.selected_outputs)
-        loaded = self._configure(LoadedOnnx(self.name, self.version, session, outputs))
-        loaded.inline_rows = self.inline_rows
-        return loaded
 
     def validate(self) -> None:
-        self.load().close()
+        """On the deploying client: the graph loads in onnxruntime (on its CPU: the workers open
+        the model on their own providers) and its outputs are tensors."""
+        session = self._session([CPU_PROVIDER], [{}])
+        check_outputs(self.name, self.source, session, self.selected_outputs)
+
+
+def _where() -> str:
+    """This process, as errors name it: the worker's address, or the host."""
+    try:
+        from distributed import get_worker
+
+        return f"worker {get_worker().address}"
+    except ValueError:
+        return f"{socket.gethostname()} (pid {os.getpid()})"

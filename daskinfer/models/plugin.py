@@ -9,11 +9,13 @@ registers through the public ``client.register_plugin``; the model's own name is
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from daskinfer.models.device import device_of, format_resources, missing_resources, worker_resources
 from daskinfer.models.registry import registry_for
 
 if TYPE_CHECKING:
@@ -21,9 +23,15 @@ if TYPE_CHECKING:
 
     from daskinfer.models.spec import Model
 
+logger = logging.getLogger(__name__)
+
 
 class ModelPlugin(WorkerPlugin):
-    """Hold ``model`` on every worker.
+    """Hold ``model`` on every worker that has the resources it asks for (``model.resources``).
+
+    A worker without them skips the model (it is registered with every worker, so a worker that
+    joins later with the resources loads it); a worker with them loads it on the device it
+    holds (:func:`~daskinfer.models.device.device_of`).
 
     Parameters
     ----------
@@ -39,7 +47,19 @@ class ModelPlugin(WorkerPlugin):
         self.name = model.plugin_name
 
     async def setup(self, worker: Worker) -> None:
-        await registry_for(worker).install(self.model)
+        have = worker_resources(worker)
+        missing = missing_resources(have, self.model.resources)
+        if missing:
+            logger.info(
+                "model %r version %r needs worker resources %s; worker %s has %s: not loaded there",
+                self.model.name,
+                self.model.version,
+                format_resources(self.model.resources),
+                worker.address,
+                format_resources(have),
+            )
+            return
+        await registry_for(worker).install(self.model, device_of(have))
 
     async def teardown(self, worker: Worker) -> None:
         if worker.status in (Status.closing, Status.closing_gracefully):

@@ -25,6 +25,7 @@ import numpy as np
 from daskinfer.exceptions import ConfigError, ModelLoadError
 from daskinfer.models import code
 from daskinfer.models.contract import zero_block
+from daskinfer.models.device import CPU, call_load
 from daskinfer.models.loaded import LoadedModel
 from daskinfer.models.spec import Model
 from daskinfer.tensors import TensorSpec
@@ -147,7 +148,7 @@ class PythonModel(Model):
     batch_format : {"numpy", "dict", "pandas", "list"}
         What the model receives: an array (single input) or dict, always a dict,
         a ``pandas.DataFrame``, or a list of rows (Jet's ``handle(list) -> list``).
-    version, instances, warmup, allow_nan, cast_inputs
+    version, instances, warmup, allow_nan, cast_inputs, resources, max_batch_size
         See :class:`~daskinfer.models.spec.Model`.
 
     Notes
@@ -169,7 +170,9 @@ class PythonModel(Model):
 
     - a function ``f(batch) -> outputs``, called once per batch, or
     - a class, created once per instance with no arguments; its ``load()`` (optional)
-      runs once before any batch, its ``predict(batch)`` (or ``method``) once per batch,
+      runs once before any batch (``load(self, device)`` receives the device its worker holds:
+      ``"cuda:0"`` on a worker with a ``GPU`` resource, else ``"cpu"``; e.g. for
+      ``torch.device(device)``), its ``predict(batch)`` (or ``method``) once per batch,
       and its ``close()`` (optional) when the version is replaced or undeployed.
 
     ``batch`` is what ``batch_format`` says.  Return an array with one row per input
@@ -216,6 +219,8 @@ class PythonModel(Model):
         warmup: bool | None = None,
         allow_nan: bool | None = None,
         cast_inputs: bool | None = None,
+        resources: Mapping[str, float] | None = None,
+        max_batch_size: int | None = None,
     ):
         output_specs = _specs(outputs)
         super().__init__(
@@ -226,6 +231,8 @@ class PythonModel(Model):
             allow_nan=allow_nan,
             cast_inputs=cast_inputs,
             outputs=None if output_specs is None else [s.name for s in output_specs],
+            resources=resources,
+            max_batch_size=max_batch_size,
         )
         if (predict is None) == (directory is None):
             raise ConfigError(f"model {name!r}: give exactly one of predict= or directory=")
@@ -326,7 +333,8 @@ class PythonModel(Model):
                 self._workdir = tempfile.mkdtemp(prefix="daskinfer-models-")
             return self._workdir
 
-    def load(self, base_dir: str | None = None) -> LoadedPython:
+    def load(self, base_dir: str | None = None, *, device: str = CPU) -> LoadedPython:
+        """One instance; a class's ``load`` runs here, given ``device`` where it takes one."""
         target: Any = self.predict_obj
         env = None
         if self.code_zip is not None or self.requirements:
@@ -343,19 +351,19 @@ class PythonModel(Model):
         try:
             if env is not None and self.code_zip is not None:
                 target = self._import_handler(env)
-            fn, closer = self._bind(target)
+            fn, closer = self._bind(target, device)
         except BaseException:
             if env is not None:
                 env.release()
             raise
         loaded = LoadedPython(self.name, self.version, fn, self.batch_format, self.inputs, self.outputs, self.sample)
-        self._configure(loaded)
+        self._configure(loaded, device)
         loaded.add_closer(closer)
         if env is not None:
             loaded.add_closer(env.release)
         return loaded
 
-    def _bind(self, target: Any) -> tuple[Callable[[Any], Any], Callable[[], None] | None]:
+    def _bind(self, target: Any, device: str = CPU) -> tuple[Callable[[Any], Any], Callable[[], None] | None]:
         """Turn a function, class or instance into a bound batch callable (and its close)."""
         method = self.method or "predict"
         obj = target
@@ -372,7 +380,7 @@ class PythonModel(Model):
         if hasattr(obj, method) and not _is_function(obj):
             if hasattr(obj, "load"):
                 try:
-                    obj.load()
+                    call_load(obj, device)
                 except Exception as e:
                     raise ModelLoadError(
                         f"model {self.name!r}: load() failed: {type(e).__name__}: {e}", model=self.name

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daskinfer.exceptions import ModelLoadError, ModelNotFoundError
+from daskinfer.models.device import CPU
 from daskinfer.tensors import rows_of
 
 if TYPE_CHECKING:
@@ -142,14 +143,14 @@ class ModelRegistry:
         self._all: dict[tuple[str, str], Deployment] = {}
         self._lock = threading.Lock()
 
-    async def install(self, model: Model) -> Deployment:
-        """Load, warm up and make ``model`` current (unless a newer deployment already is)."""
-        dep = await asyncio.to_thread(load_deployment, model)
+    async def install(self, model: Model, device: str = CPU) -> Deployment:
+        """Load on ``device``, warm up and make ``model`` current (unless a newer deployment already is)."""
+        dep = await asyncio.to_thread(load_deployment, model, device)
         self._add(dep)
         return dep
 
-    def install_sync(self, model: Model) -> Deployment:
-        dep = load_deployment(model)
+    def install_sync(self, model: Model, device: str = CPU) -> Deployment:
+        dep = load_deployment(model, device)
         self._add(dep)
         return dep
 
@@ -196,6 +197,17 @@ class ModelRegistry:
         """Current version of every model here."""
         return {n: d.version for n, d in self._current.items()}
 
+    def describe(self, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """The current deployment of each of ``names`` (default: all) that is loaded here: version,
+        kind, device, and what its kind knows (ONNX: the providers in use, device memory)."""
+        current = dict(self._current)
+        out = {}
+        for name in current if names is None else names:
+            dep = current.get(name)
+            if dep is not None:
+                out[name] = {"version": dep.version, "kind": dep.model.kind, **dep.first.describe()}
+        return out
+
     def close(self) -> None:
         with self._lock:
             deps = list(self._all.values())
@@ -205,9 +217,9 @@ class ModelRegistry:
             d.retire()
 
 
-def load_deployment(model: Model) -> Deployment:
-    """Load ``model.instances`` instances and warm them up."""
-    instances = [model.load() for _ in range(model.instances)]
+def load_deployment(model: Model, device: str = CPU) -> Deployment:
+    """Load ``model.instances`` instances on ``device`` and warm them up."""
+    instances = [model.load(device=device) for _ in range(model.instances)]
     if model.warmup:
         for inst in instances:
             block = inst.warmup_block(model.warmup_rows)

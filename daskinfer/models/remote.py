@@ -20,6 +20,7 @@ from typing import Any
 
 from daskinfer import settings
 from daskinfer.exceptions import ConfigError
+from daskinfer.models.device import CPU
 from daskinfer.models.remote_loaded import LoadedRemote
 from daskinfer.models.spec import Model
 from daskinfer.remote import PROTOCOLS
@@ -65,7 +66,8 @@ class RemoteModel(Model):
     remote_version : str, optional
         The model's version on the service (default: let the service choose).
     max_batch_size : int, optional
-        Most rows per call; larger batches are cut into several calls. Config ``daskinfer.remote.max-batch-size``.
+        Most rows per call; larger batches are cut into several calls, run concurrently (up to
+        ``max_inflight``). Config ``daskinfer.remote.max-batch-size``.
     max_inflight : int, optional
         Most calls in flight per worker. Config ``daskinfer.remote.max-inflight``.
     timeout : float or str, optional
@@ -106,6 +108,9 @@ class RemoteModel(Model):
     outputs : list of str, optional
         The outputs to keep from each answer, in this order (default: all); checked against
         the service's metadata at deploy.
+    resources : dict, optional
+        Dask worker resources a worker must have to call this service (e.g. ``{"site-a": 1}``
+        for the workers near it); see :class:`~daskinfer.models.spec.Model`.
     version, warmup, cast_inputs
         See :class:`~daskinfer.models.spec.Model`.  ``deploy`` (with ``validate=True``, the
         default) checks on the client that the service answers: the model is ready and its
@@ -121,6 +126,7 @@ class RemoteModel(Model):
     """
 
     kind = "remote"
+    max_batch_size: int  # always set (config ``daskinfer.remote.max-batch-size``): the calls are cut here
 
     def __init__(
         self,
@@ -155,8 +161,17 @@ class RemoteModel(Model):
         cast_inputs: bool | None = None,
         version: str | int = "1",
         warmup: bool | None = None,
+        resources: Mapping[str, float] | None = None,
     ):
-        super().__init__(name, version=version, instances=1, warmup=warmup, cast_inputs=cast_inputs, outputs=outputs)
+        super().__init__(
+            name,
+            version=version,
+            instances=1,
+            warmup=warmup,
+            cast_inputs=cast_inputs,
+            outputs=outputs,
+            resources=resources,
+        )
         if protocol not in PROTOCOLS:
             raise ConfigError(f"remote model {name!r}: protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
         if not isinstance(url, str) or not url:
@@ -244,7 +259,13 @@ class RemoteModel(Model):
         finally:
             loaded.close()
 
-    def load(self) -> LoadedRemote:
+    @property
+    def call_rows(self) -> int | None:
+        """None: the remote model cuts a batch into concurrent calls of ``max_batch_size`` itself."""
+        return None
+
+    def load(self, *, device: str = CPU) -> LoadedRemote:
+        """A client of the service (``device`` is where the caller runs: the service has its own)."""
         return self._configure(LoadedRemote(self))
 
     def __repr__(self) -> str:

@@ -8,11 +8,12 @@ in a process (``load``); it knows nothing of workers or registries.  On a cluste
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from daskinfer import settings
 from daskinfer.exceptions import ConfigError
+from daskinfer.models.device import CPU, check_resources
 
 if TYPE_CHECKING:
     from daskinfer.models.loaded import LoadedModel
@@ -52,11 +53,24 @@ class Model:
         The outputs to return, in this order (others are dropped; a name the model does
         not have is an error at deploy where the model declares its outputs, else on the
         first batch). Default: all.
+    resources : dict, optional
+        Dask worker resources the model needs, e.g. ``{"GPU": 1}``: it is loaded only on
+        workers that have at least that much of each (``dask worker --resources "GPU=1"``), and
+        the partitions of a pipeline that uses it run only there.  A requirement on what a
+        worker has, not a reservation: two models asking for ``GPU=1`` both load on a worker
+        with ``GPU=1``.  Config ``daskinfer.models.resources`` (default: none).
+    max_batch_size : int, optional
+        Most rows in one call of this model: a stage cuts larger batches into calls of this
+        size, and a pipeline that does not set its own ``max_batch_size`` forms batches up to
+        the largest of its models' (a GPU model wants bigger batches).  Default: the pipeline's.
 
     Notes
     -----
     A model with exactly one input takes it under any name: a bare array, or a dict with
     one entry, goes to that input.
+
+    A model is loaded with the device its worker holds (see :mod:`daskinfer.models.device`):
+    ``"cuda:0"`` on a worker with a ``GPU`` resource, else ``"cpu"``.
     """
 
     kind: ClassVar[str] = "model"
@@ -71,6 +85,8 @@ class Model:
         allow_nan: bool | None = None,
         cast_inputs: bool | None = None,
         outputs: Sequence[str] | None = None,
+        resources: Mapping[str, float] | None = None,
+        max_batch_size: int | None = None,
     ):
         self.name = check_plain_name("name", name)
         self.version = check_plain_name("version", version if isinstance(version, str) else str(version))
@@ -82,18 +98,26 @@ class Model:
         self.cast_inputs = bool(settings.get("models.cast-inputs", cast_inputs))
         self.warmup_rows = int(settings.get("models.warmup-rows"))  # (read here: settings travel with the spec)
         self.selected_outputs = _output_names(name, outputs)
+        self.resources = check_resources(name, settings.get("models.resources", resources))
+        self.max_batch_size = _batch_size(name, max_batch_size)
         self.deploy_seq = 0  # set by deploy(); newer deployments win on every worker
 
     @property
     def plugin_name(self) -> str:
         return plugin_name(self.name, self.version)
 
-    def load(self) -> LoadedModel:
-        """Build one runnable instance in this process."""
+    @property
+    def call_rows(self) -> int | None:
+        """Most rows a stage passes to this model in one call (None: the pipeline's limit)."""
+        return self.max_batch_size
+
+    def load(self, *, device: str = CPU) -> LoadedModel:
+        """Build one runnable instance in this process, on ``device`` (``"cpu"``, ``"cuda:0"``)."""
         raise NotImplementedError
 
-    def _configure(self, loaded: L) -> L:
-        """Give a freshly built instance this spec's input and output handling."""
+    def _configure(self, loaded: L, device: str = CPU) -> L:
+        """Give a freshly built instance this spec's input and output handling, and its device."""
+        loaded.device = device
         loaded.allow_nan = self.allow_nan
         loaded.cast_inputs = self.cast_inputs
         loaded.select_outputs = self.selected_outputs
@@ -104,6 +128,14 @@ class Model:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, version={self.version!r})"
+
+
+def _batch_size(model: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"model {model!r}: max_batch_size must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _output_names(model: str, outputs: Sequence[str] | None) -> list[str] | None:

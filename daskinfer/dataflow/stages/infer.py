@@ -2,9 +2,10 @@
 
 Before the model call it answers, with an error each, the requests whose deadline passed and
 (for a model that does not allow them) those whose inputs hold NaN or infinite values; a batch
-larger than the context's ``max_batch_size`` is cut into several calls; when a call fails on a
-batch of several requests, it is bisected, within a bound on extra calls, to find the requests at
-fault.  The model's outputs join the columns and become the answer.
+larger than the stage's limit (its own ``max_batch_size``, else its model's, else the context's)
+is cut into calls of that size; when a call fails on a batch of several requests, it is bisected,
+within a bound on extra calls, to find the requests at fault.  The model's outputs join the
+columns and become the answer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from daskinfer.dataflow.stages.base import Live, Stage, StageContext, check_wire_dtype
 from daskinfer.exceptions import (
+    ConfigError,
     DeadlineExceededError,
     InputValidationError,
     ModelError,
@@ -54,6 +56,10 @@ class Infer(Stage):
     strict : bool
         Give the model all the columns (it names a missing or unexpected input), instead of
         the columns named like its inputs; the one-line ``Pipeline(model=...)`` is strict.
+    max_batch_size : int, optional
+        Most rows in one call of the model: a larger batch is cut into calls of this size.
+        Default: the model spec's ``max_batch_size``, else the pipeline's.  A pipeline that sets
+        no ``max_batch_size`` of its own forms batches up to the largest of its stages' limits.
     """
 
     kind = "infer"
@@ -66,9 +72,15 @@ class Infer(Stage):
         outputs: Sequence[str] | str | None = None,
         name: str | None = None,
         strict: bool = False,
+        max_batch_size: int | None = None,
     ):
+        if max_batch_size is not None and (
+            isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1
+        ):
+            raise ConfigError(f"infer stage: max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         self.model = model
         self.strict = strict
+        self.max_batch_size = max_batch_size
         self.inputs = dict(inputs) if inputs else None
         self.outputs = [outputs] if isinstance(outputs, str) else (list(outputs) if outputs else None)
         super().__init__(name or self.model_name)
@@ -79,6 +91,18 @@ class Infer(Stage):
 
     def models(self) -> list[Any]:
         return [] if self.model is None else [self.model]
+
+    def batch_limit(self) -> int | None:
+        """The most rows per call this stage asks for, as far as the client knows it: its own
+        ``max_batch_size``, else that of its model spec (None: neither, or a model named by string)."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return None if self.model is None or isinstance(self.model, str) else self.model.max_batch_size
+
+    def call_rows(self, dep: Any, ctx: StageContext) -> int:
+        """Most rows in one call of ``dep`` (a deployment): the stage's limit, else its model's, else
+        the context's."""
+        return self.max_batch_size or getattr(dep.model, "call_rows", None) or ctx.max_batch_size
 
     def _feed(self, dep: Any, columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.inputs:
@@ -190,16 +214,17 @@ class Infer(Stage):
     ) -> list[Live]:
         batch = live.batch
         rows = batch.n_rows
+        limit = self.call_rows(dep, ctx)
         finite = batch.deadlines[~np.isnan(batch.deadlines)]
         t0 = time.time()
         deadline = max(float(finite.min()) - t0, 0.0) if len(finite) else None
         try:
-            if rows <= ctx.max_batch_size:
+            if rows <= limit:
                 outs = await dep.apredict(feed, deadline=deadline)
             else:
                 chunks = []
-                for start in range(0, rows, ctx.max_batch_size):
-                    chunk = {k: v[start : start + ctx.max_batch_size] for k, v in feed.items()}
+                for start in range(0, rows, limit):
+                    chunk = {k: v[start : start + limit] for k, v in feed.items()}
                     chunks.append(await dep.apredict(chunk, deadline=deadline))
                 outs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         except Exception as e:
