@@ -241,6 +241,28 @@ class TransactionalWriter(ResultWriter):
             self.lane = Lane(f"kafka-write-{self.inbox}-{self.partition}")
             self.replaced += 1
             await self.lane.run(self._open)
+            # the hung call may have been a commit that reached the coordinator: fencing completes it
+            # instead of aborting it.  Then the transaction is in, and making it again would show its
+            # results twice: the group's committed offset says which it was.
+            if upto is not None and await self.lane.run(self._committed_offset) >= upto:
+                logger.warning("%s: the transaction of the hung call was committed; not making it again", self.name)
+                self._open_on, self._pending, self._produced = None, [], 0
+                return
+
+    def _committed_offset(self) -> int:
+        """The inbox offset committed for the group now (stable: no transaction of it is still open)."""
+        opts = self.opts
+        tp = TopicPartition(self.inbox, self.partition)
+        try:
+            got = retry(
+                lambda timeout: self.consumer.committed([tp], timeout),
+                time.monotonic() + opts.retry_timeout,
+                opts,
+                f"{self.name}: reading the committed offset",
+            )
+        except KafkaException as e:
+            raise self.failure("reading the committed offset", e) from e
+        return got[0].offset
 
     def _transact(self, producer: Producer, upto: int | None) -> None:
         opts = self.opts
