@@ -29,10 +29,10 @@ from daskinfer.connectors.redis import (  # noqa: E402
     inbox_stream,
     prepare_streams,
 )
-from daskinfer.exceptions import TopicFullError  # noqa: E402
 from daskinfer.testing import check_rows_and_blocks, collect_results, random_rows, run_onnx_directly  # noqa: E402
 from daskinfer.wire import codec
 from daskinfer.wire.frames import peek_fields  # noqa: E402
+from daskinfer.wire.messages import Request
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -180,21 +180,54 @@ def test_a_repeated_delivery_writes_nothing_twice(redis_url, r):
 
 
 def test_send_waits_at_the_bound_and_fails_clearly_when_nobody_consumes(redis_url, r):
+    """Sends do not wait for each other (a window of them in flight), so a send that finds no room
+    within put_timeout answers its own requests with a TopicFullError result naming the stream."""
+    from daskinfer.wire.frames import decode_results
+
     inbox = _inbox()
 
     async def run():
         t = RedisTransport(redis_url, partitions=2, max_stream_length=10, put_timeout=0.3)
         assert await t.start(inbox, f"reply-{inbox}") == 2
         await t.send(inbox, [(0, b"x")] * 10)
+        await t.send(inbox, [(0, Request(f"late-{i}", {"x": np.zeros(2, np.float32)}).encode()) for i in range(3)])
         t0 = time.monotonic()
-        with pytest.raises(TopicFullError, match=r"stayed at their bound of 10 entries.*0 of 3 requests"):
-            await t.send(inbox, [(0, b"y")] * 3)
-        assert time.monotonic() - t0 >= 0.29
+        answers = []
+        while len(answers) < 3 and time.monotonic() - t0 < 30:
+            answers += [res for data in await t.receive(0.5) for res in decode_results(data).results()]
+        assert time.monotonic() - t0 >= 0.25, "a send waits put_timeout for room before it gives up"
+        assert sorted(a.id for a in answers) == ["late-0", "late-1", "late-2"]
+        for a in answers:
+            assert a.error_type == "TopicFullError"
+            assert "stayed at its bound of 10 entries" in a.error and "0 of 3 requests" in a.error, a.error
         assert r.xlen(inbox_stream(inbox, 0)) == 10, "nothing trimmed, nothing beyond the bound"
+        assert t.refused == 3
         await t.close()
         assert not r.exists(f"reply-{inbox}")
 
     asyncio.run(run())
+
+
+def test_sends_in_flight_land_in_the_order_they_were_made(redis_url, r):
+    """Several sends to one partition in flight at once (a window of 8), over several connections:
+    the stream holds them in the order they were made, each message once."""
+    inbox = _inbox()
+
+    async def run():
+        t = RedisTransport(redis_url, partitions=1, send_window=8)
+        await t.start(inbox, f"reply-{inbox}")
+        for i in range(400):
+            await t.send(inbox, [(0, f"m{i:04d}".encode())])
+        while t.in_flight:
+            await asyncio.sleep(0.01)
+        peak = t.peak_in_flight
+        await t.close()
+        return peak
+
+    peak = asyncio.run(run())
+    entries = [fields[b"d"] for _, fields in r.xrange(inbox_stream(inbox, 0))]
+    assert entries == [f"m{i:04d}".encode() for i in range(400)], "sends landed out of the order they were made"
+    assert peak > 1, f"sends did not overlap (at most {peak} in flight)"
 
 
 def test_password_in_the_url_and_a_clear_error_without_it(tmp_path):

@@ -185,24 +185,52 @@ return missing
 """
 )
 
-# KEYS: stream; ARGV: bound, number of big messages, packed messages, the big ones.  Append
-# as many as fit under the bound (in order); return how many.  Entries are never trimmed:
-# the bound pushes back instead.
-_PUT = (
+# KEYS: stream, sends hash; ARGV: bound, client, seq, ttl, messages, number of big ones, packed, big...
+# A client's sends to one partition stream carry consecutive seqs and may be in flight at once; the
+# hash records per client the last send that is all in (``{client}:s``) and how many messages of
+# the next one are (``{client}:n``), so that sends land in seq order whatever order they arrive in,
+# and a send made again after a lost reply adds nothing twice.  Appends what fits under the bound.
+# Returns {status, messages of this send in now}: status -1: it was all in already; -2: an earlier
+# send of this client is not all in yet (make this one again after it); 0: appended what fit.
+_PUT_SEQ = (
     _UNPACK_LUA
     + """
+local cs, cn = ARGV[2] .. ':s', ARGV[2] .. ':n'
+local st = redis.call('HMGET', KEYS[2], cs, cn)
+local last, done = tonumber(st[1] or '-1'), tonumber(st[2] or '0')
+local seq = tonumber(ARGV[3])
+if seq <= last then return {-1, 0} end
+if seq ~= last + 1 then return {-2, 0} end
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
-local added = 0
-if room > 0 then
-  each(3, tonumber(ARGV[2]), function(d)
+local i, total = 0, 0
+each(7, tonumber(ARGV[6]), function(d)
+  i = i + 1
+  if i > done then
+    if room <= 0 then return false end
     redis.call('XADD', KEYS[1], '*', 'd', d)
-    added = added + 1
-    return added < room
-  end)
+    room = room - 1
+  end
+  total = i
+  return true
+end)
+if total == tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[2], cs, seq, cn, 0)
+else
+  redis.call('HSET', KEYS[2], cn, total)
 end
-return added
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {0, total}
 """
 )
+
+# KEYS: sends hash; ARGV: client, seq.  Give up on send ``seq`` (its requests failed): the next may land.
+_PUT_SKIP = """
+local cs = ARGV[1] .. ':s'
+if tonumber(redis.call('HGET', KEYS[1], cs) or '-1') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], cs, ARGV[2], ARGV[1] .. ':n', 0)
+end
+return 1
+"""
 
 # KEYS: stream.  Create an empty stream unless it exists.
 _ENSURE = """
@@ -219,7 +247,8 @@ SCRIPTS = {
     "read": _READ,
     "fetch": _FETCH,
     "deliver": _DELIVER,
-    "put": _PUT,
+    "put_seq": _PUT_SEQ,
+    "put_skip": _PUT_SKIP,
     "ensure": _ENSURE,
 }
 SCRIPTS = {name: src.replace("BIG", str(BIG_MESSAGE)) for name, src in SCRIPTS.items()}
@@ -234,6 +263,11 @@ def inbox_stream(inbox: str, partition: int) -> str:
 def meta_key(inbox: str) -> str:
     """Name of the hash that records an inbox's partitions and deployment generations."""
     return f"{inbox}:meta"
+
+
+def sends_key(inbox: str, partition: int) -> str:
+    """Name of the hash that orders the clients' sends to inbox partition ``partition`` (see ``put_seq``)."""
+    return f"{inbox}:{partition}:sends"
 
 
 def fence_key(inbox: str, partition: int, group: str) -> str:
