@@ -113,7 +113,7 @@ def started(cmd: list[str], url: str, env: dict | None = None) -> Iterator[None]
             proc.wait()
 
 
-def load(url: str, bodies_file: str, mode: str, duration: float, rate: float = 0.0) -> dict:
+def load(url: str, bodies_file: str, mode: str, duration: float, rate: float = 0.0, concurrency: int = 64) -> dict:
     cmd = [
         sys.executable,
         os.path.join(HERE, "_loadgen.py"),
@@ -124,7 +124,7 @@ def load(url: str, bodies_file: str, mode: str, duration: float, rate: float = 0
         "--duration",
         str(duration),
         "--concurrency",
-        "64",
+        str(concurrency),
         "--rate",
         str(max(rate, 1.0)),
     ]
