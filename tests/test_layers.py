@@ -34,6 +34,7 @@ LAYERS = {
     "quickstart": 4,
     "preload": 4,
     "version": 0,
+    "importing": 0,
 }
 
 

@@ -4,11 +4,12 @@ Python callable (``daskinfer serve --onnx/--python``, ``daskinfer predict --mode
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from daskinfer.importing import import_object
 
 
 def model_name_and_target(text: str, kind: str) -> tuple[str, str]:
@@ -42,8 +43,6 @@ def build_models(onnx: Sequence[str], python: Sequence[str], instances: int | No
             raise argparse.ArgumentTypeError(f"expected [NAME=]MODULE:FUNCTION, got {spec!r}")
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj = import_object(module, attr)
         models.append(PythonModel(name, obj, instances=instances))
     return models

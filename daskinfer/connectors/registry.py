@@ -20,7 +20,6 @@ then import it by the same reference, so its module must be importable there too
 
 from __future__ import annotations
 
-import importlib
 import threading
 from collections.abc import Mapping
 from importlib.metadata import entry_points
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from daskinfer.connectors.base import TOPIC_REPLY_PREFIX, ClientTransport, Connector
 from daskinfer.exceptions import ConfigError
+from daskinfer.importing import import_object
 
 if TYPE_CHECKING:
     from distributed import Client, Worker
@@ -132,9 +132,7 @@ def load_connector(reference: str) -> ConnectorPlugin:
     _check_reference(reference, reference)
     module, _, attr = reference.partition(":")
     try:
-        obj: Any = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
+        obj = import_object(module, attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"connector {reference!r} cannot be imported here: {e}") from e
     plugin = obj() if isinstance(obj, type) else obj

@@ -38,8 +38,7 @@ size): a client's request frame over it is cut into frames that fit.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from daskinfer.importing import lazy_exports
 
 # imported on first use, so that the connector's plugin (.plugin) loads without confluent-kafka
 _EXPORTS = {
@@ -51,11 +50,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["CORRELATION_HEADER", "KafkaConnector", "KafkaOptions", "KafkaTransport", "prepare"]

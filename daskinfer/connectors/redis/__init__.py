@@ -43,8 +43,7 @@ Redis Cluster is not supported; use a single server (or a primary with replicas)
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from daskinfer.importing import lazy_exports
 
 # imported on first use, so that the connector's plugin (.plugin) loads without the redis package
 _EXPORTS = {
@@ -57,11 +56,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["RedisConnector", "RedisTransport", "fence_key", "inbox_stream", "meta_key", "prepare_streams"]

@@ -19,6 +19,7 @@ import numpy as np
 
 from daskinfer.dataflow.batch import RequestBatch, ResultPart
 from daskinfer.exceptions import ConfigError, StageError
+from daskinfer.importing import import_object
 from daskinfer.wire.codec import wire_dtype
 
 if TYPE_CHECKING:
@@ -53,12 +54,8 @@ def resolve_callable(target: Any, what: str) -> Callable[..., Any]:
         return target
     if isinstance(target, str):
         module, _, attr = target.partition(":")
-        import importlib
-
         try:
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
+            obj = import_object(module, attr)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"{what}: cannot import {target!r}: {e}") from e
         if not callable(obj):
