@@ -130,6 +130,13 @@ def _gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-grpc", action="store_true", help="do not serve gRPC")
     p.add_argument("--no-http", action="store_true", help="do not serve REST")
     p.add_argument("--timeout", default=None, help="longest wait for a pipeline's answer, e.g. 5s (then 504)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes sharing the ports (SO_REUSEPORT; default 1; one per core is a good start)",
+    )
+    p.add_argument("--share-ports", action="store_true", help=argparse.SUPPRESS)  # set for the processes of --workers
     _front_door_arguments(p)
 
 
@@ -140,6 +147,17 @@ def _gateway(args: argparse.Namespace) -> int:
     if not args.pipeline:
         print("daskinfer gateway: give at least one --pipeline NAME=INBOX", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print(f"daskinfer gateway: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        from daskinfer import settings
+        from daskinfer.cli.workers import run_gateway_workers
+
+        host = args.host or settings.get("gateway.host")
+        http = settings.get("gateway.http-port") if args.http_port is None else args.http_port
+        grpc = settings.get("gateway.grpc-port") if args.grpc_port is None else args.grpc_port
+        return run_gateway_workers(args, host, int(http), int(grpc))
     try:
         gateway = Gateway(
             args.scheduler,
@@ -158,6 +176,7 @@ def _gateway(args: argparse.Namespace) -> int:
     except (DaskInferError, OSError, ValueError) as e:
         print(f"daskinfer gateway: {e}", file=sys.stderr)
         return 2
+    gateway.share_ports = args.share_ports
     return _serve_until_stopped("gateway", gateway)
 
 

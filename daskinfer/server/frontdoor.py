@@ -72,6 +72,10 @@ class FrontDoor(abc.ABC):
 
     kind = "v2 server"
     server_name = "daskinfer"
+    share_ports = False
+    """Bind with ``SO_REUSEPORT``, so that several processes serve the same ports (the kernel spreads
+    the connections over them): ``daskinfer gateway --workers N`` sets it in each of its processes.
+    Off by default: a port in use is then an error naming it, not silently shared."""
 
     def __init__(
         self,
@@ -158,6 +162,7 @@ class FrontDoor(abc.ABC):
                     tls_client_ca=self.tls_client_ca,
                     server_name=self.server_name,
                     server_version=__version__,
+                    share_port=self.share_ports,
                 )
             if self.serve_http:
                 from daskinfer.server.rest_server import start_rest_server
@@ -173,6 +178,7 @@ class FrontDoor(abc.ABC):
                     ssl_context=ssl_context,
                     server_name=self.server_name,
                     server_version=__version__,
+                    share_port=self.share_ports,
                 )
         except BaseException:
             await self._stop_front_ends(0)

@@ -204,8 +204,10 @@ async def start_grpc_server(
     tls_client_ca: bytes | None = None,
     server_name: str = "daskinfer",
     server_version: str = "",
+    share_port: bool = False,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on ``host:port`` (0: a free port); return it and its port.
+    ``share_port``: bind with ``SO_REUSEPORT`` (other processes serve the same port).
 
     Raises :class:`~daskinfer.server.errors.ServerBindError` when the address is taken.
     """
@@ -213,7 +215,7 @@ async def start_grpc_server(
         options=[
             ("grpc.max_send_message_length", max_message_size),
             ("grpc.max_receive_message_length", max_message_size),
-            ("grpc.so_reuseport", 0),  # a port in use is an error, not silently shared
+            ("grpc.so_reuseport", int(share_port)),  # unless shared on purpose, a port in use is an error
         ]
     )
     servicer = InferenceServicer(service, server_name=server_name, server_version=server_version)

@@ -199,15 +199,17 @@ async def start_rest_server(
     ssl_context: ssl.SSLContext | None = None,
     server_name: str = "daskinfer",
     server_version: str = "",
+    share_port: bool = False,
 ) -> tuple[web.AppRunner, int]:
     """Start the REST server on ``host:port`` (0: a free port); return its runner and port.
+    ``share_port``: bind with ``SO_REUSEPORT`` (other processes serve the same port).
 
     Raises :class:`~daskinfer.server.errors.ServerBindError` when the address is taken.
     """
     app = RestApp(service, server_name, server_version).application(max_message_size)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True, reuse_port=share_port)
     try:
         await site.start()
     except OSError as e:
