@@ -98,5 +98,10 @@ def test_50k_requests_through_a_worker_kill_and_a_broker_restart(broker, own_clu
         assert all(r.ok for r in results.values()), [r.error for r in results.values() if not r.ok][:3]
         got = np.stack([results[f"r{i}"].value() for i in range(N)])
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    poll(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60, what="the replacement worker")
+    try:
+        poll(lambda: len(client.scheduler_info()["workers"]) == 2, timeout=60, what="the replacement worker")
+    except pytest.fail.Exception:  # say why: the nannies' and workers' own logs (seen once under a CPU hog)
+        logs = client.get_worker_logs(n=40, nanny=True)
+        tails = "\n".join(f"--- nanny {addr}\n" + "\n".join(msg for _, msg in lines) for addr, lines in logs.items())
+        pytest.fail(f"the nanny's replacement worker did not join within 60 s; the cluster's logs:\n{tails}")
     handle.stop()
