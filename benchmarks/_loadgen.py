@@ -19,6 +19,8 @@ import time
 import aiohttp
 import numpy as np
 
+from daskinfer import eventloop  # the loop distributed.admin.event-loop names, like the servers'
+
 
 async def closed_loop(url: str, bodies: list[tuple[bytes, dict]], concurrency: int, duration: float) -> dict:
     latencies: list[float] = []
@@ -102,9 +104,9 @@ def main() -> None:
     with open(args.bodies) as f:
         bodies = [(base64.b64decode(b["body"]), b["headers"]) for b in json.load(f)]
     if args.mode == "closed":
-        figures = asyncio.run(closed_loop(args.url, bodies, args.concurrency, args.duration))
+        figures = eventloop.run(closed_loop(args.url, bodies, args.concurrency, args.duration))
     else:
-        figures = asyncio.run(open_loop(args.url, bodies, args.rate, args.duration))
+        figures = eventloop.run(open_loop(args.url, bodies, args.rate, args.duration))
     print(json.dumps(figures), flush=True)
 
 

@@ -10,7 +10,8 @@ load generator in its own process (``_loadgen.py``, aiohttp client) to
 
 For each: a closed loop with 64 connections (peak req/s), then open loops at 10% and 50%
 of that peak (p99 latency from each request's scheduled time).  Then (a) again with
-binary-tensor requests (Triton's extension) of 64 rows each.  Everything shares this
+binary-tensor requests (Triton's extension) of 64 rows each, then the gateway's peak on
+uvloop (``distributed.admin.event-loop``) and as two processes on one port (``--workers 2``).  Everything shares this
 machine's cores, so read the ratios, measured side by side in one run.  The last line
 printed is one JSON object.
 
@@ -197,6 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
                 check_answer(infer, BLOCK_ROWS)
                 results["gateway"] = measure("gateway", infer, files["single"], duration)
                 results["gateway_blocks"] = measure("gateway, 64-row binary blocks", infer, files["blocks"], duration)
+            # the same gateway on uvloop (distributed.admin.event-loop), and as two processes on one port
+            variants = {
+                "gateway_uvloop": ([], dict(ENV, DASK_DISTRIBUTED__ADMIN__EVENT_LOOP="uvloop")),
+                "gateway_2proc": (["--workers", "2"], ENV),
+            }
+            for key, (extra, env) in variants.items():
+                with started(gateway_cmd + extra, url, env=env):
+                    check_answer(infer, 1)
+                    results[key] = {"peak": load(infer, files["single"], "closed", duration)}
+                    print(f"{key}: {json.dumps(results[key])}", flush=True)
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -232,6 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
         "gateway_rows_s_blocks": round(gb["peak"]["req_s"] * BLOCK_ROWS, 1),
         "gateway_p99_ms_50pct_blocks": gb["open_50pct"]["p99_ms"],
         "blocks_vs_fastapi_rows": round(gb["peak"]["req_s"] * BLOCK_ROWS / f["peak"]["req_s"], 1),
+        "gateway_uvloop_req_s": results["gateway_uvloop"]["peak"]["req_s"],
+        "gateway_uvloop_vs_asyncio": round(results["gateway_uvloop"]["peak"]["req_s"] / g["peak"]["req_s"], 2),
+        "gateway_2proc_req_s": results["gateway_2proc"]["peak"]["req_s"],
+        "gateway_2proc_vs_fastapi": round(results["gateway_2proc"]["peak"]["req_s"] / f["peak"]["req_s"], 2),
         "errors": sum(r[k]["errors"] for r in results.values() for k in r),
         "seconds": round(time.monotonic() - started_at, 1),
     }

@@ -92,14 +92,18 @@ class Run:
 
 
 @contextlib.contextmanager
-def serving(args: list[str], ready_marker: str, timeout: float = 120) -> Iterator[tuple[int, int]]:
+def serving(
+    args: list[str], ready_marker: str, timeout: float = 120, env: dict[str, str] | None = None, log: list | None = None
+) -> Iterator[tuple[int, int]]:
     """Run ``daskinfer ARGS`` until it logs ``ready_marker``; yield its (gRPC, REST) ports.
 
-    On exit it sends SIGTERM and checks that the command ends with status 0.
+    ``env``: environment variables added to the test's; ``log``: a list that gets the lines
+    the command logged up to ``ready_marker``.  On exit it sends SIGTERM and checks that the
+    command ends with status 0.
     """
-    proc = subprocess.Popen([*CLI, *args], stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen([*CLI, *args], stderr=subprocess.PIPE, text=True, env={**ENV, **(env or {})})
     try:
-        lines: list[str] = []
+        lines: list[str] = [] if log is None else log
         deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
             line = proc.stderr.readline()

@@ -35,6 +35,7 @@ LAYERS = {
     "preload": 4,
     "version": 0,
     "importing": 0,
+    "eventloop": 0,
 }
 
 

@@ -23,6 +23,7 @@ import tempfile
 import threading
 from typing import Any
 
+from daskinfer import eventloop
 from daskinfer.exceptions import ConfigError
 from daskinfer.remote.base import LoopThread
 from daskinfer.server.service import V2Service
@@ -187,12 +188,13 @@ class FrontDoor(abc.ABC):
         service.ready = True
         self.service = service
         logger.info(
-            "daskinfer %s: models %s; gRPC %s, REST %s%s",
+            "daskinfer %s: models %s; gRPC %s, REST %s%s; event loop %s",
             self.kind,
             sorted(service.models()),
             self.grpc_address if self.serve_grpc else "off",
             self.http_url if self.serve_http else "off",
             "; mutual TLS" if self.tls_client_ca else "",
+            eventloop.loop_name(),
         )
         return self
 
@@ -267,7 +269,7 @@ class FrontDoor(abc.ABC):
 
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("serve_forever() runs in the main thread; use start()/stop() elsewhere")
-        asyncio.run(main())
+        eventloop.run(main())  # the loop distributed.admin.event-loop names (uvloop, or the standard one)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
