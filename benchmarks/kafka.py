@@ -52,7 +52,7 @@ def bench_pipeline(
             bench_single(ic, rows[:2000])  # warm up
             blocks = bench_blocks(ic, block, n_blocks)
             print(f"{label}, columnar blocks of {BLOCK}: {blocks:,.0f} rows/s")
-            single, mean_batch = max(bench_single(ic, rows) for _ in range(repeats))
+            single, mean_batch, _ = max(bench_single(ic, rows) for _ in range(repeats))
             print(f"{label}, one request per message: {single:,.0f} requests/s (mean batch {mean_batch:.0f} rows)")
             p50, p99, achieved = bench_latency(ic, rows, single * 0.1, lat_seconds)
             print(f"{label}, latency at 10% load ({achieved:,.0f} req/s): p50 {p50:.1f} ms, p99 {p99:.1f} ms")

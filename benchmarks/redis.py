@@ -99,7 +99,7 @@ def main() -> None:
             bench_single(ic, rows[:2000])  # warm up
             blocks = bench_blocks(ic, block, n_blocks)
             print(f"redis pipeline, columnar blocks of {BLOCK}: {blocks:,.0f} rows/s")
-            single, mean_batch = max(bench_single(ic, rows) for _ in range(2 if q else 3))
+            single, mean_batch, _ = max(bench_single(ic, rows) for _ in range(2 if q else 3))
             print(
                 f"redis pipeline, one request per message: {single:,.0f} requests/s (mean batch {mean_batch:.0f} rows)"
             )

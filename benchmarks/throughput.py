@@ -66,13 +66,16 @@ def bench_blocks(ic: InferenceClient, block: np.ndarray, n_blocks: int) -> float
     return n_blocks * len(block) / (time.perf_counter() - t0)
 
 
-def bench_single(ic: InferenceClient, rows: np.ndarray) -> tuple[float, float]:
-    t0 = time.perf_counter()
+def bench_single(ic: InferenceClient, rows: np.ndarray) -> tuple[float, float, float]:
+    """Single-row requests from this process: requests/s, the mean batch, and this process's CPU
+    per request in microseconds (every thread: the caller's and the client's event loop)."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
     futures = [ic.submit(r) for r in rows]
     results = [f.result(120) for f in futures]
     rate = len(rows) / (time.perf_counter() - t0)
+    cpu_us = (time.process_time() - cpu0) / len(rows) * 1e6
     assert all(r.ok for r in results)
-    return rate, float(np.mean([r.timings["batch"] for r in results]))
+    return rate, float(np.mean([r.timings["batch"] for r in results])), cpu_us
 
 
 def bench_latency(ic: InferenceClient, rows: np.ndarray, rate: float, seconds: float) -> tuple[float, float, float]:
@@ -212,10 +215,10 @@ def main() -> None:
             bench_single(fc, rows[:2000])
             blocks = bench_blocks(ic, block, n_blocks)
             print(f"pipeline, columnar blocks of {BLOCK}: {blocks:,.0f} inferences/s ({blocks / raw:.2f}x raw)")
-            in_process, mean_batch = max(bench_single(ic, rows) for _ in range(2 if q else 3))
+            in_process, mean_batch, client_us = max(bench_single(ic, rows) for _ in range(2 if q else 3))
             print(
                 f"pipeline, single-row requests from one client in this process: {in_process:,.0f} requests/s "
-                f"(mean batch {mean_batch:.0f} rows)"
+                f"(mean batch {mean_batch:.0f} rows; {client_us:.1f} us of this process's CPU per request)"
             )
             flow_rate = max(bench_single(fc, rows)[0] for _ in range(2 if q else 3))
             print(
@@ -276,6 +279,7 @@ def main() -> None:
                 "runner_us_per_req": round(runner_us, 2),
                 "worker_us_per_req": round(worker_us, 2),
                 "dataflow_vs_single": round(flow_rate / in_process, 3),
+                "client_us_per_req": round(client_us, 2),
             }
         )
     )
