@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import dask
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
@@ -26,11 +27,20 @@ N = 50_000
 @pytest.fixture(scope="module")
 def own_cluster():
     """The chaos tests' cluster (not the session's: they kill its workers); each test ends with
-    two workers again, its nanny having replaced the one it killed."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            client.wait_for_workers(2)
-            yield client
+    two workers again, its nanny having replaced the one it killed.
+
+    ``distributed.deploy.lost-worker-timeout`` is raised for this cluster: SpecCluster, on a worker's
+    removal, starts a timer (15 s) that closes the worker's nanny for good if, when it fires, no worker
+    of that name is registered. These tests kill the same nanny's worker every few seconds, so a timer
+    left by one kill can fire while the nanny restarts the worker after the next one, and the nanny is
+    closed instead of replacing it (seen under a CPU hog; reproduced with a bare LocalCluster: kill a
+    worker, then kill its replacement just before the timeout has passed, and no worker comes back).
+    """
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}):
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                client.wait_for_workers(2)
+                yield client
 
 
 @pytest.mark.parametrize("broker", ["embedded", "redis", "kafka-at-least-once"])
