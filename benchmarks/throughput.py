@@ -14,7 +14,10 @@ Measured in one run, on the same model (the bundled MLP 16->64->64->2) and data:
 6. a dataflow pipeline (map_batches -> infer -> infer -> map_batches) against the single-model
    pipeline, the same requests in the same run;
 7. a REST-per-request server (aiohttp + onnxruntime, one request per HTTP call, 64 concurrent
-   clients on loopback), and the ratio of (3) to it.
+   clients on loopback), and the ratio of (3) to it;
+8. tracing (daskinfer.tracing): blocks through pipelines deployed with tracing off, on with
+   sample-ratio 0 (``tracing_on_vs_off``) and on with sample-ratio 1, every batch's spans recorded
+   by the OpenTelemetry SDK on the workers (``tracing_sampled_vs_off``), in alternating rounds.
 
 The cluster is a `dask scheduler` process and two one-thread `dask worker` processes, as in a
 deployment; requests go straight from the clients to the workers.  Everything shares this
@@ -32,7 +35,9 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
+import dask
 import numpy as np
 import onnxruntime as ort
 
@@ -64,6 +69,34 @@ def bench_blocks(ic: InferenceClient, block: np.ndarray, n_blocks: int) -> float
     for f in futures:
         assert f.result(120).ok
     return n_blocks * len(block) / (time.perf_counter() - t0)
+
+
+def bench_tracing(client: Any, block: np.ndarray, n_blocks: int, rounds: int) -> tuple[float, float]:
+    """Blocks with tracing off, on (sample-ratio 0) and sampled (ratio 1), in alternating rounds,
+    the best round of each; returns (on / off, sampled / off)."""
+    modes = {"off": {"daskinfer.tracing.enabled": False}}
+    modes["on"] = {"daskinfer.tracing.enabled": True, "daskinfer.tracing.sample-ratio": 0.0}
+    modes["sampled"] = {"daskinfer.tracing.enabled": True, "daskinfer.tracing.sample-ratio": 1.0}
+    best = dict.fromkeys(modes, 0.0)
+    handles, clients = [], {}
+    try:
+        for mode, cfg in modes.items():
+            with dask.config.set(cfg):
+                handles.append(
+                    deploy_pipeline(client, Pipeline(model="mlp", inbox=f"bench-trace-{mode}", partitions=2))
+                )
+                clients[mode] = InferenceClient(client, inbox=f"bench-trace-{mode}")
+        for ic in clients.values():
+            bench_blocks(ic, block, 10)  # warm up
+        for _ in range(rounds):
+            for mode, ic in clients.items():
+                best[mode] = max(best[mode], bench_blocks(ic, block, n_blocks))
+    finally:
+        for ic in clients.values():
+            ic.close()
+        for h in handles:
+            h.stop()
+    return best["on"] / best["off"], best["sampled"] / best["off"]
 
 
 def bench_single(ic: InferenceClient, rows: np.ndarray) -> tuple[float, float, float]:
@@ -201,7 +234,8 @@ def main() -> None:
     raw = bench_raw(block, 2.0 if q else 5.0)
     print(f"raw onnxruntime, 1 process x 1 thread, blocks of {BLOCK}: {raw:,.0f} rows/s")
 
-    with process_cluster(n_workers=2) as client:
+    preload = ["--preload", os.path.join(os.path.dirname(__file__), "_tracing_preload.py")]
+    with process_cluster(n_workers=2, worker_args=[preload, preload]) as client:
         address = client.scheduler.address
         deploy(client, OnnxModel("mlp", bundled_model_path()))
         deploy(client, OnnxModel("mlp-b", bundled_model_path()))
@@ -230,6 +264,11 @@ def main() -> None:
                 f"partition runners: {runner_us:.1f} us of worker CPU per single-row request besides the model "
                 f"and the workers' idle CPU ({worker_us:.1f} us with it)"
             )
+        tracing_on, tracing_sampled = bench_tracing(client, block, n_blocks // 3, 3 if q else 5)
+        print(
+            f"tracing, columnar blocks: on (sample-ratio 0) {tracing_on:.3f}x off, every batch traced "
+            f"{tracing_sampled:.3f}x off"
+        )
         burst = run_producers(address, "bench", args.producers, mode="burst", n=n_single // args.producers)
         single = burst["requests_s"]
         print(
@@ -280,6 +319,8 @@ def main() -> None:
                 "worker_us_per_req": round(worker_us, 2),
                 "dataflow_vs_single": round(flow_rate / in_process, 3),
                 "client_us_per_req": round(client_us, 2),
+                "tracing_on_vs_off": round(tracing_on, 3),
+                "tracing_sampled_vs_off": round(tracing_sampled, 3),
             }
         )
     )

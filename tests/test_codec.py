@@ -343,7 +343,7 @@ def test_an_unknown_request_field_is_named_with_the_field_it_may_mean(field, hin
         assert "did you mean" not in str(info.value)
     else:
         assert f"(did you mean {hint}?)" in str(info.value), str(info.value)
-    assert "['b', 'd', 'db', 'id', 'in', 'k', 'm', 'r', 't']" in str(info.value)
+    assert "['b', 'd', 'db', 'id', 'in', 'k', 'm', 'r', 't', 'tp']" in str(info.value)
 
 
 def test_a_request_without_in_says_so_and_names_the_misspelt_field():

@@ -36,6 +36,7 @@ LAYERS = {
     "version": 0,
     "importing": 0,
     "eventloop": 0,
+    "tracing": 0,
 }
 
 

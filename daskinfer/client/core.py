@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
-from daskinfer import config_check, settings
+from daskinfer import config_check, settings, tracing
 from daskinfer.client.outgoing import OutgoingQueue, OutgoingRequest, as_inputs
 from daskinfer.connectors.base import ClientTransport, partition_for
 from daskinfer.connectors.registry import transport_connector
@@ -95,6 +95,7 @@ class InferenceClient:
         self.dedupe_window = int(settings.get("client.dedupe-window", dedupe_window))
         self.max_pending = int(settings.get("client.max-pending", max_pending))
         self.max_unclaimed = int(settings.get("client.max-unclaimed"))
+        self._tracing = tracing.enabled()  # send the caller's span context with each request (daskinfer.tracing)
         self._max_size = settings.get_bytes("codec.max-message-size")
         self.duplicates = 0
         self.received = 0
@@ -223,6 +224,7 @@ class InferenceClient:
             model or self.model,
             None if deadline is None else now + deadline,
             now,
+            tracing.current_traceparent() if self._tracing else None,
         )
         in_loop = self._in_loop()
         with self._lock:

@@ -70,6 +70,8 @@ class OutgoingRequest:
         When (``time.time()``) it is answered with a deadline error.
     sent_at : float
         When it was made (``time.time()``).
+    traceparent : str or None
+        The W3C trace context of the span current when it was made (tracing on).
     group : tuple
         What requests that can share one frame have in common: partition, model, form,
         input names, dtypes and row shape.
@@ -83,6 +85,7 @@ class OutgoingRequest:
     model: str | None
     deadline: float | None
     sent_at: float
+    traceparent: str | None = None
     group: tuple = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +115,7 @@ def encode_frame(reqs: list[OutgoingRequest], reply_to: str) -> bytes:
         now = time.time()
         budgets = np.array([np.nan if r.deadline is None else r.deadline - now for r in reqs])
     keys = [r.key for r in reqs] if any(r.key is not None for r in reqs) else None
+    traceparents = [r.traceparent for r in reqs] if any(r.traceparent is not None for r in reqs) else None
     return encode_request_frame(
         [r.id for r in reqs],
         inputs,
@@ -122,6 +126,7 @@ def encode_frame(reqs: list[OutgoingRequest], reply_to: str) -> bytes:
         budgets=budgets,
         reply_to=reply_to,
         sent_at=np.array([r.sent_at for r in reqs]),
+        traceparents=traceparents,
     )
 
 

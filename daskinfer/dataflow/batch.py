@@ -35,6 +35,7 @@ class Origin:
     received_at: float  # when the partition read it (Unix seconds)
     data: bytes = b""  # raw bytes, kept for the dead-letter topic of a single message
     v2: V2Reply | None = None  # a v2 (KServe) request, answered in v2 (see daskinfer.wire.v2json)
+    traceparent: str | None = None  # a W3C trace context for the whole message (Kafka header, Redis field)
 
 
 @dataclass(slots=True)
@@ -77,6 +78,9 @@ class RequestBatch:
     seq : ndarray of int64
         Per request, its place in arrival order (answers are written in that order, so that
         requests with the same key are answered in order).
+    traces : list, optional
+        Per request, the W3C ``traceparent`` its caller sent, or None (:mod:`daskinfer.tracing`);
+        ``None`` when no request has one.
     """
 
     __slots__ = (
@@ -91,6 +95,7 @@ class RequestBatch:
         "origin",
         "origins",
         "seq",
+        "traces",
     )
 
     def __init__(
@@ -106,6 +111,7 @@ class RequestBatch:
         origin: np.ndarray,
         origins: list[Origin],
         seq: np.ndarray | None = None,
+        traces: list[str | None] | None = None,
     ):
         self.ids = ids
         self.columns = columns
@@ -118,6 +124,7 @@ class RequestBatch:
         self.origin = origin
         self.origins = origins
         self.seq = np.arange(len(ids), dtype=np.int64) if seq is None else seq
+        self.traces = traces
 
     # -- making batches -------------------------------------------------------------------
     @classmethod
@@ -143,6 +150,7 @@ class RequestBatch:
             np.zeros(n, dtype=np.int32),
             [origin],
             np.arange(first_seq, first_seq + n, dtype=np.int64),
+            cols.traceparents,
         )
 
     @classmethod
@@ -166,6 +174,11 @@ class RequestBatch:
             keys = []
             for b in batches:
                 keys += b.keys if b.keys is not None else [None] * len(b)
+        traces: list[str | None] | None = None
+        if any(b.traces is not None for b in batches):
+            traces = []
+            for b in batches:
+                traces += b.traces if b.traces is not None else [None] * len(b)
         origins: list[Origin] = []
         shifted = []
         for b in batches:
@@ -183,6 +196,7 @@ class RequestBatch:
             np.concatenate(shifted).astype(np.int32, copy=False),
             origins,
             np.concatenate([b.seq for b in batches]),
+            traces,
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -236,6 +250,7 @@ class RequestBatch:
             np.cumsum(counts, out=offsets[1:])
         ids = self.ids
         keys = self.keys
+        traces = self.traces
         return RequestBatch(
             [ids[i] for i in requests.tolist()],
             {k: v[rows] for k, v in cols.items()},
@@ -248,6 +263,7 @@ class RequestBatch:
             self.origin[requests],
             self.origins,
             self.seq[requests],
+            None if traces is None else [traces[i] for i in requests.tolist()],
         )
 
     def slice(self, start: int, end: int, columns: Mapping[str, np.ndarray] | None = None) -> RequestBatch:
@@ -267,6 +283,7 @@ class RequestBatch:
             self.origin[start:end],
             self.origins,
             self.seq[start:end],
+            None if self.traces is None else self.traces[start:end],
         )
 
     def with_columns(self, columns: dict[str, np.ndarray]) -> RequestBatch:
@@ -283,6 +300,7 @@ class RequestBatch:
             self.origin,
             self.origins,
             self.seq,
+            self.traces,
         )
 
     def shift_seq(self, by: int) -> RequestBatch:
@@ -344,6 +362,18 @@ class InboxBatch:
     n_rows: int = 0
     seq_end: int = 0  # one past the largest ``seq`` of its requests (merged batches are placed after it)
 
+    def traceparents(self) -> list[str]:
+        """The distinct trace contexts of its requests (the links of its batch span), in read order:
+        each request's own, and those of the messages they came from."""
+        seen: dict[str, None] = {}
+        for rb in self.requests:
+            if rb.traces is not None:
+                seen.update(dict.fromkeys(tp for tp in rb.traces if tp is not None))
+            origins = rb.origins if len(rb.origins) == 1 else [rb.origins[i] for i in np.unique(rb.origin).tolist()]
+            seen.update(dict.fromkeys(o.traceparent for o in origins if o.traceparent is not None))
+        seen.update(dict.fromkeys(r.origin.traceparent for r in self.rejected if r.origin.traceparent is not None))
+        return list(seen)
+
     def split(self, max_rows: int) -> list[InboxBatch]:
         """Pieces of at most ``max_rows`` rows (a request is never cut; a larger one goes alone).
 
@@ -387,3 +417,4 @@ class ResultBatch:
     rejected: list[Rejected]
     reads: list[Any]
     n_rows: int = 0
+    trace_id: str | None = None  # the trace of the batch span that answered it (when traced): sent with the answers

@@ -46,10 +46,19 @@ from daskinfer.dataflow.run import answer
 from daskinfer.dataflow.stages import Stage, StageContext
 from daskinfer.dataflow.stats import PartitionStats, arrivals
 from daskinfer.dataflow.streams import Items
+from daskinfer.tracing import TRACEPARENT, BatchTrace, PartitionTracer
 from daskinfer.wire.frames import decode_requests, peek_fields
 from daskinfer.wire.v2json import rejected_reply
 
 logger = logging.getLogger(__name__)
+
+
+def message_traceparent(meta: Any) -> str | None:
+    """A ``traceparent`` Kafka header or Redis entry field that a producer set for a whole message."""
+    value = meta.get(TRACEPARENT) if meta else None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return value if isinstance(value, str) and value else None
 
 
 def decode_read(payloads: list[bytes], read: Any, max_request_size: int) -> InboxBatch:
@@ -64,10 +73,13 @@ def decode_read(payloads: list[bytes], read: Any, max_request_size: int) -> Inbo
         try:
             cols = decode_requests(data, max_size=max_request_size, meta=meta)
         except Exception as e:  # CodecError, RequestError: this message alone fails
-            origin = Origin(None, False, now, data, rejected_reply(meta))
+            origin = Origin(None, False, now, data, rejected_reply(meta), message_traceparent(meta))
             rejected.append(Rejected(origin, e, peek_fields(data, meta)))
             continue
-        decoded.append((cols, Origin(cols.reply_to, cols.framed, now, b"" if cols.framed else data, cols.v2)))
+        origin = Origin(cols.reply_to, cols.framed, now, b"" if cols.framed else data, cols.v2)
+        if meta:
+            origin.traceparent = message_traceparent(meta)
+        decoded.append((cols, origin))
     requests, n = group_by_signature(decoded)
     return InboxBatch(requests, rejected, [read], sum(b.n_rows for b in requests) + len(rejected), n)
 
@@ -171,6 +183,7 @@ class Answer:
     requests: list[int]
     started: float
     answered: float
+    trace: BatchTrace | None = None  # its spans, ended once it is written (daskinfer.tracing)
 
 
 def failed_batch(batch: InboxBatch, exc: BaseException) -> ResultBatch:
@@ -204,6 +217,8 @@ class AnswerBatches(Stream):
     stats : PartitionStats
         Histograms (batch size, queue wait, inference time, latency until written) and errors
         by type, updated once per batch.
+    tracer : PartitionTracer or None
+        Makes each batch's spans (None: tracing is off for this pipeline).
     """
 
     def __init__(
@@ -212,8 +227,10 @@ class AnswerBatches(Stream):
         stages: Sequence[Stage],
         context: StageContext,
         outputs: Sequence[str] | None = None,
+        tracer: PartitionTracer | None = None,
         **kwargs: Any,
     ):
+        self.tracer = tracer
         self.stages = list(stages)
         self.context = context
         self.outputs = list(outputs) if outputs else None
@@ -236,9 +253,12 @@ class AnswerBatches(Stream):
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _run(self, batch: InboxBatch) -> ResultBatch:
+    async def _run(self, batch: InboxBatch, trace: BatchTrace | None) -> ResultBatch:
         try:
-            return await answer(batch, self.stages, self.context, self.outputs)
+            if trace is None:
+                return await answer(batch, self.stages, self.context, self.outputs)
+            with trace.current():  # the stages' and models' spans are the batch span's children
+                return await answer(batch, self.stages, self.context, self.outputs, trace=trace)
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # noqa: B036 - even SystemExit from user code must not end the loop
@@ -253,14 +273,23 @@ class AnswerBatches(Stream):
         self.running += 1
         try:
             started = time.time()
-            result = await self._run(merge(batches))
+            batch = merge(batches)
+            received, requests = arrivals(batches)
+            trace = None
+            if self.tracer is not None:
+                trace = self.tracer.begin(
+                    batch.traceparents(), batch.n_rows, sum(requests), started - min(received, default=started)
+                )
+            result = await self._run(batch, trace)
             answered = time.time()
+            if trace is not None:
+                result.trace_id = trace.trace_id
+                trace.writing()
             if prev is not None and not prev.done():
                 await asyncio.wait([prev])
             self.batches += 1
             self.rows += result.n_rows
-            received, requests = arrivals(batches)
-            pending = self._emit(Answer(result, received, requests, started, answered), metadata=metadata)
+            pending = self._emit(Answer(result, received, requests, started, answered, trace), metadata=metadata)
             turn.set_result(None)
             if pending:
                 await asyncio.gather(*pending)  # the writer's room
@@ -368,10 +397,12 @@ class WriteResults(Stream):
                 try:
                     await self.connector.write_and_commit(writes, reads)
                 except Exception as e:
+                    _end_traces(taken, e)
                     self._failed(e)
                     return
                 self.writes += 1
                 now = time.time()
+                _end_traces(taken)
                 for a, _, size in taken:
                     self.queued_bytes -= size
                     if a is None:
@@ -389,6 +420,7 @@ class WriteResults(Stream):
 
     def _failed(self, exc: BaseException) -> None:
         self.error = exc
+        _end_traces(self._queue, exc)
         self._queue.clear()
         if not isinstance(exc, PartitionRevoked):
             logger.error("writing results failed, stopping this partition: %s", exc)
@@ -401,3 +433,10 @@ class WriteResults(Stream):
             for fut in room:
                 if not fut.done():
                     fut.set_result(None)
+
+
+def _end_traces(queued: Any, error: BaseException | None = None) -> None:
+    """End the spans of the answers in ``queued`` (``(answer, writes, size)`` items): written, or not (``error``)."""
+    for answer_, _, _ in queued:
+        if answer_ is not None and answer_.trace is not None:
+            answer_.trace.end(error)

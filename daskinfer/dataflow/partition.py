@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from daskinfer import tracing
 from daskinfer.connectors.base import Connector
 from daskinfer.connectors.registry import load_connector
 from daskinfer.dataflow import streams  # noqa: F401  (registers smart_batch on streamz)
@@ -27,6 +28,7 @@ from daskinfer.dataflow.stages import Infer, Shadow, Stage, StageContext, walk
 from daskinfer.dataflow.stats import PartitionStats
 from daskinfer.exceptions import ConfigError, ModelNotFoundError
 from daskinfer.models.registry import registry_for
+from daskinfer.tracing import PartitionTracer
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -160,7 +162,7 @@ class PartitionRunner:
             self.connector, max_messages=st.read_batch, max_request_size=st.max_request_size, max_rows=st.max_batch_size
         )
         self.batcher = self.source.smart_batch(st.max_batch_size, st.max_delay, st.max_inflight)
-        self.answerer = AnswerBatches(self.batcher, stages, context, spec.outputs)
+        self.answerer = AnswerBatches(self.batcher, stages, context, spec.outputs, tracer=self._tracer())
         self.sink = WriteResults(
             self.answerer,
             self.connector,
@@ -170,6 +172,21 @@ class PartitionRunner:
             on_error=self._failed,
         )
         self.source.start()
+
+    def _tracer(self) -> PartitionTracer | None:
+        """The partition's batch spans, when the pipeline was deployed with ``daskinfer.tracing.enabled``."""
+        st = self.spec.settings
+        if not st.tracing:
+            return None
+        if not tracing.available():
+            logger.warning(
+                "pipeline %r was deployed with daskinfer.tracing.enabled, but opentelemetry-api is not installed "
+                "on this worker (pip install 'daskinfer[tracing]'): partition %d makes no spans",
+                self.spec.name,
+                self.partition,
+            )
+            return None
+        return PartitionTracer(self.spec.name, self.partition, st.trace_sample_ratio)
 
     def _record(self, parts: list[Any]) -> None:
         """Results for other topics (a shadow's), written apart from the answers."""

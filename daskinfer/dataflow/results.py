@@ -77,22 +77,23 @@ class ResultWriter:
         for part in answers:
             if part.error is not None:
                 self.errors += len(part.batch)
+        trace = result.trace_id
         for part, start, end in in_arrival_order(answers):
-            out += self._encoded(part, start, end, now)
+            out += self._encoded(part, start, end, now, trace)
         for part in result.parts:
             if part.target is not None:  # recorded elsewhere (shadow, copies): order does not matter
                 for start, end in part.batch.runs():
-                    out += self._encoded(part, start, end, now)
+                    out += self._encoded(part, start, end, now, trace)
         for rej in result.rejected:
             self.errors += 1
             out += self._rejected(rej, now)
         return out
 
-    def _encoded(self, part: ResultPart, start: int, end: int, now: float) -> list[OutMessage]:
+    def _encoded(self, part: ResultPart, start: int, end: int, now: float, trace: str | None) -> list[OutMessage]:
         """The messages of requests ``start:end`` of ``part``; answers that cannot be encoded (an
         output no message can carry) become error results for those requests alone."""
         try:
-            return self._run(part, start, end, now)
+            return self._run(part, start, end, now, trace)
         except Exception as e:
             if part.error is not None:
                 raise  # an error result always encodes: this is a bug of ours
@@ -107,9 +108,9 @@ class ResultWriter:
             )
             if part.target is None:
                 self.errors += end - start
-            return self._run(failed, start, end, now)
+            return self._run(failed, start, end, now, trace)
 
-    def _run(self, part: ResultPart, start: int, end: int, now: float) -> list[OutMessage]:
+    def _run(self, part: ResultPart, start: int, end: int, now: float, trace: str | None) -> list[OutMessage]:
         batch = part.batch
         origin = batch.origins[int(batch.origin[start])]
         target = part.target or self.target_of(origin)
@@ -122,7 +123,7 @@ class ResultWriter:
             )
             return self._dead_letters(batch, start, end, origin, (type(err).__name__, str(err)), now)
         if origin.framed:
-            msgs.append(OutMessage(target, None, self._frame(part, start, end)))
+            msgs.append(OutMessage(target, None, self._frame(part, start, end, trace)))
         elif origin.v2 is not None:
             for i in range(start, end):
                 data, headers = self._v2(part, i, origin.v2)
@@ -130,14 +131,16 @@ class ResultWriter:
         else:
             for i in range(start, end):
                 msgs.append(
-                    OutMessage(target, batch.keys[i] if batch.keys else None, self._single(part, i), batch.ids[i])
+                    OutMessage(
+                        target, batch.keys[i] if batch.keys else None, self._single(part, i, trace), batch.ids[i]
+                    )
                 )
         if part.error is not None and part.target is None:
             msgs += self._dead_letters(batch, start, end, origin, part.error, now)
         return msgs
 
     @staticmethod
-    def _frame(part: ResultPart, start: int, end: int) -> bytes:
+    def _frame(part: ResultPart, start: int, end: int, trace: str | None = None) -> bytes:
         batch = part.batch
         keys = batch.keys[start:end] if batch.keys is not None else None
         if part.error is not None:
@@ -149,6 +152,7 @@ class ResultWriter:
                 version=part.version,
                 timings=part.timings,
                 errors=ErrorColumns(batch.ids[start:end], [part.error[0]] * n, [part.error[1]] * n, keys),
+                trace_id=trace,
             )
         r0, r1 = batch.request_rows(start, end)
         outputs = {k: v[r0:r1] for k, v in (part.outputs or {}).items()}
@@ -165,10 +169,11 @@ class ResultWriter:
             model=part.model,
             version=part.version,
             timings=part.timings,
+            trace_id=trace,
         )
 
     @staticmethod
-    def _single(part: ResultPart, i: int) -> bytes:
+    def _single(part: ResultPart, i: int, trace: str | None = None) -> bytes:
         batch = part.batch
         sent = float(batch.sent_at[i])
         common: dict[str, Any] = dict(
@@ -178,6 +183,7 @@ class ResultWriter:
             timings=part.timings,
             key=batch.keys[i] if batch.keys else None,
             sent_at=None if np.isnan(sent) else sent,
+            trace_id=trace,
         )
         if part.error is not None:
             return Result(batch.ids[i], None, part.error[0], part.error[1], **common).encode()

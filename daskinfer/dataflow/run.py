@@ -17,10 +17,19 @@ if TYPE_CHECKING:
 
 
 async def answer(
-    batch: InboxBatch, stages: Sequence[Stage], ctx: StageContext, outputs: Sequence[str] | None = None
+    batch: InboxBatch,
+    stages: Sequence[Stage],
+    ctx: StageContext,
+    outputs: Sequence[str] | None = None,
+    *,
+    trace: Any = None,
 ) -> ResultBatch:
-    """Run ``stages`` on every request batch of ``batch``; return the answers to write."""
+    """Run ``stages`` on every request batch of ``batch``; return the answers to write.
+
+    ``trace`` (a :class:`~daskinfer.tracing.BatchTrace`, current while this runs): the stages and
+    model calls record spans."""
     scope = ctx.fork()
+    scope.trace = trace
     now = time.time()
     lives = []
     for rb in batch.requests:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from daskinfer import settings
+from daskinfer import settings, tracing
 from daskinfer.connectors.embedded.topics import TopicSettings
 from daskinfer.dataflow.batching import BatchPolicy
 from daskinfer.exceptions import ConfigError
@@ -51,6 +51,8 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
     restart_backoff_max: float
     inbox_topic: dict[str, Any]
     retained_topic: dict[str, Any]
+    tracing: bool = False  # daskinfer.tracing.enabled on the deploying client: partitions make spans
+    trace_sample_ratio: float = 1.0
 
     @classmethod
     def from_config(cls, pipe: Any, stage_limits: Sequence[int] = ()) -> PipelineSettings:
@@ -94,6 +96,8 @@ class PipelineSettings(msgspec.Struct, frozen=True, kw_only=True):
             restart_backoff_max=settings.get_seconds("pipeline.restart-backoff-max"),
             inbox_topic=dataclasses.asdict(TopicSettings.from_config("inbox", pipe.partitions)),
             retained_topic=dataclasses.asdict(TopicSettings.from_config("retained")),
+            tracing=bool(settings.get("tracing.enabled")),
+            trace_sample_ratio=tracing.sample_ratio(),
         )
         out = msgspec.convert(raw, cls, strict=True)  # types checked: "many" is not a count
         for k in (

@@ -27,6 +27,7 @@ from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from daskinfer.server.errors import BadRequest, ServerBindError, ServiceError
 from daskinfer.server.service import V2Model, V2Service
+from daskinfer.tracing import TRACEPARENT
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,14 @@ def decode_request(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             else v2.from_contents(t.contents, t.datatype, t.shape, t.name)
         )
     return block
+
+
+def traceparent_of(context: Any) -> str | None:
+    """The caller's W3C ``traceparent`` gRPC metadata entry, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TRACEPARENT:
+            return value if isinstance(value, str) else None
+    return None
 
 
 def request_timeout(req: pb.ModelInferRequest, context: Any) -> float | None:
@@ -139,7 +148,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except v2.TensorDecodeError as e:
                 raise BadRequest(f"model {model.name!r}: {e}") from None
             requested = [o.name for o in request.outputs] or None
-            out = await self.service.infer(model, block, requested, request_timeout(request, context))
+            out = await self.service.infer(
+                model, block, requested, request_timeout(request, context), traceparent=traceparent_of(context)
+            )
             try:
                 return encode_response(model, request.id, out)
             except v2.TensorDecodeError as e:

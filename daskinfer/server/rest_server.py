@@ -41,6 +41,7 @@ from daskinfer import settings
 from daskinfer.remote import v2
 from daskinfer.server.errors import BadRequest, ServerBindError, ServiceError, internal_error
 from daskinfer.server.service import V2Model, V2Service
+from daskinfer.tracing import TRACEPARENT
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,9 @@ class RestApp:
             req = v2.decode_rest_request(await request.read(), request.headers.get(v2.INFERENCE_HEADER))
         except v2.TensorDecodeError as e:
             raise BadRequest(f"model {model.name!r}: {e}") from None
-        out = await self.service.infer(model, req.inputs, req.outputs, _timeout(req.parameters))
+        out = await self.service.infer(
+            model, req.inputs, req.outputs, _timeout(req.parameters), traceparent=request.headers.get(TRACEPARENT)
+        )
         try:
             body, header_length = v2.encode_rest_response(model.name, model.version, req.id, out, req.wants_binary)
         except v2.TensorDecodeError as e:  # NaN or infinity in an output asked for as JSON

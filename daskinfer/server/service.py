@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from daskinfer import tracing
 from daskinfer.dataflow.stats import SECONDS_BUCKETS, Histogram
 from daskinfer.remote import v2
 from daskinfer.server.errors import (
@@ -237,8 +238,13 @@ class V2Service(abc.ABC):
         inputs: dict[str, np.ndarray],
         outputs: list[str] | None = None,
         timeout: float | None = None,
+        *,
+        traceparent: str | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run one inference call; raise a :class:`ServiceError` for any failure."""
+        """Run one inference call; raise a :class:`ServiceError` for any failure.
+
+        ``traceparent``: the caller's W3C trace context (HTTP header or gRPC metadata); with
+        ``daskinfer.tracing.enabled`` the call gets a server span, its child, that travels with it."""
         refusal = self._refusal()
         if refusal is not None:
             model.stats.record(False, 0.0, 0, type(refusal).__name__)
@@ -249,7 +255,10 @@ class V2Service(abc.ABC):
         error: str | None = None
         try:
             try:
-                out = await model.run(inputs, timeout)
+                with tracing.server_span(
+                    "daskinfer.infer", traceparent, {"daskinfer.model": model.name, "rpc.system": "kserve-v2"}
+                ):
+                    out = await model.run(inputs, timeout)
             except ServiceError as e:
                 if isinstance(e, Overloaded) and e.retry_after is None:
                     e.retry_after = self.retry_after

@@ -19,12 +19,14 @@ Request frame (a msgpack map; arrays travel as raw numpy buffers, see :mod:`.cod
      "db": float64[n],          # deadline budgets: seconds left when sent, NaN for none; counted from when
                                 # the partition reads the frame, so no clock is shared (wins over "d")
      "r": str,                  # reply target of every request of the frame
-     "t": float64[n]}           # times the requests were made (absent: unknown)
+     "t": float64[n],           # times the requests were made (absent: unknown)
+     "tp": [str | None, ...]}   # W3C traceparent of each request's caller (absent: none; daskinfer.tracing)
 
 Result frame::
 
     {"f": 1, "ids": [...], "out": {name: array}, "n": int64[n], "b": bool, "k": [...],
      "t": float64[n], "m": model, "v": version, "tm": {"queue": s, "infer": s, "batch": rows},
+     "tr": str,                                              # trace id of the batch that answered (traced only)
      "eids": [...], "et": [...], "em": [...], "ek": [...]}   # requests in error: ids, types, messages, keys
 
 A single request or result message (:mod:`.messages`) stays valid everywhere:
@@ -44,7 +46,7 @@ from daskinfer.wire import codec, v2json
 from daskinfer.wire.messages import Result, request_from_wire, unknown_fields
 
 FRAME_VERSION = 1
-FRAME_KEYS = frozenset({"f", "ids", "in", "n", "b", "k", "m", "d", "r", "t", "db"})
+FRAME_KEYS = frozenset({"f", "ids", "in", "n", "b", "k", "m", "d", "r", "t", "db", "tp"})
 """The fields of a request frame (version 1); any other field is refused."""
 
 
@@ -77,6 +79,8 @@ class RequestColumns:
         True for a frame (results go back as a frame); False for a single request message.
     v2 : V2Reply, optional
         Set for a request that came as v2 (KServe) JSON: it is answered in v2 (:mod:`.v2json`).
+    traceparents : list, optional
+        Per request, its caller's W3C ``traceparent`` or None (:mod:`daskinfer.tracing`).
     """
 
     ids: list[str]
@@ -90,6 +94,7 @@ class RequestColumns:
     reply_to: str | None = None
     framed: bool = True
     budgets: np.ndarray | None = None
+    traceparents: list[str | None] | None = None
     v2: v2json.V2Reply | None = None
 
     def __len__(self) -> int:
@@ -122,6 +127,7 @@ def encode_request_frame(
     reply_to: str | None = None,
     sent_at: np.ndarray | None = None,
     budgets: np.ndarray | None = None,
+    traceparents: Sequence[str | None] | None = None,
 ) -> bytes:
     """Encode requests as one frame (see the module docstring for the fields)."""
     msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids), "in": dict(inputs)}
@@ -136,6 +142,8 @@ def encode_request_frame(
         msg["r"] = reply_to
     if sent_at is not None:
         msg["t"] = np.asarray(sent_at, dtype=np.float64)
+    if traceparents is not None and any(tp is not None for tp in traceparents):
+        msg["tp"] = list(traceparents)
     return codec.encode(msg)
 
 
@@ -176,6 +184,13 @@ def _frame_from_wire(msg: dict[str, Any]) -> RequestColumns:
         type(keys) is not list or len(keys) != n or not all(k is None or type(k) is str for k in keys)
     ):
         raise CodecError(f"frame field 'k' (keys) must be a list of {n} keys (strings, or None for no key)")
+    traceparents = msg.get("tp")
+    if traceparents is not None and (
+        type(traceparents) is not list
+        or len(traceparents) != n
+        or not all(tp is None or type(tp) is str for tp in traceparents)
+    ):
+        raise CodecError(f"frame field 'tp' (traceparents) must be a list of {n} strings (or None for none)")
     for field_name in ("m", "r"):
         v = msg.get(field_name)
         if v is not None and type(v) is not str:
@@ -195,6 +210,7 @@ def _frame_from_wire(msg: dict[str, Any]) -> RequestColumns:
         reply_to=msg.get("r"),
         framed=True,
         budgets=_per_request(msg, "db", n, float, "deadline budgets"),
+        traceparents=traceparents,
     )
 
 
@@ -230,6 +246,7 @@ def _single_from_wire(msg: Any) -> RequestColumns:
         reply_to=req.reply_to,
         framed=False,
         budgets=None if req.budget is None else np.array([req.budget], dtype=np.float64),
+        traceparents=None if req.traceparent is None else [req.traceparent],
     )
 
 
@@ -281,6 +298,7 @@ def encode_result_frame(
     version: str | None = None,
     timings: Mapping[str, float] | None = None,
     errors: ErrorColumns | None = None,
+    trace_id: str | None = None,
 ) -> bytes:
     """Encode the results of a frame's requests (outputs of the good ones, errors of the rest)."""
     msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids)}
@@ -295,6 +313,8 @@ def encode_result_frame(
         msg["v"] = version
     if timings:
         msg["tm"] = dict(timings)
+    if trace_id is not None:
+        msg["tr"] = trace_id
     if errors is not None and errors.ids:
         msg["eids"], msg["et"], msg["em"] = list(errors.ids), list(errors.types), list(errors.messages)
         if errors.keys is not None and any(k is not None for k in errors.keys):
@@ -316,11 +336,12 @@ class ResultColumns:
     version: str | None
     timings: dict[str, float]
     errors: ErrorColumns
+    trace_id: str | None = None
 
     def results(self) -> list[Result]:
         """One :class:`~daskinfer.wire.messages.Result` per request (the client's delivery step)."""
         out: list[Result] = []
-        model, version, batched, timings = self.model, self.version, self.batched, self.timings
+        model, version, batched, timings, trace_id = self.model, self.version, self.batched, self.timings, self.trace_id
         keys, sent = self.keys, self.sent_at
         n = len(self.ids)
         if n:
@@ -346,6 +367,7 @@ class ResultColumns:
                         timings,
                         keys[i] if keys is not None else None,
                         float(sent[i]) if sent is not None else None,
+                        trace_id=trace_id,
                     )
                 )
         e = self.errors
@@ -362,6 +384,7 @@ class ResultColumns:
                     timings,
                     e.keys[i] if e.keys is not None else None,
                     None,
+                    trace_id=trace_id,
                 )
             )
         return out
@@ -399,7 +422,7 @@ def _check_result_frame(msg: dict[str, Any], n: int, outputs: Any) -> None:
     _per_request(msg, "t", n, float, "send times")
     if msg.get("k") is not None:
         _str_list(msg, "k", n, optional=True)
-    for key, typ in (("m", str), ("v", str), ("b", bool)):
+    for key, typ in (("m", str), ("v", str), ("b", bool), ("tr", str)):
         v = msg.get(key)
         if v is not None and type(v) is not typ:
             raise CodecError(f"result frame field {key!r} must be a {typ.__name__}, got {type(v).__name__}")
@@ -433,8 +456,9 @@ def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns
                 r.version,
                 r.timings,
                 errors,
+                r.trace_id,
             )
-        return ResultColumns([], {}, None, r.batched, None, None, r.model, r.version, r.timings, errors)
+        return ResultColumns([], {}, None, r.batched, None, None, r.model, r.version, r.timings, errors, r.trace_id)
     ids = _str_list(msg, "ids")
     outputs = msg.get("out") or {}
     _check_result_frame(msg, len(ids), outputs)
@@ -453,6 +477,7 @@ def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns
         msg.get("v"),
         tm,
         errors,
+        msg.get("tr"),
     )
 
 

@@ -49,6 +49,8 @@ class Request:
     budget : float, optional
         Seconds the request may still take when sent (wire field ``db``); the partition counts
         them from when it reads the message, so no clock is shared.  Wins over ``deadline``.
+    traceparent : str, optional
+        W3C trace context of the caller (wire field ``tp``; see :mod:`daskinfer.tracing`).
     """
 
     id: str
@@ -60,6 +62,7 @@ class Request:
     reply_to: str | None = None
     sent_at: float | None = None
     budget: float | None = None
+    traceparent: str | None = None
 
     @property
     def rows(self) -> int:
@@ -80,6 +83,7 @@ class Request:
             ("r", self.reply_to),
             ("t", self.sent_at),
             ("db", self.budget),
+            ("tp", self.traceparent),
         ):
             if v is not None:
                 msg[k] = v
@@ -89,8 +93,16 @@ class Request:
         return codec.encode(self.to_wire())
 
 
-_REQUEST_FIELDS = (("k", str), ("m", str), ("r", str), ("d", (int, float)), ("t", (int, float)), ("db", (int, float)))
-REQUEST_KEYS = frozenset({"id", "in", "b", "k", "m", "d", "r", "t", "db"})
+_REQUEST_FIELDS = (
+    ("k", str),
+    ("m", str),
+    ("r", str),
+    ("d", (int, float)),
+    ("t", (int, float)),
+    ("db", (int, float)),
+    ("tp", str),
+)
+REQUEST_KEYS = frozenset({"id", "in", "b", "k", "m", "d", "r", "t", "db", "tp"})
 """The fields of a single request message (version 1); any other field is refused."""
 LONG_NAMES = {
     "id": "id",
@@ -103,6 +115,7 @@ LONG_NAMES = {
     "sent_at": "t",
     "budget": "db",
     "deadline_budget": "db",
+    "traceparent": "tp",
 }
 """What each short field stands for (the names a producer may guess, for ``did you mean``)."""
 
@@ -158,6 +171,7 @@ def request_from_wire(msg: Any) -> Request:
         reply_to=msg.get("r"),
         sent_at=msg.get("t"),
         budget=msg.get("db"),
+        traceparent=msg.get("tp"),
     )
 
 
@@ -201,6 +215,9 @@ class Result:
         Unix time the request was made.
     latency : float, optional
         Seconds from ``sent_at`` to delivery (set by the client).
+    trace_id : str, optional
+        The trace (32 hex digits) of the batch that answered it, when that batch was traced
+        (wire field ``tr``; see :mod:`daskinfer.tracing`).
     """
 
     __slots__ = (
@@ -215,6 +232,7 @@ class Result:
         "key",
         "sent_at",
         "latency",
+        "trace_id",
     )
 
     def __init__(
@@ -230,6 +248,7 @@ class Result:
         key: str | None = None,
         sent_at: float | None = None,
         latency: float | None = None,
+        trace_id: str | None = None,
     ):
         self.id = id
         self.outputs = outputs
@@ -242,6 +261,7 @@ class Result:
         self.key = key
         self.sent_at = sent_at
         self.latency = latency
+        self.trace_id = trace_id
 
     @property
     def timings(self) -> dict[str, float]:
@@ -284,7 +304,13 @@ class Result:
             msg["out"] = {k: codec.encode_array(v) for k, v in self.outputs.items()}
         if self.error_type is not None:
             msg["err"] = [self.error_type, self.error]
-        for k, v in (("m", self.model), ("v", self.version), ("k", self.key), ("t", self.sent_at)):
+        for k, v in (
+            ("m", self.model),
+            ("v", self.version),
+            ("k", self.key),
+            ("t", self.sent_at),
+            ("tr", self.trace_id),
+        ):
             if v is not None:
                 msg[k] = v
         if self.batched:
@@ -308,7 +334,7 @@ def decode_result(data: bytes, *, max_size: int | None = None) -> Result:
     return result_from_wire(codec.decode(data, max_size=max_size))
 
 
-_RESULT_FIELDS = (("m", str), ("v", str), ("k", str), ("t", (int, float)), ("b", bool))
+_RESULT_FIELDS = (("m", str), ("v", str), ("k", str), ("t", (int, float)), ("b", bool), ("tr", str))
 
 
 def _result_field_problem(msg: dict) -> str:
@@ -332,16 +358,18 @@ def result_from_wire(msg: Any) -> Result:
         type(outputs) is dict and all(type(k) is str and type(v) is np.ndarray for k, v in outputs.items())
     ):
         raise CodecError(f"result {msg['id']}: 'out' must be a map of names to arrays")
-    model, version, key, sent_at, batched, timings = (
+    model, version, key, sent_at, batched, timings, trace_id = (
         msg.get("m"),
         msg.get("v"),
         msg.get("k"),
         msg.get("t"),
         msg.get("b", False),
         msg.get("tm"),
+        msg.get("tr"),
     )
     if not (
         (model is None or type(model) is str)
+        and (trace_id is None or type(trace_id) is str)
         and (version is None or type(version) is str)
         and (key is None or type(key) is str)
         and (sent_at is None or type(sent_at) is float or type(sent_at) is int)
@@ -366,6 +394,7 @@ def result_from_wire(msg: Any) -> Result:
         timings=timings or {},
         key=key,
         sent_at=sent_at,
+        trace_id=trace_id,
     )
 
 

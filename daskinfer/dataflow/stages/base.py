@@ -20,6 +20,7 @@ import numpy as np
 from daskinfer.dataflow.batch import RequestBatch, ResultPart
 from daskinfer.exceptions import ConfigError, StageError
 from daskinfer.importing import import_object
+from daskinfer.tracing import stage_span
 from daskinfer.wire.codec import wire_dtype
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ class StageContext:
         self.recorded: list[ResultPart] = []  # results for other topics (shadow, copies)
         self.model_seconds = 0.0
         self.model_calls = 0
+        self.trace: Any = None  # the batch's spans (daskinfer.tracing.BatchTrace) when it is traced
 
     def fork(self) -> StageContext:
         """A context for one batch: the same models and settings, its own failures and records."""
@@ -267,7 +269,11 @@ async def run_stages(stages: Sequence[Stage], lives: list[Live], ctx: StageConte
     for stage in stages:
         if not lives:
             break
-        lives = await stage.apply(lives, ctx)
+        if ctx.trace is None:
+            lives = await stage.apply(lives, ctx)
+            continue
+        with stage_span(stage.kind, stage.label(), sum(live.batch.n_rows for live in lives)):
+            lives = await stage.apply(lives, ctx)
     return lives
 
 

@@ -27,6 +27,7 @@ from daskinfer.exceptions import (
     RemoteModelError,
     RequestError,
 )
+from daskinfer.tracing import model_span
 
 if TYPE_CHECKING:
     from daskinfer.models.spec import Model
@@ -209,6 +210,19 @@ class Infer(Stage):
         rows = batch.row_index(keep)
         return live.replace(batch.take(keep)), {k: v[rows] for k, v in feed.items()}
 
+    @staticmethod
+    async def _predict(
+        dep: Any, feed: dict[str, np.ndarray], rows: int, limit: int, deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        """The model's outputs for ``feed``, in calls of at most ``limit`` rows."""
+        if rows <= limit:
+            return await dep.apredict(feed, deadline=deadline)
+        chunks = []
+        for start in range(0, rows, limit):
+            chunk = {k: v[start : start + limit] for k, v in feed.items()}
+            chunks.append(await dep.apredict(chunk, deadline=deadline))
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
     async def _call(
         self, dep: Any, live: Live, feed: dict[str, np.ndarray], ctx: StageContext, budget: list[int]
     ) -> list[Live]:
@@ -219,14 +233,11 @@ class Infer(Stage):
         t0 = time.time()
         deadline = max(float(finite.min()) - t0, 0.0) if len(finite) else None
         try:
-            if rows <= limit:
-                outs = await dep.apredict(feed, deadline=deadline)
+            if ctx.trace is not None:
+                with model_span(dep.name, dep.version, rows):
+                    outs = await self._predict(dep, feed, rows, limit, deadline)
             else:
-                chunks = []
-                for start in range(0, rows, limit):
-                    chunk = {k: v[start : start + limit] for k, v in feed.items()}
-                    chunks.append(await dep.apredict(chunk, deadline=deadline))
-                outs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+                outs = await self._predict(dep, feed, rows, limit, deadline)
         except Exception as e:
             ctx.model_calls += 1
             if len(batch) > 1 and _may_be_one_request(e) and budget[0] >= 2:
