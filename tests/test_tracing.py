@@ -17,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
+from kafka_broker import kafka_bootstrap, kafka_broker  # noqa: F401  (fixtures: a real Kafka broker on loopback)
 from redis_server import redis_server, redis_url  # noqa: F401  (fixtures: a real redis-server on loopback)
 
 from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipeline
@@ -259,3 +260,53 @@ def test_trace_contexts_are_read_from_the_request_or_the_message_headers():
     assert message_traceparent({"traceparent": tp.encode()}) == tp  # a Kafka header's bytes
     assert message_traceparent({"content-type": "application/json"}) is None
     assert message_traceparent(None) is None
+
+
+def _provider_kind() -> str:
+    from opentelemetry import trace
+
+    return type(trace.get_tracer_provider()).__module__
+
+
+def test_the_readme_preload_sets_the_sdk_up_on_a_worker():
+    """conf/tracing_preload.py as a worker preload (what ``dask worker --preload`` runs): the worker's
+    global provider is the SDK's, with the OTLP exporter where installed, else the console's."""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "conf", "tracing_preload.py")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", preload=[path]) as c:
+        with Client(c) as client:
+            (kind,) = client.run(_provider_kind).values()
+    assert kind.startswith("opentelemetry.sdk.trace"), kind
+
+
+def test_a_producer_sets_traceparent_as_a_kafka_header(traced_client, mlp_path, spans, poll, kafka_bootstrap):
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    outbox = f"traced-out-{uuid.uuid4().hex[:6]}"
+    inbox, handle = _pipeline(
+        traced_client, connector="kafka", connector_options={"bootstrap_servers": kafka_bootstrap}, outbox=outbox
+    )
+    trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
+    row = random_rows(1, seed=8)[0]
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"look-{uuid.uuid4().hex[:6]}"})
+    try:
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        header = f"00-{trace_id}-{span_id}-01"
+        producer.produce(inbox, Request("k1", {"x": row}).encode(), partition=0, headers=[("traceparent", header)])
+        producer.flush(30)
+        parts = consumer.list_topics(outbox, timeout=10).topics[outbox].partitions
+        consumer.assign([TopicPartition(outbox, p, 0) for p in parts])
+        got = []
+        poll(
+            lambda: got.extend(m.value() for m in consumer.consume(10, 0.2) if m.error() is None) or got,
+            timeout=60,
+            what="the answer on the outbox",
+        )
+        batches = _written(spans, 1, poll)
+    finally:
+        consumer.close()
+        handle.stop()
+    (result,) = [decode_result(v) for v in got]
+    want = run_onnx_directly(mlp_path, {"x": double({"x": row[None]})["x"]})["probabilities"][0]
+    np.testing.assert_allclose(result.value(), want, rtol=1e-5, atol=1e-6)
+    (batch,) = [b for b in batches if b.context.trace_id == int(trace_id, 16)]
+    assert batch.parent.span_id == int(span_id, 16) and result.trace_id == trace_id
