@@ -314,6 +314,27 @@ def test_stream_half_close_gets_every_pending_answer(target, mlp_path):
         np.testing.assert_allclose(y, expected(mlp_path, x), rtol=1e-6)
 
 
+def test_stream_bytes_that_are_no_request_get_an_error_and_the_stream_goes_on(target, mlp_path):
+    x = random_rows(2, seed=4000)
+    good = [_raw_request(target.model, x, f"u-{i}").SerializeToString() for i in range(2)]
+
+    async def main() -> list[pb.ModelStreamInferResponse]:
+        async with grpc.aio.insecure_channel(target.grpc) as ch:
+            method = ch.stream_stream(
+                "/inference.GRPCInferenceService/ModelStreamInfer",
+                request_serializer=bytes,
+                response_deserializer=pb.ModelStreamInferResponse.FromString,
+            )
+            call = method(iter([good[0], b"\x0a\xff", good[1]]), timeout=scaled(60))
+            return [resp async for resp in call]
+
+    answers = asyncio.run(main())
+    assert len(answers) == 3
+    errors = [a.error_message for a in answers if a.error_message]
+    assert len(errors) == 1 and "not a valid ModelInferRequest message" in errors[0], errors
+    assert sorted(a.infer_response.id for a in answers if not a.error_message) == ["u-0", "u-1"]
+
+
 RELEASE = threading.Event()
 """Set to let :func:`wait_for_release` return."""
 
