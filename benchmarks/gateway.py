@@ -159,6 +159,12 @@ def measure(name: str, url: str, bodies_file: str, duration: float) -> dict:
     return figures
 
 
+def on_http_port(cmd: list[str], port: int) -> list[str]:
+    """``cmd`` with its ``--http-port`` value replaced by ``port``."""
+    i = cmd.index("--http-port") + 1
+    return [*cmd[:i], str(port), *cmd[i + 1 :]]
+
+
 def grpc_load(address: str, mode: str, duration: float, concurrency: int = 64) -> dict:
     """``_grpc_loadgen.py`` in its own process: ``mode`` "unary" (ModelInfer calls) or "stream" (ModelStreamInfer)."""
     cmd = [
@@ -226,14 +232,19 @@ def main(argv: list[str] | None = None) -> dict:
                 "gateway_2proc": (["--workers", "2"], ENV),
             }
             for key, (extra, env) in variants.items():
-                with started(gateway_cmd + extra, url, env=env):
+                # a fresh port each time: the last run's closed connections (TIME_WAIT) hold the old one,
+                # which --workers' check that the port is free refuses
+                port = free_port()
+                url, infer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+                with started(on_http_port(gateway_cmd, port) + extra, url, env=env):
                     check_answer(infer, 1)
                     results[key] = {"peak": load(infer, files["single"], "closed", duration)}
                     print(f"{key}: {json.dumps(results[key])}", flush=True)
             # its gRPC front end: unary ModelInfer calls vs one ModelStreamInfer stream, 64 in flight each
-            grpc_port = free_port()
-            grpc_cmd = [a for a in gateway_cmd if a != "--no-grpc"] + ["--grpc-port", str(grpc_port)]
-            with started(grpc_cmd, url):
+            port, grpc_port = free_port(), free_port()
+            grpc_cmd = [a for a in on_http_port(gateway_cmd, port) if a != "--no-grpc"]
+            grpc_cmd += ["--grpc-port", str(grpc_port)]
+            with started(grpc_cmd, f"http://127.0.0.1:{port}"):
                 for mode in ("unary", "stream"):
                     results[f"gateway_grpc_{mode}"] = {"peak": grpc_load(f"127.0.0.1:{grpc_port}", mode, duration)}
                     print(f"gateway_grpc_{mode}: {json.dumps(results[f'gateway_grpc_{mode}'])}", flush=True)
