@@ -26,6 +26,7 @@ from timing import apoll, scaled
 
 import daskinfer
 from daskinfer import ModelServer, OnnxModel, Pipeline, PythonModel, deploy, deploy_pipeline, undeploy
+from daskinfer.exceptions import ConfigError
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from daskinfer.testing import random_rows, run_onnx_directly
@@ -333,6 +334,11 @@ def test_stream_bytes_that_are_no_request_get_an_error_and_the_stream_goes_on(ta
     errors = [a.error_message for a in answers if a.error_message]
     assert len(errors) == 1 and "not a valid ModelInferRequest message" in errors[0], errors
     assert sorted(a.infer_response.id for a in answers if not a.error_message) == ["u-0", "u-1"]
+
+
+def test_stream_inflight_below_one_is_a_config_error(mlp_path):
+    with pytest.raises(ConfigError, match="stream-inflight"):
+        ModelServer(OnnxModel("mlp", mlp_path), grpc_port=0, serve_http=False, stream_inflight=0)
 
 
 RELEASE = threading.Event()
