@@ -11,7 +11,9 @@ load generator in its own process (``_loadgen.py``, aiohttp client) to
 For each: a closed loop with 64 connections (peak req/s), then open loops at 10% and 50%
 of that peak (p99 latency from each request's scheduled time).  Then (a) again with
 binary-tensor requests (Triton's extension) of 64 rows each, then the gateway's peak on
-uvloop (``distributed.admin.event-loop``) and as two processes on one port (``--workers 2``).  Everything shares this
+uvloop (``distributed.admin.event-loop``) and as two processes on one port (``--workers 2``), then its
+gRPC front end (``_grpc_loadgen.py``, one channel, 64 one-row requests in flight): unary
+``ModelInfer`` calls vs one ``ModelStreamInfer`` stream.  Everything shares this
 machine's cores, so read the ratios, measured side by side in one run.  The last line
 printed is one JSON object.
 
@@ -157,6 +159,32 @@ def measure(name: str, url: str, bodies_file: str, duration: float) -> dict:
     return figures
 
 
+def on_http_port(cmd: list[str], port: int) -> list[str]:
+    """``cmd`` with its ``--http-port`` value replaced by ``port``."""
+    i = cmd.index("--http-port") + 1
+    return [*cmd[:i], str(port), *cmd[i + 1 :]]
+
+
+def grpc_load(address: str, mode: str, duration: float, concurrency: int = 64) -> dict:
+    """``_grpc_loadgen.py`` in its own process: ``mode`` "unary" (ModelInfer calls) or "stream" (ModelStreamInfer)."""
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "_grpc_loadgen.py"),
+        address,
+        "mlp",
+        "--mode",
+        mode,
+        "--duration",
+        str(duration),
+        "--concurrency",
+        str(concurrency),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=duration + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"gRPC load generator failed: {out.stderr[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short runs (under 90 s in all)")
@@ -204,10 +232,22 @@ def main(argv: list[str] | None = None) -> dict:
                 "gateway_2proc": (["--workers", "2"], ENV),
             }
             for key, (extra, env) in variants.items():
-                with started(gateway_cmd + extra, url, env=env):
+                # a fresh port each time: the last run's closed connections (TIME_WAIT) hold the old one,
+                # which --workers' check that the port is free refuses
+                port = free_port()
+                url, infer = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/v2/models/mlp/infer"
+                with started(on_http_port(gateway_cmd, port) + extra, url, env=env):
                     check_answer(infer, 1)
                     results[key] = {"peak": load(infer, files["single"], "closed", duration)}
                     print(f"{key}: {json.dumps(results[key])}", flush=True)
+            # its gRPC front end: unary ModelInfer calls vs one ModelStreamInfer stream, 64 in flight each
+            port, grpc_port = free_port(), free_port()
+            grpc_cmd = [a for a in on_http_port(gateway_cmd, port) if a != "--no-grpc"]
+            grpc_cmd += ["--grpc-port", str(grpc_port)]
+            with started(grpc_cmd, f"http://127.0.0.1:{port}"):
+                for mode in ("unary", "stream"):
+                    results[f"gateway_grpc_{mode}"] = {"peak": grpc_load(f"127.0.0.1:{grpc_port}", mode, duration)}
+                    print(f"gateway_grpc_{mode}: {json.dumps(results[f'gateway_grpc_{mode}'])}", flush=True)
 
         port = free_port()
         url = f"http://127.0.0.1:{port}"
@@ -247,6 +287,11 @@ def main(argv: list[str] | None = None) -> dict:
         "gateway_uvloop_vs_asyncio": round(results["gateway_uvloop"]["peak"]["req_s"] / g["peak"]["req_s"], 2),
         "gateway_2proc_req_s": results["gateway_2proc"]["peak"]["req_s"],
         "gateway_2proc_vs_fastapi": round(results["gateway_2proc"]["peak"]["req_s"] / f["peak"]["req_s"], 2),
+        "gateway_grpc_unary_req_s": results["gateway_grpc_unary"]["peak"]["req_s"],
+        "gateway_grpc_stream_req_s": results["gateway_grpc_stream"]["peak"]["req_s"],
+        "gateway_grpc_stream_vs_unary": round(
+            results["gateway_grpc_stream"]["peak"]["req_s"] / results["gateway_grpc_unary"]["peak"]["req_s"], 2
+        ),
         "errors": sum(r[k]["errors"] for r in results.values() for k in r),
         "seconds": round(time.monotonic() - started_at, 1),
     }

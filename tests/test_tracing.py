@@ -178,7 +178,7 @@ def test_tracing_off_makes_no_span_and_sends_no_context(traced_client, spans):
     assert not [s for s in spans.get_finished_spans() if s.name.startswith("daskinfer.")]
 
 
-def test_the_gateway_continues_the_traceparent_of_rest_and_grpc_callers(traced_client, mlp_path, spans, poll):
+def test_the_gateway_continues_the_traceparent_of_rest_grpc_and_stream_callers(traced_client, mlp_path, spans, poll):
     inbox, handle = _pipeline(traced_client)
     trace_id, span_id = uuid.uuid4().hex, uuid.uuid4().hex[:16]
     traceparent = f"00-{trace_id}-{span_id}-01"
@@ -201,15 +201,20 @@ def test_the_gateway_continues_the_traceparent_of_rest_and_grpc_callers(traced_c
                 reply = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
                     call, metadata=(("traceparent", traceparent),), timeout=30
                 )
-        batches = _written(spans, 2, poll)
+                # a ModelStreamInfer stream's traceparent is the parent of each of its requests
+                (streamed,) = pb_grpc.GRPCInferenceServiceStub(ch).ModelStreamInfer(
+                    iter([call]), metadata=(("traceparent", traceparent),), timeout=30
+                )
+        batches = _written(spans, 3, poll)
     finally:
         handle.stop()
     np.testing.assert_allclose(np.asarray(rest["outputs"][0]["data"]).reshape(3, 2), want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(3, 2), want, rtol=1e-5, atol=1e-6
-    )
+    for answer in (reply, streamed.infer_response):
+        np.testing.assert_allclose(
+            np.frombuffer(answer.raw_output_contents[0], np.float32).reshape(3, 2), want, rtol=1e-5, atol=1e-6
+        )
     servers = _named(spans, "daskinfer.infer")
-    assert len(servers) == 2
+    assert len(servers) == 3
     for server in servers:  # the gateway's span is the caller's child, and the batch is the gateway span's
         assert (server.context.trace_id, server.parent.span_id) == (int(trace_id, 16), int(span_id, 16))
         assert server.kind == otel_trace.SpanKind.SERVER

@@ -55,6 +55,9 @@ class ModelServer(FrontDoor):
         ``daskinfer.remote.server.max-concurrent-calls``.
     max_message_size : int or str, optional
         Largest message or request body. Config ``daskinfer.remote.max-message-size``.
+    stream_inflight : int, optional
+        Requests of one gRPC ``ModelStreamInfer`` stream answered at once (the stream is read
+        no further meanwhile). Config ``daskinfer.remote.server.stream-inflight``.
     tls_cert, tls_key : str, bytes or path, optional
         PEM server certificate and key: both front ends (gRPC and REST) then require TLS.
     tls_client_ca : str, bytes or path, optional
@@ -89,6 +92,7 @@ class ModelServer(FrontDoor):
         max_queue_rows: int | None = None,
         max_concurrent_calls: int | None = None,
         max_message_size: int | str | None = None,
+        stream_inflight: int | None = None,
         tls_cert: str | bytes | os.PathLike | None = None,
         tls_key: str | bytes | os.PathLike | None = None,
         tls_client_ca: str | bytes | os.PathLike | None = None,
@@ -103,6 +107,7 @@ class ModelServer(FrontDoor):
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            stream_inflight=int(settings.get("remote.server.stream-inflight", stream_inflight)),
         )
         self.models = models
         self.policy = BatchPolicy.from_config(max_batch_size, max_delay, max_inflight)

@@ -90,6 +90,7 @@ class FrontDoor(abc.ABC):
         tls_cert: Pem | None,
         tls_key: Pem | None,
         tls_client_ca: Pem | None,
+        stream_inflight: int,
     ):
         if not (serve_grpc or serve_http):
             raise ConfigError(f"the {self.kind} needs at least one of serve_grpc and serve_http")
@@ -99,6 +100,12 @@ class FrontDoor(abc.ABC):
         self.serve_grpc = serve_grpc
         self.serve_http = serve_http
         self.max_message_size = max_message_size
+        if stream_inflight < 1:
+            raise ConfigError(
+                f"the {self.kind}'s stream-inflight (requests of one gRPC stream answered at once) "
+                f"must be at least 1, got {stream_inflight}"
+            )
+        self.stream_inflight = stream_inflight
         self.tls_cert = read_pem(tls_cert)
         self.tls_key = read_pem(tls_key)
         self.tls_client_ca = read_pem(tls_client_ca)
@@ -164,6 +171,7 @@ class FrontDoor(abc.ABC):
                     server_name=self.server_name,
                     server_version=__version__,
                     share_port=self.share_ports,
+                    stream_inflight=self.stream_inflight,
                 )
             if self.serve_http:
                 from daskinfer.server.rest_server import start_rest_server

@@ -251,6 +251,9 @@ class Gateway(FrontDoor):
         Config ``daskinfer.gateway.max-pending``.
     max_message_size : int or str, optional
         Largest request body or message. Config ``daskinfer.gateway.max-message-size``.
+    stream_inflight : int, optional
+        Requests of one gRPC ``ModelStreamInfer`` stream answered at once (the stream is read
+        no further meanwhile). Config ``daskinfer.gateway.stream-inflight``.
     tls_cert, tls_key, tls_client_ca : str, bytes or path, optional
         PEM certificate and key (TLS on both front ends), and client roots (mutual TLS).
 
@@ -277,6 +280,7 @@ class Gateway(FrontDoor):
         max_concurrent_calls: int | None = None,
         max_pending: int | None = None,
         max_message_size: int | str | None = None,
+        stream_inflight: int | None = None,
         tls_cert: str | bytes | os.PathLike | None = None,
         tls_key: str | bytes | os.PathLike | None = None,
         tls_client_ca: str | bytes | os.PathLike | None = None,
@@ -291,6 +295,7 @@ class Gateway(FrontDoor):
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            stream_inflight=int(settings.get("gateway.stream-inflight", stream_inflight)),
         )
         self.scheduler_address = _scheduler_address(scheduler)
         self.routes = parse_routes(pipelines)

@@ -1,7 +1,8 @@
 """KServe v2 gRPC front end (``grpc.aio``) of the model server and the gateway.
 
 Serves ``inference.GRPCInferenceService``: ServerLive, ServerReady, ModelReady,
-ServerMetadata, ModelMetadata and ModelInfer, plus Triton's ModelConfig,
+ServerMetadata, ModelMetadata and ModelInfer, plus Triton's ModelStreamInfer
+(bidirectional streaming, :mod:`daskinfer.server.grpc_stream`), ModelConfig,
 ModelStatistics and RepositoryIndex.  Inputs are read from ``raw_input_contents`` or
 typed contents; outputs are sent as ``raw_output_contents`` (as Triton does).  Status
 codes follow :mod:`daskinfer.server.errors`; RESOURCE_EXHAUSTED carries a
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -26,10 +27,14 @@ from daskinfer.remote import v2
 from daskinfer.remote.proto import grpc_predict_v2_pb2 as pb
 from daskinfer.remote.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from daskinfer.server.errors import BadRequest, ServerBindError, ServiceError
+from daskinfer.server.grpc_stream import answer_as_completed, stream_response
 from daskinfer.server.service import V2Model, V2Service
 from daskinfer.tracing import TRACEPARENT
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_STREAM_INFLIGHT = 128
+"""Requests of one ``ModelStreamInfer`` stream answered at once, where no config says otherwise."""
 
 
 def decode_request(req: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -72,9 +77,45 @@ def request_timeout(req: pb.ModelInferRequest, context: Any) -> float | None:
 
 
 def encode_response(model: V2Model, request_id: str, out: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+    """The ``ModelInferResponse`` of ``model``'s outputs (``raw_output_contents``, as Triton sends them)."""
     resp = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request_id)
     v2.add_raw_tensors(resp.outputs, resp.raw_output_contents, out)
     return resp
+
+
+async def infer_response(service: V2Service, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    """Answer one ``ModelInferRequest``: find the model, decode the inputs, run, encode the outputs.
+
+    The path of both ``ModelInfer`` and each request of ``ModelStreamInfer``.
+
+    Parameters
+    ----------
+    service : V2Service
+        The models served.
+    request : ModelInferRequest
+        The request.
+    context : grpc.aio.ServicerContext
+        Its call (the caller's deadline bounds the request's timeout; its ``traceparent`` metadata,
+        if any, is the parent of the request's trace).
+
+    Raises
+    ------
+    ServiceError
+        For any failure: unknown model, inputs that do not decode or fit, timeout, model fault.
+    """
+    model = service.get(request.model_name, request.model_version)
+    try:
+        block = decode_request(request)
+    except v2.TensorDecodeError as e:
+        raise BadRequest(f"model {model.name!r}: {e}") from None
+    requested = [o.name for o in request.outputs] or None
+    out = await service.infer(
+        model, block, requested, request_timeout(request, context), traceparent=traceparent_of(context)
+    )
+    try:
+        return encode_response(model, request.id, out)
+    except v2.TensorDecodeError as e:
+        raise BadRequest(f"model {model.name!r}: its outputs cannot be sent over v2: {e}") from None
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> NoReturn:
@@ -87,8 +128,15 @@ async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> NoReturn
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The v2 service (and Triton's extensions) over a :class:`V2Service`."""
 
-    def __init__(self, service: V2Service, server_name: str = "daskinfer", server_version: str = ""):
+    def __init__(
+        self,
+        service: V2Service,
+        server_name: str = "daskinfer",
+        server_version: str = "",
+        stream_inflight: int = DEFAULT_STREAM_INFLIGHT,
+    ):
         self.service = service
+        self.stream_inflight = stream_inflight
         self.server_name = server_name
         self.server_version = server_version
 
@@ -141,22 +189,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict({"models": index}, pb.RepositoryIndexResponse())
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        model = await self._model(request.model_name, request.model_version, context)
         try:
-            try:
-                block = decode_request(request)
-            except v2.TensorDecodeError as e:
-                raise BadRequest(f"model {model.name!r}: {e}") from None
-            requested = [o.name for o in request.outputs] or None
-            out = await self.service.infer(
-                model, block, requested, request_timeout(request, context), traceparent=traceparent_of(context)
-            )
-            try:
-                return encode_response(model, request.id, out)
-            except v2.TensorDecodeError as e:
-                raise BadRequest(f"model {model.name!r}: its outputs cannot be sent over v2: {e}") from None
+            return await infer_response(self.service, request, context)
         except ServiceError as e:
             await _abort(context, e)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterable[Any], context: Any) -> None:
+        """Triton's bidirectional stream: each request answered as it completes (:mod:`.grpc_stream`)."""
+
+        async def answer(request: Any) -> pb.ModelStreamInferResponse:
+            return await stream_response(request, lambda r: infer_response(self.service, r, context))
+
+        await answer_as_completed(request_iterator, answer, context.write, self.stream_inflight)
 
 
 SERVICE = "inference.GRPCInferenceService"
@@ -188,15 +232,28 @@ def _checked(method: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any
     return handle
 
 
+def _method_handler(servicer: InferenceServicer, method: Any) -> grpc.RpcMethodHandler:
+    """The handler of one method of the service's descriptor: unary, or bidirectional streaming."""
+    parse = _lenient_parser(getattr(pb, method.input_type.name))
+    serialize = getattr(pb, method.output_type.name).SerializeToString
+    implementation = getattr(servicer, method.name)
+    if method.client_streaming and method.server_streaming:
+        # an undecodable message reaches the stream's method, which answers it and goes on
+        return grpc.stream_stream_rpc_method_handler(
+            implementation, request_deserializer=parse, response_serializer=serialize
+        )
+    if method.client_streaming or method.server_streaming:  # pragma: no cover - the proto has none
+        raise NotImplementedError(f"{method.name}: only unary and bidirectional methods are served")
+    return grpc.unary_unary_rpc_method_handler(
+        _checked(implementation), request_deserializer=parse, response_serializer=serialize
+    )
+
+
 def add_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     """Register ``servicer``'s methods (the generated registration, with lenient request parsing)."""
-    handlers = {}
-    for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
-        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-            _checked(getattr(servicer, m.name)),
-            request_deserializer=_lenient_parser(getattr(pb, m.input_type.name)),
-            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
-        )
+    handlers = {
+        m.name: _method_handler(servicer, m) for m in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
@@ -216,9 +273,11 @@ async def start_grpc_server(
     server_name: str = "daskinfer",
     server_version: str = "",
     share_port: bool = False,
+    stream_inflight: int = DEFAULT_STREAM_INFLIGHT,
 ) -> tuple[grpc.aio.Server, int]:
     """Start the gRPC server on ``host:port`` (0: a free port); return it and its port.
     ``share_port``: bind with ``SO_REUSEPORT`` (other processes serve the same port).
+    ``stream_inflight``: requests of one ``ModelStreamInfer`` stream answered at once.
 
     Raises :class:`~daskinfer.server.errors.ServerBindError` when the address is taken.
     """
@@ -229,7 +288,9 @@ async def start_grpc_server(
             ("grpc.so_reuseport", int(share_port)),  # unless shared on purpose, a port in use is an error
         ]
     )
-    servicer = InferenceServicer(service, server_name=server_name, server_version=server_version)
+    servicer = InferenceServicer(
+        service, server_name=server_name, server_version=server_version, stream_inflight=stream_inflight
+    )
     add_servicer(servicer, server)
     address = _grpc_address(host, port)
     try:
