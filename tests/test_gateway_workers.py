@@ -119,3 +119,20 @@ def test_workers_on_a_port_in_use_fail_naming_it(client):
         )
     assert out.returncode == 2
     assert f"cannot bind the REST front end to 127.0.0.1:{port}: the port is in use" in out.stderr, out.stderr
+
+
+def test_a_port_whose_server_just_closed_its_connections_counts_as_free():
+    """A server that closed its connections leaves them in TIME_WAIT for a minute; the gateway binds
+    such a port (SO_REUSEADDR, as aiohttp and grpc do), so ``--workers`` must not refuse it."""
+    from daskinfer.cli.workers import _check_free
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the gateway's servers bind
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as caller:
+            conn, _ = server.accept()
+            conn.close()  # the server's side closes first: its end of the connection waits in TIME_WAIT
+            caller.recv(1)
+    assert _check_free("127.0.0.1", port, "REST") is None

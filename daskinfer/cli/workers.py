@@ -24,6 +24,8 @@ STOP_GRACE = 15.0  # seconds the processes get to finish their calls after SIGTE
 def _check_free(host: str, port: int, what: str) -> str | None:
     """None when ``host:port`` can be bound, else why not."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        # as the servers bind: a port whose closed connections wait in TIME_WAIT is free, a listening one is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
