@@ -116,25 +116,18 @@ def started(cmd: list[str], url: str, env: dict | None = None) -> Iterator[None]
             proc.wait()
 
 
-def load(url: str, bodies_file: str, mode: str, duration: float, rate: float = 0.0, concurrency: int = 64) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.join(HERE, "_loadgen.py"),
-        url,
-        bodies_file,
-        "--mode",
-        mode,
-        "--duration",
-        str(duration),
-        "--concurrency",
-        str(concurrency),
-        "--rate",
-        str(max(rate, 1.0)),
-    ]
+def run_generator(script: str, args: list[str], duration: float, what: str) -> dict:
+    """``script`` (a load generator of this folder) in its own process; its last line, as JSON."""
+    cmd = [sys.executable, os.path.join(HERE, script), *args, "--duration", str(duration)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=duration + 120)
     if out.returncode != 0:
-        raise RuntimeError(f"load generator failed: {out.stderr[-500:]}")
+        raise RuntimeError(f"{what} failed: {out.stderr[-500:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def load(url: str, bodies_file: str, mode: str, duration: float, rate: float = 0.0, concurrency: int = 64) -> dict:
+    args = [url, bodies_file, "--mode", mode, "--concurrency", str(concurrency), "--rate", str(max(rate, 1.0))]
+    return run_generator("_loadgen.py", args, duration, "load generator")
 
 
 def check_answer(url: str, rows: int) -> None:
@@ -167,22 +160,8 @@ def on_http_port(cmd: list[str], port: int) -> list[str]:
 
 def grpc_load(address: str, mode: str, duration: float, concurrency: int = 64) -> dict:
     """``_grpc_loadgen.py`` in its own process: ``mode`` "unary" (ModelInfer calls) or "stream" (ModelStreamInfer)."""
-    cmd = [
-        sys.executable,
-        os.path.join(HERE, "_grpc_loadgen.py"),
-        address,
-        "mlp",
-        "--mode",
-        mode,
-        "--duration",
-        str(duration),
-        "--concurrency",
-        str(concurrency),
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=duration + 120)
-    if out.returncode != 0:
-        raise RuntimeError(f"gRPC load generator failed: {out.stderr[-500:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    args = [address, "mlp", "--mode", mode, "--concurrency", str(concurrency)]
+    return run_generator("_grpc_loadgen.py", args, duration, "gRPC load generator")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,7 +18,7 @@ from daskinfer.connectors.embedded import BrokerRPC
 from daskinfer.exceptions import ConfigError, ResultError
 from daskinfer.models.registry import ModelRegistry
 from daskinfer.testing import make_mlp_onnx, random_rows, run_onnx_directly
-from daskinfer.wire.frames import decode_results
+from daskinfer.wire.result_frames import decode_results
 
 MEAN, STD = 0.25, 1.5
 

@@ -21,7 +21,7 @@ import pytest
 from optional import require
 
 from daskinfer.exceptions import CodecError, RequestError, RequestTooLargeError
-from daskinfer.wire import codec, frames
+from daskinfer.wire import codec, frames, result_frames
 from daskinfer.wire.messages import Request, Result, decode_request, decode_result, peek_request_fields
 
 require("hypothesis", "hypothesis")
@@ -306,7 +306,7 @@ def test_decode_requests_of_a_frame_returns_columns_or_raises_request_error(data
 @given(data=frame_inputs, max_size=max_sizes)
 def test_decode_results_of_a_frame_gives_results_or_raises_codec_error(data, max_size):
     try:
-        results = frames.decode_results(data, max_size=max_size).results()
+        results = result_frames.decode_results(data, max_size=max_size).results()
     except (CodecError, RequestTooLargeError):
         return
     for res in results:

@@ -182,7 +182,7 @@ def test_a_repeated_delivery_writes_nothing_twice(redis_url, r):
 def test_send_waits_at_the_bound_and_fails_clearly_when_nobody_consumes(redis_url, r):
     """Sends do not wait for each other (a window of them in flight), so a send that finds no room
     within put_timeout answers its own requests with a TopicFullError result naming the stream."""
-    from daskinfer.wire.frames import decode_results
+    from daskinfer.wire.result_frames import decode_results
 
     inbox = _inbox()
 

@@ -26,8 +26,8 @@ from daskinfer.connectors.base import ClientTransport, partition_for
 from daskinfer.connectors.registry import transport_connector
 from daskinfer.control.install import ensure_control_async
 from daskinfer.exceptions import TopicFullError
-from daskinfer.wire.frames import decode_results
 from daskinfer.wire.messages import Result, new_id
+from daskinfer.wire.result_frames import decode_results
 
 if TYPE_CHECKING:
     from distributed import Client

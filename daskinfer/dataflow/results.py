@@ -21,8 +21,8 @@ from daskinfer.connectors.base import OutMessage
 from daskinfer.dataflow.batch import Origin, Rejected, RequestBatch, ResultBatch, ResultPart
 from daskinfer.exceptions import ReplyTargetError
 from daskinfer.wire import codec, v2json
-from daskinfer.wire.frames import ErrorColumns, encode_result_frame
 from daskinfer.wire.messages import Result
+from daskinfer.wire.result_frames import ErrorColumns, encode_result_frame
 
 
 def in_arrival_order(parts: Sequence[ResultPart]) -> list[tuple[ResultPart, int, int]]:

@@ -37,7 +37,8 @@ from daskinfer.connectors.base import DIRECT_REPLY_PREFIX, ClientTransport
 from daskinfer.connectors.direct.link import open_stream, post, read_messages
 from daskinfer.connectors.direct.protocol import CONNECT_OP, Moved, Queued, Results, Send, client_of
 from daskinfer.exceptions import ConfigError, PartitionFailedError
-from daskinfer.wire.frames import ErrorColumns, encode_result_frame, peek_fields
+from daskinfer.wire.frames import peek_fields
+from daskinfer.wire.result_frames import ErrorColumns, encode_result_frame
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -16,14 +16,8 @@ from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.kafka.admin import delete_topic, ensure_topic
 from daskinfer.connectors.kafka.link import KafkaOptions, Lane, kafka_error, millis, poll_messages
 from daskinfer.exceptions import BrokerError, ConfigError, RequestTooLargeError, TopicFullError
-from daskinfer.wire.frames import (
-    ErrorColumns,
-    RequestColumns,
-    decode_requests,
-    encode_request_frame,
-    encode_result_frame,
-    peek_fields,
-)
+from daskinfer.wire.frames import RequestColumns, decode_requests, encode_request_frame, peek_fields
+from daskinfer.wire.result_frames import ErrorColumns, encode_result_frame
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from daskinfer.connectors.redis.framing import as_str, next_entry_id, pack_messa
 from daskinfer.connectors.redis.link import CONNECTION_ERRORS, RedisLink, redis_url
 from daskinfer.connectors.redis.scripts import fence_key, inbox_stream, meta_key, sends_key
 from daskinfer.exceptions import ConfigError, TopicFullError
-from daskinfer.wire.frames import ErrorColumns, encode_result_frame, peek_fields
+from daskinfer.wire.frames import peek_fields
+from daskinfer.wire.result_frames import ErrorColumns, encode_result_frame
 
 SENDS_TTL = 86400  # seconds the order of a client's sends is kept after its last send (then it is forgotten)
 
