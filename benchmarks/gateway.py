@@ -33,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -85,11 +86,15 @@ def binary_bodies(n: int, rows: int) -> list[dict]:
     return out
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60, log: Any = None) -> None:
     end = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+            said = ""
+            if log is not None:
+                log.seek(0)
+                said = ": " + log.read().decode(errors="replace")[-1500:]
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}{said}")
         try:
             with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
                 if r.status == 200:
@@ -103,11 +108,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 @contextlib.contextmanager
 def started(cmd: list[str], url: str, env: dict | None = None) -> Iterator[None]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env or ENV, cwd=HERE)
+    log = tempfile.TemporaryFile()  # what the server says, shown if it does not start
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env or ENV, cwd=HERE)
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, log=log)
         yield
     finally:
+        log.close()
         proc.terminate()
         try:
             proc.wait(10)
