@@ -27,6 +27,8 @@ sampler has the last word.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -34,24 +36,35 @@ from typing import Any
 
 import dask.config
 
-try:  # the tracing extra
-    from opentelemetry import context as otel_context
-    from opentelemetry import trace as otel_trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-except ImportError:  # pragma: no cover - exercised where the extra is not installed
-    otel_trace = None  # type: ignore[assignment]
-    otel_context = None  # type: ignore[assignment]
-    TraceContextTextMapPropagator = None  # type: ignore[assignment,misc]
-
 TRACER_NAME = "daskinfer"
 TRACEPARENT = "traceparent"
 MAX_LINKS = 128  # OpenTelemetry's default span link limit
-_PROPAGATOR = TraceContextTextMapPropagator() if TraceContextTextMapPropagator is not None else None
 
 
+class _OTel:
+    """The OpenTelemetry API, imported on first use (a process with tracing off never imports it)."""
+
+    def __init__(self) -> None:
+        from opentelemetry import context, trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.trace = trace
+        self.context = context
+        self.propagator = TraceContextTextMapPropagator()
+
+
+@functools.cache
+def _otel() -> _OTel:
+    return _OTel()
+
+
+@functools.cache
 def available() -> bool:
     """Whether ``opentelemetry-api`` is installed (``pip install daskinfer[tracing]``)."""
-    return otel_trace is not None
+    try:
+        return importlib.util.find_spec("opentelemetry.trace") is not None
+    except ImportError:  # no opentelemetry package at all
+        return False
 
 
 def enabled() -> bool:
@@ -73,12 +86,12 @@ def tracer() -> Any:
     """daskinfer's tracer from the global tracer provider."""
     from daskinfer.version import __version__
 
-    return otel_trace.get_tracer(TRACER_NAME, __version__)
+    return _otel().trace.get_tracer(TRACER_NAME, __version__)
 
 
 def current_traceparent() -> str | None:
     """The W3C ``traceparent`` of the span current in this context, or None (no valid span)."""
-    span_context = otel_trace.get_current_span().get_span_context()
+    span_context = _otel().trace.get_current_span().get_span_context()
     if not span_context.is_valid:
         return None
     return f"00-{span_context.trace_id:032x}-{span_context.span_id:016x}-{int(span_context.trace_flags):02x}"
@@ -87,10 +100,10 @@ def current_traceparent() -> str | None:
 def context_from_traceparent(traceparent: str | None) -> Any:
     """An OpenTelemetry context whose current span is the remote span of ``traceparent`` (None: none
     or not a valid ``traceparent``: a malformed header is ignored, as the W3C specification says)."""
-    if not traceparent or _PROPAGATOR is None:
+    if not traceparent or not available():
         return None
-    ctx = _PROPAGATOR.extract({TRACEPARENT: traceparent})
-    if not otel_trace.get_current_span(ctx).get_span_context().is_valid:
+    ctx = _otel().propagator.extract({TRACEPARENT: traceparent})
+    if not _otel().trace.get_current_span(ctx).get_span_context().is_valid:
         return None
     return ctx
 
@@ -98,7 +111,7 @@ def context_from_traceparent(traceparent: str | None) -> Any:
 def span_context_of(traceparent: str) -> Any:
     """The remote span context of ``traceparent``, or None if it is not valid."""
     ctx = context_from_traceparent(traceparent)
-    return None if ctx is None else otel_trace.get_current_span(ctx).get_span_context()
+    return None if ctx is None else _otel().trace.get_current_span(ctx).get_span_context()
 
 
 @contextlib.contextmanager
@@ -110,7 +123,7 @@ def server_span(name: str, traceparent: str | None, attributes: dict[str, Any]) 
     with tracer().start_as_current_span(
         name,
         context=context_from_traceparent(traceparent),
-        kind=otel_trace.SpanKind.SERVER,
+        kind=_otel().trace.SpanKind.SERVER,
         attributes=attributes,
     ):
         yield
@@ -130,12 +143,12 @@ class BatchTrace:
     @contextlib.contextmanager
     def current(self) -> Iterator[None]:
         """The batch span is the current span in the block (the stages' spans become its children)."""
-        with otel_trace.use_span(self.span, end_on_exit=False, record_exception=False):
+        with _otel().trace.use_span(self.span, end_on_exit=False, record_exception=False):
             yield
 
     def writing(self) -> None:
         """The answers are handed to the writer: the write span starts."""
-        self._write = self._tracer.start_span("daskinfer.write", context=otel_trace.set_span_in_context(self.span))
+        self._write = self._tracer.start_span("daskinfer.write", context=_otel().trace.set_span_in_context(self.span))
 
     def end(self, error: BaseException | None = None) -> None:
         """Written and committed (or not: ``error``): end the write span and the batch span."""
@@ -143,7 +156,9 @@ class BatchTrace:
             if span is None:
                 continue
             if error is not None:
-                span.set_status(otel_trace.Status(otel_trace.StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+                span.set_status(
+                    _otel().trace.Status(_otel().trace.StatusCode.ERROR, f"{type(error).__name__}: {error}")
+                )
             span.end()
         self._write = None
 
@@ -180,16 +195,16 @@ class PartitionTracer:
             parents.add((span_context.trace_id, span_context.span_id))
             sampled = sampled or span_context.trace_flags.sampled
             if len(links) < MAX_LINKS:
-                links.append(otel_trace.Link(span_context))
+                links.append(_otel().trace.Link(span_context))
         if not sampled and not (self.sample_ratio > 0 and self._random.random() < self.sample_ratio):
             return None
         parent = None
         if len(parents) == 1:  # one caller: the batch is a child in its trace (and linked)
-            parent = otel_trace.set_span_in_context(otel_trace.NonRecordingSpan(links[0].context))
+            parent = _otel().trace.set_span_in_context(_otel().trace.NonRecordingSpan(links[0].context))
         span = self.tracer.start_span(
             "daskinfer.batch",
-            context=parent if parent is not None else otel_context.Context(),
-            kind=otel_trace.SpanKind.CONSUMER,
+            context=parent if parent is not None else _otel().context.Context(),
+            kind=_otel().trace.SpanKind.CONSUMER,
             links=links,
             attributes={
                 "daskinfer.pipeline": self.pipeline,

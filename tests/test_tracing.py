@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import urllib.request
 import uuid
 
@@ -315,3 +317,21 @@ def test_a_producer_sets_traceparent_as_a_kafka_header(traced_client, mlp_path, 
     np.testing.assert_allclose(result.value(), want, rtol=1e-5, atol=1e-6)
     (batch,) = [b for b in batches if b.context.trace_id == int(trace_id, 16)]
     assert batch.parent.span_id == int(span_id, 16) and result.trace_id == trace_id
+
+
+def test_with_tracing_off_opentelemetry_is_not_even_imported(client, mlp_deployed):
+    """Tracing off (the default) costs nothing: a client that deploys and answers never imports the API."""
+    code = (
+        "import sys, numpy as np\n"
+        "from distributed import Client\n"
+        "from daskinfer import InferenceClient, Pipeline, deploy_pipeline\n"
+        f"c = Client({client.scheduler.address!r})\n"
+        "h = deploy_pipeline(c, Pipeline(model='mlp', inbox='untraced-probe', partitions=1))\n"
+        "with InferenceClient(c, inbox='untraced-probe') as ic:\n"
+        "    assert ic.submit(np.zeros(16, np.float32)).result(60).ok\n"
+        "h.stop()\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
