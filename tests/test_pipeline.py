@@ -254,3 +254,31 @@ def test_a_pipeline_with_a_max_delay_answers_and_batches_within_it(client, mlp, 
         atol=1e-6,
     )
     assert max(r.timings["batch"] for r in results) > 1, "the delay let batches fill"
+
+
+def test_an_array_reused_after_submit_is_sent_as_it_was_when_submitted(client, mlp, mlp_path):
+    """A caller that refills one buffer for each request (a common loop) gets each request's own
+    answer: what is sent is the array as it was when submit returned, not when the client's loop
+    got to it."""
+    inbox = _inbox()
+    handle = deploy_pipeline(client, Pipeline(model=mlp, inbox=inbox, partitions=2))
+    blocks = [random_rows(64, seed=100 + i) for i in range(40)]
+    rows = random_rows(40, seed=99)
+    try:
+        with InferenceClient(client, inbox=inbox) as ic:
+            block_buf, row_buf = np.empty_like(blocks[0]), np.empty_like(rows[0])
+            futures = []
+            for block, row in zip(blocks, rows):
+                block_buf[:] = block
+                futures.append(ic.submit_many(block_buf))
+                row_buf[:] = row
+                futures.append(ic.submit(row_buf))
+            results = [f.result(60) for f in futures]
+    finally:
+        handle.stop()
+    expected_blocks = run_onnx_directly(mlp_path, {"x": np.concatenate(blocks)})["probabilities"]
+    expected_rows = run_onnx_directly(mlp_path, {"x": rows})["probabilities"]
+    got_blocks = np.concatenate([r.value() for r in results[0::2]])
+    got_rows = np.stack([r.value() for r in results[1::2]])
+    np.testing.assert_allclose(got_blocks, expected_blocks, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_rows, expected_rows, rtol=1e-5, atol=1e-6)

@@ -32,15 +32,18 @@ logger = logging.getLogger(__name__)
 def as_inputs(inputs: Any, batched: bool = False) -> dict[str, np.ndarray]:
     """The named arrays of a request (a bare array is the input ``"x"``), checked in the caller's words.
 
+    Each array is copied (C order): the request is what the caller's arrays held when it was made,
+    even if the caller refills them before the client's event loop sends it.
+
     Raises
     ------
     InputValidationError
         No input, or a block (``batched``) with no row.
     """
     if isinstance(inputs, Mapping):
-        block = {str(k): np.asarray(v) for k, v in inputs.items()}
+        block = {str(k): np.array(v, order="C") for k, v in inputs.items()}
     else:
-        block = {"x": np.asarray(inputs)}
+        block = {"x": np.array(inputs, order="C")}
     if not block:
         raise InputValidationError("a request needs at least one input; got none")
     for name, arr in block.items() if batched else ():
