@@ -21,6 +21,7 @@ from daskinfer import InferenceClient, OnnxModel, Pipeline, deploy, deploy_pipel
 from daskinfer.connectors.embedded import BrokerRPC
 from daskinfer.testing import random_rows, run_onnx_directly
 from daskinfer.wire import codec
+from daskinfer.wire.frames import encode_request_frame
 from daskinfer.wire.messages import Request
 
 LIMIT = 4096  # bytes: the pipeline's max_request_size
@@ -202,5 +203,50 @@ def test_malformed_requests_fail_alone_and_reach_the_dead_letter_topic(broker, c
             f"\nbad input ({broker}): {sum(seen.values()) + n_undecodable} malformed of {len(kinds)} kinds, "
             f"10000 good answered right, {len(letters)} dead letters"
         )
+    finally:
+        handle.stop()
+
+
+def test_broken_split_frames_fail_alone_with_a_codec_error_and_reach_the_dead_letter_topic(
+    client, strict_mlp, mlp_path
+):
+    """The direct transport carries frames split (arrays beside the msgpack bytes): a frame whose
+    buffers a broken client left out or cut short is answered with an error for its requests alone."""
+    tag = uuid.uuid4().hex[:6]
+    inbox, dead = f"split-in-{tag}", f"split-dead-{tag}"
+    handle = deploy_pipeline(client, Pipeline(model=strict_mlp, inbox=inbox, dead_letter=dead, partitions=2))
+    block = random_rows(512, seed=8)
+    try:
+        with InferenceClient(client, inbox=inbox) as ic:
+
+            def frame(ids: list[str]) -> codec.SplitMessage:
+                rows = np.full(len(ids), len(block) // len(ids))
+                to = ic.reply_target
+                return encode_request_frame(ids, {"x": block}, rows=rows, batched=True, reply_to=to, split=True)
+
+            good, lacking, short = frame(["good-a", "good-b"]), frame(["lacking"]), frame(["short-a", "short-b"])
+            sends = [
+                (0, codec.SplitMessage(lacking.head, ())),
+                (0, good),
+                (0, codec.SplitMessage(short.head, (bytes(short.buffers[0])[:100],))),
+            ]
+            client.sync(ic.transport.send, inbox, sends)
+            results = {}
+            for r in ic.results(timeout=30):
+                results[r.id] = r
+                if len(results) == 5:
+                    break
+        expected = run_onnx_directly(mlp_path, {"x": block})["probabilities"]
+        np.testing.assert_allclose(np.concatenate([results["good-a"].value(), results["good-b"].value()]), expected)
+        for rid, words in [
+            ("lacking", "names buffer 0, but the message has 0 buffers"),
+            ("short-a", "its buffer has 100"),
+        ]:
+            assert results[rid].error_type == "CodecError" and words in results[rid].error, results[rid].error
+        assert results["short-b"].error == results["short-a"].error
+        letters = [codec.decode(m) for m in _read_topic(client, dead, "embedded", None)]
+        assert sorted(len(d["data"]) for d in letters) == sorted([len(lacking.head), len(short.head) + 100])
+        assert all(d["error_type"] == "CodecError" for d in letters)
+        assert all(r["running"] for r in handle.status()["runners"])
     finally:
         handle.stop()

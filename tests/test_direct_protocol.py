@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
+import numpy as np
+import pytest
 from distributed import Scheduler, Worker
 from distributed.comm import connect
 from distributed.utils_test import async_poll_for
@@ -16,6 +18,10 @@ from distributed.utils_test import async_poll_for
 from daskinfer.connectors.direct.endpoint import endpoint_for
 from daskinfer.connectors.direct.link import open_stream, post, read_messages
 from daskinfer.connectors.direct.protocol import CONNECT_OP, TO_CLIENT, Moved, Queued, Results, Send, client_of
+from daskinfer.exceptions import CodecError
+from daskinfer.wire.codec import SplitMessage
+from daskinfer.wire.frames import decode_requests, encode_request_frame
+from daskinfer.wire.result_frames import decode_results, encode_result_frame
 
 
 def test_messages_are_plain_msgpack_with_named_ops():
@@ -66,5 +72,46 @@ def test_worker_queues_answers_and_moves_sends():
     async def main() -> None:
         async with Scheduler(port=0, dashboard_address=":0") as s, Worker(s.address, nthreads=1) as a:
             await _queues_answers_and_moves(a)
+
+    asyncio.run(main())
+
+
+async def _split_frames_cross_the_comm(a: Worker) -> None:
+    endpoint = endpoint_for(a)
+    queue = endpoint.open_queue("in", 0, max_messages=10, max_bytes=10_000_000)
+    stream, messages = await _open(a, "c2")
+    block = np.random.default_rng(1).standard_normal((4096, 16)).astype(np.float32)
+    try:
+        request = encode_request_frame(["r1"], {"x": block}, rows=np.array([4096]), batched=True, split=True)
+        post(stream, Send("in", 0, 1, [request]))
+        assert await anext(messages) == Queued((1,))
+        # a split message a broken client made is queued like any bytes (its requests get an error
+        # result where the partition decodes it): the comm goes on
+        post(stream, Send("in", 0, 2, [SplitMessage(request.head, ())]))
+        assert await anext(messages) == Queued((2,))
+        good, broken = queue.take(10)
+        (payload,) = good.payloads
+        assert type(payload) is SplitMessage and payload.buffers  # read as frames, not joined into bytes
+        cols = decode_requests(payload)
+        assert cols.ids == ["r1"]
+        np.testing.assert_array_equal(cols.inputs["x"], block)
+        with pytest.raises(CodecError, match="names buffer 0, but the message has 0 buffers"):
+            decode_requests(broken.payloads[0])
+        out = {"probabilities": block[:, :2].copy()}
+        answer = encode_result_frame(["r1"], out, rows=np.array([4096]), batched=True, split=True)
+        assert endpoint.deliver("c2", [answer], [1, 2])
+        results = await anext(messages)
+        assert results.seqs == (1, 2)
+        (res,) = decode_results(results.data[0]).results()
+        np.testing.assert_array_equal(res.value(), out["probabilities"])
+    finally:
+        stream.abort()
+        endpoint.close_queue(queue)
+
+
+def test_split_frames_cross_a_real_comm_with_their_arrays():
+    async def main() -> None:
+        async with Scheduler(port=0, dashboard_address=":0") as s, Worker(s.address, nthreads=1) as a:
+            await _split_frames_cross_the_comm(a)
 
     asyncio.run(main())

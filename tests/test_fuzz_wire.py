@@ -328,3 +328,38 @@ def test_the_fuzzers_seeds_decode(data):
         check_request(decode_request(data))
     else:
         check_result(decode_result(data))
+
+
+_SPLIT_HEAD = frames.encode_request_frame(
+    ["s1"], {"x": np.ones((64, 16), np.float32)}, rows=np.array([64]), split=True
+).head
+
+
+@st.composite
+def mutated_head(draw) -> bytes:
+    """The head of a valid split frame with a few bytes changed (reaches the split array checks)."""
+    buf = bytearray(_SPLIT_HEAD)
+    for _ in range(draw(st.integers(1, 3))):
+        buf[draw(st.integers(0, len(buf) - 1))] = draw(st.integers(0, 255))
+    return bytes(buf)
+
+
+split_inputs = st.builds(
+    codec.SplitMessage,
+    head=st.one_of(frame_inputs, st.just(_SPLIT_HEAD), mutated_head()),
+    buffers=st.lists(st.one_of(st.binary(max_size=300), st.just(b"\x00" * 4096)), max_size=3).map(tuple),
+)
+
+
+@FUZZ
+@given(data=split_inputs, max_size=max_sizes)
+def test_decode_requests_of_a_split_message_returns_columns_or_raises_request_error(data, max_size):
+    """A split message from a broken or hostile client (any head, any buffers) decodes or says why."""
+    try:
+        cols = frames.decode_requests(data, max_size=max_size)
+    except (CodecError, RequestError):
+        fields = frames.peek_fields(data)
+        assert isinstance(fields, dict) and set(fields) <= {"id", "ids", "r", "k", "t"}
+        return
+    assert all(type(i) is str for i in cols.ids)
+    assert all(isinstance(k, str) and type(v) is np.ndarray for k, v in cols.inputs.items())

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from daskinfer.exceptions import InputValidationError
+from daskinfer.wire.codec import Encoded
 from daskinfer.wire.frames import encode_request_frame
 
 if TYPE_CHECKING:
@@ -40,7 +41,9 @@ def as_inputs(inputs: Any, batched: bool = False) -> dict[str, np.ndarray]:
     InputValidationError
         No input, or a block (``batched``) with no row.
     """
-    if isinstance(inputs, Mapping):
+    if type(inputs) is np.ndarray:  # the common case first: no Mapping check (an ABC, slow to miss)
+        block = {"x": np.array(inputs, order="C")}
+    elif isinstance(inputs, Mapping):
         block = {str(k): np.array(v, order="C") for k, v in inputs.items()}
     else:
         block = {"x": np.array(inputs, order="C")}
@@ -92,16 +95,16 @@ class OutgoingRequest:
     group: tuple = field(init=False)
 
     def __post_init__(self) -> None:
-        self.group = (
-            self.partition,
-            self.model,
-            self.batched,
-            tuple((k, v.dtype, v.shape[1:] if self.batched else v.shape) for k, v in self.inputs.items()),
-        )
+        batched = self.batched
+        signature = [(k, v.dtype, v.shape[1:] if batched else v.shape) for k, v in self.inputs.items()]
+        self.group = (self.partition, self.model, batched, *signature)
 
 
-def encode_frame(reqs: list[OutgoingRequest], reply_to: str) -> bytes:
-    """One request frame of ``reqs`` (requests of one group), answered to ``reply_to``."""
+def encode_frame(reqs: list[OutgoingRequest], reply_to: str, split: bool = False) -> Encoded:
+    """One request frame of ``reqs`` (requests of one group), answered to ``reply_to``.
+
+    ``split``: a :class:`~daskinfer.wire.codec.SplitMessage` (the transport sends its arrays without a copy).
+    """
     first = reqs[0]
     names = list(first.inputs)
     if first.batched and len(reqs) == 1:
@@ -130,15 +133,29 @@ def encode_frame(reqs: list[OutgoingRequest], reply_to: str) -> bytes:
         reply_to=reply_to,
         sent_at=np.array([r.sent_at for r in reqs]),
         traceparents=traceparents,
+        split=split,
     )
 
 
-def frames_in_order(batch: list[OutgoingRequest], max_requests: int) -> list[list[OutgoingRequest]]:
+ALONE_BYTES = 65536
+"""A block of at least this many bytes goes in a frame of its own on a transport of split messages:
+joining it to others would copy it, and the frame's overhead is small beside it."""
+
+
+def frames_in_order(
+    batch: list[OutgoingRequest], max_requests: int, alone_bytes: int | None = None
+) -> list[list[OutgoingRequest]]:
     """Requests grouped into frames per partition, a new frame wherever the kind of request changes
-    (so that a partition receives its requests in the order they were made) or a frame is full."""
+    (so that a partition receives its requests in the order they were made) or a frame is full.
+
+    ``alone_bytes``: a block of at least this many bytes has a frame of its own (None: never)."""
     open_: dict[int, list[OutgoingRequest]] = {}
     frames: list[list[OutgoingRequest]] = []
     for r in batch:
+        if alone_bytes is not None and r.batched and sum(v.nbytes for v in r.inputs.values()) >= alone_bytes:
+            open_.pop(r.partition, None)  # the requests after it open a new frame: order holds
+            frames.append([r])
+            continue
         cur = open_.get(r.partition)
         if cur is None or cur[0].group != r.group or len(cur) >= max_requests:
             cur = open_[r.partition] = []
@@ -209,9 +226,10 @@ class OutgoingQueue:
                     return
                 batch = [self._queue.popleft() for _ in range(n)]
             items = []
-            for reqs in frames_in_order(batch, self.frame_requests):
+            split = self.transport.split_messages
+            for reqs in frames_in_order(batch, self.frame_requests, ALONE_BYTES if split else None):
                 try:
-                    items.append((reqs[0].partition, encode_frame(reqs, self.reply_target)))
+                    items.append((reqs[0].partition, encode_frame(reqs, self.reply_target, split)))
                 except Exception as e:  # an input the codec cannot carry fails its own requests
                     self._fail([r.id for r in reqs], e)
             try:

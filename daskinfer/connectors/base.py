@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
+from daskinfer.wire.codec import Encoded
+
 DIRECT_REPLY_PREFIX = "direct:"
 """Reply targets of clients of the direct transport: ``direct:{client id}`` (answers go back over its comm)."""
 TOPIC_REPLY_PREFIX = "daskinfer-replies-"
@@ -25,8 +27,8 @@ class Messages:
 
     Attributes
     ----------
-    payloads : list of bytes
-        The messages, in inbox order.
+    payloads : list of bytes or SplitMessage
+        The messages, in inbox order (split ones from a transport with ``split_messages``).
     positions : object
         What the connector needs to commit them (an offset range, entry ids...).
     meta : list, optional
@@ -35,7 +37,7 @@ class Messages:
         message has any.  It may mark a message as v2 (KServe) JSON (:mod:`daskinfer.wire.v2json`).
     """
 
-    payloads: list[bytes]
+    payloads: Sequence[Encoded]
     positions: Any = None
     meta: list[dict[str, Any] | None] | None = None
 
@@ -48,7 +50,7 @@ class OutMessage(NamedTuple):
 
     target: str  # a topic/stream: the outbox, the dead-letter topic, or a client's reply target
     key: str | None  # partitioning key (None: the connector picks)
-    data: bytes  # an encoded result, result frame or dead letter
+    data: Encoded  # an encoded result, result frame or dead letter (split for ConnectorPlugin.split_reply_prefixes)
     correlation_id: str | None = None  # the request id of a single result (brokers with headers use it)
     headers: tuple[tuple[str, str], ...] = ()  # more headers (Kafka) or entry fields (Redis): a v2 answer's
 
@@ -110,10 +112,14 @@ class ClientTransport:
     uses_scheduler : bool
         It talks to daskinfer's control path on the Dask scheduler (routes, embedded topics):
         :class:`~daskinfer.InferenceClient` installs it there before :meth:`start`.
+    split_messages : bool
+        It carries :class:`~daskinfer.wire.codec.SplitMessage` payloads (arrays beside the msgpack
+        bytes, sent without a copy); otherwise payloads are bytes.
     """
 
     reply_prefix: ClassVar[str] = TOPIC_REPLY_PREFIX
     uses_scheduler: ClassVar[bool] = False
+    split_messages: ClassVar[bool] = False
 
     def make_reply_target(self, client_id: str) -> str:
         """The reply target of the client ``client_id``."""
@@ -123,11 +129,14 @@ class ClientTransport:
         """Connect, find ``inbox``, open ``reply_target``; return the inbox's partitions."""
         raise NotImplementedError
 
-    async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
-        """Append ``(partition, data)`` requests to the inbox (waits while it is full)."""
+    async def send(self, inbox: str, items: list[tuple[int, Encoded]]) -> None:
+        """Append ``(partition, data)`` requests to the inbox (waits while it is full).
+
+        ``data`` is bytes, or a :class:`~daskinfer.wire.codec.SplitMessage` where :attr:`split_messages`
+        says the transport takes them."""
         raise NotImplementedError
 
-    async def receive(self, timeout: float) -> list[bytes]:
+    async def receive(self, timeout: float) -> Sequence[Encoded]:
         """Next results on the reply target, waiting up to ``timeout`` s for the first."""
         raise NotImplementedError
 

@@ -49,6 +49,9 @@ class ConnectorPlugin:
     reply_prefixes : tuple of str
         Reply targets its clients make (a request may name only those, or the pipeline's
         ``daskinfer.pipeline.reply-prefixes``).
+    split_reply_prefixes : tuple of str
+        Reply targets whose results it writes as :class:`~daskinfer.wire.codec.SplitMessage`
+        (a transport that sends their arrays without a copy); others get bytes.
     transports : tuple of str
         The transport kinds :meth:`make_transport` builds (``InferenceClient(transport=kind)``).
     """
@@ -56,6 +59,7 @@ class ConnectorPlugin:
     name: ClassVar[str] = ""
     routed: ClassVar[bool] = False
     reply_prefixes: ClassVar[tuple[str, ...]] = (TOPIC_REPLY_PREFIX,)
+    split_reply_prefixes: ClassVar[tuple[str, ...]] = ()
     transports: ClassVar[tuple[str, ...]] = ()
 
     def partition(self, spec: Mapping[str, Any], worker: Worker, partition: int, epoch: int) -> Connector:

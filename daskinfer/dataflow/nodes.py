@@ -47,6 +47,7 @@ from daskinfer.dataflow.stages import Stage, StageContext
 from daskinfer.dataflow.stats import PartitionStats, arrivals
 from daskinfer.dataflow.streams import Items
 from daskinfer.tracing import TRACEPARENT, BatchTrace, PartitionTracer
+from daskinfer.wire.codec import Encoded, as_bytes
 from daskinfer.wire.frames import decode_requests, peek_fields
 from daskinfer.wire.v2json import rejected_reply
 
@@ -61,7 +62,7 @@ def message_traceparent(meta: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def decode_read(payloads: list[bytes], read: Any, max_request_size: int) -> InboxBatch:
+def decode_read(payloads: Sequence[Encoded], read: Any, max_request_size: int) -> InboxBatch:
     """One read's messages as request batches by signature, and the messages that did not decode.
 
     ``read.meta`` (Kafka headers, Redis entry fields) may mark a message as v2 (KServe) JSON."""
@@ -73,10 +74,11 @@ def decode_read(payloads: list[bytes], read: Any, max_request_size: int) -> Inbo
         try:
             cols = decode_requests(data, max_size=max_request_size, meta=meta)
         except Exception as e:  # CodecError, RequestError: this message alone fails
-            origin = Origin(None, False, now, data, rejected_reply(meta), message_traceparent(meta))
+            raw = as_bytes(data)  # kept for the dead letter (a split message as one bytes)
+            origin = Origin(None, False, now, raw, rejected_reply(meta), message_traceparent(meta))
             rejected.append(Rejected(origin, e, peek_fields(data, meta)))
             continue
-        origin = Origin(cols.reply_to, cols.framed, now, b"" if cols.framed else data, cols.v2)
+        origin = Origin(cols.reply_to, cols.framed, now, b"" if cols.framed else as_bytes(data), cols.v2)
         if meta:
             origin.traceparent = message_traceparent(meta)
         decoded.append((cols, origin))

@@ -157,7 +157,7 @@ class PartitionRunner:
             install_models=False,
             side=self._record,
         )
-        writer = ResultWriter(spec.outbox, spec.dead_letter, spec.reply_prefixes)
+        writer = ResultWriter(spec.outbox, spec.dead_letter, spec.reply_prefixes, spec.split_reply_prefixes)
         self.source = InboxSource(
             self.connector, max_messages=st.read_batch, max_request_size=st.max_request_size, max_rows=st.max_batch_size
         )

@@ -271,6 +271,7 @@ class Pipeline:
             reply_prefixes=[*plugin.reply_prefixes, *settings.get("pipeline.reply-prefixes")],
             record_topics=list(dict.fromkeys(t for s in stages for t in s.topics())),
             resources=resources,
+            split_reply_prefixes=list(plugin.split_reply_prefixes),
         )
 
     def _needs(self, stages: list[Stage], named: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, float], list[int]]:

@@ -54,12 +54,18 @@ class ResultWriter:
         Where failed requests' bytes go (None: nowhere).
     reply_prefixes : sequence of str
         Reply targets a request may name (the prefixes of client reply topics/streams).
+    split_prefixes : sequence of str
+        Reply targets whose result frames are :class:`~daskinfer.wire.codec.SplitMessage` (their
+        connector sends the arrays without a copy); the others get bytes.
     """
 
-    def __init__(self, outbox: str, dead_letter: str | None, reply_prefixes: Sequence[str]):
+    def __init__(
+        self, outbox: str, dead_letter: str | None, reply_prefixes: Sequence[str], split_prefixes: Sequence[str] = ()
+    ):
         self.outbox = outbox
         self.dead_letter = dead_letter
         self.reply_prefixes = tuple(reply_prefixes)
+        self.split_prefixes = tuple(split_prefixes)
         self.errors = 0  # requests answered with an error
         self.refused_targets = 0  # results whose reply target was refused
 
@@ -123,7 +129,8 @@ class ResultWriter:
             )
             return self._dead_letters(batch, start, end, origin, (type(err).__name__, str(err)), now)
         if origin.framed:
-            msgs.append(OutMessage(target, None, self._frame(part, start, end, trace)))
+            split = bool(self.split_prefixes) and target.startswith(self.split_prefixes)
+            msgs.append(OutMessage(target, None, self._frame(part, start, end, trace, split)))
         elif origin.v2 is not None:
             for i in range(start, end):
                 data, headers = self._v2(part, i, origin.v2)
@@ -140,7 +147,7 @@ class ResultWriter:
         return msgs
 
     @staticmethod
-    def _frame(part: ResultPart, start: int, end: int, trace: str | None = None) -> bytes:
+    def _frame(part: ResultPart, start: int, end: int, trace: str | None = None, split: bool = False) -> codec.Encoded:
         batch = part.batch
         keys = batch.keys[start:end] if batch.keys is not None else None
         if part.error is not None:
@@ -153,6 +160,7 @@ class ResultWriter:
                 timings=part.timings,
                 errors=ErrorColumns(batch.ids[start:end], [part.error[0]] * n, [part.error[1]] * n, keys),
                 trace_id=trace,
+                split=split,
             )
         r0, r1 = batch.request_rows(start, end)
         outputs = {k: v[r0:r1] for k, v in (part.outputs or {}).items()}
@@ -170,6 +178,7 @@ class ResultWriter:
             version=part.version,
             timings=part.timings,
             trace_id=trace,
+            split=split,
         )
 
     @staticmethod

@@ -136,6 +136,7 @@ class PipelineSpec(msgspec.Struct, frozen=True, kw_only=True):
     record_topics: list[str]  # topics stages record results on (shadow, copies): made at deploy
     # Dask worker resources its partitions' workers must have: the largest amount of each that its models ask for
     resources: dict[str, float] = msgspec.field(default_factory=dict)
+    split_reply_prefixes: list[str] = msgspec.field(default_factory=list)  # results written as split messages
 
     def to_plain(self) -> dict[str, Any]:
         return msgspec.to_builtins(self)

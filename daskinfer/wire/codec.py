@@ -6,6 +6,12 @@ the dtype against an allow-list (no object, void or structured dtypes), the shap
 against the byte count, and the message against a size limit; anything wrong
 raises :class:`~daskinfer.exceptions.CodecError`, never anything worse.
 
+A message can also travel *split* (:class:`SplitMessage`, made by :func:`encode_split`): its
+arrays of at least ``SPLIT_MIN_BYTES`` bytes are left out of the msgpack bytes and travel beside
+them as raw buffers, which a transport that writes several buffers (distributed's comms) sends
+without copying them; in their place the msgpack bytes hold extension type 2, the same header
+followed by the buffer's index (uint32).  :func:`decode` reads both forms.
+
 Headers repeat (the same dtype and shape for every request of a model), so each side
 keeps a least-recently-used cache of ``HEADER_CACHE_SIZE`` headers: junk headers from
 a hostile or broken sender evict each other, never a header in steady use, and only
@@ -18,6 +24,7 @@ import functools
 import math
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -27,6 +34,10 @@ from daskinfer import settings
 from daskinfer.exceptions import CodecError, RequestTooLargeError
 
 ARRAY_EXT = 1
+SPLIT_ARRAY_EXT = 2
+SPLIT_MIN_BYTES = 2048
+"""Smaller arrays stay in a split message's msgpack bytes: copying them costs less than a buffer of their own."""
+_INDEX = struct.Struct("<I")
 _ALLOWED_KINDS = set("biufcUSMm")  # bool, ints, floats, complex, str, bytes, datetimes
 _HEADER_LEN = struct.Struct("<H")
 HEADER_CACHE_SIZE = 4096  # headers kept per side (encoding, decoding); least recently used go first
@@ -60,6 +71,56 @@ def _array_prefix(dtype_str: str, shape: tuple[int, ...]) -> bytes:
     return _HEADER_LEN.pack(len(header)) + header
 
 
+@dataclass(frozen=True, slots=True)
+class SplitMessage:
+    """A message whose large arrays travel beside it (see the module docstring).
+
+    Attributes
+    ----------
+    head : bytes or memoryview
+        The msgpack bytes, with extension type 2 where an array was.
+    buffers : tuple of buffers
+        The raw C-ordered bytes of each array left out, in the order ``head`` names them.
+    """
+
+    head: bytes | memoryview
+    buffers: tuple[Any, ...] = ()
+
+    def __len__(self) -> int:
+        """Bytes in all (as ``len`` of an encoded message)."""
+        return len(self.head) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def tobytes(self) -> bytes:
+        """Its head and then its buffers, as one ``bytes`` (what a dead letter keeps of it)."""
+        return b"".join([bytes(self.head), *(bytes(memoryview(b)) for b in self.buffers)])
+
+
+def as_bytes(data: Encoded) -> bytes:
+    """``data`` as one bytes, for a broker or a dead letter: bytes as they are (no copy); a split
+    message as the same message in one piece (:func:`encode`), or, one that does not decode, its
+    bytes as they came (:meth:`SplitMessage.tobytes`).
+
+    Raises
+    ------
+    TypeError
+        ``data`` is none of these (``bytes(42)`` would be 42 zero bytes).
+    """
+    if type(data) is bytes:
+        return data
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    if isinstance(data, SplitMessage):
+        try:
+            return encode(decode(data, max_size=len(data)))
+        except CodecError:
+            return data.tobytes()
+    raise TypeError(f"expected bytes or a SplitMessage, got {type(data).__name__}")
+
+
+Encoded = bytes | bytearray | memoryview | SplitMessage
+"""A message as :func:`encode` or :func:`encode_split` made it: what :func:`decode` reads."""
+
+
 def _encode_array(arr: np.ndarray) -> msgpack.ExtType:
     prefix = _array_prefix(arr.dtype.str, arr.shape)
     # tobytes() is C order for any layout; the ExtType is made without its Python-level
@@ -81,19 +142,49 @@ def _parse_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
     return dtype, tuple(shape), dtype.itemsize * math.prod(shape)
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code != ARRAY_EXT:
-        raise CodecError(f"unknown msgpack extension type {code} (only {ARRAY_EXT}, numpy array, is known)")
+def _read_header(data: bytes) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """The dtype, shape and byte count an extension's header names, and where the header ends."""
     if len(data) < _HEADER_LEN.size:
         raise CodecError("truncated array header")
     (hlen,) = _HEADER_LEN.unpack_from(data)
     if hlen > MAX_HEADER_BYTES:
         raise CodecError(f"array header of {hlen} bytes is over the limit of {MAX_HEADER_BYTES} bytes")
     dtype, shape, expected = _parse_header(data[2 : 2 + hlen])
-    nbytes = len(data) - 2 - hlen
+    return dtype, shape, expected, 2 + hlen
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != ARRAY_EXT:
+        raise CodecError(f"unknown msgpack extension type {code} (only {ARRAY_EXT}, numpy array, is known)")
+    dtype, shape, expected, start = _read_header(data)
+    nbytes = len(data) - start
     if nbytes != expected:
         raise CodecError(f"array of dtype {dtype} and shape {list(shape)} needs {expected} bytes, got {nbytes}")
-    return np.frombuffer(data, dtype=dtype, offset=2 + hlen).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, offset=start).reshape(shape)
+
+
+def _split_ext_hook(buffers: tuple[Any, ...]) -> Any:
+    """The extension hook of a split message's head: type 1 as usual, type 2 a view of its buffer."""
+
+    def hook(code: int, data: bytes) -> Any:
+        if code != SPLIT_ARRAY_EXT:
+            return _ext_hook(code, data)
+        dtype, shape, expected, start = _read_header(data)
+        if len(data) != start + _INDEX.size:
+            raise CodecError("malformed split array reference (expected a header and a uint32 buffer index)")
+        (index,) = _INDEX.unpack_from(data, start)
+        if index >= len(buffers):
+            raise CodecError(f"split array names buffer {index}, but the message has {len(buffers)} buffers")
+        buf = memoryview(buffers[index]).cast("B")
+        if buf.nbytes != expected:
+            raise CodecError(
+                f"array of dtype {dtype} and shape {list(shape)} needs {expected} bytes, its buffer has {buf.nbytes}"
+            )
+        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        arr.flags.writeable = False  # as arrays read from bytes: a stage that writes to its inputs copies them
+        return arr
+
+    return hook
 
 
 def header_cache_info() -> dict[str, int]:
@@ -127,6 +218,43 @@ def encode_array(arr: np.ndarray) -> msgpack.ExtType:
         raise CodecError(f"cannot encode message: {e}") from e
 
 
+def _split_packer() -> tuple[msgpack.Packer, list[Any]]:
+    packer = getattr(_local, "split_packer", None)
+    if packer is None:
+        buffers: list[Any] = []
+
+        def default(obj: Any) -> Any:
+            if isinstance(obj, np.ndarray) and obj.nbytes >= SPLIT_MIN_BYTES:
+                arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
+                prefix = _array_prefix(arr.dtype.str, arr.shape)
+                buffers.append(arr.reshape(-1).view(np.uint8).data)  # a view: no copy (any dtype, as bytes)
+                return _new_ext(msgpack.ExtType, (SPLIT_ARRAY_EXT, prefix + _INDEX.pack(len(buffers) - 1)))
+            return _default(obj)
+
+        packer = _local.split_packer = msgpack.Packer(default=default, use_bin_type=True)
+        _local.split_buffers = buffers
+    return packer, _local.split_buffers
+
+
+def encode_split(obj: Any) -> SplitMessage:
+    """Encode a message as :func:`encode` does, its large arrays left out as buffers (no copy of them).
+
+    The buffers are views of the arrays (C-contiguous ones; others are copied once): they must not
+    change until the message is sent.
+    """
+    packer, buffers = _split_packer()
+    buffers.clear()
+    try:
+        head = packer.pack(obj)
+    except (TypeError, ValueError, OverflowError) as e:
+        packer.reset()
+        raise CodecError(f"cannot encode message: {e}") from e
+    finally:
+        found = tuple(buffers)
+        buffers.clear()
+    return SplitMessage(head, found)
+
+
 def encode(obj: Any) -> bytes:
     """Encode a message (dicts, lists, str, bytes, numbers, None and numpy arrays)."""
     try:
@@ -135,12 +263,27 @@ def encode(obj: Any) -> bytes:
         raise CodecError(f"cannot encode message: {e}") from e
 
 
-def decode(data: bytes | bytearray | memoryview, *, max_size: int | None = None) -> Any:
-    """Decode bytes made by :func:`encode`.
+def decode_fields(data: Encoded) -> Any:
+    """Best effort: the message without its arrays (each is None), for naming what failed to decode.
+
+    Raises
+    ------
+    CodecError
+        Not even the msgpack bytes decode.
+    """
+    head = data.head if type(data) is SplitMessage else data
+    try:
+        return msgpack.unpackb(head, ext_hook=lambda code, payload: None, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise CodecError(f"malformed message ({type(e).__name__}: {e})") from None
+
+
+def decode(data: Encoded, *, max_size: int | None = None) -> Any:
+    """Decode a message made by :func:`encode` (bytes) or :func:`encode_split`.
 
     Parameters
     ----------
-    data : bytes
+    data : bytes or SplitMessage
         The message.
     max_size : int, optional
         Largest accepted message in bytes; config ``daskinfer.codec.max-message-size``.
@@ -152,18 +295,24 @@ def decode(data: bytes | bytearray | memoryview, *, max_size: int | None = None)
     CodecError
         The bytes are not a valid message.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
+    ext_hook = _ext_hook
+    if type(data) is SplitMessage:
+        ext_hook = _split_ext_hook(data.buffers)
+    elif not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"expected bytes, got {type(data).__name__}")
     limit = max_size if max_size is not None else settings.get_bytes("codec.max-message-size")
-    if len(data) > limit:
-        raise RequestTooLargeError(f"message of {len(data)} bytes is over the limit of {limit} bytes")
+    size = len(data)
+    if size > limit:
+        raise RequestTooLargeError(f"message of {size} bytes is over the limit of {limit} bytes")
+    if type(data) is SplitMessage:
+        data = data.head
     if not data:
         raise CodecError(
             "empty message (0 bytes): expected a msgpack map (on a Redis stream, the message is the value of "
             "the entry's field 'd'; an entry without that field is empty)"
         )
     try:
-        return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+        return msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
     except CodecError:
         raise
     except Exception as e:  # msgpack raises several types for garbage

@@ -129,8 +129,13 @@ def encode_request_frame(
     sent_at: np.ndarray | None = None,
     budgets: np.ndarray | None = None,
     traceparents: Sequence[str | None] | None = None,
-) -> bytes:
-    """Encode requests as one frame (see the module docstring for the fields)."""
+    split: bool = False,
+) -> codec.Encoded:
+    """Encode requests as one frame (see the module docstring for the fields).
+
+    ``split``: a :class:`~daskinfer.wire.codec.SplitMessage` whose arrays are views of ``inputs``
+    (for a transport that sends buffers without copying them), else bytes.
+    """
     msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids), "in": dict(inputs)}
     put_rows_and_keys(msg, rows, batched, keys)
     if model is not None:
@@ -145,7 +150,7 @@ def encode_request_frame(
         msg["t"] = np.asarray(sent_at, dtype=np.float64)
     if traceparents is not None and any(tp is not None for tp in traceparents):
         msg["tp"] = list(traceparents)
-    return codec.encode(msg)
+    return codec.encode_split(msg) if split else codec.encode(msg)
 
 
 def per_request(msg: dict[str, Any], key: str, n: int, dtype: type, what: str) -> np.ndarray | None:
@@ -251,7 +256,9 @@ def _single_from_wire(msg: Any) -> RequestColumns:
     )
 
 
-def decode_requests(data: bytes, *, max_size: int | None = None, meta: v2json.Meta | None = None) -> RequestColumns:
+def decode_requests(
+    data: codec.Encoded, *, max_size: int | None = None, meta: v2json.Meta | None = None
+) -> RequestColumns:
     """Decode a request frame or a single request message.
 
     ``meta`` (Kafka headers, Redis entry fields) may mark a v2 (KServe) request: see :mod:`.v2json`.
@@ -262,7 +269,7 @@ def decode_requests(data: bytes, *, max_size: int | None = None, meta: v2json.Me
         The bytes are not a valid request or frame; the error says what is wrong.
     """
     if meta is not None and v2json.marked(meta):
-        single, reply = v2json.decode_request(data, meta, max_size=max_size)
+        single, reply = v2json.decode_request(codec.as_bytes(data), meta, max_size=max_size)
         cols = _single_from_wire(single)
         cols.v2 = reply
         return cols
@@ -277,12 +284,12 @@ def decode_requests(data: bytes, *, max_size: int | None = None, meta: v2json.Me
     return _single_from_wire(msg)
 
 
-def peek_fields(data: bytes, meta: v2json.Meta | None = None) -> dict[str, Any]:
+def peek_fields(data: codec.Encoded, meta: v2json.Meta | None = None) -> dict[str, Any]:
     """Best effort: the id(s), reply target, key and send time of a message that failed to decode."""
     if meta is not None and v2json.marked(meta):
-        return v2json.peek_fields(data, meta)
+        return v2json.peek_fields(codec.as_bytes(data), meta)
     try:
-        msg = codec.decode(data)
+        msg = codec.decode_fields(data)  # the arrays may be what is broken: the fields are read without them
     except Exception:
         return {}
     if type(msg) is not dict:

@@ -39,8 +39,12 @@ def encode_result_frame(
     timings: Mapping[str, float] | None = None,
     errors: ErrorColumns | None = None,
     trace_id: str | None = None,
-) -> bytes:
-    """Encode the results of a frame's requests (outputs of the good ones, errors of the rest)."""
+    split: bool = False,
+) -> codec.Encoded:
+    """Encode the results of a frame's requests (outputs of the good ones, errors of the rest).
+
+    ``split``: a :class:`~daskinfer.wire.codec.SplitMessage` whose arrays are views of ``outputs``, else bytes.
+    """
     msg: dict[str, Any] = {"f": FRAME_VERSION, "ids": list(ids)}
     if outputs is not None:
         msg["out"] = dict(outputs)
@@ -59,7 +63,7 @@ def encode_result_frame(
         msg["eids"], msg["et"], msg["em"] = list(errors.ids), list(errors.types), list(errors.messages)
         if errors.keys is not None and any(k is not None for k in errors.keys):
             msg["ek"] = list(errors.keys)
-    return codec.encode(msg)
+    return codec.encode_split(msg) if split else codec.encode(msg)
 
 
 @dataclass(slots=True)
@@ -173,7 +177,7 @@ def _check_result_frame(msg: dict[str, Any], n: int, outputs: Any) -> None:
         raise CodecError("result frame field 'tm' must be a map of names to numbers")
 
 
-def decode_results(data: bytes, *, max_size: int | None = None) -> ResultColumns:
+def decode_results(data: codec.Encoded, *, max_size: int | None = None) -> ResultColumns:
     """Decode a result frame or a single result message into columns."""
     msg = codec.decode(data, max_size=max_size)
     if type(msg) is not dict:

@@ -206,9 +206,9 @@ def _of(data: bytes, headers: dict[str, str]) -> str:
     return f" {rid}" if rid else ""
 
 
-def unmarked(data: bytes, error: CodecError) -> CodecError:
+def unmarked(data: Any, error: CodecError) -> CodecError:
     """``error`` of an unmarked message that failed as msgpack, saying how to mark it when it looks like JSON."""
-    if data[:1] != b"{" or data.rstrip()[-1:] != b"}":
+    if not isinstance(data, (bytes, bytearray)) or data[:1] != b"{" or data.rstrip()[-1:] != b"}":
         return error
     return CodecError(
         f"{error}; the message looks like JSON: a v2 (KServe) JSON request needs the Kafka header or Redis "

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from daskinfer.connectors.direct.link import open_stream, post
 from daskinfer.connectors.direct.protocol import CONNECT_OP, Message, Moved, Queued, Results, Send
+from daskinfer.wire.codec import Encoded
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -40,7 +41,7 @@ class QueuedSend:
 
     client: str
     seq: int
-    payloads: Sequence[bytes]
+    payloads: Sequence[Encoded]
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -181,7 +182,7 @@ class DirectEndpoint:
         for client, seqs in moved.items():
             self.post(client, Moved(seqs))
 
-    def deliver(self, client: str, data: list[bytes], done: list[int]) -> bool:
+    def deliver(self, client: str, data: list[Encoded], done: list[int]) -> bool:
         """Send results (and the sends they complete) to a client; False if it is not connected."""
         if self.post(client, Results(data, done)):
             return True

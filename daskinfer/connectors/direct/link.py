@@ -3,6 +3,14 @@
 Both ends write with :func:`open_stream` and :func:`post`.  The worker reads a client's
 stream with its own ``Server.handle_stream`` (which dispatches to the worker's
 ``stream_handlers``); the client reads the worker's with :func:`read_messages`.
+
+Request and result frames travel as :class:`~daskinfer.wire.codec.SplitMessage`: distributed writes
+their msgpack bytes and each array buffer as frames of their own, so array bytes go from the
+client's array to the socket, and from the socket to the worker's array, without a copy.  They are
+read back by the serialization family ``daskinfer-split`` (registered here, on distributed's public
+``register_serialization_family``), which only hands the frames on: what they hold is checked where
+they are decoded, so a bad frame becomes an error result for its requests, never a broken comm, and
+nothing on this path is unpickled.
 """
 
 from __future__ import annotations
@@ -13,8 +21,31 @@ from typing import Any
 
 from distributed.batched import BatchedSend
 from distributed.comm.core import CommClosedError
+from distributed.protocol.serialize import Serialized, register_serialization_family
 
 from daskinfer.connectors.direct.protocol import TO_CLIENT, Message, Moved, Queued, Results
+from daskinfer.wire.codec import SplitMessage
+
+SPLIT_SERIALIZER = "daskinfer-split"
+
+
+def _split_dumps(msg: SplitMessage) -> tuple[dict[str, Any], list[Any]]:
+    return {"serializer": SPLIT_SERIALIZER}, [msg.head, *msg.buffers]
+
+
+def _split_loads(header: dict[str, Any], frames: list[Any]) -> SplitMessage:
+    # never raises (a raise here would close the comm): the frames are checked when decoded
+    return SplitMessage(frames[0], tuple(frames[1:])) if frames else SplitMessage(b"")
+
+
+register_serialization_family(SPLIT_SERIALIZER, _split_dumps, _split_loads)
+
+
+def _on_wire(payload: Any) -> Any:
+    """A payload as it goes on the wire: a split message as its frames (distributed sends them as they are)."""
+    if type(payload) is SplitMessage:
+        return Serialized(*_split_dumps(payload))
+    return payload
 
 
 def open_stream(comm: Any) -> BatchedSend:
@@ -35,8 +66,12 @@ def open_stream(comm: Any) -> BatchedSend:
 
 def post(stream: BatchedSend, message: Message) -> bool:
     """Queue ``message`` on ``stream``; False if its comm is closed (the message is not sent)."""
+    msg = message.to_msg()
+    data = msg.get("data")
+    if data:
+        msg["data"] = [_on_wire(p) for p in data]
     try:
-        stream.send(message.to_msg())
+        stream.send(msg)
     except CommClosedError:
         return False
     return True

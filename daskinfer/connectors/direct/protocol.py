@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from daskinfer.connectors.base import DIRECT_REPLY_PREFIX
+from daskinfer.wire.codec import Encoded
 
 CONNECT_OP = "daskinfer_direct"
 """The worker's rpc op that opens a client's stream (the comm's first message)."""
@@ -59,15 +60,15 @@ class Send(Message):
         The partition they go to.
     seq : int
         The client's number of this send (the worker names it in its answers).
-    data : sequence of bytes
-        Encoded request messages or frames.
+    data : sequence of bytes or SplitMessage
+        Encoded request messages or frames (split: their arrays travel as frames of their own).
     """
 
     op: ClassVar[str] = "daskinfer-send"
     inbox: str
     partition: int
     seq: int
-    data: Sequence[bytes]
+    data: Sequence[Encoded]
 
 
 @dataclass(slots=True)
@@ -92,14 +93,14 @@ class Results(Message):
 
     Attributes
     ----------
-    data : sequence of bytes
+    data : sequence of bytes or SplitMessage
         Encoded results or result frames (possibly none: ``seqs`` alone says sends are done).
     seqs : sequence of int
         The sends now fully answered.
     """
 
     op: ClassVar[str] = "daskinfer-results"
-    data: Sequence[bytes]
+    data: Sequence[Encoded]
     seqs: Sequence[int]
 
 

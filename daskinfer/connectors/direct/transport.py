@@ -37,6 +37,7 @@ from daskinfer.connectors.base import DIRECT_REPLY_PREFIX, ClientTransport
 from daskinfer.connectors.direct.link import open_stream, post, read_messages
 from daskinfer.connectors.direct.protocol import CONNECT_OP, Moved, Queued, Results, Send, client_of
 from daskinfer.exceptions import ConfigError, PartitionFailedError
+from daskinfer.wire.codec import Encoded
 from daskinfer.wire.frames import peek_fields
 from daskinfer.wire.result_frames import ErrorColumns, encode_result_frame
 
@@ -59,7 +60,7 @@ class _HeldSend:
     """A send kept until it is answered: its partition, its messages, and the worker it is on the wire to."""
 
     partition: int
-    payloads: list[bytes]
+    payloads: list[Encoded]
     worker: str | None = None  # None: waiting to be sent (again)
 
 
@@ -104,6 +105,7 @@ class DirectTransport(ClientTransport):
 
     reply_prefix = DIRECT_REPLY_PREFIX
     uses_scheduler = True
+    split_messages = True
 
     def __init__(self, client: Client, *, window: int | None = None, start_timeout: float | str | None = None):
         self.client = client
@@ -119,7 +121,7 @@ class DirectTransport(ClientTransport):
         self.resent = 0  # sends handed back (moved) or lost with a worker, and sent again
         self.crashed: dict[int, str] = {}  # partitions in a crash loop -> why
         self._seq = itertools.count()
-        self._results: asyncio.Queue[Sequence[bytes]] = asyncio.Queue()
+        self._results: asyncio.Queue[Sequence[Encoded]] = asyncio.Queue()
         self._watcher: asyncio.Task | None = None
         self._down: dict[str, float] = {}  # worker -> when its comm last failed (reconnects wait a little)
         self._closed = False
@@ -247,9 +249,9 @@ class DirectTransport(ClientTransport):
                 self._apply(routes)
 
     # -- sending -------------------------------------------------------------------------------
-    async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
+    async def send(self, inbox: str, items: list[tuple[int, Encoded]]) -> None:
         """Queue ``(partition, data)`` messages, one send per partition; wait while a partition is backed up."""
-        by_part: dict[int, list[bytes]] = {}
+        by_part: dict[int, list[Encoded]] = {}
         n = len(self.partitions)
         for p, data in items:
             by_part.setdefault(p % n, []).append(data)
@@ -383,7 +385,7 @@ class DirectTransport(ClientTransport):
                 self._pump(p)
 
     # -- receiving -----------------------------------------------------------------------------
-    async def receive(self, timeout: float) -> list[bytes]:
+    async def receive(self, timeout: float) -> list[Encoded]:
         if self.error is not None:
             raise self.error
         try:

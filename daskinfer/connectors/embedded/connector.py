@@ -21,6 +21,7 @@ from daskinfer.connectors.base import Connector, Messages, OutMessage, Partition
 from daskinfer.connectors.direct.endpoint import DirectEndpoint, PartitionQueue
 from daskinfer.connectors.direct.protocol import client_of
 from daskinfer.connectors.embedded.rpc import BrokerRPC
+from daskinfer.wire.codec import Encoded, as_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +137,9 @@ class EmbeddedConnector(Connector):
             await asyncio.wait([waiter, poll], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
         positions = EmbeddedPositions()
-        payloads: list[bytes] = []
+        payloads: list[Encoded] = []
         if self._poll is not None and self._poll.done():
-            payloads = self._topic_messages()
+            payloads.extend(self._topic_messages())
             positions.topic_end = self.position
         for send in self.queue.take(max(max_messages - len(payloads), 1)) if self.queue.items else ():
             payloads += send.payloads
@@ -147,14 +148,14 @@ class EmbeddedConnector(Connector):
         return Messages(payloads, positions)
 
     async def write_and_commit(self, writes: Sequence[OutMessage], done: Sequence[Messages]) -> None:
-        by_client: dict[str, list[bytes]] = {}
+        by_client: dict[str, list[Encoded]] = {}
         by_topic: dict[str, list[tuple[str | None, bytes]]] = {}
         for w in writes:
             client = client_of(w.target)
             if client is not None:
                 by_client.setdefault(client, []).append(w.data)
             else:
-                by_topic.setdefault(w.target, []).append((w.key, w.data))
+                by_topic.setdefault(w.target, []).append((w.key, as_bytes(w.data)))
         topic_end = None
         finished: dict[str, list[int]] = {}
         for m in done:

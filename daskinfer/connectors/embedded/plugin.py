@@ -28,6 +28,7 @@ class EmbeddedConnectorPlugin(ConnectorPlugin):
     name = "embedded"
     routed = True
     reply_prefixes = (DIRECT_REPLY_PREFIX, TOPIC_REPLY_PREFIX)
+    split_reply_prefixes = (DIRECT_REPLY_PREFIX,)  # the direct transport's comms carry split messages
     transports = ("direct", "topic")
 
     def partition(self, spec: Mapping[str, Any], worker: Worker, partition: int, epoch: int) -> Connector:

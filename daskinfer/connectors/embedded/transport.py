@@ -12,6 +12,7 @@ from daskinfer import settings
 from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.embedded.rpc import BrokerRPC
 from daskinfer.connectors.embedded.topics import TopicSettings
+from daskinfer.wire.codec import Encoded, as_bytes
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -44,8 +45,8 @@ class EmbeddedTransport(ClientTransport):
         self.reply_topic = reply_target
         return inbox_settings.partitions
 
-    async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
-        await self.broker.put(inbox, items)
+    async def send(self, inbox: str, items: list[tuple[int, Encoded]]) -> None:
+        await self.broker.put(inbox, [(p, as_bytes(data)) for p, data in items])
 
     async def receive(self, timeout: float) -> list[bytes]:
         assert self.reply_topic is not None

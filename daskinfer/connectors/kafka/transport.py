@@ -16,6 +16,7 @@ from daskinfer.connectors.base import ClientTransport
 from daskinfer.connectors.kafka.admin import delete_topic, ensure_topic
 from daskinfer.connectors.kafka.link import KafkaOptions, Lane, kafka_error, millis, poll_messages
 from daskinfer.exceptions import BrokerError, ConfigError, RequestTooLargeError, TopicFullError
+from daskinfer.wire.codec import Encoded, as_bytes
 from daskinfer.wire.frames import RequestColumns, decode_requests, encode_request_frame, peek_fields
 from daskinfer.wire.result_frames import ErrorColumns, encode_result_frame
 
@@ -53,7 +54,7 @@ def _frame_of(cols: RequestColumns, a: int, b: int) -> bytes:
         ends = np.cumsum(cols.rows)
         r0, r1, rows = int(ends[a - 1]) if a else 0, int(ends[b - 1]), cols.rows[a:b]
     cut = lambda v: None if v is None else v[a:b]  # noqa: E731
-    return encode_request_frame(
+    frame = encode_request_frame(
         cols.ids[a:b],
         {k: v[r0:r1] for k, v in cols.inputs.items()},
         rows=rows,
@@ -65,6 +66,7 @@ def _frame_of(cols: RequestColumns, a: int, b: int) -> bytes:
         sent_at=cut(cols.sent_at),
         budgets=cut(cols.budgets),
     )
+    return as_bytes(frame)  # bytes already (not split): typed as such
 
 
 class KafkaTransport(ClientTransport):
@@ -171,10 +173,10 @@ class KafkaTransport(ClientTransport):
         self.consumer.assign([TopicPartition(reply_topic, 0, OFFSET_BEGINNING)])
         return n
 
-    async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
+    async def send(self, inbox: str, items: list[tuple[int, Encoded]]) -> None:
         """Hand requests to the producer for their inbox partitions; wait while ``send_window``
         earlier sends are not yet acknowledged by the brokers."""
-        await self.sender.run(self._send, inbox, items)
+        await self.sender.run(self._send, inbox, [(p, as_bytes(data)) for p, data in items])
 
     def _send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
         producer = self.producer
@@ -234,7 +236,7 @@ class KafkaTransport(ClientTransport):
             + f": {err.str()}"
         )
         n = len(ids)
-        self._failed.append(encode_result_frame([], None, errors=ErrorColumns(ids, [kind] * n, [why] * n, None)))
+        self._failed.append(as_bytes(encode_result_frame([], None, errors=ErrorColumns(ids, [kind] * n, [why] * n))))
 
     def _produce(self, inbox: str, data: bytes, partition: int, on_delivery: Any) -> None:
         producer = self.producer

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 from daskinfer.connectors.base import OutMessage, PartitionRevoked
 from daskinfer.connectors.kafka.link import FENCED_CODES, GONE_CODES, KafkaOptions, Lane, kafka_error, millis, retry
 from daskinfer.exceptions import BrokerError
+from daskinfer.wire.codec import as_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class ResultWriter:
             ) or None
             while True:
                 try:
-                    produce(target, data, key, headers=headers, on_delivery=on_delivery)
+                    produce(target, as_bytes(data), key, headers=headers, on_delivery=on_delivery)
                     break
                 except BufferError:  # librdkafka's queue is full: let it send
                     producer.poll(0.01)

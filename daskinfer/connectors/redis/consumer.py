@@ -25,6 +25,7 @@ from daskinfer.connectors.redis.scripts import (
     meta_key,
 )
 from daskinfer.exceptions import BrokerError, ConfigError
+from daskinfer.wire.codec import as_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +206,9 @@ class RedisConnector(Connector):
         for w in writes:
             runs = by_topic.setdefault(w.target, [])
             if runs and runs[-1][0] == w.headers:
-                runs[-1][1].append(w.data)
+                runs[-1][1].append(as_bytes(w.data))
             else:
-                runs.append((w.headers, [w.data]))
+                runs.append((w.headers, [as_bytes(w.data)]))
         keys: list[str] = [self.stream, self.fence]
         args: list[Any] = [self.group, self.token, " ".join(ids)]
         for topic, runs in by_topic.items():

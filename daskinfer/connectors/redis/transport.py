@@ -14,6 +14,7 @@ from daskinfer.connectors.redis.framing import as_str, next_entry_id, pack_messa
 from daskinfer.connectors.redis.link import CONNECTION_ERRORS, RedisLink, redis_url
 from daskinfer.connectors.redis.scripts import fence_key, inbox_stream, meta_key, sends_key
 from daskinfer.exceptions import ConfigError, TopicFullError
+from daskinfer.wire.codec import Encoded, as_bytes
 from daskinfer.wire.frames import peek_fields
 from daskinfer.wire.result_frames import ErrorColumns, encode_result_frame
 
@@ -108,7 +109,7 @@ class RedisTransport(ClientTransport):
         self.reply_topic = reply_topic
         return n
 
-    async def send(self, inbox: str, items: list[tuple[int, bytes]]) -> None:
+    async def send(self, inbox: str, items: list[tuple[int, Encoded]]) -> None:
         """Hand requests to their partition streams: one send per partition, several in flight at once
         (at most ``send_window``; then this waits for the oldest).  Sends to one partition land in the
         order they were made (the ``put_seq`` script orders them); one that waits at a full stream for
@@ -118,7 +119,7 @@ class RedisTransport(ClientTransport):
         assert link is not None, "RedisTransport.start was not called"
         by_part: dict[int, list[bytes]] = {}
         for p, data in items:
-            by_part.setdefault(p, []).append(data)
+            by_part.setdefault(p, []).append(as_bytes(data))
         for p, datas in by_part.items():
             while len(self._jobs) >= self.send_window:
                 await asyncio.wait(set(self._jobs), return_when=asyncio.FIRST_COMPLETED)
@@ -171,11 +172,10 @@ class RedisTransport(ClientTransport):
             ids = fields.get("ids") or ([fields["id"]] if isinstance(fields.get("id"), str) else [])
             if ids:
                 n = len(ids)
-                self._failed.append(
-                    encode_result_frame(
-                        [], None, errors=ErrorColumns(ids, [TopicFullError.__name__] * n, [why] * n, None)
-                    )
+                frame = encode_result_frame(
+                    [], None, errors=ErrorColumns(ids, [TopicFullError.__name__] * n, [why] * n)
                 )
+                self._failed.append(as_bytes(frame))
                 self.refused += n
 
     @property
