@@ -16,7 +16,7 @@ from distributed.comm import connect
 from distributed.utils_test import async_poll_for
 
 from daskinfer.connectors.direct.endpoint import endpoint_for
-from daskinfer.connectors.direct.link import open_stream, post, read_messages
+from daskinfer.connectors.direct.link import on_wire, open_stream, post, read_messages
 from daskinfer.connectors.direct.protocol import CONNECT_OP, TO_CLIENT, Moved, Queued, Results, Send, client_of
 from daskinfer.exceptions import CodecError
 from daskinfer.wire.codec import SplitMessage
@@ -115,3 +115,13 @@ def test_split_frames_cross_a_real_comm_with_their_arrays():
             await _split_frames_cross_the_comm(a)
 
     asyncio.run(main())
+
+
+def test_a_split_frame_without_buffers_travels_as_its_bytes():
+    """Single rows make frames whose arrays are all small: nothing travels beside them, so the frame is
+    sent as plain bytes (no frames of its own for distributed to write and read)."""
+    rows = np.ones((4, 16), np.float32)
+    split = encode_request_frame(["a", "b", "c", "d"], {"x": rows}, split=True)
+    assert split.buffers == ()
+    (payload,) = [on_wire(p) for p in Send("in", 0, 1, [split]).data]
+    assert type(payload) is bytes and decode_requests(payload).ids == ["a", "b", "c", "d"]

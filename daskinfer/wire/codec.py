@@ -154,6 +154,8 @@ def _read_header(data: bytes) -> tuple[np.dtype, tuple[int, ...], int, int]:
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
+    if code == SPLIT_ARRAY_EXT:  # in a message without buffers: said as the split hook says it
+        return _split_ext_hook(())(code, data)
     if code != ARRAY_EXT:
         raise CodecError(f"unknown msgpack extension type {code} (only {ARRAY_EXT}, numpy array, is known)")
     dtype, shape, expected, start = _read_header(data)

@@ -41,9 +41,11 @@ def _split_loads(header: dict[str, Any], frames: list[Any]) -> SplitMessage:
 register_serialization_family(SPLIT_SERIALIZER, _split_dumps, _split_loads)
 
 
-def _on_wire(payload: Any) -> Any:
+def on_wire(payload: Any) -> Any:
     """A payload as it goes on the wire: a split message as its frames (distributed sends them as they are)."""
     if type(payload) is SplitMessage:
+        if not payload.buffers:  # small arrays only: its head is the whole message, inline in distributed's
+            return payload.head
         return Serialized(*_split_dumps(payload))
     return payload
 
@@ -69,7 +71,7 @@ def post(stream: BatchedSend, message: Message) -> bool:
     msg = message.to_msg()
     data = msg.get("data")
     if data:
-        msg["data"] = [_on_wire(p) for p in data]
+        msg["data"] = [on_wire(p) for p in data]
     try:
         stream.send(msg)
     except CommClosedError:
