@@ -605,8 +605,10 @@ def _exactly_once_chaos_run(kafka_broker, kafka_bootstrap, mlp_path):
     reader.close()
     lost = n - len(seen)
     twice = sum(1 for c in seen.values() if c > 1)
+    in_log = collections.Counter(decode_result(v).id for v in read_topic(kafka_bootstrap, outbox, timeout=60))
     print(
-        f"\nchaos (kafka, exactly once): sent {n}, in the outbox {len(seen)}, lost {lost}, read twice {twice}, "
+        f"\nchaos (kafka, exactly once): sent {n}, in the outbox {len(seen)}, lost {lost}, read twice {twice} "
+        f"(twice in the committed log, read again from its start: {sum(1 for c in in_log.values() if c > 1)}), "
         f"transactions aborted and made again {sum(r.get('aborted', 0) for r in st['runners'])}, hung producers "
         f"replaced {sum(r.get('producers_replaced', 0) for r in st['runners'])}, partition restarts {st['restarts']}"
     )
