@@ -8,6 +8,7 @@ import os
 import signal
 import time
 import uuid
+import warnings
 
 import numpy as np
 import pytest
@@ -521,14 +522,15 @@ def test_exactly_once_50k_through_a_worker_kill_and_a_broker_kill(kafka_broker, 
 
     Known open bug (issue notes of stops 26 and 27): in some runs a whole batch (256 results) is read
     twice after the broker kill.  Until it is found, a run that shows it is run once more (the first
-    run's figures are printed): the test fails when two runs in a row show it, or on anything else.
+    run's figures are a warning in the test summary): the test fails when two runs in a row show it, or on anything else.
     """
     for attempt in (1, 2):
-        lost, twice, values, expected = _exactly_once_chaos_run(kafka_broker, kafka_bootstrap, mlp_path)
+        lost, twice, values, expected, summary = _exactly_once_chaos_run(kafka_broker, kafka_bootstrap, mlp_path)
         assert lost == 0, f"{lost} requests lost"
         if twice == 0 or attempt == 2:
             break
-        print(f"\nrun {attempt}: {twice} results read twice (the known bug); running once more")
+        # a warning, so that CI's summary shows it even when the second run passes
+        warnings.warn(f"{summary}; the known bug of results read twice: running once more", stacklevel=1)
     assert twice == 0, f"{twice} results read twice by a read_committed consumer"
     np.testing.assert_allclose(np.stack([values[f"r{i}"] for i in range(len(values))]), expected, rtol=1e-5, atol=1e-6)
 
@@ -606,10 +608,11 @@ def _exactly_once_chaos_run(kafka_broker, kafka_bootstrap, mlp_path):
     lost = n - len(seen)
     twice = sum(1 for c in seen.values() if c > 1)
     in_log = collections.Counter(decode_result(v).id for v in read_topic(kafka_bootstrap, outbox, timeout=60))
-    print(
-        f"\nchaos (kafka, exactly once): sent {n}, in the outbox {len(seen)}, lost {lost}, read twice {twice} "
+    summary = (
+        f"chaos (kafka, exactly once): sent {n}, in the outbox {len(seen)}, lost {lost}, read twice {twice} "
         f"(twice in the committed log, read again from its start: {sum(1 for c in in_log.values() if c > 1)}), "
         f"transactions aborted and made again {sum(r.get('aborted', 0) for r in st['runners'])}, hung producers "
         f"replaced {sum(r.get('producers_replaced', 0) for r in st['runners'])}, partition restarts {st['restarts']}"
     )
-    return lost, twice, values, expected
+    print("\n" + summary)
+    return lost, twice, values, expected, summary
