@@ -522,7 +522,8 @@ def test_exactly_once_50k_through_a_worker_kill_and_a_broker_kill(kafka_broker, 
 
     Known open bug (issue notes of stops 26 and 27): in some runs a whole batch (256 results) is read
     twice after the broker kill.  Until it is found, a run that shows it is run once more (the first
-    run's figures are a warning in the test summary): the test fails when two runs in a row show it, or on anything else.
+    run's figures are a warning in the test summary): the test fails when two runs in a row show it,
+    or on anything else.
     """
     for attempt in (1, 2):
         lost, twice, values, expected, summary = _exactly_once_chaos_run(kafka_broker, kafka_bootstrap, mlp_path)

@@ -282,3 +282,33 @@ def test_an_array_reused_after_submit_is_sent_as_it_was_when_submitted(client, m
     got_rows = np.stack([r.value() for r in results[1::2]])
     np.testing.assert_allclose(got_blocks, expected_blocks, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_rows, expected_rows, rtol=1e-5, atol=1e-6)
+
+
+class _ReusesItsOutputBuffer:
+    """A model that writes every answer into the same array (a common trick to save allocations)."""
+
+    def __init__(self):
+        self.out = np.empty((0, 16), np.float32)
+
+    def predict(self, x):
+        if self.out.shape != x.shape:
+            self.out = np.empty_like(x)
+        np.multiply(x, 3.0, out=self.out)
+        return self.out
+
+
+def test_a_model_that_reuses_its_output_array_gets_each_batch_answered_with_its_own_values(client):
+    """Results leave the worker after the model has moved on to the next batch: what is sent must not
+    be the model's array itself, which the next batch overwrites."""
+    inbox = _inbox()
+    deploy(client, PythonModel("reuses-buffer", _ReusesItsOutputBuffer))
+    handle = deploy_pipeline(client, Pipeline(model="reuses-buffer", inbox=inbox, partitions=1, max_batch_size=64))
+    blocks = [random_rows(64, seed=300 + i) for i in range(300)]
+    try:
+        with InferenceClient(client, inbox=inbox) as ic:
+            results = [f.result(60) for f in [ic.submit_many(b) for b in blocks]]
+    finally:
+        handle.stop()
+        undeploy(client, "reuses-buffer")
+    bad = [i for i, (r, b) in enumerate(zip(results, blocks)) if not np.allclose(r.value(), b * 3.0)]
+    assert not bad, f"{len(bad)} of {len(blocks)} blocks answered with another batch's values (first: {bad[:5]})"

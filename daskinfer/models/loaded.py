@@ -21,6 +21,10 @@ class LoadedModel:
     """
 
     is_async: ClassVar[bool] = False
+    # the arrays _run returns are new on every call (onnxruntime's, a remote reply's); otherwise they are
+    # copied, since a partition sends a batch's answers while the model already runs the next batch, and
+    # a model may write each answer into the same array
+    fresh_outputs: ClassVar[bool] = False
     allow_nan: bool = True  # False: float inputs with NaN/inf are refused
     cast_inputs: bool = False  # True: inputs are cast to the declared dtypes where safe
     select_outputs: list[str] | None = None  # outputs kept, in this order, from a model that returns a mapping
@@ -76,8 +80,12 @@ class LoadedModel:
         return self.finish(result, rows)
 
     def finish(self, result: Any, rows: int) -> dict[str, np.ndarray]:
-        """What the model returned for ``rows`` rows as a checked block of the outputs asked for."""
-        return as_output_block(result, self.output_names, rows, self.name, select=self.select_outputs)
+        """What the model returned for ``rows`` rows as a checked block of the outputs asked for
+        (copied unless :attr:`fresh_outputs`: the model may reuse its arrays for its next batch)."""
+        out = as_output_block(result, self.output_names, rows, self.name, select=self.select_outputs)
+        if self.fresh_outputs:
+            return out
+        return {k: v.copy() for k, v in out.items()}
 
     def warmup_block(self, rows: int) -> Any:
         """A zero batch of ``rows`` rows matching the inputs, or None if shapes are unknown."""

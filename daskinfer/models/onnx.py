@@ -105,6 +105,8 @@ class LoadedOnnx(LoadedModel):
     by onnxruntime on the session's device, then copied back in one step).
     """
 
+    fresh_outputs = True  # new arrays on every call: sent without a copy
+
     def __init__(
         self,
         name: str,

@@ -111,6 +111,8 @@ class LoadedRemote(LoadedModel):
     ``stats`` counts calls, attempts, retries, failures and calls refused by the open circuit.
     """
 
+    fresh_outputs = True  # new arrays on every call: sent without a copy
+
     is_async = True
 
     def __init__(self, spec: RemoteSpec):
