@@ -24,7 +24,7 @@ import functools
 import math
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -81,14 +81,20 @@ class SplitMessage:
         The msgpack bytes, with extension type 2 where an array was.
     buffers : tuple of buffers
         The raw C-ordered bytes of each array left out, in the order ``head`` names them.
+    nbytes : int
+        Bytes in all (also its ``len``, as of an encoded message); counted once, when it is made.
     """
 
     head: bytes | memoryview
     buffers: tuple[Any, ...] = ()
+    nbytes: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # queues, size limits and write bounds all ask for it: counted once (frozen: set this way)
+        object.__setattr__(self, "nbytes", len(self.head) + sum(memoryview(b).nbytes for b in self.buffers))
 
     def __len__(self) -> int:
-        """Bytes in all (as ``len`` of an encoded message)."""
-        return len(self.head) + sum(memoryview(b).nbytes for b in self.buffers)
+        return self.nbytes
 
     def tobytes(self) -> bytes:
         """Its head and then its buffers, as one ``bytes`` (what a dead letter keeps of it)."""
